@@ -1,0 +1,120 @@
+"""The one image conversion rule shared by validation, training, evaluation and serving.
+
+Rule (documented in README, "Image conversion rule"):
+1. Refuse empty input, non-images, truncated files and images over the pixel limit (decompression bombs).
+2. Apply the EXIF orientation.
+3. Convert to 8-bit RGB: 16/32-bit integer images are scaled from 0..65535 to 0..255; float images are clipped
+   to 0..255; palette, CMYK, YCbCr, LAB and HSV go through Pillow's own conversion; an alpha channel is dropped
+   (colour channels kept as they are, as Pillow and torchvision do); grayscale is copied to three channels.
+The result is an (H, W, 3) uint8 array; the model therefore always sees three channels, whatever the camera.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from components.errors import ImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image after the conversion rule, with what the manifest records about the original."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    width: int
+    height: int
+    mode: str  # the original Pillow mode, e.g. "L", "RGB", "I;16", "CMYK"
+    channels: int  # channels of the original
+
+
+def _open(source: bytes | Path | Image.Image, max_pixels: int) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    name = source.name if isinstance(source, Path) else "upload"
+    raw = source.read_bytes() if isinstance(source, Path) else source
+    if not raw:
+        raise ImageError(f"{name}: empty file (0 bytes); remove it or replace it with the real image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            check_pixels(image, max_pixels, name)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: image too large ({exc}); refuse or downscale it") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not an image Pillow can read; remove it or convert it to JPEG/PNG") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image ({exc}); re-export it from the camera") from exc
+    return image
+
+
+def check_pixels(image: Image.Image, max_pixels: int, name: str = "image") -> None:
+    """Refuse an image over the pixel limit before it is decoded."""
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        raise ImageError(
+            f"{name}: {image.width}x{image.height} = {pixels} pixels exceeds the limit of {max_pixels} "
+            "(data.max_image_pixels); downscale it or raise the limit"
+        )
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        array = np.asarray(image).astype(np.float32)
+        gray = np.clip(array / 257.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        gray = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("L", "1", "LA"):
+        gray = np.asarray(image.convert("L"))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+
+
+def decode(source: bytes | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode bytes, a file or a Pillow image under the conversion rule; raises ImageError on bad input."""
+    image = _open(source, max_pixels)
+    mode, channels = image.mode, len(image.getbands())
+    try:
+        rgb = to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"image in mode {mode}: cannot convert to RGB ({exc})") from exc
+    return DecodedImage(rgb=rgb, width=image.width, height=image.height, mode=mode, channels=channels)
+
+
+def image_stats(rgb: np.ndarray) -> dict[str, float]:
+    """Brightness (mean gray), contrast (std of gray) and sharpness (variance of the Laplacian) of an RGB image.
+
+    The manifest, the production log and the drift reference all use this function, so their numbers compare.
+    """
+    import cv2
+
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if rgb.ndim == 3 else rgb
+    mean, std = cv2.meanStdDev(gray)
+    laplacian = cv2.Laplacian(gray, cv2.CV_32F)
+    _, lap_std = cv2.meanStdDev(laplacian)
+    return {
+        "brightness": float(mean[0, 0]),
+        "contrast": float(std[0, 0]),
+        "sharpness": float(lap_std[0, 0] ** 2),
+    }
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES

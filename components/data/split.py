@@ -1,0 +1,101 @@
+"""Capture groups and the train/val/test split: deterministic, stratified, stable as the data grows.
+
+Images of one capture (the exposures of one spot) form a group, and a group never spans two splits.
+Splits already given to images are kept for ever (they are committed in `splits.csv` next to `data.dvc`):
+only groups with no assigned image are placed, per class, in the split furthest below its target share,
+in an order fixed by a hash of the seed and the group key. So adding a month of images never moves an
+old image, the golden test split only grows, and every class gets images in every split it can fill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from components.config import GroupingParams, SplitParams
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _stem(relpath: str) -> str:
+    return Path(relpath).stem
+
+
+def group_keys(paths: list[str], labels: list[str], rule: GroupingParams) -> list[str]:
+    """The capture group of each image, per the configured rule (one group per image by default)."""
+    if rule.rule == "image":
+        return list(paths)
+    if rule.rule == "pattern":
+        regex = re.compile(rule.pattern or "")
+        keys = []
+        for path, label in zip(paths, labels, strict=True):
+            match = regex.search(_stem(path))
+            keys.append(f"{label}/{match.group(1) if match and match.groups() else match.group(0)}" if match
+                        else path)
+        return keys
+    number = re.compile(rule.number_pattern)
+    keys = list(paths)
+    by_label: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for index, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        match = number.search(_stem(path))
+        if match:
+            by_label[label].append((int(match.group(1)), index))
+    for label, numbered in by_label.items():
+        numbered.sort()
+        start, previous = None, None
+        for n, index in numbered:
+            if previous is None or n - previous > rule.max_gap:
+                start = n
+            keys[index] = f"{label}/capture-{start}"
+            previous = n
+    return keys
+
+
+def _order(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def assign_splits(frame: pd.DataFrame, fractions: SplitParams, seed: int,
+                  previous: dict[str, str] | None = None) -> pd.Series:
+    """Split of each row of `frame` (columns path, label, group), keeping every split already in `previous`."""
+    previous = previous or {}
+    targets = fractions.as_dict()
+    split = pd.Series([previous.get(p) for p in frame["path"]], index=frame.index, dtype=object)
+    # a new image joins the split its capture group already has
+    for _, rows in frame.groupby("group", sort=False):
+        known = split[rows.index].dropna()
+        if len(known) and known.size < len(rows):
+            split[rows.index[split[rows.index].isna()]] = Counter(known).most_common(1)[0][0]
+    for _, rows in frame.groupby("label", sort=True):
+        have = Counter(split[rows.index].dropna())
+        total = len(rows)
+        fresh = rows[split[rows.index].isna()]
+        groups = sorted(fresh.groupby("group", sort=False), key=lambda g: _order(seed, str(g[0])))
+        for _, members in groups:
+            deficits = {s: targets[s] * total - have[s] for s in SPLITS}
+            chosen = max(SPLITS, key=lambda s: (deficits[s], -SPLITS.index(s)))
+            split[members.index] = chosen
+            have[chosen] += len(members)
+    return split
+
+
+def read_splits(path: Path) -> dict[str, str]:
+    """The committed split of each tracked image (empty when none is committed yet)."""
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path, dtype=str)
+    return dict(zip(table["path"], table["split"], strict=True))
+
+
+def write_splits(frame: pd.DataFrame, path: Path) -> None:
+    """Write path/group/split, sorted, atomically (it is committed next to data.dvc)."""
+    tmp = path.with_suffix(".csv.tmp")
+    frame[["path", "group", "split"]].sort_values("path").to_csv(tmp, index=False)
+    tmp.replace(path)
