@@ -30,11 +30,16 @@ class LabelledImage:
     path: Path
     label: str
     mask: Path | None = None
+    name: str | None = None  # file name in the tracked dataset, when it differs from the source's
 
     @property
     def relpath(self) -> str:
         """Its place in the tracked dataset: images/<class>/<file name>."""
-        return f"images/{self.label}/{self.path.name}"
+        return f"images/{self.label}/{self.name or self.path.name}"
+
+    @property
+    def mask_relpath(self) -> str:
+        return f"masks/{self.label}/{Path(self.name or self.path.name).stem}.png"
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -62,22 +67,32 @@ def _files(folder: Path, root: Path) -> list[Path]:
     return files
 
 
+def _layout_of(folder: Path) -> Layout | None:
+    dirs = _visible_dirs(folder)
+    names = {d.name for d in dirs}
+    if "images" in names and names <= {"images", "masks"}:
+        return "defectops"
+    if any(n.startswith("MT_") for n in names):
+        return "magnetic-tile"
+    if any(is_image_file(f) for d in dirs for f in d.iterdir() if f.is_file()):
+        return "imagefolder"
+    return None
+
+
 def detect_layout(root: Path) -> tuple[Layout, Path]:
-    """Which layout `root` uses, and the folder that layout starts in."""
+    """Which layout `root` uses, and the folder that layout starts in (a lone top folder is looked into)."""
     root = root.resolve()
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; give a folder, a .zip/.tar.gz archive or an http(s) URL")
-    for candidate in (root, *_visible_dirs(root)[:1]):
+    candidate = root
+    for _ in range(3):
+        layout = _layout_of(candidate)
+        if layout:
+            return layout, candidate
         dirs = _visible_dirs(candidate)
-        names = {d.name for d in dirs}
-        if "images" in names and (candidate / "images").is_dir() and names <= {"images", "masks"}:
-            return "defectops", candidate
-        if any(n.startswith("MT_") for n in names):
-            return "magnetic-tile", candidate
-        if dirs and candidate == root and any(is_image_file(f) for d in dirs for f in d.iterdir()):
-            return "imagefolder", candidate
-        if len(dirs) != 1 or any(is_image_file(f) for f in candidate.iterdir() if f.is_file()):
+        if len(dirs) != 1:
             break
+        candidate = dirs[0]
     raise SourceError(
         f"{root}: no supported layout found; expected <root>/<class>/*.jpg, MT_<Class>/Imgs/*.jpg "
         "or images/<class>/*"

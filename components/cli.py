@@ -1,0 +1,256 @@
+"""`defectops`: the command line. One subcommand per verb; the work happens in components/."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from components.errors import DefectOpsError, ValidationFailed
+
+app = typer.Typer(
+    help="Keep the line's defect classifier trained, validated, approved and served.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Import, version, validate and synthesise image datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("defectops")
+
+QUIET_LOGGERS = ("great_expectations", "dvc", "dvc_data", "dvc_objects", "scmrepo", "asyncssh", "fsspec",
+                 "httpx", "urllib3", "PIL", "matplotlib", "numexpr")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr, force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a DefectOpsError into a one-line message and its exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ValidationFailed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            for line in exc.failures:
+                typer.echo(f"  - {line}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except DefectOpsError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; nothing half-written was kept, run the command again", 130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    """Keep the line's defect classifier trained, validated, approved and served."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _setup_logging(verbose)
+
+
+def _context():
+    from components.config import get_settings, load_params
+
+    settings = get_settings()
+    return settings, load_params(settings.params_file)
+
+
+# ------------------------------------------------------------------ data
+
+
+@data_app.command("import")
+@friendly
+def data_import(
+    source: Annotated[str, typer.Argument(help="Folder (ImageFolder or Magnetic Tile layout), .zip/.tar.gz, or URL.")],
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Version with DVC but do not git-commit data.dvc.")] = False,
+    no_push: Annotated[bool, typer.Option("--no-push", help="Do not push to the DVC remote now.")] = False,
+) -> None:
+    """Validate SOURCE with the tracked images, then add it as a new DVC dataset version."""
+    from components.data.importer import import_data
+
+    settings, params = _context()
+    result = import_data(source, settings, params, commit_changes=not no_commit, push=not no_push, progress=True)
+    if not result.changed:
+        typer.echo(f"nothing new: all {result.skipped} images are already tracked; "
+                   f"dataset version {result.version} unchanged")
+    else:
+        typer.echo(f"dataset version {result.version} (+{result.added} images, {result.skipped} already tracked; "
+                   f"previous {result.previous_version or 'none'})")
+        typer.echo("  images per class: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
+        typer.echo(f"  committed: {result.committed or 'no (--no-commit)'}; report: {result.report_dir}")
+    if result.pushed is not None:
+        typer.echo(("  " if result.pushed else "warning: ") + result.push_message, err=not result.pushed)
+
+
+@data_app.command("validate")
+@friendly
+def data_validate(
+    source: Annotated[str | None, typer.Argument(help="Folder, archive or URL to check without importing it. "
+                                                      "Default: the tracked dataset.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Validate this manifest (Parquet) instead.")] = None,
+) -> None:
+    """Run the Great Expectations suite; exit 0 when it passes, 1 when expectations fail, 2 on usage errors."""
+    import pandas as pd
+
+    from components.data.importer import recover
+    from components.data.sources import open_source
+    from components.data.tracked import dataset_version, manifest_of, tracked_manifest
+    from components.data.versioning import previous_version
+    from components.validation.suite import class_shares, validate_manifest
+
+    settings, params = _context()
+    settings.ensure()
+    previous_shares = None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    if manifest is not None:
+        frame, report_dir, what = pd.read_parquet(manifest), manifest.parent / "validation", str(manifest)
+    elif source is not None:
+        with open_source(source, settings.staging_dir) as root:
+            frame = manifest_of(root, settings, params, progress=True)
+        report_dir, what = settings.reports_dir / "validations" / f"{stamp}-{Path(source).name}", source
+    else:
+        recover(settings)
+        frame = tracked_manifest(settings, params, progress=True)
+        version = dataset_version(settings.project_root) or "untracked"
+        report_dir, what = settings.dataset_report_dir(version), f"tracked dataset {version}"
+        before = previous_version(settings.project_root, version)
+        stored = settings.dataset_report_dir(before) / "manifest.parquet" if before else None
+        previous_shares = class_shares(pd.read_parquet(stored)) if stored and stored.is_file() else None
+    report = validate_manifest(frame, params.profile, params.validate_, previous_shares, report_dir)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.result, indent=2, default=str))
+    typer.echo(f"{what}: {len(frame)} images")
+    typer.echo(report.summary())
+    typer.echo(f"data docs: {report_dir / 'data_docs' / 'index.html'}")
+    if not report.success:
+        raise ValidationFailed(f"{len(report.failures)} expectation(s) failed for {what}", report.failures)
+
+
+@data_app.command("manifest")
+@friendly
+def data_manifest(
+    out: Annotated[Path, typer.Option(help="Where to write the manifest (Parquet).")] = Path("artifacts/manifest.parquet"),
+) -> None:
+    """Write the manifest of the tracked dataset (one row per image) with its committed splits."""
+    from components.data.tracked import tracked_manifest
+
+    settings, params = _context()
+    settings.ensure()
+    frame = tracked_manifest(settings, params, progress=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.drop(columns=["file"]).to_parquet(out, index=False)
+    typer.echo(f"{out}: {len(frame)} images, " + ", ".join(
+        f"{s} {n}" for s, n in frame["split"].value_counts().sort_index().items()))
+
+
+@data_app.command("synth")
+@friendly
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Empty folder to write <class>/<image> into.")],
+    count: Annotated[int | None, typer.Option(help="Number of images (default: params synth.count).")] = None,
+    size: Annotated[int | None, typer.Option(help="Image side in pixels (default: params synth.image_size).")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 42,
+    image_format: Annotated[str | None, typer.Option("--format", help="jpg or png.")] = None,
+) -> None:
+    """Generate labelled synthetic images of parts with typical line defects, deterministically."""
+    from components.data.synth import generate
+
+    _, params = _context()
+    summary = generate(out, count or params.synth.count, size or params.synth.image_size, seed,
+                       image_format or params.synth.image_format, progress=True)
+    typer.echo(f"{sum(summary.counts.values())} images in {summary.out} ({summary.seconds:.1f} s): "
+               + ", ".join(f"{k} {v}" for k, v in summary.counts.items()))
+
+
+@data_app.command("push")
+@friendly
+def data_push() -> None:
+    """Push dataset versions whose earlier push failed (remote down)."""
+    from components.data.versioning import DatasetRepo
+
+    settings, _ = _context()
+    repo = DatasetRepo(settings)
+    repo.ensure_initialised()
+    outcome = repo.retry_pending()
+    if outcome is None:
+        typer.echo("nothing to push: every dataset version is on the remote")
+    elif not outcome.pushed:
+        raise DefectOpsError(outcome.message)
+    else:
+        typer.echo(outcome.message)
+
+
+@data_app.command("status")
+@friendly
+def data_status() -> None:
+    """Show the tracked dataset version, its images per class and split, and unpushed versions."""
+    from components.data.tracked import dataset_version, tracked_manifest
+    from components.data.versioning import DatasetRepo
+
+    settings, params = _context()
+    settings.ensure()
+    typer.echo(f"project: {settings.project_root}\nstate:   {settings.home_dir}")
+    typer.echo(f"dataset version: {dataset_version(settings.project_root) or 'none'}")
+    unpushed = DatasetRepo(settings).unpushed_versions()
+    typer.echo(f"unpushed versions: {', '.join(unpushed) if unpushed else 'none'}")
+    if (settings.data_dir / "images").is_dir():
+        frame = tracked_manifest(settings, params)
+        table = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
+        typer.echo(table.to_string())
+
+
+# ------------------------------------------------------------------ the main job
+
+
+@app.command()
+@friendly
+def demo(
+    source: Annotated[str | None, typer.Option(help="Demo data (default: $DEFECTOPS_DEMO_DATA, else the public "
+                                                    "Magnetic Tile archive, else synthetic images).")] = None,
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not git-commit data.dvc.")] = False,
+) -> None:
+    """The main job on the embedded default: import the demo data, version it with DVC, validate it with GX."""
+    from components.config import get_settings
+    from flows.data_flow import ingest_dataset
+
+    settings = get_settings()
+    chosen = source or resolve_demo_source(settings)
+    typer.echo(f"demo data: {chosen}")
+    summary = ingest_dataset(source=chosen, commit=not no_commit)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(f"\nreports: {settings.reports_dir}\nstate:   {settings.home_dir}")
+
+
+def resolve_demo_source(settings: Any) -> str:
+    """DEFECTOPS_DEMO_DATA, else the public archive if reachable, else freshly generated synthetic images."""
+    from components.data.demo import demo_source
+
+    return demo_source(settings)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,235 @@
+"""Import images into the tracked dataset: validate first, then add, version (DVC), commit (git), push.
+
+The import is a transaction. Nothing in `data/`, `data.dvc`, `splits.csv` or the remote changes unless the
+whole candidate dataset (old images plus new) passes validation. While files are being added, a journal under
+the state root lists them together with the previous `data.dvc` and `splits.csv`; an error, Ctrl-C or a kill
+leaves the journal behind, and the next command rolls the half-done import back. A failed push keeps the new
+version locally and marks it unpushed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from components.config import Params, Settings, cpu_workers
+from components.data.layout import LabelledImage, discover
+from components.data.sources import open_source
+from components.data.split import read_splits, write_splits
+from components.data.tracked import dataset_version
+from components.data.versioning import DatasetRepo, commit
+from components.errors import DefectOpsError, SourceError, ValidationFailed
+from components.locks import exclusive
+from components.validation.manifest import build_manifest, inspect
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "import-journal.json"
+VERSION_FILES = ("data.dvc", "splits.csv", ".gitignore")
+
+
+@dataclass
+class ImportResult:
+    version: str | None
+    previous_version: str | None
+    added: int
+    skipped: int
+    changed: bool
+    committed: str | None = None
+    pushed: bool | None = None
+    push_message: str = ""
+    report_dir: Path | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ journal
+
+
+def _journal_path(settings: Settings) -> Path:
+    return settings.state_dir / JOURNAL
+
+
+def _write_journal(settings: Settings, added: list[str], backups: dict[str, str | None]) -> None:
+    path = _journal_path(settings)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"added": added, "backups": backups}))
+    tmp.replace(path)
+
+
+def recover(settings: Settings) -> bool:
+    """Roll back an import that was interrupted; True when there was one."""
+    path = _journal_path(settings)
+    if not path.is_file():
+        return False
+    journal = json.loads(path.read_text())
+    project = settings.project_root
+    for rel in journal["added"]:
+        path = project / rel
+        path.unlink(missing_ok=True)
+        for parent in path.parents:  # a class folder the import created, now empty
+            if parent == settings.data_dir or not parent.is_relative_to(settings.data_dir) or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    for name, content in journal["backups"].items():
+        target = project / name
+        if content is None:
+            target.unlink(missing_ok=True)
+        else:
+            target.write_text(content)
+    path.unlink()
+    log.warning("rolled back an interrupted import: removed %d added files, restored %s",
+                len(journal["added"]), ", ".join(journal["backups"]))
+    return True
+
+
+# ------------------------------------------------------------------ planning
+
+
+def _unique_name(item: LabelledImage, sha: str, taken: set[str]) -> LabelledImage:
+    """Keep the source file name unless another image of the class already has it."""
+    if item.relpath not in taken:
+        return item
+    renamed = LabelledImage(item.path, item.label, item.mask, f"{item.path.stem}-{sha[:8]}{item.path.suffix}")
+    return renamed
+
+
+def plan_additions(existing: list[LabelledImage], existing_sha: list[str], incoming: list[LabelledImage],
+                   incoming_sha: list[str]) -> tuple[list[LabelledImage], int]:
+    """The incoming images not yet in the dataset (same content, same class), with collision-free names."""
+    known = {(item.label, sha) for item, sha in zip(existing, existing_sha, strict=True)}
+    taken = {item.relpath for item in existing}
+    additions, skipped = [], 0
+    for item, sha in zip(incoming, incoming_sha, strict=True):
+        if (item.label, sha) in known:
+            skipped += 1
+            continue
+        item = _unique_name(item, sha, taken)
+        known.add((item.label, sha))
+        taken.add(item.relpath)
+        additions.append(item)
+    return additions, skipped
+
+
+# ------------------------------------------------------------------ apply
+
+
+def _copy_into_data(settings: Settings, additions: list[LabelledImage], backups: dict[str, str | None]) -> None:
+    """Copy the new images (and masks) into data/, after journaling every target so a crash can be undone."""
+    data = settings.data_dir
+    pairs = []
+    for item in additions:
+        pairs.append((item.path, data / item.relpath))
+        if item.mask is not None:
+            pairs.append((item.mask, data / item.mask_relpath))
+    clash = next((dst for _, dst in pairs if dst.exists()), None)
+    if clash is not None:
+        raise DefectOpsError(f"{clash}: already exists; the dataset folder changed under the import, run it again")
+    _write_journal(settings, [str(dst.relative_to(settings.project_root)) for _, dst in pairs], backups)
+    for src, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.part")
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_disk(settings: Settings, additions: list[LabelledImage]) -> None:
+    needed = sum(i.path.stat().st_size + (i.mask.stat().st_size if i.mask else 0) for i in additions)
+    free = shutil.disk_usage(settings.project_root).free
+    if needed * 2.2 > free:  # the workspace copy plus the DVC cache copy
+        raise SourceError(
+            f"{settings.project_root}: import needs about {needed * 2.2 / 1e6:.0f} MB, only {free / 1e6:.0f} MB free; "
+            "free some disk space and import again"
+        )
+
+
+def _stored_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest.drop(columns=["file"])
+
+
+def import_data(source: str, settings: Settings, params: Params, commit_changes: bool = True,
+                push: bool = True, progress: bool = False) -> ImportResult:
+    """Validate SOURCE together with the tracked images, then add it as a new dataset version."""
+    from components.validation.suite import class_shares, validate_manifest
+
+    settings.ensure()
+    with exclusive(settings.locks_dir, "data", "a dataset import"):
+        recover(settings)
+        repo = DatasetRepo(settings)
+        repo.ensure_initialised()
+        project = settings.project_root
+        previous = dataset_version(project)
+        if previous and not (settings.data_dir / "images").is_dir():
+            repo.checkout_or_pull()
+        existing: list[LabelledImage] = discover(settings.data_dir)[1] if (settings.data_dir / "images").is_dir() else []
+        workers = cpu_workers(settings)
+        existing_facts = inspect([i.path for i in existing], params.data.max_image_pixels, settings.cache_dir, workers)
+
+        with open_source(source, settings.staging_dir) as root:
+            _, incoming = discover(root)
+            incoming_facts = inspect([i.path for i in incoming], params.data.max_image_pixels,
+                                     settings.cache_dir, workers, progress)
+            additions, skipped = plan_additions(existing, existing_facts["sha256"].tolist(), incoming,
+                                                incoming_facts["sha256"].tolist())
+            if not additions:
+                retried = repo.retry_pending() if push else None
+                return ImportResult(previous, previous, 0, skipped, False,
+                                    pushed=retried.pushed if retried else None,
+                                    push_message=retried.message if retried else "")
+
+            committed_splits = read_splits(settings.splits_file)
+            manifest = build_manifest(existing + additions, params.profile.grouping, params.data.split,
+                                      params.base.seed, params.data.max_image_pixels, settings.cache_dir, workers,
+                                      previous_splits=committed_splits, progress=progress)
+            old_rows = manifest["path"].isin({i.relpath for i in existing})
+            previous_shares = class_shares(manifest[old_rows]) if old_rows.any() else None
+            staging_report = Path(tempfile.mkdtemp(prefix="report-", dir=settings.staging_dir))
+            report = validate_manifest(manifest, params.profile, params.validate_, previous_shares, staging_report)
+            if not report.success:
+                shutil.rmtree(staging_report, ignore_errors=True)
+                raise ValidationFailed(
+                    f"import refused, nothing changed: {len(report.failures)} expectation(s) failed for {source}; "
+                    "fix or remove the files listed and import again", report.failures)
+
+            _check_disk(settings, additions)
+            backups = {name: (project / name).read_text() if (project / name).is_file() else None
+                       for name in VERSION_FILES}
+            try:
+                _copy_into_data(settings, additions, backups)
+                version = repo.add()
+                write_splits(manifest, settings.splits_file)
+                commit_id = None
+                if commit_changes:
+                    message = f"data: version {version} (+{len(additions)} images from {Path(source).name or source})"
+                    commit_id = commit(project, list(VERSION_FILES), message)
+            except BaseException as exc:
+                recover(settings)
+                shutil.rmtree(staging_report, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise SourceError(f"{settings.project_root}: disk full during import; nothing was changed, "
+                                      "free some space and import again") from exc
+                raise
+            _journal_path(settings).unlink(missing_ok=True)
+
+        report_dir = settings.dataset_report_dir(version)
+        if report_dir.exists():
+            shutil.rmtree(report_dir)
+        report_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging_report.replace(report_dir)
+        _stored_manifest(manifest).to_parquet(report_dir / "manifest.parquet", index=False)
+        result = ImportResult(version, previous, len(additions), skipped, version != previous,
+                              committed=commit_id,
+                              report_dir=report_dir, counts=manifest["label"].value_counts().sort_index().to_dict())
+        if push:
+            outcome = repo.push(version, commit_id)
+            result.pushed, result.push_message = outcome.pushed, outcome.message
+        return result

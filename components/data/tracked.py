@@ -1,0 +1,41 @@
+"""The tracked dataset (`data/` under DVC): its version id and its manifest with the committed splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from components.config import Params, Settings, cpu_workers
+from components.data.layout import discover
+from components.data.split import read_splits
+from components.errors import UsageError
+from components.validation.manifest import build_manifest
+
+
+def dataset_version(project: Path) -> str | None:
+    """The DVC `.dir` md5 recorded in data.dvc (None when no dataset is tracked yet)."""
+    dvc_file = project / "data.dvc"
+    if not dvc_file.is_file():
+        return None
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def manifest_of(root: Path, settings: Settings, params: Params, previous_splits: dict[str, str] | None = None,
+                progress: bool = False) -> pd.DataFrame:
+    """Manifest of any folder in a supported layout, split with the committed assignments where given."""
+    _, items = discover(root)
+    return build_manifest(items, params.profile.grouping, params.data.split, params.base.seed,
+                          params.data.max_image_pixels, settings.cache_dir, cpu_workers(settings),
+                          previous_splits=previous_splits, progress=progress)
+
+
+def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
+    """Manifest of `data/` with the splits committed in splits.csv."""
+    if not (settings.data_dir / "images").is_dir():
+        raise UsageError(
+            f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` (or `dvc pull`) first"
+        )
+    return manifest_of(settings.data_dir, settings, params, read_splits(settings.splits_file), progress)

@@ -1,0 +1,176 @@
+"""Dataset versions with DVC (add, push to the configured remote) and git (commit data.dvc).
+
+The version id is the DVC `.dir` md5 of `data/`. A version whose push failed is remembered in
+`$DEFECTOPS_HOME/state/unpushed.json` and pushed by the next import (or `defectops data push`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import Settings
+from components.errors import DefectOpsError, UsageError
+
+log = logging.getLogger(__name__)
+
+REMOTE_NAME = "defectops"
+FALLBACK_IDENTITY = ("defectops", "defectops@localhost")
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    pushed: bool
+    message: str
+
+
+def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run git in the project; failures become one-line errors."""
+    result = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise DefectOpsError(f"git {' '.join(args[:2])} failed in {project}: {detail[-1] if detail else '?'}")
+    return result
+
+
+def _identity_args(project: Path) -> list[str]:
+    has_email = git(project, "config", "user.email", check=False).stdout.strip()
+    has_name = git(project, "config", "user.name", check=False).stdout.strip()
+    if has_email and has_name:
+        return []
+    log.info("git has no committer identity here; committing as %s <%s>", *FALLBACK_IDENTITY)
+    return ["-c", f"user.name={FALLBACK_IDENTITY[0]}", "-c", f"user.email={FALLBACK_IDENTITY[1]}"]
+
+
+def commit(project: Path, paths: list[str], message: str) -> str | None:
+    """Commit exactly `paths` (other staged work is left alone); returns the commit id, None if nothing changed."""
+    git(project, "add", "--", *paths)
+    if not git(project, "diff", "--cached", "--name-only", "--", *paths).stdout.strip():
+        return None
+    git(project, *_identity_args(project), "commit", "-q", "-m", message, "--", *paths)
+    return git(project, "rev-parse", "HEAD").stdout.strip()
+
+
+def head_commit(project: Path) -> str | None:
+    result = git(project, "rev-parse", "HEAD", check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+class DatasetRepo:
+    """The project's DVC repo, configured with the remote of these settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.project = settings.project_root
+        self.unpushed_file = settings.state_dir / "unpushed.json"
+
+    def ensure_initialised(self) -> None:
+        """Check git, init DVC if needed, and point the default remote at the configured URL (local config)."""
+        from dvc.repo import Repo
+
+        if git(self.project, "rev-parse", "--show-toplevel", check=False).returncode != 0:
+            raise UsageError(f"{self.project}: not a git repository; clone the project or run `git init` there")
+        if not (self.project / ".dvc").is_dir():
+            Repo.init(str(self.project))
+            commit(self.project, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "Initialise DVC")
+        remote = self.settings.dvc_remote_url
+        with Repo(str(self.project)) as repo, repo.config.edit("local") as conf:
+            conf["core"]["remote"] = REMOTE_NAME
+            section = {"url": remote}
+            if self.settings.dvc_remote_endpoint:
+                section["endpointurl"] = self.settings.dvc_remote_endpoint
+            conf["remote"][REMOTE_NAME] = section
+
+    def add(self) -> str:
+        """`dvc add data`; returns the new version id (the `.dir` md5)."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.project)) as repo:
+            stages = repo.add(str(self.project / "data"))
+            return stages[0].outs[0].hash_info.value
+
+    def checkout_or_pull(self) -> bool:
+        """Bring back the committed dataset version into data/ (from the cache, else the remote)."""
+        from dvc.repo import Repo
+
+        try:
+            with Repo(str(self.project)) as repo:
+                repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the committed dataset version is not available locally or on %s (%s); the new version "
+                        "will hold only the images present now", self.settings.dvc_remote_url,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return False
+
+    def push(self, version: str, commit_id: str | None) -> PushOutcome:
+        """Push the workspace version and any earlier unpushed ones; remember failures for the next run."""
+        from dvc.repo import Repo
+
+        pending = self._unpushed()
+        pending[version] = commit_id
+        failures = {}
+        with Repo(str(self.project)) as repo:
+            for ver, rev in list(pending.items()):
+                try:
+                    if ver == version:
+                        repo.push(remote=REMOTE_NAME)
+                    elif rev:
+                        repo.push(remote=REMOTE_NAME, revs=[rev])
+                    else:
+                        continue  # an uncommitted old version: nothing left to push it from
+                    pending.pop(ver)
+                except Exception as exc:  # DVC raises many types for a dead remote  # noqa: BLE001
+                    failures[ver] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._save_unpushed(pending)
+        if failures:
+            return PushOutcome(False, f"push to {self.settings.dvc_remote_url} failed ({failures[next(iter(failures))]}); "
+                                      "the version is kept locally and the next import or `defectops data push` retries")
+        return PushOutcome(True, f"pushed to {self.settings.dvc_remote_url}")
+
+    def retry_pending(self) -> PushOutcome | None:
+        """Push versions whose push failed earlier; None when there are none."""
+        pending = self._unpushed()
+        if not pending:
+            return None
+        from components.data.tracked import dataset_version
+
+        current = dataset_version(self.project)
+        version = current if current in pending else next(iter(pending))
+        return self.push(version, pending.get(version))
+
+    def unpushed_versions(self) -> list[str]:
+        return list(self._unpushed())
+
+    def _unpushed(self) -> dict[str, str | None]:
+        if not self.unpushed_file.is_file():
+            return {}
+        return json.loads(self.unpushed_file.read_text())
+
+    def _save_unpushed(self, pending: dict[str, str | None]) -> None:
+        self.unpushed_file.parent.mkdir(parents=True, exist_ok=True)
+        if not pending:
+            self.unpushed_file.unlink(missing_ok=True)
+            return
+        tmp = self.unpushed_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pending, indent=2))
+        tmp.replace(self.unpushed_file)
+
+
+def previous_version(project: Path, current: str | None) -> str | None:
+    """The dataset version committed before `current` (from the git history of data.dvc)."""
+    import yaml
+
+    log_out = git(project, "log", "--format=%H", "-n", "20", "--", "data.dvc", check=False).stdout.split()
+    for rev in log_out:
+        shown = git(project, "show", f"{rev}:data.dvc", check=False)
+        if shown.returncode != 0:
+            continue
+        outs = (yaml.safe_load(shown.stdout) or {}).get("outs") or []
+        md5 = outs[0].get("md5") if outs else None
+        if md5 and md5 != current:
+            return md5
+    return None

@@ -1,0 +1,86 @@
+"""Shared fixtures: isolated state for every test, temporary git+DVC projects, small real images, real data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Everything the libraries write goes to one throw-away folder, never to ~ (set before they are imported).
+_STATE = Path(tempfile.mkdtemp(prefix="defectops-tests-"))
+for var, sub in {"PREFECT_HOME": "prefect", "BENTOML_HOME": "bentoml", "TORCH_HOME": "torch",
+                 "MPLCONFIGDIR": "mpl", "XDG_CACHE_HOME": "xdg-cache"}.items():
+    os.environ.setdefault(var, str(_STATE / sub))
+os.environ.update({"NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1",
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GIT_TERMINAL_PROMPT": "0"})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("DEFECTOPS_DVC_REMOTE", None)
+
+TEST_CLASSES = ["dent", "normal", "scratch"]
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (64, 48), mode: str = "RGB",
+                fmt: str | None = None) -> Path:
+    """A small textured image, different for every seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 190)
+    pixels = np.clip(base + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_imagefolder(root: Path, per_class: int = 6, classes: list[str] | None = None, seed: int = 0,
+                     prefix: str = "img") -> Path:
+    """An ImageFolder source with `per_class` distinct images per class."""
+    for c, label in enumerate(classes or TEST_CLASSES):
+        for i in range(per_class):
+            write_image(root / label / f"{prefix}_{i:03d}.png", seed * 10_000 + c * 1000 + i)
+    return root
+
+
+def git_init(folder: Path) -> None:
+    subprocess.run(["git", "init", "-q", "-b", "main", str(folder)], check=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh project (git repo with params.yaml) and state root; returns its Settings."""
+    from components.config import get_settings
+
+    root = tmp_path / "project"
+    root.mkdir()
+    git_init(root)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["dataset"] = "tiny"
+    params["datasets"]["tiny"] = {"normal_class": "normal", "classes": TEST_CLASSES, "grouping": {"rule": "image"}}
+    params["validate"]["min_images_per_class"] = 3
+    params["validate"]["max_class_shift_kl"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("DEFECTOPS_PROJECT", str(root))
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile() -> Iterator[Path]:
+    """The real Magnetic Tile images; a skip here, but a failure in CI where they must be present."""
+    configured = os.environ.get("DEFECTOPS_DEMO_DATA")
+    path = Path(configured) if configured else REPO_ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+    if not (path / "MT_Free").is_dir():
+        message = f"Magnetic Tile images not found at {path} (set DEFECTOPS_DEMO_DATA)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield path

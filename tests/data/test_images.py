@@ -1,0 +1,69 @@
+"""The one conversion rule: every supported mode becomes (H, W, 3) uint8; bad input is refused by name."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.data.images import decode, image_stats
+from components.errors import ImageError
+
+
+def _bytes(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_is_scaled_to_eight_bit() -> None:
+    array = np.full((8, 10), 65535, dtype=np.uint16)
+    array[:, :5] = 257 * 100
+    out = decode(_bytes(Image.fromarray(array), "PNG"))
+    assert out.rgb.shape == (8, 10, 3) and out.rgb.dtype == np.uint8
+    assert out.rgb[0, 0].tolist() == [100, 100, 100] and out.rgb[0, 9].tolist() == [255, 255, 255]
+    assert out.mode.startswith("I")
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("L", "JPEG"),
+                                           ("LA", "PNG"), ("1", "PNG"), ("RGB", "BMP"), ("RGB", "TIFF")])
+def test_every_mode_becomes_rgb(mode: str, fmt: str) -> None:
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    out = decode(_bytes(rgb.convert(mode), fmt))
+    assert out.rgb.shape == (12, 16, 3) and out.rgb.dtype == np.uint8 and out.width == 16 and out.height == 12
+
+
+def test_rgba_drops_alpha_and_keeps_colour() -> None:
+    image = Image.new("RGBA", (4, 4), (200, 10, 20, 0))
+    assert decode(_bytes(image, "PNG")).rgb[0, 0].tolist() == [200, 10, 20]
+
+
+def test_grayscale_is_copied_to_three_channels() -> None:
+    out = decode(_bytes(Image.new("L", (5, 5), 77), "PNG"))
+    assert out.channels == 1 and out.rgb[2, 2].tolist() == [77, 77, 77]
+
+
+def test_bad_input_is_refused_with_the_file_name(tmp_path: Path) -> None:
+    good = _bytes(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    cases = {"truncated.jpg": (good[: len(good) // 2], "truncated"), "empty.jpg": (b"", "empty file"),
+             "notes.jpg": (b"this is text, not a picture", "not an image")}
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ImageError, match=rf"{name}: .*{message}"):
+            decode(tmp_path / name)
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    raw = _bytes(Image.new("L", (2000, 2000)), "PNG")
+    with pytest.raises(ImageError, match="exceeds the limit of 1000000"):
+        decode(raw, max_pixels=1_000_000)
+
+
+def test_stats_follow_the_image() -> None:
+    flat = image_stats(np.full((32, 32, 3), 100, np.uint8))
+    assert flat == {"brightness": 100.0, "contrast": 0.0, "sharpness": 0.0}
+    noisy = image_stats(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert noisy["contrast"] > 30 and noisy["sharpness"] > 1000

@@ -1,0 +1,204 @@
+"""Importing into a real git + DVC project: versions, no-ops, growth, refusals, push failures, crashes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components.config import get_settings, load_params
+from components.data import importer
+from components.data.importer import import_data
+from components.data.tracked import dataset_version
+from components.data.versioning import DatasetRepo
+from components.errors import ConcurrentRunError, SourceError, ValidationFailed
+from components.locks import exclusive
+from tests.conftest import make_imagefolder, write_image
+
+pytestmark = pytest.mark.integration
+
+
+def _run(settings, source: Path | str, **kwargs):
+    return import_data(str(source), settings, load_params(settings.params_file), **kwargs)
+
+
+def _snapshot(settings) -> dict[str, str]:
+    """sha256 of every file of the dataset, its version files and the remote."""
+    roots = [settings.data_dir, Path(settings.dvc_remote_url)]
+    files = [f for r in roots if r.exists() for f in r.rglob("*") if f.is_file()]
+    files += [settings.project_root / n for n in ("data.dvc", "splits.csv") if (settings.project_root / n).exists()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _git_log(settings) -> list[str]:
+    out = subprocess.run(["git", "log", "--format=%s"], cwd=settings.project_root, capture_output=True, text=True)
+    return out.stdout.split("\n")[:-1]
+
+
+def test_first_import_versions_commits_and_pushes(project, tmp_path: Path) -> None:
+    result = _run(project, make_imagefolder(tmp_path / "batch1", per_class=4))
+    assert result.changed and result.added == 12 and result.pushed, result.push_message
+    assert result.version.endswith(".dir") and result.version == dataset_version(project.project_root)
+    assert sorted(p.name for p in (project.data_dir / "images").iterdir()) == ["dent", "normal", "scratch"]
+    assert _git_log(project)[0].startswith(f"data: version {result.version}")
+    tracked = subprocess.run(["git", "ls-files"], cwd=project.project_root, capture_output=True, text=True).stdout
+    assert "data.dvc" in tracked and "splits.csv" in tracked and "data/" not in tracked
+    assert any(Path(project.dvc_remote_url).rglob("*")), "files pushed to the local remote"
+    stored = pd.read_parquet(result.report_dir / "manifest.parquet")
+    assert len(stored) == 12 and (result.report_dir / "validation.json").is_file()
+    assert not any(project.data_dir.rglob("*.parquet")), "nothing derived inside data/"
+
+
+def test_same_images_again_is_a_no_op(project, tmp_path: Path) -> None:
+    source = make_imagefolder(tmp_path / "batch1", per_class=4)
+    first = _run(project, source)
+    commits = _git_log(project)
+    again = _run(project, source)
+    assert not again.changed and again.version == first.version and again.skipped == 12
+    assert _git_log(project) == commits
+
+
+def test_a_new_month_adds_a_version_that_keeps_the_old_images(project, tmp_path: Path) -> None:
+    first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    old_splits = pd.read_csv(project.splits_file).set_index("path")["split"]
+    # same file names as last month, different pictures: kept side by side under a new name
+    second = _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=9))
+    assert second.changed and second.previous_version == first.version and second.added == 12
+    files = sorted(p.name for p in (project.data_dir / "images" / "dent").iterdir())
+    assert len(files) == 8 and "img_000.png" in files
+    new_splits = pd.read_csv(project.splits_file).set_index("path")["split"]
+    assert new_splits.loc[old_splits.index].tolist() == old_splits.tolist(), "old images keep their split"
+    assert len(_git_log(project)) >= 2
+
+
+def test_masks_of_the_magnetic_tile_layout_are_kept_beside_never_as_images(project, tmp_path: Path) -> None:
+    src = tmp_path / "mt"
+    for c, label in enumerate(["dent", "normal", "scratch"]):
+        for i in range(3):
+            write_image(src / f"MT_{label}" / "Imgs" / f"exp1_num_{c * 1000 + i * 500}.jpg", c * 100 + i)
+            write_image(src / f"MT_{label}" / "Imgs" / f"exp1_num_{c * 1000 + i * 500}.png", 7, mode="L")
+    result = _run(project, src)
+    assert result.added == 9
+    assert len(list((project.data_dir / "masks" / "dent").glob("*.png"))) == 3
+    assert not list((project.data_dir / "images").rglob("*.png"))
+
+
+@pytest.mark.parametrize("bad", ["truncated", "zero-byte", "text", "unknown-class", "label-conflict", "bomb"])
+def test_a_bad_batch_is_refused_and_changes_nothing(project, tmp_path: Path, bad: str) -> None:
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    before, commits = _snapshot(project), _git_log(project)
+    batch = make_imagefolder(tmp_path / "m2", per_class=3, seed=5)
+    target = batch / "dent" / "bad.jpg"
+    if bad == "truncated":
+        write_image(target, 1, size=(64, 64), fmt="JPEG")
+        target.write_bytes(target.read_bytes()[:300])
+    elif bad == "zero-byte":
+        target.write_bytes(b"")
+    elif bad == "text":
+        target.write_text("not an image")
+    elif bad == "unknown-class":
+        target = write_image(batch / "rust" / "bad.png", 3)
+    elif bad == "label-conflict":
+        shutil.copy(batch / "dent" / "img_000.png", batch / "scratch" / "bad.png")
+        target = batch / "scratch" / "bad.png"
+    else:
+        params = yaml.safe_load(project.params_file.read_text())
+        params["data"]["max_image_pixels"] = 5000
+        project.params_file.write_text(yaml.safe_dump(params))
+        target = write_image(batch / "dent" / "bad.png", 2, size=(100, 100))
+    with pytest.raises(ValidationFailed) as caught:
+        _run(project, batch)
+    assert "nothing changed" in str(caught.value)
+    assert any(target.name in line for line in caught.value.failures), caught.value.failures
+    assert _snapshot(project) == before and _git_log(project) == commits
+
+
+def test_push_failure_keeps_the_version_and_the_next_run_pushes(project, tmp_path: Path, monkeypatch) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote folder should be")
+    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE", str(blocker / "remote"))
+    down = get_settings()
+    result = _run(down, make_imagefolder(tmp_path / "m1", per_class=4))
+    assert result.changed and result.pushed is False and "next import" in result.push_message
+    assert dataset_version(down.project_root) == result.version
+    assert DatasetRepo(down).unpushed_versions() == [result.version]
+    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE", str(tmp_path / "remote-back"))
+    up = get_settings()
+    again = _run(up, tmp_path / "m1")
+    assert not again.changed and again.pushed, again.push_message
+    assert DatasetRepo(up).unpushed_versions() == []
+    assert any((tmp_path / "remote-back").rglob("*"))
+
+
+def test_disk_full_while_copying_rolls_back(project, tmp_path: Path, monkeypatch) -> None:
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    before = _snapshot(project)
+    calls = {"n": 0}
+    real_copy = shutil.copyfile
+
+    def filling_disk(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *a, **k)
+
+    monkeypatch.setattr(importer.shutil, "copyfile", filling_disk)
+    with pytest.raises(SourceError, match="disk full"):
+        _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3))
+    assert _snapshot(project) == before
+    assert not list(project.data_dir.rglob(".*.part"))
+
+
+def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp_path: Path) -> None:
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    before = _snapshot(project)
+    # what a kill -9 leaves: some files copied, data.dvc rewritten, the journal still there
+    stray = write_image(project.data_dir / "images" / "dent" / "half.png", 99)
+    backups = {n: (project.project_root / n).read_text() for n in ("data.dvc", "splits.csv", ".gitignore")}
+    (project.project_root / "data.dvc").write_text("outs: [{md5: deadbeef.dir, path: data}]\n")
+    importer._write_journal(project, [str(stray.relative_to(project.project_root))], backups)
+    assert importer.recover(project)
+    assert _snapshot(project) == before and not stray.exists()
+
+
+def test_two_imports_at_once_refuse(project, tmp_path: Path) -> None:
+    project.ensure()
+    with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError):
+        _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+
+
+def test_no_commit_and_fallback_identity(project, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "empty-gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    result = _run(project, make_imagefolder(tmp_path / "m1", per_class=4), commit_changes=False)
+    assert result.committed is None
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project.project_root, capture_output=True,
+                            text=True).stdout
+    assert "data.dvc" in status
+    committed = _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=4))
+    author = subprocess.run(["git", "log", "-1", "--format=%an <%ae>"], cwd=project.project_root,
+                            capture_output=True, text=True).stdout.strip()
+    assert committed.committed and author == "defectops <defectops@localhost>"
+
+
+@pytest.mark.realdata
+def test_magnetic_tile_import_groups_captures_and_validates(project, magnetic_tile: Path, monkeypatch) -> None:
+    params = yaml.safe_load(project.params_file.read_text())
+    params["data"]["dataset"] = "magnetic-tile"
+    params["validate"]["min_images_per_class"] = 10
+    project.params_file.write_text(yaml.safe_dump(params))
+    result = _run(project, magnetic_tile)
+    assert result.added == 1071 and result.counts["Free"] == 756 and result.counts["Fray"] == 26
+    manifest = pd.read_parquet(result.report_dir / "manifest.parquet")
+    assert (manifest.groupby("group")["split"].nunique() == 1).all(), "a capture group crosses splits"
+    for label, rows in manifest.groupby("label"):
+        assert set(rows["split"]) == {"train", "val", "test"}, label
+    assert len(list((project.data_dir / "masks").rglob("*.png"))) == 1071
+    assert json.loads((result.report_dir / "validation.json").read_text())["success"] is True

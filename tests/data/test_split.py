@@ -1,0 +1,66 @@
+"""Splits: stratified, grouped by capture, deterministic, and stable as the data grows."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from components.config import GroupingParams, SplitParams
+from components.data.split import assign_splits, group_keys
+
+FRACTIONS = SplitParams()
+
+
+def _frame(paths: list[str], labels: list[str], rule: GroupingParams) -> pd.DataFrame:
+    return pd.DataFrame({"path": paths, "label": labels, "group": group_keys(paths, labels, rule)})
+
+
+def _magnetic_like(n_spots: int, label: str, start: int = 0) -> tuple[list[str], list[str]]:
+    paths = [f"images/{label}/exp{e}_num_{start + spot * 1000 + e * 20}.jpg"
+             for spot in range(n_spots) for e in range(1, 7)]
+    return paths, [label] * len(paths)
+
+
+def test_capture_gap_groups_the_exposures_of_one_spot() -> None:
+    paths, labels = _magnetic_like(3, "Crack")
+    keys = group_keys(paths, labels, GroupingParams(rule="capture_gap", max_gap=300))
+    assert len(set(keys)) == 3 and keys[:6] == [keys[0]] * 6
+
+
+def test_pattern_rule_and_per_image_default() -> None:
+    paths = ["images/a/partA_cam1.png", "images/a/partA_cam2.png", "images/a/partB_cam1.png"]
+    keys = group_keys(paths, ["a"] * 3, GroupingParams(rule="pattern", pattern=r"^(part\w)_"))
+    assert keys[0] == keys[1] != keys[2]
+    assert group_keys(paths, ["a"] * 3, GroupingParams()) == paths
+
+
+def test_no_group_crosses_splits_and_every_class_is_in_every_split() -> None:
+    paths, labels = [], []
+    for label, spots in {"Free": 60, "Crack": 8, "Fray": 5}.items():
+        p, lab = _magnetic_like(spots, label)
+        paths += p
+        labels += lab
+    frame = _frame(paths, labels, GroupingParams(rule="capture_gap"))
+    frame["split"] = assign_splits(frame, FRACTIONS, seed=1)
+    assert (frame.groupby("group")["split"].nunique() == 1).all()
+    for label, rows in frame.groupby("label"):
+        assert set(rows["split"]) == {"train", "val", "test"}, label
+    shares = frame[frame.label == "Free"]["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.70) < 0.05 and abs(shares["test"] - 0.15) < 0.05
+
+
+def test_deterministic_and_stable_when_images_are_added() -> None:
+    rule = GroupingParams(rule="capture_gap")
+    paths, labels = _magnetic_like(20, "Free")
+    first = _frame(paths, labels, rule)
+    first["split"] = assign_splits(first, FRACTIONS, seed=7)
+    again = _frame(paths, labels, rule)
+    assert assign_splits(again, FRACTIONS, seed=7).tolist() == first["split"].tolist()
+    # a month later: new spots, and one more exposure of an old spot
+    more, more_labels = _magnetic_like(15, "Free", start=100_000)
+    grown = _frame(paths + more + ["images/Free/exp0_num_5.jpg"], labels + more_labels + ["Free"], rule)
+    grown["split"] = assign_splits(grown, FRACTIONS, seed=7, previous=dict(zip(first.path, first.split)))
+    old = grown.set_index("path").loc[first.path, "split"]
+    assert old.tolist() == first["split"].tolist(), "no existing image moved"
+    joined = grown.set_index("path").loc["images/Free/exp0_num_5.jpg", "split"]
+    assert joined == first.set_index("path").loc[paths[0], "split"], "a new exposure joins its capture's split"
+    assert (grown.groupby("group")["split"].nunique() == 1).all()
