@@ -29,9 +29,22 @@ QUIET_LOGGERS = ("great_expectations", "dvc", "dvc_data", "dvc_objects", "scmrep
                  "httpx", "urllib3", "PIL", "matplotlib", "numexpr")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
-                        stream=sys.stderr, force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -64,9 +77,15 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     """Keep the line's defect classifier trained, validated, approved and served."""
+    from components.config import get_settings
+
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    home = get_settings().home_dir  # the libraries' own state lives under the one state root too
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
+    os.environ.setdefault("MPLCONFIGDIR", str(home / "matplotlib"))
     _setup_logging(verbose)
 
 
@@ -126,7 +145,7 @@ def data_validate(
     previous_shares = None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     if manifest is not None:
-        frame, report_dir, what = pd.read_parquet(manifest), manifest.parent / "validation", str(manifest)
+        frame, report_dir, what = pd.read_parquet(manifest), settings.reports_dir / "pipeline", str(manifest)
     elif source is not None:
         with open_source(source, settings.staging_dir) as root:
             frame = manifest_of(root, settings, params, progress=True)
@@ -147,7 +166,7 @@ def data_validate(
     typer.echo(report.summary())
     typer.echo(f"data docs: {report_dir / 'data_docs' / 'index.html'}")
     if not report.success:
-        raise ValidationFailed(f"{len(report.failures)} expectation(s) failed for {what}", report.failures)
+        raise ValidationFailed(f"{len(report.failures)} expectation(s) failed for {what}; see the list above")
 
 
 @data_app.command("manifest")

@@ -71,9 +71,9 @@ def recover(settings: Settings) -> bool:
     journal = json.loads(path.read_text())
     project = settings.project_root
     for rel in journal["added"]:
-        path = project / rel
-        path.unlink(missing_ok=True)
-        for parent in path.parents:  # a class folder the import created, now empty
+        added = project / rel
+        added.unlink(missing_ok=True)
+        for parent in added.parents:  # a class folder the import created, now empty
             if parent == settings.data_dir or not parent.is_relative_to(settings.data_dir) or any(parent.iterdir()):
                 break
             parent.rmdir()
@@ -196,9 +196,10 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
             report = validate_manifest(manifest, params.profile, params.validate_, previous_shares, staging_report)
             if not report.success:
                 shutil.rmtree(staging_report, ignore_errors=True)
-                raise ValidationFailed(
-                    f"import refused, nothing changed: {len(report.failures)} expectation(s) failed for {source}; "
-                    "fix or remove the files listed and import again", report.failures)
+                more = f" (+{len(report.failures) - 1} more failed expectations, listed below)" \
+                    if len(report.failures) > 1 else ""
+                raise ValidationFailed(f"import of {source} refused, nothing changed: {report.failures[0]}{more}",
+                                       report.failures[1:])
 
             _check_disk(settings, additions)
             backups = {name: (project / name).read_text() if (project / name).is_file() else None

