@@ -242,6 +242,30 @@ def data_status() -> None:
         typer.echo(table.to_string())
 
 
+# ------------------------------------------------------------------ training
+
+
+@app.command()
+@friendly
+def train(
+    profile: Annotated[str | None, typer.Option(help="Hardware profile from params.yaml train.profiles "
+                                                     "(default: gpu with CUDA, else cpu).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for model.pt, train_metrics.json, history.csv.")] = Path("artifacts/train"),
+) -> None:
+    """Train on the tracked dataset, then calibrate on validation (temperature + review threshold)."""
+    from components.training.calibrate import train_and_calibrate
+
+    settings, params = _context()
+    settings.ensure()
+    result = train_and_calibrate(settings, params, profile, resume, out)
+    cal = result["calibration"]
+    typer.echo(f"model: {result['model_path']}  (best val macro-F1 {result['best_val_macro_f1']:.3f}, "
+               f"{result['seconds']:.0f} s, {result['profile']} profile)")
+    typer.echo(f"calibration: temperature {cal['temperature']:.3f}, review threshold {cal['threshold']:.4f} "
+               f"(val auto_precision {cal['val_auto_precision']}, review rate {cal['val_review_rate']})")
+
+
 # ------------------------------------------------------------------ the main job
 
 
