@@ -295,5 +295,199 @@ def resolve_demo_source(settings: Any) -> str:
     return demo_source(settings)
 
 
+# ------------------------------------------------------------------ registry
+# --- registry: register / approve / reject / models / evaluate (components/registry)
+
+REGISTRY_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.utils.uv_utils")
+
+
+def _registry_logging() -> None:
+    for name in REGISTRY_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _in_project(path: Path, settings: Any) -> Path:
+    """A relative path as given when it exists from here, else relative to the project root."""
+    if path.is_absolute() or path.exists():
+        return path
+    return settings.project_root / path
+
+
+def _figure(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command()
+@friendly
+def register(
+    train_dir: Annotated[Path, typer.Option(help="Folder with model.pt, train_metrics.json and history.csv "
+                                                 "(relative paths also resolve from the project root).")]
+    = Path("artifacts/train"),
+    force: Annotated[bool, typer.Option("--force", help="Register again even if this exact model and dataset "
+                                                        "are already a version.")] = False,
+) -> None:
+    """Evaluate the trained model on the golden test split, register it as `challenger` and gate it."""
+    from components.registry.registry import register as register_model
+
+    _registry_logging()
+    settings, params = _context()
+    result = register_model(settings, params, _in_project(train_dir, settings), force=force)
+    if not result.created:
+        typer.echo(f"already registered: version {result.version} (same model file and dataset); nothing changed")
+    else:
+        typer.echo(f"registered defect-classifier version {result.version} (run {result.run_id}), alias challenger")
+    m = result.metrics
+    typer.echo(f"  golden test: macro_f1 {_figure(m.get('test_macro_f1'))}, defect detection "
+               f"{_figure(m.get('test_defect_detection_rate'))}, escape {_figure(m.get('test_escape_rate'))}, "
+               f"review {_figure(m.get('test_review_rate'))}")
+    typer.echo(f"  gate {'PASSED' if result.gate_passed else 'FAILED'} (vs champion {result.compared_with}); "
+               f"approval: {result.approval_status}")
+    for reason in result.gate_reasons:
+        typer.echo(f"    - {reason}")
+    if result.comparison_path:
+        typer.echo(f"  comparison: {result.comparison_path}")
+    if result.created and result.gate_passed:
+        typer.echo(f"  next: defectops approve {result.version} --by NAME  (or reject {result.version} --by NAME "
+                   "--reason ...)")
+
+
+@app.command()
+@friendly
+def approve(
+    version: Annotated[str, typer.Argument(help="Model version to make champion (see `defectops models`).")],
+    by: Annotated[str, typer.Option("--by", help="Who approves (name or e-mail); recorded in the audit trail.")],
+    note: Annotated[str | None, typer.Option(help="Why, ticket number, review notes.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Approve although the gate failed (needs --note).")]
+    = False,
+) -> None:
+    """Promote a version whose gate passed: move the `champion` alias to it and record who and why."""
+    from components.config import get_settings
+    from components.registry.registry import approve as approve_version
+
+    _registry_logging()
+    outcome = approve_version(get_settings(), version, by, note, force=force)
+    if not outcome["changed"]:
+        typer.echo(f"version {outcome['version']} is already the champion; nothing changed")
+    else:
+        typer.echo(f"version {outcome['version']} is now the champion (previous: "
+                   f"{outcome['previous_champion'] or 'none'}); approved by {by}"
+                   + (" (gate overridden)" if force else ""))
+
+
+@app.command()
+@friendly
+def reject(
+    version: Annotated[str, typer.Argument(help="Model version to reject (see `defectops models`).")],
+    by: Annotated[str, typer.Option("--by", help="Who rejects (name or e-mail).")],
+    reason: Annotated[str, typer.Option(help="Why; recorded on the version and in the audit trail.")],
+) -> None:
+    """Reject a candidate: tag it, take `challenger` off it. The champion is never touched."""
+    from components.config import get_settings
+    from components.registry.registry import reject as reject_version
+
+    _registry_logging()
+    outcome = reject_version(get_settings(), version, by, reason)
+    typer.echo(f"version {outcome['version']} rejected by {by}"
+               + ("; challenger alias removed" if outcome["challenger_removed"] else ""))
+
+
+@app.command()
+@friendly
+def models(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the versions as JSON.")] = False,
+) -> None:
+    """List the registered versions: aliases, gate and approval state, key golden-test figures."""
+    from components.config import get_settings
+    from components.registry.registry import list_versions
+
+    _registry_logging()
+    settings = get_settings()
+    rows = list_versions(settings)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no registered versions in {settings.tracking_uri}; run `defectops register`")
+        return
+    header = ("version", "aliases", "created (UTC)", "dataset", "gate", "approval", "macro_f1", "detect",
+              "escape", "review")
+    table = [header] + [
+        (r["version"], ",".join(r["aliases"]) or "-", r["created"].replace("+00:00", "").replace("T", " "),
+         (r["dataset_version"] or "-")[:8], r["gate_status"] or "-", r["approval_status"] or "-",
+         _figure(r["macro_f1"]), _figure(r["defect_detection_rate"]), _figure(r["escape_rate"]),
+         _figure(r["review_rate"]))
+        for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command()
+@friendly
+def evaluate(
+    model: Annotated[str, typer.Option(help="champion, challenger, a version number, models:/... URI or a "
+                                            "model.pt path.")] = "champion",
+    data: Annotated[str | None, typer.Option(help="Labelled folder (or archive) in a supported layout, "
+                                                  "evaluated without importing it. Default: the tracked "
+                                                  "dataset.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val, test or all (default: test for the tracked "
+                                                   "dataset, all for --data).")] = None,
+) -> None:
+    """Evaluate any model on any labelled images: accuracy, macro F1, plant figures, calibration."""
+    from components.registry.evaluate import evaluate_model, write_report
+
+    _registry_logging()
+    settings, params = _context()
+    report = evaluate_model(settings, params, model, data, split)
+    typer.echo(f"{report['model_version']} on {report['data']} ({report['split']}): {report['n_images']} images")
+    typer.echo(f"  accuracy {_figure(report['accuracy'])}, macro_f1 {_figure(report['macro_f1'])}, defect "
+               f"detection {_figure(report['defect_detection_rate'])}, false alarms "
+               f"{_figure(report['false_alarm_rate'])}, escape {_figure(report['escape_rate'])}, review "
+               f"{_figure(report['review_rate'])}, ECE {_figure(report['ece'])}")
+    if json_out:
+        typer.echo(f"  report: {write_report(report, json_out)}")
+
+
+# ------------------------------------------------------------------ serving
+# --- serving: serve / review import (components/serving)
+
+review_app = typer.Typer(help="The review queue: turn reviewed images into labelled data.", no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@app.command()
+@friendly
+def serve(
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default: serve.port in params.yaml).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the service local.")] = "127.0.0.1",
+) -> None:
+    """Serve the deployed model with BentoML; with no deployment yet, pin the approved champion first."""
+    from components.serving.run import prepare_and_serve
+
+    settings, params = _context()
+    prepare_and_serve(settings, params, port, host, echo=typer.echo)
+
+
+@review_app.command("import")
+@friendly
+def review_import(
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV with columns file,label; file is a review "
+                                                                  "item's path, file name or request id.")] = None,
+    folder: Annotated[Path | None, typer.Option("--folder", help="Folder of reviewed images sorted into "
+                                                                  "<label>/ sub-folders.")] = None,
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Version with DVC but do not git-commit.")] = False,
+    no_push: Annotated[bool, typer.Option("--no-push", help="Do not push to the DVC remote now.")] = False,
+) -> None:
+    """Import reviewed images as labelled data for the next dataset version (validated like any import)."""
+    from components.serving.review import import_reviewed
+
+    settings, params = _context()
+    result = import_reviewed(settings, params, labels, folder, commit_changes=not no_commit, push=not no_push,
+                             progress=True)
+    typer.echo(f"dataset version {result.version} (+{result.added} reviewed images, {result.skipped} already "
+               f"tracked); {result.review_items_imported} review items moved to imported/")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,55 @@
+"""`defectops evaluate`: any model (registered or a model.pt) on any labelled folder, without importing it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from components.config import Params, Settings
+from components.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "all")
+
+
+def evaluate_model(settings: Settings, params: Params, model: str, data: str | None = None,
+                   split: str | None = None) -> dict[str, Any]:
+    """Figures of `model` on a folder/archive (all images by default) or on the tracked dataset (test split)."""
+    from components.data.sources import open_source
+    from components.data.tracked import dataset_version, manifest_of, tracked_manifest
+    from components.evaluation.runner import evaluate_params, evaluate_rows
+    from components.registry.registry import load_predictor, usable_rows
+
+    split = split or ("all" if data else "test")
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    settings.ensure()
+    predictor = load_predictor(settings, model)
+    eval_params = evaluate_params(params)
+    if data is None:
+        manifest, what = tracked_manifest(settings, params), f"tracked dataset {dataset_version(settings.project_root)}"
+        rows = manifest if split == "all" else manifest[manifest["split"] == split]
+        report = evaluate_rows(predictor, usable_rows(rows, f"the {split} split of the {what}"), eval_params,
+                               predictor.model_version)
+    else:
+        with open_source(data, settings.staging_dir) as root:
+            manifest = manifest_of(root, settings, params)
+            rows = manifest if split == "all" else manifest[manifest["split"] == split]
+            report = evaluate_rows(predictor, usable_rows(rows, f"{data} ({split})"), eval_params,
+                                   predictor.model_version)
+        what = str(data)
+    report.update({"data": what, "split": split, "model": model, "model_uri": predictor.meta.get("model_uri"),
+                   "model_classes": predictor.classes})
+    return report
+
+
+def write_report(report: dict[str, Any], path: Path) -> Path:
+    """The report as JSON (written atomically; parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,752 @@
+"""The model registry: register a trained model as a candidate, gate it against the champion, approve or reject it.
+
+A registration is one MLflow run (params, tags, per-epoch curves, golden-test figures, plots, the model) plus
+one version of `defect-classifier` whose tags carry the figures, the gate outcome and the approval state.
+Every figure is measured before the run starts (challenger and champion on the same golden test images),
+so a registration either completes, with the `challenger` alias moved last, or leaves nothing behind: its
+run ends FAILED and any version it created is deleted.
+
+MLflow keeps no history of aliases, so `approve` and `reject` write who/when/why as version tags and append a
+line to `<home>/registry-audit.jsonl`. Only `approve` ever moves `champion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from components.config import Params, Settings
+from components.errors import DefectOpsError, UsageError
+from components.locks import exclusive
+from components.registry.tracking import MODEL_NAME, connect
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from components.evaluation.gate import GateResult
+    from components.evaluation.runner import EvaluateParams
+    from components.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+TAG_VALUE_LIMIT = 5000  # the smallest tag column MLflow has (registered-model tags, VARCHAR(5000))
+AUDIT_FILE = "registry-audit.jsonl"
+SUMMARY_FIGURES = ("accuracy", "macro_f1", "defect_detection_rate", "false_alarm_rate", "review_rate",
+                   "escape_rate", "auto_precision", "ece", "ece_uncalibrated", "latency_ms", "n_images")
+VERSION_TAG_FIGURES = ("macro_f1", "defect_detection_rate", "escape_rate", "review_rate", "false_alarm_rate",
+                       "accuracy")
+_METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """What `register` did: the version, whether it is new, and the gate outcome."""
+
+    version: str
+    created: bool
+    gate_passed: bool
+    gate_reasons: list[str]
+    compared_with: str
+    approval_status: str
+    run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    comparison_path: Path | None = None
+    trend: str = ""
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{MODEL_NAME}/{self.version}"
+
+
+# ------------------------------------------------------------------ small helpers
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _truncate(text: str, limit: int = TAG_VALUE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + " …(truncated)"
+
+
+def _tag(value: Any) -> str:
+    """A tag value: figures with 6 significant digits, None as 'none'."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return _truncate(str(value))
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'prefix.a.b': 1}."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: value}
+
+
+def _metric_name(text: str) -> str:
+    return _METRIC_KEY.sub("_", text)
+
+
+def flat_metrics(report: dict[str, Any], prefix: str = "test_") -> dict[str, float]:
+    """The report's headline figures and per-class recall/F1 as MLflow metrics (undefined ones left out)."""
+    out = {f"{prefix}{name}": float(report[name]) for name in SUMMARY_FIGURES if report.get(name) is not None}
+    for name, figures in (report.get("per_class") or {}).items():
+        for figure in ("recall", "f1", "precision"):
+            if figures.get(figure) is not None:
+                out[_metric_name(f"{prefix}{figure}_{name}")] = float(figures[figure])
+    return out
+
+
+def parse_version(version: str | int) -> str:
+    """'3', 'v3' or 3 -> '3'; anything else is a usage error."""
+    text = str(version).strip().lower().removeprefix("v")
+    if not text.isdigit():
+        raise UsageError(f"{version!r} is not a model version number; give one from `defectops models` (e.g. 3)")
+    return str(int(text))
+
+
+def _audit(settings: Settings, entry: dict[str, Any]) -> None:
+    """Append one line to the registry audit trail (alias moves are not recorded by MLflow)."""
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"at": _now(), "tracking_uri": settings.tracking_uri, "model": MODEL_NAME, **entry},
+                      default=str)
+    with (settings.home_dir / AUDIT_FILE).open("a") as handle:
+        handle.write(line + "\n")
+
+
+def usable_rows(rows: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Readable rows only (unreadable ones are logged); an empty result is a usage error."""
+    if "readable" in rows:
+        bad = rows[rows["readable"] != True]  # a column of bools and None
+        if len(bad):
+            log.warning("%d unreadable images in %s skipped (e.g. %s)", len(bad), what, bad["path"].iloc[0])
+        rows = rows[rows["readable"] == True]
+    if rows.empty:
+        raise UsageError(f"{what} has no readable images; import data first or check splits.csv")
+    return rows.reset_index(drop=True)
+
+
+def golden_test_split(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The readable images of the tracked dataset's test split (it only ever grows)."""
+    return usable_rows(manifest[manifest["split"] == "test"], "the golden test split")
+
+
+class _Recording:
+    """Delegates to a Predictor and keeps the logits of every forward pass, so plots need no second pass."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self._predictor = predictor
+        self.logits: list[np.ndarray] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def forward(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self._predictor.forward(batch)
+        self.logits.append(logits)
+        return logits, embedding
+
+    def all_logits(self) -> np.ndarray:
+        return np.concatenate(self.logits)
+
+
+# ------------------------------------------------------------------ loading models
+
+
+def resolve_model_uri(model: str) -> str:
+    """Shorthands to URIs: 'champion' -> models:/defect-classifier@champion, '3'/'v3' -> .../3; paths unchanged."""
+    text = model.strip()
+    if text in (CHAMPION, CHALLENGER):
+        return f"models:/{MODEL_NAME}@{text}"
+    if re.fullmatch(r"v?\d+", text) and not Path(text).exists():
+        return f"models:/{MODEL_NAME}/{parse_version(text)}"
+    return text
+
+
+def _version_of(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(registered model name, version) for models:/NAME@alias or models:/NAME/N."""
+    from mlflow.exceptions import MlflowException
+
+    body = uri.removeprefix("models:/")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = body.rpartition("/")
+        if not name or not version.isdigit():
+            raise UsageError(f"{uri}: not a model URI; use models:/{MODEL_NAME}@champion, "
+                             f"models:/{MODEL_NAME}/3 or a model.pt path")
+        client.get_model_version(name, version)
+        return name, version
+    except MlflowException as exc:
+        if "@" in body:
+            raise DefectOpsError(f"{uri}: no version of {body.split('@')[0]} has alias {body.split('@')[1]!r}; "
+                                 "list them with `defectops models` (approve one to make it champion)") from exc
+        raise DefectOpsError(f"{uri}: model version not found in {client.tracking_uri}; list versions with "
+                             "`defectops models`") from exc
+
+
+def load_predictor(settings: Settings, model_uri: str, **kwargs: Any) -> Predictor:
+    """A Predictor for a registered model (models:/NAME@alias, models:/NAME/N, models:/m-<id>) or a model.pt."""
+    from components.predictor import Predictor
+
+    uri = resolve_model_uri(model_uri)
+    if not uri.startswith("models:/"):
+        path = Path(uri).expanduser()
+        path = path / "model.pt" if path.is_dir() else path
+        predictor = Predictor.from_file(path, **kwargs)
+        predictor.meta["model_version"] = f"file:{path.resolve()}"
+        predictor.model_version = predictor.meta["model_version"]  # type: ignore[attr-defined]
+        return predictor
+
+    import mlflow
+
+    client = connect(settings)
+    body = uri.removeprefix("models:/")
+    if re.fullmatch(r"m-[0-9a-f]+", body):
+        pinned, label = uri, body
+    else:
+        name, version = _version_of(client, uri)
+        pinned, label = f"models:/{name}/{version}", f"{name}/{version}"
+    try:
+        module = mlflow.pytorch.load_model(pinned, map_location="cpu")
+        metadata = mlflow.models.get_model_info(pinned).metadata or {}
+    except Exception as exc:  # missing artifacts, unpickling and download errors
+        detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        raise DefectOpsError(f"{uri}: could not load the model ({detail}); check the artifact store or "
+                             "register the model again") from exc
+    meta = metadata.get("defectops")
+    if not isinstance(meta, dict) or "classes" not in meta:
+        raise DefectOpsError(f"{uri}: no 'defectops' metadata (classes, calibration); register models with "
+                             "`defectops register`")
+    meta = {**meta, "model_version": label, "model_uri": pinned, "requested_uri": uri}
+    predictor = Predictor(module, meta, **kwargs)
+    predictor.model_version = label  # type: ignore[attr-defined]
+    log.info("loaded %s (%s) from the registry", label, uri)
+    return predictor
+
+
+# ------------------------------------------------------------------ register
+
+
+def _read_train_dir(train_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any], pd.DataFrame, Path]:
+    from components.training.train import HISTORY_FILE, METRICS_FILE, MODEL_FILE, load_model_file
+
+    model_path, metrics_path, history_path = (train_dir / n for n in (MODEL_FILE, METRICS_FILE, HISTORY_FILE))
+    for path in (model_path, metrics_path, history_path):
+        if not path.is_file():
+            raise UsageError(f"{path}: not found; run `defectops train --out {train_dir}` first or give "
+                             "--train-dir")
+    model, meta = load_model_file(model_path)
+    if not isinstance(meta.get("calibration"), dict) or "temperature" not in meta["calibration"]:
+        raise UsageError(f"{model_path}: the model is not calibrated (no temperature/threshold); "
+                         "`defectops train` calibrates it on validation, run it again")
+    try:
+        json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{model_path}: its metadata is not plain data ({exc}); retrain with "
+                         "`defectops train`") from exc
+    try:
+        train_metrics = json.loads(metrics_path.read_text())
+        history = pd.read_csv(history_path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{train_dir}: unreadable training outputs ({exc}); run `defectops train` again") from exc
+    return model, meta, train_metrics, history, model_path
+
+
+def _existing_version(client: MlflowClient, manifest_digest: str, model_sha256: str) -> ModelVersion | None:
+    found = client.search_model_versions(f"name='{MODEL_NAME}' and tag.model_sha256='{model_sha256}' "
+                                         f"and tag.manifest_digest='{manifest_digest}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _result_from_version(client: MlflowClient, version: ModelVersion, settings: Settings) -> RegisterResult:
+    tags = version.tags or {}
+    metrics = {}
+    for name in VERSION_TAG_FIGURES:
+        try:
+            metrics[f"test_{name}"] = float(tags[name])
+        except (KeyError, ValueError):
+            continue
+    path = settings.reports_dir / "comparisons" / f"v{version.version}.md"
+    return RegisterResult(
+        version=str(version.version), created=False, gate_passed=tags.get("gate_status") == "passed",
+        gate_reasons=[r for r in tags.get("gate_reasons", "").split("\n") if r],
+        compared_with=tags.get("compared_with", "none"), approval_status=tags.get("approval_status", "unknown"),
+        run_id=version.run_id, metrics=metrics, comparison_path=path if path.is_file() else None)
+
+
+def _champion_version(client: MlflowClient) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+@dataclass
+class _Evaluation:
+    """One model's figures on the golden test split, with the logits behind them."""
+
+    report: dict[str, Any]
+    logits: np.ndarray
+    predictor: Any
+
+
+def _evaluate(predictor: Predictor, rows: pd.DataFrame, params: EvaluateParams,
+              model_version: str | None) -> _Evaluation:
+    from components.evaluation.runner import evaluate_rows
+
+    recording = _Recording(predictor)
+    report = evaluate_rows(recording, rows, params, model_version)
+    return _Evaluation(report, recording.all_logits(), predictor)
+
+
+def _gate(settings: Settings, client: MlflowClient, challenger: _Evaluation, rows: pd.DataFrame,
+          params: EvaluateParams) -> tuple[GateResult, _Evaluation | None, str]:
+    """Compare with the champion re-evaluated on the same rows (absolute minimums when there is none)."""
+    from components.evaluation.gate import GateResult, compare
+
+    champion_version = _champion_version(client)
+    if champion_version is None:
+        return compare(challenger.report, None, params.gate), None, "none"
+    try:
+        predictor = load_predictor(settings, f"models:/{MODEL_NAME}/{champion_version}")
+        champion = _evaluate(predictor, rows, params, f"{MODEL_NAME}/{champion_version}")
+    except Exception as exc:  # noqa: BLE001 - a champion that cannot be re-evaluated fails the gate, loudly
+        detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+        log.warning("champion v%s could not be evaluated on the golden test split: %s", champion_version, detail)
+        reason = (f"champion v{champion_version} could not be evaluated on the golden test split ({detail}): "
+                  "FAILED (approve with --force and a --note if replacing it is intended)")
+        check = {"name": "champion_evaluated", "passed": False, "status": "FAILED", "challenger": None,
+                 "bound": None, "message": reason}
+        return GateResult(passed=False, reasons=[reason], checks=[check]), None, champion_version
+    return compare(challenger.report, champion.report, params.gate), champion, champion_version
+
+
+def _first_version_test_paths(settings: Settings) -> tuple[str | None, set[str] | None, str]:
+    """The first dataset version and its test images (from git history of data.dvc and splits.csv)."""
+    import io
+
+    from components.data.versioning import git
+
+    project = settings.project_root
+    revs = git(project, "log", "--reverse", "--format=%H", "--", "data.dvc", check=False).stdout.split()
+    if not revs:
+        return None, None, "skipped: no committed dataset version in git history"
+    shown = git(project, "show", f"{revs[0]}:splits.csv", check=False)
+    if shown.returncode != 0:
+        return None, None, "skipped: the first dataset commit has no splits.csv"
+    dvc = git(project, "show", f"{revs[0]}:data.dvc", check=False).stdout
+    import yaml
+
+    outs = (yaml.safe_load(dvc) or {}).get("outs") or [{}]
+    table = pd.read_csv(io.StringIO(shown.stdout), dtype=str)
+    return outs[0].get("md5"), set(table.loc[table["split"] == "test", "path"]), ""
+
+
+def _trend(settings: Settings, rows: pd.DataFrame, challenger: _Evaluation,
+           champion: _Evaluation | None) -> tuple[str, dict[str, float]]:
+    """Figures on the first dataset version's test images (a subset of today's), from the logits in hand."""
+    from components.evaluation.calibration import softmax
+    from components.evaluation.metrics import evaluate_predictions
+    from components.evaluation.runner import label_indices
+
+    version, paths, why = _first_version_test_paths(settings)
+    if paths is None:
+        return f"Trend on the first dataset version's test split {why}.", {}
+    mask = rows["path"].isin(paths).to_numpy()
+    if not mask.any():
+        return "Trend on the first dataset version's test split skipped: none of its images are here.", {}
+    if mask.all():
+        return (f"Trend: the golden test split has not grown since the first dataset version ({version}); "
+                "the figures above are that trend."), {}
+    title = f"## Trend on the first dataset version's test split ({version}, {int(mask.sum())} of {len(rows)} images)"
+    lines = [title, "", "| model | macro F1 | defect detection | false alarms | escape |", "|---|---|---|---|---|"]
+    metrics: dict[str, float] = {}
+    for name, ev in (("challenger", challenger), ("champion", champion)):
+        if ev is None:
+            continue
+        p = ev.predictor
+        labels = label_indices(rows[mask], p.classes)
+        probs = softmax(ev.logits[mask], p.temperature)
+        sub = evaluate_predictions(probs, labels, p.classes, p.normal_class, p.threshold, n_boot=0)
+        cells = [sub.get(k) for k in ("macro_f1", "defect_detection_rate", "false_alarm_rate", "escape_rate")]
+        lines.append(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+        if name == "challenger":
+            metrics = {k.replace("test_", "first_test_"): v for k, v in flat_metrics(sub).items()
+                       if not k.startswith(("test_recall_", "test_f1_", "test_precision_"))}
+    return "\n".join(lines), metrics
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("torch", "torchvision", "numpy", "pillow", "mlflow"):
+        try:
+            out.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+def _log_run_contents(run_id: str, meta: dict[str, Any], train_metrics: dict[str, Any], history: pd.DataFrame,
+                      tags: dict[str, str], challenger: _Evaluation, rows: pd.DataFrame, train_dir: Path,
+                      trend_metrics: dict[str, float]) -> None:
+    """Params, tags, the per-epoch curves, the golden-test figures, the plots and the training outputs."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from components.evaluation.calibration import softmax
+    from components.evaluation.plots import calibration_png, confusion_matrix_png
+    from components.evaluation.runner import label_indices
+
+    params = {"arch": meta["arch"].get("name"), "image_size": meta["image_size"], "profile": meta.get("profile"),
+              "seed": meta.get("seed"), "classes": ",".join(meta["classes"]), "normal_class": meta["normal_class"],
+              **_flatten("arch", meta["arch"]), **_flatten("train", meta.get("train_params") or {}),
+              **_flatten("augment", meta.get("augment_params") or {}),
+              **_flatten("calibration", {k: v for k, v in meta["calibration"].items() if not isinstance(v, dict)})}
+    mlflow.log_params({k: _truncate(str(v), 6000) for k, v in params.items()})
+    mlflow.set_tags(tags)
+    stamp = int(datetime.now(UTC).timestamp() * 1000)
+    curves = [Metric(_metric_name(column), float(value), stamp, int(row["epoch"]))
+              for _, row in history.iterrows() for column, value in row.items()
+              if column != "epoch" and pd.notna(value)]
+    client = MlflowClient()
+    for start in range(0, len(curves), 1000):
+        client.log_batch(run_id, metrics=curves[start:start + 1000])
+    scalars = {f"train_{k}": float(v) for k, v in train_metrics.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    mlflow.log_metrics({**scalars, **flat_metrics(challenger.report), **trend_metrics})
+    mlflow.log_artifact(str(train_dir / "train_metrics.json"), artifact_path="training")
+    mlflow.log_artifact(str(train_dir / "history.csv"), artifact_path="training")
+    p = challenger.predictor
+    report = challenger.report
+    mlflow.log_dict({"per_class": report["per_class"], "classes": report["classes"],
+                     "confusion_matrix": report["confusion_matrix"], "counts": report.get("counts")},
+                    "evaluation/per_class.json")
+    with tempfile.TemporaryDirectory(prefix="defectops-plots-") as tmp:
+        confusion_matrix_png(report["confusion_matrix"], report["classes"], Path(tmp) / "confusion_matrix.png")
+        labels = label_indices(rows, p.classes)
+        calibration_png(softmax(challenger.logits, 1.0), softmax(challenger.logits, p.temperature), labels,
+                        Path(tmp) / "calibration_test.png")
+        mlflow.log_artifacts(tmp, artifact_path="plots")
+
+
+# pickle is chosen on purpose (pt2 pins the batch size); pip is not in the venv, the requirements are explicit
+_EXPECTED_WARNINGS = ("mlflow.pytorch", "mlflow.utils.environment", "mlflow.utils.requirements_utils")
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise these loggers to ERROR for the duration (warnings about choices made on purpose)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _log_model(model: Any, meta: dict[str, Any]) -> Any:
+    """The module (pickle, explicit requirements) with a batch-2 example so any batch size loads back."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()  # evaluation may have moved it to the GPU
+    example = torch.zeros(2, 3, meta["image_size"], meta["image_size"])  # mean-grey images: small JSON
+    with torch.inference_mode():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.numpy())
+    with _quiet(*_EXPECTED_WARNINGS):
+        return mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=_pip_requirements(), signature=signature,
+                                        input_example=example.numpy(), metadata={"defectops": meta})
+
+
+def _write_comparison(settings: Settings, version: str, markdown: str) -> Path:
+    path = settings.reports_dir / "comparisons" / f"v{version}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(markdown)
+    tmp.replace(path)
+    return path
+
+
+def register(settings: Settings, params: Params, train_dir: Path, force: bool = False) -> RegisterResult:
+    """Evaluate a trained model on the golden test split, log and register it, gate it, make it `challenger`."""
+    import mlflow
+
+    from components.data.tracked import dataset_version, tracked_manifest
+    from components.data.versioning import head_commit
+    from components.evaluation.gate import comparison_markdown
+    from components.evaluation.runner import evaluate_params
+    from components.predictor import Predictor
+    from components.training.train import manifest_digest
+
+    settings.ensure()
+    train_dir = Path(train_dir)
+    model, meta, train_metrics, history, model_path = _read_train_dir(train_dir)
+    client = connect(settings)  # an unreachable server fails here, before any slow work
+    model_sha256 = _sha256(model_path)
+    manifest = tracked_manifest(settings, params)
+    digest = manifest_digest(manifest)
+    rows = golden_test_split(manifest)
+    eval_params = evaluate_params(params)
+
+    with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+        existing = None if force else _existing_version(client, digest, model_sha256)
+        if existing is not None:
+            log.info("%s is already registered as version %s (same model file and dataset); nothing to do",
+                     model_path, existing.version)
+            return _result_from_version(client, existing, settings)
+
+        challenger = _evaluate(Predictor(model, meta), rows, eval_params, None)
+        gate, champion, compared_with = _gate(settings, client, challenger, rows, eval_params)
+        trend_text, trend_metrics = _trend(settings, rows, challenger, champion)
+        data_version = dataset_version(settings.project_root)
+        run_tags = {"dataset_version": _tag(data_version), "git_commit": _tag(head_commit(settings.project_root)),
+                    "weights_used": _tag(meta.get("weights_used")), "manifest_digest": digest,
+                    "train_manifest_digest": _tag(meta.get("manifest_digest")), "model_sha256": model_sha256,
+                    "train_dir": str(train_dir.resolve()), "n_test_images": str(len(rows))}
+        status = "passed" if gate.passed else "failed"
+        calibration = meta["calibration"]
+        version_tags = {
+            **{k: run_tags[k] for k in ("dataset_version", "git_commit", "weights_used", "manifest_digest",
+                                        "model_sha256", "n_test_images")},
+            "threshold": _tag(float(calibration["threshold"])),
+            "temperature": _tag(float(calibration["temperature"])),
+            **{name: _tag(challenger.report.get(name)) for name in VERSION_TAG_FIGURES},
+            "gate_status": status, "gate_reasons": _truncate("\n".join(gate.reasons)),
+            "compared_with": compared_with, "approval_status": "pending" if gate.passed else "not-eligible",
+        }
+
+        version: str | None = None
+        logged_model_id: str | None = None
+        comparison_path: Path | None = None
+        run_name = f"register-{meta.get('profile', 'model')}-{model_sha256[:8]}"
+        with mlflow.start_run(run_name=run_name) as run:
+            try:
+                _log_run_contents(run.info.run_id, meta, train_metrics, history, run_tags, challenger, rows,
+                                  train_dir, trend_metrics)
+                info = _log_model(model, meta)
+                logged_model_id = info.model_id
+                version_tags["run_id"] = run.info.run_id
+                registered = mlflow.register_model(info.model_uri, MODEL_NAME, tags=version_tags)
+                version = str(registered.version)
+                challenger.report["model_version"] = f"{MODEL_NAME}/{version}"
+                mlflow.log_dict(challenger.report, "evaluation/test_report.json")
+                markdown = comparison_markdown(challenger.report, champion.report if champion else None, gate,
+                                               f"v{version}", f"v{compared_with}" if compared_with != "none"
+                                               else None)
+                markdown += "\n" + trend_text + "\n"
+                mlflow.log_text(markdown, "evaluation/comparison.md")
+                comparison_path = _write_comparison(settings, version, markdown)
+                mlflow.set_tags({"registered_version": version, "gate_status": status})
+                client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version)
+            except BaseException:
+                _undo_registration(client, run.info.run_id, logged_model_id, comparison_path)
+                raise
+
+    log.info("registered %s version %s (gate %s vs %s); it is now %s", MODEL_NAME, version, status,
+             compared_with, CHALLENGER)
+    _audit(settings, {"action": "register", "version": version, "run_id": run.info.run_id, "gate_status": status,
+                      "compared_with": compared_with, "model_sha256": model_sha256, "manifest_digest": digest})
+    return RegisterResult(version=version, created=True, gate_passed=gate.passed, gate_reasons=gate.reasons,
+                          compared_with=compared_with, approval_status=version_tags["approval_status"],
+                          run_id=run.info.run_id, metrics=flat_metrics(challenger.report),
+                          comparison_path=comparison_path, trend=trend_text)
+
+
+def _undo_registration(client: MlflowClient, run_id: str, logged_model_id: str | None,
+                       comparison_path: Path | None) -> None:
+    """Delete what a failed registration created (the run itself ends FAILED when the exception leaves it)."""
+    try:
+        created = client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'")
+    except Exception:
+        log.exception("registration failed and its model versions could not be listed; check `defectops models` "
+                      "for a version of run %s and delete it", run_id)
+        created = []
+    for version in created:
+        try:
+            client.delete_model_version(MODEL_NAME, str(version.version))
+            log.warning("registration failed: deleted %s version %s", MODEL_NAME, version.version)
+        except Exception:  # keep the original error; say what is left behind
+            log.exception("registration failed and %s version %s could not be deleted; delete it by hand",
+                          MODEL_NAME, version.version)
+    if logged_model_id is not None:
+        try:
+            client.delete_logged_model(logged_model_id)
+        except Exception:  # noqa: BLE001 - best effort: the version is already gone
+            log.warning("could not delete logged model %s of the failed registration", logged_model_id)
+    if comparison_path is not None:
+        comparison_path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ approve / reject / list
+
+
+def _get_version(client: MlflowClient, version: str) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(MODEL_NAME, version)
+    except MlflowException as exc:
+        raise DefectOpsError(f"{MODEL_NAME} version {version} does not exist; list versions with "
+                             "`defectops models`") from exc
+
+
+def _aliases(client: MlflowClient) -> dict[str, str]:
+    """alias -> version of the registered model (empty when nothing is registered)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {alias: str(v) for alias, v in client.get_registered_model(MODEL_NAME).aliases.items()}
+    except MlflowException:
+        return {}
+
+
+def _failed_reasons(tags: dict[str, str]) -> str:
+    reasons = [r for r in tags.get("gate_reasons", "").split("\n") if "FAILED" in r]
+    return "; ".join(reasons) or tags.get("gate_reasons", "") or "no gate result recorded"
+
+
+def approve(settings: Settings, version: str | int, by: str, note: str | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Make a version whose gate passed the champion; `force` (with a note as the reason) overrides the gate."""
+    version = parse_version(version)
+    if not by.strip():
+        raise UsageError("--by is empty; say who approves (name or e-mail)")
+    if force and not (note and note.strip()):
+        raise UsageError("--force needs --note giving the reason for overriding the gate")
+    client = connect(settings)
+    with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+        tags = dict(_get_version(client, version).tags or {})
+        aliases = _aliases(client)
+        previous = aliases.get(CHAMPION)
+        if previous == version:
+            log.info("version %s is already the champion; nothing to do", version)
+            return {"version": version, "previous_champion": previous, "changed": False}
+        gate_status, approval = tags.get("gate_status"), tags.get("approval_status")
+        if not force and gate_status != "passed":
+            raise DefectOpsError(f"version {version} did not pass the gate ({_failed_reasons(tags)}); register a "
+                                 "better model, or approve with --force and a --note giving the reason")
+        if not force and approval == "rejected":
+            raise DefectOpsError(f"version {version} was rejected by {tags.get('rejected_by', '?')} "
+                                 f"({tags.get('rejected_reason', '')}); register a new model, or approve with "
+                                 "--force and a --note")
+        new_tags = {"approved_by": by, "approved_at": _now(), "approval_note": _truncate(note or ""),
+                    "previous_champion": previous or "none", "approval_forced": str(force).lower(),
+                    "approval_status": "approved"}
+        for key, value in new_tags.items():
+            client.set_model_version_tag(MODEL_NAME, version, key, value)
+        try:
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+        except BaseException:
+            client.set_model_version_tag(MODEL_NAME, version, "approval_status", approval or "pending")
+            raise
+        if previous is not None:
+            client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
+            client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", new_tags["approved_at"])
+        if aliases.get(CHALLENGER) == version:
+            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+    _audit(settings, {"action": "approve", "version": version, "by": by, "note": note,
+                      "previous_champion": previous, "forced": force, "gate_status": gate_status})
+    log.info("version %s is now the champion (was %s), approved by %s", version, previous or "none", by)
+    return {"version": version, "previous_champion": previous, "changed": True, "forced": force}
+
+
+def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict[str, Any]:
+    """Mark a candidate rejected (tags + audit line) and take `challenger` off it; never touches `champion`."""
+    version = parse_version(version)
+    if not by.strip() or not reason.strip():
+        raise UsageError("reject needs --by (who) and --reason (why); both were given empty")
+    client = connect(settings)
+    with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+        _get_version(client, version)
+        aliases = _aliases(client)
+        if aliases.get(CHAMPION) == version:
+            raise DefectOpsError(f"version {version} is the champion; approve another version first (e.g. the "
+                                 "previous champion) and then reject this one")
+        for key, value in {"rejected_by": by, "rejected_at": _now(), "rejected_reason": _truncate(reason),
+                           "approval_status": "rejected"}.items():
+            client.set_model_version_tag(MODEL_NAME, version, key, value)
+        removed = aliases.get(CHALLENGER) == version
+        if removed:
+            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+    _audit(settings, {"action": "reject", "version": version, "by": by, "reason": reason,
+                      "challenger_removed": removed})
+    log.info("version %s rejected by %s: %s", version, by, reason)
+    return {"version": version, "challenger_removed": removed}
+
+
+def _as_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "none") else None
+    except ValueError:
+        return None
+
+
+def list_versions(settings: Settings) -> list[dict[str, Any]]:
+    """Every version of the model, newest first, with its aliases, gate and approval state and key figures."""
+    client = connect(settings)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in _aliases(client).items():
+        aliases.setdefault(version, []).append(alias)
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        tags = v.tags or {}
+        rows.append({
+            "version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+            "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
+            "dataset_version": tags.get("dataset_version"), "gate_status": tags.get("gate_status"),
+            "approval_status": tags.get("approval_status"),
+            **{name: _as_float(tags.get(name)) for name in ("macro_f1", "defect_detection_rate", "escape_rate",
+                                                            "review_rate", "false_alarm_rate")},
+            "approved_by": tags.get("approved_by"), "run_id": v.run_id,
+        })
+    return rows
+
+
+def audit_trail(settings: Settings) -> list[dict[str, Any]]:
+    """The lines of the registry audit file (oldest first)."""
+    path = settings.home_dir / AUDIT_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+

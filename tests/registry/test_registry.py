@@ -1,0 +1,243 @@
+"""The registry on a real sqlite MLflow: register, idempotence, the gate, approve/reject, loading, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from components.errors import DefectOpsError, UsageError
+from tests.conftest import make_imagefolder
+from tests.registry.conftest import LENIENT_GATE, make_train_dir, params_with_gate
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ALWAYS_DENT = [5.0, 0.0, 0.0]
+ALWAYS_NORMAL = [0.0, 5.0, 0.0]
+NAME = "defect-classifier"
+
+
+def _client(settings):
+    from components.registry.tracking import connect
+
+    return connect(settings)
+
+
+def _versions(settings) -> list[str]:
+    return sorted(str(v.version) for v in _client(settings).search_model_versions(f"name='{NAME}'"))
+
+
+def _aliases(settings) -> dict[str, str]:
+    from components.registry.registry import _aliases
+
+    return _aliases(_client(settings))
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    """Point the CLI (which reads the environment) at these settings."""
+    monkeypatch.setenv("DEFECTOPS_PROJECT", str(settings.project_root))
+    monkeypatch.setenv("DEFECTOPS_HOME", str(settings.home_dir))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_register_logs_run_version_alias_and_artifacts(registered) -> None:
+    from mlflow.artifacts import list_artifacts
+
+    settings, _, result = registered
+    assert result.created and result.version == "1" and result.compared_with == "none"
+    assert result.gate_passed and result.approval_status == "pending"
+    client = _client(settings)
+    version = client.get_model_version(NAME, "1")
+    tags = version.tags
+    assert _aliases(settings) == {"challenger": "1"}
+    for key in ("dataset_version", "git_commit", "weights_used", "threshold", "temperature", "macro_f1",
+                "defect_detection_rate", "escape_rate", "review_rate", "false_alarm_rate", "run_id",
+                "manifest_digest", "model_sha256", "gate_status", "gate_reasons", "compared_with"):
+        assert key in tags, key
+    assert tags["dataset_version"].endswith(".dir") and len(tags["git_commit"]) == 40
+    assert tags["gate_status"] == "passed" and "(no champion)" in tags["gate_reasons"]
+    assert tags["run_id"] == result.run_id and version.run_id == result.run_id
+
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["image_size"] == "32" and run.data.params["calibration.temperature"] == "1.0"
+    assert run.data.tags["manifest_digest"] == tags["manifest_digest"]
+    for key in ("test_accuracy", "test_macro_f1", "test_defect_detection_rate", "test_false_alarm_rate",
+                "test_review_rate", "test_escape_rate", "test_ece", "test_latency_ms", "test_recall_dent",
+                "test_f1_normal"):
+        assert key in run.data.metrics, key
+    history = client.get_metric_history(result.run_id, "val_macro_f1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.3), (2, 0.5)]
+    files = {a.path for a in list_artifacts(run_id=result.run_id)}
+    files |= {a.path for folder in ("plots", "evaluation", "training")
+              for a in list_artifacts(run_id=result.run_id, artifact_path=folder)}
+    assert {"plots/confusion_matrix.png", "plots/calibration_test.png", "evaluation/per_class.json",
+            "evaluation/test_report.json", "evaluation/comparison.md", "training/history.csv"} <= files
+    assert result.comparison_path == settings.reports_dir / "comparisons" / "v1.md"
+    assert "Gate: PASSED" in result.comparison_path.read_text()
+    assert "Trend" in result.comparison_path.read_text()
+    audit = [json.loads(line) for line in (settings.home_dir / "registry-audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["action"] == "register" and audit[-1]["version"] == "1"
+
+
+def test_registering_the_same_model_again_is_a_no_op(registered) -> None:
+    from components.registry.registry import register
+
+    settings, train_dir, first = registered
+    again = register(settings, params_with_gate(settings, **LENIENT_GATE), train_dir)
+    assert not again.created and again.version == first.version and again.run_id == first.run_id
+    assert _versions(settings) == ["1"]
+
+
+def test_registered_model_loads_for_any_batch_size(registered) -> None:
+    import mlflow
+    import torch
+
+    from components.registry.registry import load_predictor
+
+    settings, train_dir, _ = registered
+    predictor = load_predictor(settings, f"models:/{NAME}@challenger")
+    assert predictor.model_version == f"{NAME}/1" and predictor.classes == ["dent", "normal", "scratch"]
+    assert predictor.temperature == 1.0 and predictor.image_size == 32
+    for batch in (1, 5):
+        assert len(predictor.predict_tensors(torch.rand(batch, 3, 32, 32))) == batch
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    for batch in (1, 5):
+        assert pyfunc.predict(np.zeros((batch, 3, 32, 32), np.float32)).shape == (batch, 3)
+    assert load_predictor(settings, "1").model_version == f"{NAME}/1"
+    local = load_predictor(settings, str(train_dir / "model.pt"))
+    assert local.model_version.startswith("file:")
+    with pytest.raises(DefectOpsError, match="no version of defect-classifier has alias 'champion'"):
+        load_predictor(settings, "champion")
+
+
+def test_models_and_evaluate_cli(registered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.cli import app
+    from components.data.tracked import dataset_version
+
+    settings, train_dir, _ = registered
+    _use(monkeypatch, settings)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models"])
+    assert listed.exit_code == 0, listed.output
+    assert "challenger" in listed.output and "pending" in listed.output and "macro_f1" in listed.output
+
+    version_before = dataset_version(settings.project_root)
+    images_before = len(list((settings.data_dir / "images").rglob("*.png")))
+    folder = make_imagefolder(tmp_path / "new-images", per_class=3, seed=7)
+    out = tmp_path / "eval" / "report.json"
+    evaluated = runner.invoke(app, ["evaluate", "--model", "challenger", "--data", str(folder), "--json", str(out)])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(out.read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "defect_detection_rate", "false_alarm_rate", "review_rate",
+                "escape_rate", "auto_precision", "ece", "n_images", "model_version"):
+        assert key in report, key
+    assert report["n_images"] == 9 and report["model_version"] == f"{NAME}/1"
+    assert dataset_version(settings.project_root) == version_before, "evaluating a folder imports nothing"
+    assert len(list((settings.data_dir / "images").rglob("*.png"))) == images_before
+    golden = runner.invoke(app, ["evaluate", "--model", str(train_dir / "model.pt"), "--json", str(out)])
+    assert golden.exit_code == 0, golden.output
+    assert json.loads(out.read_text())["split"] == "test"
+
+
+def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
+    from components.cli import app
+    from components.registry.registry import approve, audit_trail, list_versions, register, reject
+
+    settings = registry_project
+    dent_dir = make_train_dir(tmp_path / "dent", ALWAYS_DENT)
+    first = register(settings, params_with_gate(settings, min_macro_f1=0.6), dent_dir)
+    assert first.created and not first.gate_passed and first.approval_status == "not-eligible"
+    assert any("macro_f1" in r and "FAILED" in r and "(no champion)" in r for r in first.gate_reasons)
+    [row] = list_versions(settings)
+    assert row["gate_status"] == "failed" and row["aliases"] == ["challenger"]
+    with pytest.raises(DefectOpsError, match=r"did not pass the gate \(macro_f1 .*FAILED"):
+        approve(settings, first.version, by="alice")
+    with pytest.raises(UsageError, match="--force needs --note"):
+        approve(settings, first.version, by="alice", force=True)
+    assert "champion" not in _aliases(settings)
+    approve(settings, first.version, by="alice", note="first model on the line, review #1", force=True)
+    assert _aliases(settings) == {"champion": "1"}
+    tags = _client(settings).get_model_version(NAME, "1").tags
+    assert tags["approved_by"] == "alice" and tags["approval_status"] == "approved" and tags["approved_at"]
+    assert tags["approval_forced"] == "true" and tags["previous_champion"] == "none"
+    assert tags["approval_note"] == "first model on the line, review #1"
+
+    lenient = params_with_gate(settings, **LENIENT_GATE)
+    worse = register(settings, lenient, make_train_dir(tmp_path / "normal", ALWAYS_NORMAL))
+    assert worse.compared_with == "1" and not worse.gate_passed
+    assert any("defect_detection_rate" in r and "FAILED" in r for r in worse.gate_reasons)
+    assert _aliases(settings) == {"champion": "1", "challenger": "2"}
+    rejected = CliRunner().invoke(app, ["reject", worse.version, "--by", "bob", "--reason", "misses every defect"])
+    assert rejected.exit_code == 0 and "challenger alias removed" in rejected.output, rejected.output
+    assert _aliases(settings) == {"champion": "1"}
+    tags = _client(settings).get_model_version(NAME, "2").tags
+    assert tags["approval_status"] == "rejected" and tags["rejected_by"] == "bob" and tags["rejected_at"]
+    with pytest.raises(DefectOpsError, match="is the champion"):
+        reject(settings, "1", by="bob", reason="no")
+
+    same = register(settings, lenient, dent_dir, force=True)
+    assert same.created and same.version == "3" and same.gate_passed and same.compared_with == "1"
+    assert "champion v1" in same.comparison_path.read_text()
+    approved = CliRunner().invoke(app, ["approve", "v3", "--by", "carol", "--note", "better on scratches"])
+    assert approved.exit_code == 0 and "version 3 is now the champion (previous: 1)" in approved.output
+    assert _aliases(settings) == {"champion": "3"}
+    assert _client(settings).get_model_version(NAME, "3").tags["previous_champion"] == "1"
+    rows = {r["version"]: r for r in list_versions(settings)}
+    assert rows["3"]["aliases"] == ["champion"] and rows["2"]["approval_status"] == "rejected"
+    assert rows["1"]["aliases"] == [] and rows["3"]["approval_status"] == "approved"
+    assert [(e["action"], e["version"]) for e in audit_trail(settings)] == [
+        ("register", "1"), ("approve", "1"), ("register", "2"), ("reject", "2"), ("register", "3"),
+        ("approve", "3")]
+
+
+def test_unreachable_tracking_server_registers_nothing(registry_project, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.cli import app
+
+    train_dir = make_train_dir(tmp_path / "train")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    result = CliRunner().invoke(app, ["register", "--train-dir", str(train_dir)])
+    assert result.exit_code == 1
+    assert "MLflow tracking server at http://127.0.0.1:9 is unreachable" in result.output
+    assert "unset MLFLOW_TRACKING_URI" in result.output and "Traceback" not in result.output
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert _versions(registry_project) == []
+
+
+def test_broken_model_metadata_is_refused_before_any_run(registry_project, tmp_path: Path) -> None:
+    import torch
+
+    from components.registry.registry import register
+
+    train_dir = make_train_dir(tmp_path / "train", extra_meta={"notes": torch.ones(2)})
+    with pytest.raises(UsageError, match="metadata is not plain data"):
+        register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
+    client = _client(registry_project)
+    assert _versions(registry_project) == []
+    assert client.search_runs([client.get_experiment_by_name("defectops").experiment_id]) == []
+
+
+def test_failure_after_version_created_leaves_no_version(registry_project, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from components.registry import registry
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry, "_write_comparison", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE),
+                          make_train_dir(tmp_path / "train"))
+    client = _client(registry_project)
+    assert _versions(registry_project) == [] and _aliases(registry_project) == {}
+    [run] = client.search_runs([client.get_experiment_by_name("defectops").experiment_id])
+    assert run.info.status == "FAILED"
+    experiment_ids = [client.get_experiment_by_name("defectops").experiment_id]
+    assert mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list") == []
+    assert not list((registry_project.reports_dir / "comparisons").glob("*.md"))
