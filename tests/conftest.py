@@ -67,6 +67,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     params["validate"]["min_images_per_class"] = 3
     params["validate"]["max_class_shift_kl"] = 0.5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: never let one test's store leak into the next
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DEFECTOPS_PROJECT", str(root))
     monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

@@ -553,6 +553,7 @@ def register(settings: Settings, params: Params, train_dir: Path, force: bool = 
             **{name: _tag(challenger.report.get(name)) for name in VERSION_TAG_FIGURES},
             "gate_status": status, "gate_reasons": _truncate("\n".join(gate.reasons)),
             "compared_with": compared_with, "approval_status": "pending" if gate.passed else "not-eligible",
+            "training_fingerprint": _tag(meta.get("training_fingerprint")),
         }
 
         version: str | None = None
@@ -719,6 +720,14 @@ def _as_float(value: str | None) -> float | None:
         return float(value) if value not in (None, "none") else None
     except ValueError:
         return None
+
+
+def find_trained(settings: Settings, fingerprint: str) -> RegisterResult | None:
+    """The registered version trained from exactly this data and these params, if there is one."""
+    client = connect(settings)
+    found = client.search_model_versions(f"name='{MODEL_NAME}' and tag.training_fingerprint='{fingerprint}'")
+    live = [v for v in found if v.tags.get("approval_status") != "rejected"]
+    return _result_from_version(client, max(live, key=lambda v: int(v.version)), settings) if live else None
 
 
 def list_versions(settings: Settings) -> list[dict[str, Any]]:

@@ -1,0 +1,94 @@
+"""The train-challenger flow under a real Prefect server: register + gate + approval request, and clean failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import load_params
+from components.data.importer import import_data
+from tests.conftest import make_imagefolder
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY_PROFILE = {"arch": "resnet18", "weights": None, "image_size": 48, "batch_size": 8, "epochs": 2, "patience": 5,
+                "lr": 1e-3, "warmup_epochs": 0, "hidden": 32, "dropout": 0.1, "num_workers": 0,
+                "precision": "fp32", "channels_last": False, "threads": 1}
+
+
+def _tracked_project(settings, tmp_path: Path, **profile) -> None:
+    params = yaml.safe_load(settings.params_file.read_text())
+    params["train"]["profile"] = "tiny"
+    params["train"]["profiles"]["tiny"] = {**TINY_PROFILE, **profile}
+    params["evaluate"]["n_boot"] = 50
+    settings.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    import_data(str(make_imagefolder(tmp_path / "batch", per_class=8)), settings, load_params(settings.params_file))
+
+
+def _versions(settings) -> list:
+    from components.registry.registry import list_versions
+
+    return list_versions(settings)
+
+
+def test_flow_registers_a_challenger_and_asks_for_approval(project, tmp_path: Path, prefect_server) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.training_flow import train_challenger
+
+    _tracked_project(project, tmp_path)
+    out = train_challenger(out_dir=str(tmp_path / "train"))
+    registered = out["registered"]
+    assert registered["created"] and registered["compared_with"] in (None, "none")
+    versions = _versions(project)
+    assert len(versions) == 1 and "challenger" in versions[0]["aliases"]
+    assert "champion" not in versions[0]["aliases"], "nothing but a person moves champion"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["approval-request"])))
+    assert any(f"v{registered['version']}" in (a.data or "") for a in artifacts)
+    # the same data and model again: no duplicate version
+    again = train_challenger(out_dir=str(tmp_path / "train"))
+    assert again["skipped"] and len(_versions(project)) == 1 and not again["registered"]["created"]
+
+
+def test_nan_divergence_registers_nothing(project, tmp_path: Path, prefect_server) -> None:
+    from prefect.states import StateType
+
+    from flows.training_flow import train_challenger
+
+    _tracked_project(project, tmp_path, lr=1e30)
+    state = train_challenger(out_dir=str(tmp_path / "train"), return_state=True)
+    assert state.type == StateType.FAILED and "TrainingDiverged" in state.message
+    assert not (tmp_path / "train" / "model.pt").exists()
+
+
+def test_invalid_data_stops_before_training(project, tmp_path: Path, prefect_server) -> None:
+    from prefect.states import StateType
+
+    from flows.training_flow import train_challenger
+
+    _tracked_project(project, tmp_path)
+    (project.data_dir / "images" / "dent" / "img_000.png").write_bytes(b"")
+    state = train_challenger(out_dir=str(tmp_path / "train"), return_state=True)
+    assert state.type == StateType.FAILED and "img_000.png" in state.message
+    assert not (tmp_path / "train").exists()
+
+
+def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path, prefect_server,
+                                                          monkeypatch) -> None:
+    from prefect.states import StateType
+
+    from flows import training_flow
+
+    _tracked_project(project, tmp_path)
+    for name in ("already_trained_task", "register_task"):
+        monkeypatch.setattr(training_flow, name, getattr(training_flow, name).with_options(retry_delay_seconds=0))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    state = training_flow.train_challenger(out_dir=str(tmp_path / "train"), return_state=True)
+    assert state.type == StateType.FAILED and "unreachable" in state.message
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert _versions(project) == []
