@@ -69,17 +69,18 @@ def register_task(out_dir: str, force: bool) -> dict:
 def approval_markdown(registered: dict, dataset_version: str) -> str:
     """The approval request: the comparison, and exactly how a person approves or rejects."""
     version = registered["version"]
-    lines = [f"# Challenger `defect-classifier` v{version} — "
-             f"{'waiting for approval' if registered['gate_passed'] else 'gate FAILED'}", "",
-             f"* dataset version: `{dataset_version}`", f"* compared with: {registered['compared_with']}",
+    state = "waiting for approval" if registered["gate_passed"] else "gate FAILED"
+    lines = [f"# Challenger `defect-classifier` v{version}: {state}", "",
+             f"* dataset version: `{dataset_version}`",
+             f"* compared with: {registered['compared_with']}",
              f"* comparison report: `{registered['comparison_path']}`", "", "## Gate", ""]
     lines += [f"* {reason}" for reason in registered["gate_reasons"]]
     if registered["gate_passed"]:
-        lines += ["", "## How to approve (an ML engineer, never the pipeline)", "",
-                  f"* CLI: `defectops approve {version} --by <your name> --note \"<why>\"` "
-                  f"(or `defectops reject {version} --by <name> --reason \"...\"`)",
-                  "* MLflow UI: Models → defect-classifier → Version " f"{version} → Aliases → add `champion`; "
-                  "then run `defectops approve` to record who and why (MLflow keeps no alias history)."]
+        cli = (f"* CLI: `defectops approve {version} --by <your name> --note \"<why>\"` "
+               f"(or `defectops reject {version} --by <name> --reason \"...\"`)")
+        ui = (f"* MLflow UI: Models > defect-classifier > Version {version} > Aliases > add `champion`, "
+              "then run `defectops approve` to record who and why (MLflow keeps no alias history).")
+        lines += ["", "## How to approve (an ML engineer, never the pipeline)", "", cli, ui]
     return "\n".join(lines)
 
 

@@ -70,7 +70,8 @@ def check_pixels(image: Image.Image, max_pixels: int, name: str = "image") -> No
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(0x0112, 1) != 1:  # orientation tag; transposing copies, so only when needed
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         array = np.asarray(image).astype(np.float32)
@@ -84,7 +85,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return np.ascontiguousarray(np.asarray(image if mode == "RGB" else image.convert("RGB")))
 
 
 def decode(source: bytes | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

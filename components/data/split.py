@@ -67,23 +67,35 @@ def assign_splits(frame: pd.DataFrame, fractions: SplitParams, seed: int,
     """Split of each row of `frame` (columns path, label, group), keeping every split already in `previous`."""
     previous = previous or {}
     targets = fractions.as_dict()
-    split = pd.Series([previous.get(p) for p in frame["path"]], index=frame.index, dtype=object)
+    paths, labels, groups = frame["path"].tolist(), frame["label"].tolist(), frame["group"].tolist()
+    split: list[str | None] = [previous.get(p) for p in paths]
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        members[group].append(i)
     # a new image joins the split its capture group already has
-    for _, rows in frame.groupby("group", sort=False):
-        known = split[rows.index].dropna()
-        if len(known) and known.size < len(rows):
-            split[rows.index[split[rows.index].isna()]] = Counter(known).most_common(1)[0][0]
-    for _, rows in frame.groupby("label", sort=True):
-        have = Counter(split[rows.index].dropna())
-        total = len(rows)
-        fresh = rows[split[rows.index].isna()]
-        groups = sorted(fresh.groupby("group", sort=False), key=lambda g: _order(seed, str(g[0])))
-        for _, members in groups:
-            deficits = {s: targets[s] * total - have[s] for s in SPLITS}
+    for rows in members.values():
+        known = [split[i] for i in rows if split[i] is not None]
+        if known and len(known) < len(rows):
+            fill = Counter(known).most_common(1)[0][0]
+            for i in rows:
+                split[i] = split[i] or fill
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_label[label].append(i)
+    for label in sorted(by_label):
+        rows = by_label[label]
+        have = Counter(split[i] for i in rows if split[i] is not None)
+        fresh: dict[str, list[int]] = defaultdict(list)
+        for i in rows:
+            if split[i] is None:
+                fresh[groups[i]].append(i)
+        for group in sorted(fresh, key=lambda g: _order(seed, str(g))):
+            deficits = {s: targets[s] * len(rows) - have[s] for s in SPLITS}
             chosen = max(SPLITS, key=lambda s: (deficits[s], -SPLITS.index(s)))
-            split[members.index] = chosen
-            have[chosen] += len(members)
-    return split
+            for i in fresh[group]:
+                split[i] = chosen
+            have[chosen] += len(fresh[group])
+    return pd.Series(split, index=frame.index, dtype=object)
 
 
 def read_splits(path: Path) -> dict[str, str]:

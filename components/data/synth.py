@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 
 from components.errors import UsageError
+from components.parallel import chunks, init_image_worker
 
 log = logging.getLogger(__name__)
 
@@ -510,36 +511,6 @@ def _render_files(job: tuple[Path, int, int, ImageFormat, list[tuple[int, str]]]
     return len(items)
 
 
-def _keep_buffers_in_heap() -> None:
-    """Stop glibc from mapping and unmapping every image-sized buffer: that page-faults each image afresh.
-
-    By default glibc serves allocations over 128 KiB with mmap and returns them on free, so each 512 px image
-    costs ~2000 page faults (about 45% of the CPU time). Raising the mmap and trim thresholds keeps the memory
-    in the process heap for reuse. Only called in worker processes, which exit when the run ends.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 << 20)
-    libc.mallopt(m_trim_threshold, 256 << 20)
-
-
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only contend
-    _keep_buffers_in_heap()
-
-
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def _run_settings(count: int, size: int, seed: int, image_format: str, normal_share: float) -> dict:
     return {"generator": "defectops.synth", "render_version": RENDER_VERSION, "count": count, "size": size,
             "seed": seed, "image_format": image_format, "normal_share": normal_share}
@@ -611,7 +582,7 @@ def generate(out: Path, count: int, size: int = 128, seed: int = 42, image_forma
     reused = count - len(todo)
     workers = workers or max(1, len(os.sched_getaffinity(0)))
     chunk = max(1, min(64, math.ceil(len(todo) / (workers * 8)))) if todo else 1
-    jobs = [(out, seed, size, image_format, list(items)) for items in _chunks(todo, chunk)]
+    jobs = [(out, seed, size, image_format, list(items)) for items in chunks(todo, chunk)]
     log.info("%s: drawing %d images of %dpx (%d already there) on %d workers", out, len(todo), size, reused,
              workers)
     bar = None
@@ -627,7 +598,7 @@ def generate(out: Path, count: int, size: int = 128, seed: int = 42, image_forma
                     bar.update(done)
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"),
-                                     initializer=_init_worker) as pool:
+                                     initializer=init_image_worker) as pool:
                 for future in as_completed([pool.submit(_render_files, job) for job in jobs]):
                     done = future.result()
                     if bar:

@@ -29,7 +29,7 @@ class PushOutcome:
 
 def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run git in the project; failures become one-line errors."""
-    result = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    result = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise DefectOpsError(f"git {' '.join(args[:2])} failed in {project}: {detail[-1] if detail else '?'}")

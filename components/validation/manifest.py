@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -26,6 +25,7 @@ from components.data.images import decode, image_stats
 from components.data.layout import LabelledImage
 from components.data.split import assign_splits, group_keys
 from components.errors import DefectOpsError
+from components.parallel import chunks, init_image_worker
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ def _inspect_files(job: tuple[list[str], int]) -> list[dict]:
     return rows
 
 
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 class ManifestCache:
     """Content cache of image facts, stored as Parquet under the state root."""
 
@@ -123,7 +118,7 @@ def inspect(files: list[Path], max_pixels: int, cache_dir: Path | None, workers:
         # files whose stat changed are hashed; only unknown contents are decoded
         global _KNOWN_CONTENT
         _KNOWN_CONTENT = frozenset(cache.by_sha)
-        jobs = [([str(files[i]) for i in chunk], max_pixels) for chunk in _chunks(todo, _CHUNK)]
+        jobs = [([str(files[i]) for i in chunk], max_pixels) for chunk in chunks(todo, _CHUNK)]
         try:
             results = _run_jobs(jobs, workers, progress, len(todo))
         finally:
@@ -149,7 +144,8 @@ def _run_jobs(jobs: list, workers: int, progress: bool, total: int) -> list[list
     if workers <= 1 or len(jobs) <= 2:
         iterator = map(_inspect_files, jobs)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"),
+                                   initializer=init_image_worker)
         iterator = pool.map(_inspect_files, jobs)
     for chunk in iterator:
         results.append(chunk)
