@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -143,7 +143,7 @@ def data_validate(
     settings, params = _context()
     settings.ensure()
     previous_shares = None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     if manifest is not None:
         frame, report_dir, what = pd.read_parquet(manifest), settings.reports_dir / "pipeline", str(manifest)
     elif source is not None:
@@ -487,6 +487,58 @@ def review_import(
                              progress=True)
     typer.echo(f"dataset version {result.version} (+{result.added} reviewed images, {result.skipped} already "
                f"tracked); {result.review_items_imported} review items moved to imported/")
+
+
+# ------------------------------------------------------------------ drift
+# --- drift: drift (components/drift)
+
+DRIFT_QUIET_LOGGERS = ("alembic", "mlflow.store.db.utils", "mlflow.utils.uv_utils")
+
+
+@app.command()
+@friendly
+def drift(
+    since: Annotated[str | None, typer.Option(help="Window start (UTC): ISO date/time, or 30d / 12h ago. "
+                                                   "Default: drift.window_days before --until.")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end, exclusive: ISO date/time or 2d ago. "
+                                                   "Default: now.")] = None,
+    model: Annotated[str, typer.Option(help="Model of the reference: champion, challenger, a version, "
+                                            "models:/... URI or a model.pt path.")] = "champion",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the summary JSON here.")] = None,
+    mlflow: Annotated[bool, typer.Option("--mlflow", help="Log the reports to MLflow (they are logged anyway "
+                                                          "when an MLflow run is active).")] = False,
+    rebuild_reference: Annotated[bool, typer.Option("--rebuild-reference", help="Build the cached reference "
+                                                                               "again.")] = False,
+) -> None:
+    """Compare a production-log window with the training reference: exit 0 no drift, 3 drift, 1/2 errors."""
+    from components.drift.check import run_drift_check
+
+    for name in DRIFT_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    settings, params = _context()
+    check = run_drift_check(settings, params, model, since, until, to_mlflow=mlflow or None,
+                            rebuild_reference=rebuild_reference)
+    s = check.summary
+    typer.echo(f"window {s['window']['since']} .. {s['window']['until']} (UTC): {s['n_current']} predictions, "
+               f"{s['skipped_lines']} torn/invalid log lines skipped")
+    if s["status"] == "not_enough_data":
+        typer.echo(f"warning: {s['message']}", err=True)
+    else:
+        typer.echo(f"  model {s['model_version']}, dataset {(s['dataset_version'] or '-')[:8]}: reference "
+                   f"{s['n_reference']} images ({s['n_reference_predictions']} predicted)")
+        typer.echo(f"  dataset drift: {'yes' if s['dataset_drift'] else 'no'} ({s['n_drifted_columns']} of "
+                   f"{len(s['columns'])} columns, share {s['drift_share']:.2f}, threshold "
+                   f"{s['drift_share_threshold']}); drifted: {', '.join(s['drifted_columns']) or 'none'}")
+        emb = s["embedding_drift"]
+        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({emb['method']}, score "
+                                             f"{emb['score']:.3f})" if emb else "not computed"))
+        typer.echo(("DRIFT DETECTED" if check.drift else "no drift") + f" ({s['rule']})")
+    typer.echo(f"reports: {check.report_dir}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(s, indent=2, default=str))
+    if check.exit_code:
+        raise typer.Exit(check.exit_code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.config import get_settings, load_params
+from flows.common import run_defectops
 
 
 @task(name="validate-tracked-data")
@@ -49,12 +50,15 @@ def _registered(result) -> dict:
 
 @task(name="train-and-calibrate")
 def train_task(profile: str | None, resume: bool, out_dir: str) -> dict:
-    """Train (early stop on val), then calibrate on val; a NaN loss fails here and nothing is registered."""
-    from components.training.calibrate import train_and_calibrate
+    """`defectops train` (train, early stop on val, calibrate on val) in its own process; a NaN loss fails here."""
+    import json
 
-    settings = get_settings()
-    result = train_and_calibrate(settings, load_params(settings.params_file), profile, resume, Path(out_dir))
-    return {k: result[k] for k in ("best_val_macro_f1", "epochs", "seconds", "profile", "calibration")}
+    args = ["train", "--out", out_dir, *(["--profile", profile] if profile else []), *(["--resume"] if resume else [])]
+    run_defectops(args)
+    metrics = json.loads((Path(out_dir) / "train_metrics.json").read_text())
+    calibration = json.loads((Path(out_dir) / "calibration.json").read_text())
+    return {**{k: metrics.get(k) for k in ("best_val_macro_f1", "epochs", "seconds", "profile")},
+            "calibration": calibration}
 
 
 @task(name="register-and-gate", retries=2, retry_delay_seconds=10)

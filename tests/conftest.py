@@ -53,6 +53,12 @@ def git_init(folder: Path) -> None:
     subprocess.run(["git", "init", "-q", "-b", "main", str(folder)], check=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; one test's store must not become the next one's."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fresh project (git repo with params.yaml) and state root; returns its Settings."""

@@ -134,10 +134,10 @@ def registered(tracked_project: Path, empty_mlflow_db: Path,
     from components.registry.registry import register
 
     base = tmp_path_factory.mktemp("registered")
-    settings = Settings(project=tracked_project, home=fresh_home(base / "home", empty_mlflow_db))
     train_dir = make_train_dir(base / "train", seed=1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # before Settings reads it: earlier tests leave it set
+        settings = Settings(project=tracked_project, home=fresh_home(base / "home", empty_mlflow_db))
         mp.chdir(base)
         result = register(settings, params_with_gate(settings, **LENIENT_GATE), train_dir)
     yield settings, train_dir, result

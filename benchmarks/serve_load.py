@@ -1,0 +1,532 @@
+"""Serving throughput and latency: the BentoML service against the plant's original design, same model, same load.
+
+Run on demand (never a test); everything listens on 127.0.0.1 only and every phase is bounded in time:
+
+    .venv/bin/python benchmarks/serve_load.py                          # untrained ResNet-50 at 224 px
+    .venv/bin/python benchmarks/serve_load.py --model artifacts/train/model.pt   # e.g. the demo model
+    .venv/bin/python benchmarks/serve_load.py --arch resnet18 --image-size 160   # the CPU demo profile's shape
+
+In one run it
+1. pins the model in a throw-away state root (a deployment record, as promotion would) with the configured
+   fast path, checked for parity on real images; an untrained model (the default: throughput does not depend
+   on weights) has near-uniform probabilities on which parity says nothing, so its fast path is kept and the
+   parity figures are only reported;
+2. starts the real service (`bentoml serve components.serving.service:DefectClassifier`, params.yaml's
+   `serve` section) and the baseline built like the plant's original design: a FastAPI endpoint (uvicorn, one
+   worker, sync endpoint), one image per forward pass, fp32 PyTorch, the same model file and preprocessing
+   (the shared Predictor);
+3. drives both with the same bounded client: closed loop (--concurrency threads for --seconds), then an
+   open-loop offered load of --rate images/s for --rate-seconds, each in --rounds short rounds alternating
+   between the two servers, so load from other processes falls on both alike;
+4. measures in this process the ceiling of the served engine: forward passes only, on prepared real images, at
+   batch sizes 1..16, and the same with decode + preprocessing included, at the best batch size.
+The images are real JPEGs (Magnetic Tile: $DEFECTOPS_DEMO_DATA, else ../shared/datasets/magnetic-tile).
+Client and servers share the machine's cores; the load average at the start is printed with the figures, and
+each server's CPU seconds per image (process tree) are given, which stay comparable when other jobs run.
+Targets: service >= 3x the baseline's throughput and >= 80 % of the in-process ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("benchmarks.serve_load")
+
+TARGET_SPEEDUP = 3.0
+TARGET_CEILING_SHARE = 0.8
+
+
+@dataclass
+class LoadResult:
+    """One load phase against one server."""
+
+    server: str
+    phase: str
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    cpu_ms_per_image: float | None = None
+    offered_rate: float | None = None
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def real_jpegs(limit: int) -> list[tuple[str, bytes]]:
+    """Up to `limit` real JPEGs (name, bytes) spread over the classes of the Magnetic Tile set."""
+    configured = os.environ.get("DEFECTOPS_DEMO_DATA")
+    root = Path(configured) if configured else ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+    files = sorted(root.glob("MT_*/Imgs/*.jpg")) or sorted(root.rglob("*.jpg"))
+    if not files:
+        raise SystemExit(f"no JPEGs under {root}; set DEFECTOPS_DEMO_DATA to the Magnetic Tile folder")
+    step = max(1, len(files) // limit)
+    return [(f.name, f.read_bytes()) for f in files[::step][:limit]]
+
+
+def untrained_model(arch: str, image_size: int, classes: list[str], normal: str, path: Path,
+                    images: list[bytes], review_rate: float = 0.15) -> Path:
+    """An untrained classifier of the given shape, saved as a model.pt (throughput does not depend on weights).
+
+    Its threshold sends `review_rate` of the benchmark images to review (the most params.yaml's `evaluate`
+    allows), so the service stores as many review images as it would with a real model at worst.
+    """
+    import numpy as np
+    import torch
+
+    from components.predictor import Predictor
+    from components.training.models import build_model
+    from components.training.train import MODEL_FORMAT, MODEL_FORMAT_VERSION, save_model_file
+
+    torch.manual_seed(0)
+    model, _ = build_model(arch, len(classes), dropout=0.3, hidden=512, attention=False, weights=None)
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+            "arch": {"name": arch, "dropout": 0.3, "hidden": 512, "attention": False}, "classes": classes,
+            "normal_class": normal, "image_size": image_size, "embedding_dim": model.embedding_dim,
+            "weights_used": "random-init (benchmark)"}
+    predictor = Predictor(model, dict(meta), device="cpu")
+    confidence = np.concatenate([predictor.probabilities(predictor.forward(torch.stack(
+        [predictor.prepare(raw) for raw in images[i:i + 16]]))[0]).max(axis=1) for i in range(0, len(images), 16)])
+    meta["calibration"] = {"temperature": 1.0, "threshold": float(np.quantile(confidence, review_rate))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_file(path, model, model.state_dict(), meta)
+    return path
+
+
+# ------------------------------------------------------------------ servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], env: dict[str, str], url: str, ready_path: str, log_file: Path,
+          timeout: float = 300) -> subprocess.Popen:
+    """Start a server in its own process group and wait until `ready_path` answers 200."""
+    import httpx
+
+    with log_file.open("wb") as sink:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited ({process.returncode}); see {log_file}:\n"
+                             f"{log_file.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(process)
+    raise SystemExit(f"server not ready after {timeout} s; see {log_file}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group; SIGKILL after 20 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+# ------------------------------------------------------------------ load
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def _summary(server: str, phase: str, latencies: list[float], errors: int, seconds: float,
+             cpu: float | None, offered: float | None = None) -> LoadResult:
+    done = len(latencies)
+    return LoadResult(server, phase, done + errors, errors, round(seconds, 2), round(done / seconds, 2),
+                      round(_percentile(latencies, 50), 1), round(_percentile(latencies, 95), 1),
+                      round(_percentile(latencies, 99), 1),
+                      round(cpu * 1000 / done, 1) if cpu is not None and done else None, offered)
+
+
+def closed_loop(url: str, images: list[tuple[str, bytes]], concurrency: int, seconds: float,
+                max_requests: int) -> tuple[list[float], int, float]:
+    """`concurrency` threads posting images back to back for `seconds` (or max_requests); latencies in ms."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + seconds
+
+    def worker() -> None:
+        nonlocal errors
+        with httpx.Client(timeout=60) as client:
+            while time.perf_counter() < deadline:
+                with lock:
+                    index = next(counter, None)
+                if index is None:
+                    return
+                name, raw = images[index % len(images)]
+                started = time.perf_counter()
+                try:
+                    ok = client.post(url, files={"image": (name, raw, "image/jpeg")}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed = (time.perf_counter() - started) * 1000
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                    else:
+                        errors += 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors, time.perf_counter() - started
+
+
+def open_loop(url: str, images: list[tuple[str, bytes]], rate: float, seconds: float,
+              max_outstanding: int = 64) -> tuple[list[float], int, float]:
+    """Requests sent at a fixed `rate` (images/s) whatever the answers; latency counted from the planned send."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    local = threading.local()
+
+    def send(planned: float, index: int) -> None:
+        nonlocal errors
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=60)
+        name, raw = images[index % len(images)]
+        try:
+            ok = local.client.post(url, files={"image": (name, raw, "image/jpeg")}).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        with lock:
+            if ok:
+                latencies.append((time.perf_counter() - planned) * 1000)
+            else:
+                errors += 1
+
+    count = int(rate * seconds)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_outstanding) as pool:
+        for i in range(count):
+            planned = started + i / rate
+            delay = planned - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(send, planned, i)
+    return latencies, errors, time.perf_counter() - started
+
+
+def drive(servers: dict[str, tuple[subprocess.Popen, str]], images: list[tuple[str, bytes]],
+          args: argparse.Namespace) -> list[LoadResult]:
+    """Warm up every server, then the closed-loop and the open-loop phases in alternating rounds.
+
+    Alternating short rounds (--rounds) between the servers spreads whatever else runs on the machine evenly over
+    them, so their figures compare even when the load of other processes changes during the run.
+    """
+    for _, url in servers.values():
+        closed_loop(url, images, min(4, args.concurrency), 60, args.warmup)
+    results = []
+    for phase in ("closed", "open"):
+        latencies: dict[str, list[float]] = {name: [] for name in servers}
+        errors = dict.fromkeys(servers, 0)
+        seconds = dict.fromkeys(servers, 0.0)
+        cpu = dict.fromkeys(servers, 0.0)
+        for _ in range(args.rounds):
+            for name, (process, url) in servers.items():
+                cpu0 = tree_cpu_seconds(process.pid)
+                if phase == "closed":
+                    lat, err, sec = closed_loop(url, images, args.concurrency, args.seconds / args.rounds,
+                                                args.max_requests)
+                else:
+                    lat, err, sec = open_loop(url, images, args.rate, args.rate_seconds / args.rounds)
+                cpu[name] += tree_cpu_seconds(process.pid) - cpu0
+                latencies[name] += lat
+                errors[name] += err
+                seconds[name] += sec
+        for name in servers:
+            label = f"closed loop, {args.concurrency} clients" if phase == "closed" else \
+                f"open loop, {args.rate:g} images/s offered"
+            result = _summary(name, label, latencies[name], errors[name], seconds[name], cpu[name],
+                              args.rate if phase == "open" else None)
+            print(f"  {name}, {label}: {result.throughput} images/s, p50 {result.p50_ms} ms, p99 {result.p99_ms} ms",
+                  flush=True)
+            results.append(result)
+    return results
+
+
+# ------------------------------------------------------------------ baseline (the plant's original design)
+
+
+def baseline_app(model_path: str, max_pixels: int) -> Any:
+    """FastAPI, one image per forward pass, fp32 PyTorch, the shared Predictor for identical preprocessing."""
+    from fastapi import FastAPI, File, UploadFile
+
+    from components.predictor import Predictor
+
+    predictor = Predictor.from_file(model_path, device="cpu", max_pixels=max_pixels)
+    app = FastAPI()
+
+    def ready() -> dict:
+        return {"ok": True}
+
+    def predict(image: UploadFile = File(...)) -> dict:  # noqa: B008 - FastAPI's idiom
+        return predictor.predict([image.file.read()])[0].as_dict()
+
+    # annotations are strings here (from __future__); give FastAPI the real types
+    predict.__annotations__ = {"image": UploadFile, "return": dict}
+    ready.__annotations__ = {"return": dict}
+    app.get("/ready")(ready)
+    app.post("/predict")(predict)
+    return app
+
+
+def run_baseline(model_path: str, port: int, max_pixels: int) -> None:
+    import uvicorn
+
+    uvicorn.run(baseline_app(model_path, max_pixels), host="127.0.0.1", port=port, log_level="warning", workers=1)
+
+
+# ------------------------------------------------------------------ in-process ceiling
+
+
+def ceiling(settings: Any, images: list[tuple[str, bytes]], max_pixels: int, seconds: float,
+            rounds: int = 3) -> dict[str, Any]:
+    """Images/s of the served engine in this process: forward only at batch sizes 1..16 (median of interleaved
+    rounds, so a burst of other load hits every size alike), and with decode + preprocessing at the best size."""
+    import statistics
+
+    import cv2
+    import torch
+
+    from components.serving.deployment import load_served, read_record
+
+    cv2.setNumThreads(1)  # as in the service: preprocessing runs beside the engine, which owns the cores
+    engine, _, name = load_served(settings, read_record(settings), max_pixels)
+    tensors = [engine.prepare(raw) for _, raw in images[:32]]
+    engine.predict([raw for _, raw in images[:32]])  # warm the decode and preprocessing path
+    sizes = (1, 2, 4, 8, 16)
+    batches = {b: torch.stack([tensors[i % len(tensors)] for i in range(b)]) for b in sizes}
+    for batch in batches.values():
+        engine.forward(batch)
+
+    cpu_ms: dict[int, list[float]] = {b: [] for b in sizes}
+
+    def rate(work: Any, batch_size: int) -> float:
+        count, started, cpu = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - started < seconds:
+            work()
+            count += batch_size
+        cpu_ms[batch_size].append((time.process_time() - cpu) * 1000 / count)
+        return count / (time.perf_counter() - started)
+
+    measured: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for b in sizes:
+            measured[b].append(rate(lambda b=b: engine.forward(batches[b]), b))
+    rows = {b: round(statistics.median(v), 2) for b, v in measured.items()}
+    best = max(rows, key=rows.get)
+    forward_cpu_ms = round(statistics.median(cpu_ms[best]), 1)
+    cpu_ms[best] = []
+    position = [0]
+
+    def end_to_end() -> None:
+        chunk = [images[(position[0] + i) % len(images)][1] for i in range(best)]
+        position[0] += best
+        engine.predict(chunk)
+
+    e2e = round(statistics.median(rate(end_to_end, best) for _ in range(rounds)), 2)
+    return {"engine": name, "forward_images_per_s": rows, "best_batch_size": best, "best": rows[best],
+            "end_to_end_images_per_s": e2e, "precision": str(getattr(engine, "precision", "")),
+            "forward_cpu_ms_per_image": forward_cpu_ms,
+            "end_to_end_cpu_ms_per_image": round(statistics.median(cpu_ms[best]), 1)}
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model.pt to serve (default: an untrained --arch at --image-size)")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--fast-path", default=None, help="override serve.fast_path for this run")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0, help="closed-loop duration per server")
+    parser.add_argument("--max-requests", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=10.0, help="open-loop offered load, images/s")
+    parser.add_argument("--rate-seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per phase and server")
+    parser.add_argument("--ceiling-seconds", type=float, default=1.5)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--home", type=Path, default=None, help="state root to use (keeps the ONNX export)")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    parser.add_argument("--baseline-server", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        run_baseline(args.baseline_model, args.baseline_server, args.max_pixels)
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+    from components.config import Settings, load_params
+    from components.serving.deployment import DeploymentRecord, pin_deployment, write_record
+    from components.serving.params import serve_params
+
+    home = args.home or Path(tempfile.mkdtemp(prefix="defectops-serve-bench-"))
+    settings = Settings(project=ROOT, home=home)
+    params = load_params(settings.params_file)
+    profile = params.profile
+    images = real_jpegs(args.images)
+    load_before = os.getloadavg()
+    print(f"state root {home}; {len(images)} real JPEGs; load average before: "
+          f"{', '.join(f'{v:.2f}' for v in load_before)}; {os.cpu_count()} CPUs", flush=True)
+
+    untrained = args.model is None
+    model_path = Path(args.model) if args.model else untrained_model(
+        args.arch, args.image_size, list(profile.classes), profile.normal_class,
+        home / "models" / f"{args.arch}-{args.image_size}.pt", [raw for _, raw in images[:64]])
+    started = time.perf_counter()
+    parity_images = [raw for _, raw in images[:100]]
+    record = pin_deployment(settings, params, str(model_path), deployed_by="benchmarks/serve_load.py",
+                            images=parity_images, fast_path=args.fast_path)
+    if untrained and record.fast_path == "fp32" and record.parity:
+        wanted = record.parity["engine"]
+        note = (f"{wanted} kept for the benchmark: untrained weights give near-uniform probabilities, on which "
+                f"parity is meaningless ({record.fast_path_reason})")
+        record = DeploymentRecord(**{**record.model_dump(), "fast_path": wanted, "fast_path_reason": note})
+        write_record(settings, record)
+    print(f"pinned {model_path.name} on {record.fast_path} in {time.perf_counter() - started:.1f} s: "
+          f"{record.fast_path_reason}", flush=True)
+    batching = serve_params(params).batching_for(record.device)
+
+    env = dict(os.environ, DEFECTOPS_PROJECT=str(ROOT), DEFECTOPS_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
+               BENTOML_DO_NOT_TRACK="true", HOME=str(home / "user-home"), PYTHONPATH=str(ROOT))
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        servers["bentoml service"] = (start(
+            [sys.executable, "-m", "bentoml", "serve", "components.serving.service:DefectClassifier", "--host",
+             "127.0.0.1", "--port", str(port)], env, url, "/readyz", home / "service.log"), f"{url}/predict")
+        print(f"service ready (batches up to {batching.max_batch_size}, max latency {batching.max_latency_ms} ms)",
+              flush=True)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        servers["fastapi baseline"] = (start(
+            [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(port), "--baseline-model",
+             str(model_path), "--max-pixels", str(params.data.max_image_pixels)], env, url, "/ready",
+            home / "baseline.log"), f"{url}/predict")
+        print("baseline ready (FastAPI, one image per forward pass, fp32 PyTorch)", flush=True)
+        results = drive(servers, images, args)
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+    by_key = {(r.server, r.phase.split(",")[0]): r for r in results}
+    service_closed, baseline_closed = by_key[("bentoml service", "closed loop")], by_key[("fastapi baseline",
+                                                                                           "closed loop")]
+
+    top = ceiling(settings, images, params.data.max_image_pixels, args.ceiling_seconds)
+    service_rate = service_closed.throughput
+    baseline_rate = baseline_closed.throughput
+    speedup = service_rate / baseline_rate if baseline_rate else float("nan")
+    share = service_rate / top["best"] if top["best"] else float("nan")
+    share_e2e = service_rate / top["end_to_end_images_per_s"] if top["end_to_end_images_per_s"] else float("nan")
+    # CPU time per image stays comparable when other processes take cores away during one phase
+    cpu_speedup = (baseline_closed.cpu_ms_per_image or 0) / (service_closed.cpu_ms_per_image or float("nan"))
+    cpu_share = top["forward_cpu_ms_per_image"] / (service_closed.cpu_ms_per_image or float("nan"))
+
+    shape = f"untrained {args.arch} at {args.image_size} px" if untrained else str(model_path)
+    print(f"\n{shape}, served on {record.fast_path}")
+    header = f"{'server':<18} {'phase':<32} {'n':>5} {'err':>4} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} " \
+             f"{'p99 ms':>8} {'cpu ms/img':>10} {'cores':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cores = f"{r.cpu_ms_per_image * r.throughput / 1000:.2f}" if r.cpu_ms_per_image else "-"
+        print(f"{r.server:<18} {r.phase:<32} {r.requests:>5} {r.errors:>4} {r.throughput:>7.2f} {r.p50_ms:>8.1f} "
+              f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_ms_per_image if r.cpu_ms_per_image else '-':>10} {cores:>6}")
+    print("cores = CPU the server's process tree got on average; when other jobs compete for the cores, the "
+          "scheduler shares CPU per runnable thread, so compare servers by cpu ms/img as well as by img/s")
+    print(f"\nin-process ceiling ({top['engine']}, {top['precision']}): forward-only images/s by batch size "
+          f"{top['forward_images_per_s']}; best {top['best']} at batch {top['best_batch_size']} "
+          f"({top['forward_cpu_ms_per_image']} cpu ms/img); with decode + preprocessing "
+          f"{top['end_to_end_images_per_s']} ({top['end_to_end_cpu_ms_per_image']} cpu ms/img)")
+    print(f"service / baseline throughput: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x) "
+          f"{'MET' if speedup >= TARGET_SPEEDUP else 'NOT MET'}; by CPU time per image: {cpu_speedup:.2f}x")
+    print(f"service / forward-only ceiling: {share:.0%} (target >= {TARGET_CEILING_SHARE:.0%}) "
+          f"{'MET' if share >= TARGET_CEILING_SHARE else 'NOT MET'}; service / end-to-end ceiling: {share_e2e:.0%}; "
+          f"by CPU time per image: {cpu_share:.0%} of the forward-only ceiling")
+    print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "model": str(model_path), "untrained": untrained, "record": record.model_dump(),
+            "batching": batching.model_dump(), "results": [asdict(r) for r in results], "ceiling": top,
+            "speedup": speedup, "ceiling_share": share, "ceiling_share_end_to_end": share_e2e,
+            "cpu_speedup": cpu_speedup, "cpu_ceiling_share": cpu_share,
+            "load_average_before": load_before, "cpus": os.cpu_count()}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

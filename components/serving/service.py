@@ -1,0 +1,386 @@
+"""The BentoML service: one pinned model version, adaptive batching, a fast path with parity, logs off the hot path.
+
+Start it with `defectops serve` (which pins the approved champion when there is no deployment record yet)
+or, with a record in place, `bentoml serve components.serving.service:DefectClassifier`. Endpoints:
+
+    POST /predict        multipart `image` (+ optional `line`, `camera`, `part_id`) -> one result
+    POST /predict_batch  multipart `images` repeated (+ the same metadata) -> one result per image, in order
+    POST /explain        like /predict, plus a Grad-CAM overlay (PNG, base64) of the predicted class
+    GET  /livez /readyz /metrics
+
+A result: request_id, defect_type, confidence, probabilities, decision (accept/reject/review by the
+deployed threshold), model_version, latency_ms. Bad input gets a 4xx with {"error": ...}; the service and
+the production log are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+from components.serving import metrics
+
+log = logging.getLogger(__name__)
+
+PREDICTION_PATHS = {"/predict": "image", "/predict_batch": "images", "/explain": "image"}
+MAX_METADATA_CHARS = 200
+EXPLAIN_MAX_SIDE = 1024
+
+
+class BadMetadata(ValueError):
+    """A metadata field (line, camera, part_id) is unusable."""
+
+
+def _json_response(status: int, message: str) -> tuple[dict, bytes]:
+    body = json.dumps({"error": message}).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    return start, body
+
+
+def _part_headers(body: bytes, field: str) -> list[bytes]:
+    """The Content-Disposition header lines of the multipart parts named `field` (a plain scan, no parsing)."""
+    needle, lines, start = f'name="{field}"'.encode(), [], 0
+    while (found := body.find(needle, start)) >= 0:
+        line_start = body.rfind(b"\n", 0, found) + 1
+        line_end = body.find(b"\r\n", found)
+        line = body[line_start: line_end if line_end >= 0 else len(body)]
+        if line.lower().startswith(b"content-disposition:") and body[found - 1: found] in (b" ", b";"):
+            lines.append(line)  # `name=`, not the tail of `filename=`
+        start = found + len(needle)
+    return lines
+
+
+class UploadGuard:
+    """ASGI middleware in front of the prediction endpoints: refuses, with a clear 4xx, what is not an upload.
+
+    Reads the body (at most serve.max_upload_bytes: 413 beyond), then requires multipart/form-data (415) with
+    the image field present as a file (400). This also keeps BentoML from fetching a URL sent as text.
+    """
+
+    def __init__(self, app: Any) -> None:
+        from components.config import get_settings
+        from components.errors import DefectOpsError
+        from components.serving.params import load_serve_params
+
+        self.app = app
+        try:
+            self.max_bytes = load_serve_params(get_settings().params_file)[0].max_upload_bytes
+        except (DefectOpsError, OSError, ValueError):  # the service itself reports bad params
+            self.max_bytes = 20_000_000
+            log.warning("upload guard: params.yaml unreadable, using a %d byte limit", self.max_bytes)
+
+    async def _refuse(self, send: Any, status: int, message: str, reason: str) -> None:
+        metrics.BAD_REQUESTS.labels(reason).inc()
+        start, body = _json_response(status, message)
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    async def _read_body(self, receive: Any) -> bytes | None:
+        """The whole body, or None once it exceeds the limit."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        field = PREDICTION_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if field is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length, chunked = headers.get(b"content-length"), b"chunked" in headers.get(b"transfer-encoding", b"")
+        how = f"send the image as multipart/form-data file field '{field}' (curl -F {field}=@part.jpg)"
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(send, 413, f"request body of {int(length)} bytes is over the {self.max_bytes} byte "
+                               "limit (serve.max_upload_bytes); send a smaller image", "too_large")
+            return
+        if not chunked and (length is None or length == b"0"):
+            await self._refuse(send, 400, f"empty request body; {how}", "empty_body")
+            return
+        content_type = headers.get(b"content-type", b"none").decode(errors="replace")
+        if not content_type.lower().startswith("multipart/form-data"):
+            await self._refuse(send, 415, f"content type {content_type} is not accepted; {how}", "not_multipart")
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            await self._refuse(send, 413, f"request body over the {self.max_bytes} byte limit "
+                               "(serve.max_upload_bytes); send a smaller image", "too_large")
+            return
+        parts = _part_headers(body, field)
+        if not parts:
+            await self._refuse(send, 400, f"missing field '{field}'; {how}", "missing_field")
+            return
+        if not all(b"filename=" in part.lower() for part in parts):
+            await self._refuse(send, 400, f"field '{field}' must be a file upload, not text; {how}", "not_a_file")
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _image_error(field: str, exc: Exception) -> str:
+    return f"{field}: {str(exc).removeprefix('upload: ')}"
+
+
+def _stop_server_if_serving() -> None:
+    """Ask the `bentoml serve` parent to shut down, so a refused start ends instead of restarting forever."""
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if "bentoml" in command and " serve" in command:
+        os.kill(parent, signal.SIGTERM)
+
+
+@bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": 120, "max_concurrency": 256})
+class DefectClassifier:
+    """Serves the pinned model of the deployment record; delegates all image and model work to the Predictor."""
+
+    def __init__(self) -> None:
+        import cv2
+
+        from components.config import get_settings
+        from components.serving.batching import Batcher
+        from components.serving.deployment import NothingToServe, load_served, read_record, record_path
+        from components.serving.params import load_serve_params
+        from components.serving.predlog import BackgroundWriter, PredictionLog
+        from components.serving.review import ReviewQueue
+
+        cv2.setNumThreads(1)  # preprocessing runs in request threads; the engine owns the cores
+        settings = get_settings()
+        self.params, self.max_pixels = load_serve_params(settings.params_file)
+        record = read_record(settings)
+        if record is None:
+            message = (f"nothing approved to serve: no deployment record at {record_path(settings)}; start with "
+                       "`defectops serve`, which pins the approved champion, or promote a model")
+            log.critical(message)
+            _stop_server_if_serving()
+            raise NothingToServe(message)
+        self.record = record
+        self.engine, self.reference, self.fast_path = load_served(settings, record, self.max_pixels)
+        self.model_version = record.model_version
+        self.normal_class = self.engine.normal_class
+        self.device = str(self.engine.device)
+        batching = self.params.batching_for(self.device)
+        self.batcher = Batcher(self._infer, batching.max_batch_size, batching.max_latency_ms)
+        self.writer = BackgroundWriter(self.params.log_queue_size, on_drop=metrics.LOG_DROPPED.inc,
+                                       on_error=metrics.LOG_ERRORS.inc)
+        self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
+        self.review_queue = ReviewQueue(settings.review_queue_dir, self.writer, self.params.review_retention_days,
+                                        self.params.audit_sample_rate)
+        self._explainer: Any = None
+        metrics.SERVED_MODEL.labels(self.model_version, self.fast_path, self.device, f"{record.threshold:.4f}").set(1)
+        self._warm_up()
+        log.info("serving %s (%s on %s, threshold %.4f, batches up to %d, max latency %d ms)", self.model_version,
+                 self.fast_path, self.device, record.threshold, batching.max_batch_size, batching.max_latency_ms)
+
+    # ------------------------------------------------------------ inference
+
+    def _warm_up(self) -> None:
+        """Run the decode path and a forward pass once, so the first request pays no import or compile cost."""
+        import io
+
+        import torch
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(buffer, format="PNG")
+        _, _, tensor = self._prepare(buffer.getvalue())
+        for n in sorted({1, 2, self.params.batching_for(str(self.engine.device)).max_batch_size}):
+            self.engine.forward(torch.stack([tensor] * n))
+
+    def _infer(self, tensors: list[Any]) -> list[Any]:
+        """One forward pass over the tensors of several requests (called by the batcher, in a worker thread)."""
+        import torch
+
+        started = time.perf_counter()
+        predictions = self.engine.predict_tensors(torch.stack(tensors), with_embedding=True)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(tensors))
+        return predictions
+
+    def _prepare(self, raw: bytes) -> tuple[Any, dict[str, Any], Any]:
+        """Decode (the shared conversion rule), image statistics, and the model's input tensor."""
+        from components.data.images import decode, image_stats
+
+        decoded = decode(raw, self.max_pixels)
+        facts = {"width": decoded.width, "height": decoded.height, "mode": decoded.mode,
+                 "channels": decoded.channels, "bytes": len(raw), **image_stats(decoded.rgb)}
+        return decoded.rgb, facts, self.engine.prepare(decoded.rgb)
+
+    async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
+                           request_id: str, started: float) -> tuple[dict[str, Any], Any, Any]:
+        import anyio
+
+        rgb, facts, tensor = await anyio.to_thread.run_sync(self._prepare, raw)
+        prediction = await self.batcher(tensor)
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        result = {"request_id": request_id, **prediction.as_dict(), "model_version": self.model_version,
+                  "latency_ms": latency_ms}
+        self._record(result, prediction, facts, metadata, endpoint, raw, suffix)
+        return result, rgb, tensor
+
+    def _record(self, result: dict[str, Any], prediction: Any, facts: dict[str, Any], metadata: dict[str, str],
+                endpoint: str, raw: bytes, suffix: str) -> None:
+        """Metrics now; log line and review item through the background writer (never blocks)."""
+        from components.serving.predlog import compact_embedding, utc_now_iso
+
+        decision, defect_type = result["decision"], result["defect_type"]
+        metrics.DECISIONS.labels(decision).inc()
+        metrics.CONFIDENCE.observe(result["confidence"])
+        metrics.INFERENCE_LATENCY.observe(result["latency_ms"] / 1000)
+        if defect_type != self.normal_class:
+            metrics.DEFECTS_DETECTED.labels(defect_type).inc()
+        stamp = utc_now_iso()
+        embedding = [round(float(v), 5) for v in compact_embedding(prediction.embedding)]
+        record = {"timestamp": stamp, "request_id": result["request_id"], "endpoint": endpoint,
+                  "model_version": self.model_version, "fast_path": self.fast_path, "defect_type": defect_type,
+                  "confidence": result["confidence"], "decision": decision, "threshold": self.engine.threshold,
+                  "probabilities": result["probabilities"], "latency_ms": result["latency_ms"], **facts,
+                  "embedding": embedding, "metadata": metadata}
+        if not self.prediction_log.append(record):
+            log.warning("prediction log queue full: record %s dropped", result["request_id"])
+        reason = self.review_queue.reason(decision, result["request_id"])
+        if reason is not None:
+            item = {k: v for k, v in record.items() if k != "embedding"}
+            if self.review_queue.keep(result["request_id"], raw, suffix, {**item, "reason": reason}):
+                metrics.REVIEW_ITEMS.labels(reason).inc()
+
+    # ------------------------------------------------------------ request helpers
+
+    @staticmethod
+    def _metadata(line: str | None, camera: str | None, part_id: str | None) -> dict[str, str]:
+        values = {"line": line, "camera": camera, "part_id": part_id}
+        for key, value in values.items():
+            if value is not None and len(str(value)) > MAX_METADATA_CHARS:
+                raise BadMetadata(f"{key}: longer than {MAX_METADATA_CHARS} characters; send a shorter id")
+        return {k: str(v) for k, v in values.items() if v not in (None, "")}
+
+    @staticmethod
+    def _refuse(ctx: bentoml.Context, status: int, message: str, reason: str, request_id: str) -> dict[str, Any]:
+        metrics.BAD_REQUESTS.labels(reason).inc()
+        ctx.response.status_code = status
+        return {"error": message, "request_id": request_id}
+
+    # ------------------------------------------------------------ endpoints
+
+    @bentoml.api
+    async def predict(self, image: Path, line: str | None = None, camera: str | None = None,
+                      part_id: str | None = None, ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Classify one image (multipart field `image`); decision accept / reject / review."""
+        from components.errors import ImageError
+
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        try:
+            metadata = self._metadata(line, camera, part_id)
+            result, _, _ = await self._predict_one(image.read_bytes(), image.suffix, metadata, "predict",
+                                                   request_id, started)
+        except ImageError as exc:
+            return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
+        except BadMetadata as exc:
+            return self._refuse(ctx, 400, str(exc), "bad_metadata", request_id)
+        return result
+
+    @bentoml.api
+    async def predict_batch(self, images: list[Path], line: str | None = None, camera: str | None = None,
+                            part_id: str | None = None,
+                            ctx: bentoml.Context = None) -> list[dict[str, Any]] | dict[str, Any]:
+        """Classify several images (repeat multipart field `images`); one result per image, in order."""
+        import asyncio
+
+        from components.errors import ImageError
+
+        started, batch_id = time.perf_counter(), uuid.uuid4().hex
+        if not images:
+            return self._refuse(ctx, 400, "no images; repeat multipart field 'images'", "empty_body", batch_id)
+        if len(images) > self.params.max_batch_images:
+            return self._refuse(ctx, 413, f"{len(images)} images in one request is over the limit of "
+                                f"{self.params.max_batch_images} (serve.max_batch_images); split the request",
+                                "too_many_images", batch_id)
+        try:
+            metadata = self._metadata(line, camera, part_id)
+        except BadMetadata as exc:
+            return self._refuse(ctx, 400, str(exc), "bad_metadata", batch_id)
+        raws = [path.read_bytes() for path in images]
+        outcomes = await asyncio.gather(
+            *(self._predict_one(raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
+                                "predict_batch", f"{batch_id}-{i}", started)
+              for i, (raw, path) in enumerate(zip(raws, images, strict=True))),
+            return_exceptions=True)
+        failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+        for index, error in failed:
+            if isinstance(error, ImageError):
+                return self._refuse(ctx, 422, _image_error(f"images[{index}]", error), "bad_image", batch_id)
+        if failed:
+            raise failed[0][1]
+        return [outcome[0] for outcome in outcomes]
+
+    @bentoml.api
+    async def explain(self, image: Path, line: str | None = None, camera: str | None = None,
+                      part_id: str | None = None, ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Classify one image and return a Grad-CAM overlay (PNG, base64) of the predicted class."""
+        import anyio
+
+        from components.errors import ImageError
+
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        try:
+            metadata = self._metadata(line, camera, part_id)
+            result, rgb, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata, "explain",
+                                                          request_id, started)
+        except ImageError as exc:
+            return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
+        except BadMetadata as exc:
+            return self._refuse(ctx, 400, str(exc), "bad_metadata", request_id)
+        target = self.engine.classes.index(result["defect_type"])
+        png = await anyio.to_thread.run_sync(self._overlay_png, rgb, tensor, target)
+        return {**result, "explained_class": result["defect_type"], "overlay_png_base64": png,
+                "explain_ms": round((time.perf_counter() - started) * 1000 - result["latency_ms"], 2)}
+
+    def _overlay_png(self, rgb: Any, tensor: Any, target: int) -> str:
+        """Grad-CAM of class `target` on the fp32 model, laid over the (downscaled) original image, as base64 PNG."""
+        from components.serving.explain import GradCamExplainer
+
+        if self._explainer is None:
+            self._explainer = GradCamExplainer(self.reference.model, self.reference.device)
+        return self._explainer.overlay_base64(rgb, tensor, target, EXPLAIN_MAX_SIDE)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __is_ready__(self) -> bool:
+        return self.writer.alive
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        """Write what is queued before the process ends."""
+        self.batcher.shutdown()
+        self.writer.close()
+
+
+DefectClassifier.add_asgi_middleware(UploadGuard)

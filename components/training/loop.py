@@ -1,0 +1,467 @@
+"""The training loop: AdamW + warmup/cosine, mixed precision, early stopping on val macro-F1, checkpoints, resume.
+
+The loop knows nothing about files of images or params.yaml: it gets a model, two loaders, a loss and a
+`LoopConfig`, and returns the best weights with the per-epoch history. `train.py` wires it to the project.
+
+Checkpoint folder (written after every epoch, atomically):
+    last.pt   model, optimiser, scheduler, grad scaler, EMA, epoch, best score, early-stop counter, history,
+              RNG states (python, numpy, torch, CUDA) and the config fingerprint it belongs to
+    best.pt   the best weights so far (the EMA weights when EMA is on)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from components.errors import DefectOpsError, UsageError
+from components.training.losses import defect_map_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(DefectOpsError):
+    """The loss became NaN or infinite; nothing is written as the final model."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs to know; built from a profile by `train.py`."""
+
+    epochs: int
+    lr: float
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_epochs: int = 0
+    patience: int = 8
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    ema_decay: float | None = None
+    mask_loss_weight: float = 0.0  # > 0: train the defect-map head on batches that carry masks
+    mask_pos_weight: float = 5.0
+    max_minutes: float | None = None
+    seed: int = 42
+    deterministic: bool = True
+    progress: bool = True
+    fingerprint: str = ""  # identifies the run a checkpoint belongs to
+
+
+@dataclass
+class EpochRecord:
+    """One row of history.csv."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_macro_f1: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+    train_images_per_s: float
+    data_wait_s: float
+
+
+@dataclass
+class FitResult:
+    """The best weights and how training went."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_macro_f1: float
+    best_val_loss: float
+    history: list[EpochRecord] = field(default_factory=list)
+    stopped: str = "max epochs"
+    precision: str = "fp32"
+    device: str = "cpu"
+    resumed_from_epoch: int = 0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(r.seconds for r in self.history))
+
+    @property
+    def train_images_per_s(self) -> float:
+        rates = [r.train_images_per_s for r in self.history if r.train_images_per_s > 0]
+        return float(np.median(rates)) if rates else 0.0
+
+
+# ------------------------------------------------------------------ hardware
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision to run: 'auto' is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
+    if requested == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        log.warning("bf16 requested on a CPU without native bf16: expect it to be slower than fp32")
+    if requested == "fp16" and device.type == "cpu":
+        log.warning("fp16 autocast on CPU is slow and unscaled; using bf16/fp32 is better (precision: auto)")
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context for a precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; optionally ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ schedule, metrics, io
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to `floor`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def classification_metrics(targets: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Cross-entropy, macro-F1 (over the classes present in `targets`) and accuracy."""
+    from sklearn.metrics import f1_score
+
+    predictions = logits.argmax(axis=1)
+    labels = sorted(set(targets.tolist()))
+    loss = F.cross_entropy(torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(targets)).item()
+    return {
+        "loss": float(loss),
+        "macro_f1": float(f1_score(targets, predictions, labels=labels, average="macro", zero_division=0)),
+        "accuracy": float((predictions == targets).mean()),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and targets over a loader, in loader order."""
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with autocast(device, precision):
+            out = model(images)
+        logits.append(out.float().cpu())
+        targets.append(torch.as_tensor(labels))
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class Trainer:
+    """State of one fit; split out so checkpointing and resume read plainly."""
+
+    def __init__(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: nn.Module,
+                 cfg: LoopConfig, device: torch.device, checkpoint_dir: Path | None) -> None:
+        self.cfg, self.device, self.checkpoint_dir = cfg, device, checkpoint_dir
+        self.precision = resolve_precision(cfg.precision, device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.criterion = criterion.to(device)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, fused=device.type == "cuda" or None,
+        )
+        steps = max(1, len(train_loader))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16" and device.type == "cuda")
+        self.ema = None
+        if cfg.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.use_masks = cfg.mask_loss_weight > 0 and hasattr(model, "forward_train")
+        self.epoch = 0
+        self.best_f1, self.best_loss, self.best_epoch, self.bad_epochs = -1.0, math.inf, 0, 0
+        self.history: list[EpochRecord] = []
+        self.stopped: str | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    # -- checkpoint
+    def _last(self) -> Path | None:
+        return self.checkpoint_dir / "last.pt" if self.checkpoint_dir else None
+
+    def _best(self) -> Path | None:
+        return self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
+
+    def save_checkpoint(self) -> None:
+        if not self.checkpoint_dir:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT, "fingerprint": self.cfg.fingerprint, "epoch": self.epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best_f1": self.best_f1, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "stopped": self.stopped,
+            "history": [asdict(r) for r in self.history], "rng": _rng_state(),
+        }
+        atomic_save(state, self._last())
+
+    def load_checkpoint(self) -> bool:
+        last = self._last()
+        if last is None or not last.is_file():
+            return False
+        try:
+            state = torch.load(last, map_location=self.device, weights_only=False)
+        except Exception as exc:
+            raise UsageError(f"{last}: unreadable checkpoint ({exc}); delete it to start afresh") from exc
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.cfg.fingerprint:
+            raise UsageError(
+                f"{last}: checkpoint belongs to a different run configuration; delete {last.parent} "
+                "or train without resume"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.best_f1, self.best_loss = state["epoch"], state["best_f1"], state["best_loss"]
+        self.best_epoch, self.bad_epochs, self.stopped = state["best_epoch"], state["bad_epochs"], state["stopped"]
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        _set_rng_state(state["rng"])
+        log.info("resumed from %s after epoch %d (best val macro-F1 %.4f at epoch %d)",
+                 last, self.epoch, self.best_f1, self.best_epoch)
+        return True
+
+    # -- one epoch
+    def _reseed_loader(self, epoch: int) -> None:
+        """Make each epoch's order and augmentation a function of (seed, epoch), so a resume replays it."""
+        loader = self.train_loader
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        for generator in (getattr(loader, "generator", None), getattr(loader.sampler, "generator", None)):
+            if generator is not None:
+                generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+
+    def train_epoch(self) -> tuple[float, float, float, float]:
+        """Mean training loss, learning rate at the end, images/s in the steps, seconds waiting for data."""
+        from tqdm import tqdm
+
+        epoch = self.epoch + 1
+        self._reseed_loader(epoch)
+        self.model.train()
+        total_loss, seen, step_time, wait = 0.0, 0, 0.0, 0.0
+        bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
+                   leave=False, disable=None if self.cfg.progress else True, dynamic_ncols=True)
+        tick = time.perf_counter()
+        for step, batch in enumerate(self.train_loader):
+            ready = time.perf_counter()
+            wait += ready - tick
+            images = batch[0].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            labels = torch.as_tensor(batch[1]).to(self.device, non_blocking=True)
+            with autocast(self.device, self.precision):
+                if self.use_masks:
+                    logits, defect_logits = self.model.forward_train(images)
+                else:
+                    logits, defect_logits = self.model(images), None
+            loss = self.criterion(logits.float(), labels)
+            if defect_logits is not None and len(batch) == 4:
+                masks, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
+                loss = loss + self.cfg.mask_loss_weight * defect_map_loss(defect_logits, masks, known,
+                                                                          self.cfg.mask_pos_weight)
+            if not torch.isfinite(loss):
+                bar.close()
+                where = f" (last good checkpoint: {self._last()})" if self.checkpoint_dir else ""
+                raise TrainingDiverged(
+                    f"training diverged: loss became {loss.item()} at epoch {epoch}, step {step + 1}{where}; lower the learning "
+                    f"rate (lr={self.cfg.lr:g}) or set precision: fp32 in the train profile, then train again"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            value = loss.item()
+            tick = time.perf_counter()
+            step_time += tick - ready
+            total_loss += value * len(labels)
+            seen += len(labels)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                            img_s=f"{seen / max(step_time, 1e-9):.1f}", refresh=False)
+        bar.close()
+        if seen == 0:
+            raise UsageError("the training loader yielded no batches; add training images or lower batch_size")
+        return total_loss / seen, self.scheduler.get_last_lr()[0], seen / max(step_time, 1e-9), wait
+
+    def validate(self) -> dict[str, float]:
+        logits, targets = predict(self.eval_model, self.val_loader, self.device, self.precision,
+                                  self.cfg.channels_last)
+        if not np.isfinite(logits).all():
+            raise TrainingDiverged(
+                f"training diverged: validation logits are not finite after epoch {self.epoch}; lower the learning rate "
+                f"(lr={self.cfg.lr:g}) or set precision: fp32"
+            )
+        return classification_metrics(targets, logits)
+
+    def improved(self, metrics: dict[str, float]) -> bool:
+        """Better macro-F1, or equal macro-F1 with a lower validation loss."""
+        f1, loss = metrics["macro_f1"], metrics["loss"]
+        return f1 > self.best_f1 + 1e-9 or (abs(f1 - self.best_f1) <= 1e-9 and loss < self.best_loss)
+
+
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: nn.Module,
+        cfg: LoopConfig, device: torch.device | str | None = None, checkpoint_dir: Path | None = None,
+        resume: bool = False, callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> FitResult:
+    """Train with early stopping on validation macro-F1; returns the best weights and the history."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed_everything(cfg.seed, cfg.deterministic)
+    trainer = Trainer(model, train_loader, val_loader, criterion, cfg, device, checkpoint_dir)
+    resumed = trainer.load_checkpoint() if resume else False
+    if not resumed and checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        trainer._best().unlink(missing_ok=True)
+        trainer._last().unlink(missing_ok=True)
+    start_epoch = trainer.epoch
+    best_state: dict[str, torch.Tensor] | None = None
+    log.info("training on %s, precision %s, channels_last %s, %d train / %d val images, up to %d epochs",
+             device, trainer.precision, cfg.channels_last, len(train_loader.dataset), len(val_loader.dataset),
+             cfg.epochs)
+    spent = sum(r.seconds for r in trainer.history)
+    while trainer.stopped is None and trainer.epoch < cfg.epochs:
+        began = time.perf_counter()
+        train_loss, lr, rate, wait = trainer.train_epoch()
+        trainer.epoch += 1
+        metrics = trainer.validate()
+        if trainer.improved(metrics):
+            trainer.best_f1, trainer.best_loss, trainer.best_epoch = metrics["macro_f1"], metrics["loss"], trainer.epoch
+            trainer.bad_epochs = 0
+            if checkpoint_dir is not None:
+                atomic_save(trainer.eval_model.state_dict(), trainer._best())
+            else:
+                best_state = _cpu_state(trainer.eval_model)
+        else:
+            trainer.bad_epochs += 1
+        seconds = time.perf_counter() - began
+        spent += seconds
+        record = EpochRecord(trainer.epoch, train_loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"],
+                             lr, seconds, rate, wait)
+        trainer.history.append(record)
+        if trainer.epoch >= max(cfg.min_epochs, 1) and trainer.bad_epochs >= cfg.patience:
+            trainer.stopped = f"early stop: no better val macro-F1 for {cfg.patience} epochs"
+        elif cfg.max_minutes and spent >= cfg.max_minutes * 60 and trainer.epoch < cfg.epochs:
+            trainer.stopped = f"time budget of {cfg.max_minutes:g} min reached"
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_acc %.4f  lr %.2e  "
+                 "%.1f s  %.1f img/s%s", trainer.epoch, cfg.epochs, train_loss, metrics["loss"],
+                 metrics["macro_f1"], metrics["accuracy"], lr, seconds, rate,
+                 "  *best*" if trainer.best_epoch == trainer.epoch else "")
+        trainer.save_checkpoint()
+        for callback in callbacks:
+            callback(record)
+    if checkpoint_dir is not None:
+        best_file = trainer._best()
+        if not best_file.is_file():
+            raise UsageError(f"{best_file}: no best weights in the checkpoint; delete {checkpoint_dir} and train again")
+        best_state = torch.load(best_file, map_location="cpu", weights_only=True)
+    elif best_state is None:
+        best_state = _cpu_state(trainer.eval_model)
+    best_state = {k.removeprefix("module."): v for k, v in best_state.items() if k != "n_averaged"}
+    if trainer.stopped:
+        log.info("stopped after epoch %d: %s", trainer.epoch, trainer.stopped)
+    return FitResult(best_state=best_state, best_epoch=trainer.best_epoch, best_val_macro_f1=trainer.best_f1,
+                     best_val_loss=trainer.best_loss, history=trainer.history,
+                     stopped=trainer.stopped or "max epochs", precision=trainer.precision, device=str(device),
+                     resumed_from_epoch=start_epoch)

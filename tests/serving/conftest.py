@@ -1,0 +1,209 @@
+"""Serving fixtures: a tiny model with known answers, a project with a deployment record, one real server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, TEST_CLASSES, git_init
+
+IMAGE_SIZE = 64
+THRESHOLD = 0.8
+# probe image -> (expected top-1 class, expected decision) for the crafted model below
+PROBES = {"dark": ("normal", "accept"), "bright": ("dent", "reject"), "mixed": (None, "review")}
+SERVE_PARAMS = {
+    "port": 3000,
+    "batching": {"cpu": {"max_batch_size": 4, "max_latency_ms": 60_000},
+                 "cuda": {"max_batch_size": 8, "max_latency_ms": 2_000}},
+    "fast_path": "onnxruntime",
+    "parity": {"min_top1_agreement": 0.995, "max_prob_diff": 0.05, "images": 20},
+    "audit_sample_rate": 1.0,
+    "log_retention_days": 30,
+    "review_retention_days": 30,
+    "max_upload_bytes": 3_000_000,
+    "max_batch_images": 8,
+    "log_queue_size": 1000,
+}
+MAX_PIXELS = 1_000_000
+
+
+def probe_rgb(kind: str) -> np.ndarray:
+    """The (64, 64, 3) probe images the tiny model was fitted to."""
+    rng = np.random.default_rng({"dark": 1, "bright": 2, "mixed": 3}[kind])
+    base = {"dark": 40, "bright": 215, "mixed": 128}[kind]
+    pixels = np.clip(base + rng.normal(0, 20, (IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 255).astype(np.uint8)
+    if kind == "mixed":
+        pixels[16:48, 16:48] = 255 - pixels[16:48, 16:48]
+    return pixels
+
+
+def probe_png(kind: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(probe_rgb(kind)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_tiny_model(path: Path, threshold: float = THRESHOLD, seed: int = 0) -> Path:
+    """A resnet18 at 64 px with random features and a head fitted so the probes give accept, reject, review."""
+    import torch
+
+    from components.training.models import build_model
+    from components.training.train import MODEL_FORMAT, MODEL_FORMAT_VERSION, save_model_file
+    from components.training.transforms import preprocess
+
+    torch.manual_seed(seed)
+    model, _ = build_model("resnet18", len(TEST_CLASSES), dropout=0.0, hidden=64, weights=None)
+    model.eval()
+    batch = torch.stack([preprocess(probe_rgb(kind), IMAGE_SIZE) for kind in PROBES])
+    with torch.inference_mode():
+        _, embedding = model.forward_with_embedding(batch)
+    dent, normal = TEST_CLASSES.index("dent"), TEST_CLASSES.index("normal")
+    targets = np.zeros((3, len(TEST_CLASSES)))
+    targets[0, normal] = 6.0  # dark -> normal, p ~ 0.995 -> accept
+    targets[1, dent] = 6.0  # bright -> dent -> reject
+    targets[2] = [0.3, 0.2, 0.0]  # mixed -> p ~ 0.38 -> review
+    design = np.hstack([embedding.numpy(), np.ones((3, 1))])
+    solution = np.linalg.pinv(design) @ targets
+    head = model.classifier[-1]
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(solution[:-1].T, dtype=torch.float32))
+        head.bias.copy_(torch.tensor(solution[-1], dtype=torch.float32))
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+            "arch": {"name": "resnet18", "dropout": 0.0, "hidden": 64, "attention": False},
+            "classes": list(TEST_CLASSES), "normal_class": "normal", "image_size": IMAGE_SIZE,
+            "embedding_dim": 64, "calibration": {"temperature": 1.0, "threshold": threshold},
+            "created_at": "2025-01-01T00:00:00+00:00"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_file(path, model, model.state_dict(), meta)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serving_env(project_root: Path, home: Path) -> dict[str, str]:
+    """Environment of a serving subprocess: this project and state root, caches in the test state folder."""
+    env = dict(os.environ)
+    env.update({"DEFECTOPS_PROJECT": str(project_root), "DEFECTOPS_HOME": str(home),
+                "HOME": str(home / "user-home"), "PYTHONPATH": str(REPO_ROOT),
+                "BENTOML_DO_NOT_TRACK": "true", "OPENVINO_TELEMETRY_DISABLED": "1"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def write_project(root: Path, serve: dict | None = None) -> Path:
+    """A project folder (git repo with params.yaml: the tiny dataset profile and a `serve` section)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".git").exists():
+        git_init(root)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["dataset"] = "tiny"
+    params["data"]["max_image_pixels"] = MAX_PIXELS
+    params["datasets"]["tiny"] = {"normal_class": "normal", "classes": TEST_CLASSES, "grouping": {"rule": "image"}}
+    params["validate"]["min_images_per_class"] = 3
+    params["validate"]["max_class_shift_kl"] = 0.5
+    params["serve"] = serve or SERVE_PARAMS
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "pyproject.toml").write_text("[project]\nname = 'plant'\n")
+    return root
+
+
+@dataclass
+class Server:
+    """A running `defectops serve` (bentoml serve) and where it writes."""
+
+    url: str
+    home: Path
+    project: Path
+    process: subprocess.Popen
+    output: Path
+
+    @property
+    def settings(self):
+        from components.config import Settings
+
+        return Settings(project=self.project, home=self.home)
+
+    def log_text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+def start_server(project: Path, home: Path, port: int, timeout: float = 120.0) -> Server:
+    """`python -m components.cli serve --port N` in its own process group; waits for /readyz."""
+    import httpx
+
+    output = home / f"serve-{port}.log"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port)],
+                                   cwd=project, env=serving_env(project, home), stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", home, project, process, output)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {timeout} s:\n{server.log_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after 15 s."""
+    try:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(15)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Server]:
+    """One real service for the module: the tiny model pinned in a deployment record, on 127.0.0.1."""
+    from components.config import Settings, load_params
+    from components.serving.deployment import pin_deployment
+
+    base = tmp_path_factory.mktemp("serving")
+    project, home = write_project(base / "project"), base / "home"
+    model = home / "models" / "model.pt"
+    model.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_model, model)
+    settings = Settings(project=project, home=home)
+    params = load_params(project / "params.yaml")
+    images = [probe_png(kind) for kind in PROBES] * 4
+    pin_deployment(settings, params, str(model), deployed_by="tests", images=images)
+    running = start_server(project, home, free_port())
+    yield running
+    stop_server(running)

@@ -1,0 +1,99 @@
+"""Fast inference paths and their parity with the fp32 PyTorch model; the fallback to fp32 is recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from components.config import Settings, load_params
+from components.errors import DefectOpsError, UsageError
+from components.predictor import Predictor
+from components.serving.deployment import pin_deployment, read_record
+from components.serving.engines import build_engine, resolve_fast_path
+from components.serving.params import ParityParams
+from components.serving.parity import check_parity, choose_engine, parity_images
+from tests.serving.conftest import PROBES, probe_png, write_project
+
+BOUNDS = ParityParams(min_top1_agreement=0.995, max_prob_diff=0.05, images=20)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> Predictor:
+    return Predictor.from_file(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def probe_images() -> list[bytes]:
+    return [probe_png(kind) for kind in PROBES] * 4
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export of the tiny model for the whole module."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def test_onnxruntime_export_passes_parity(reference: Predictor, probe_images, onnx_cache: Path) -> None:
+    candidate = build_engine(reference, "onnxruntime", onnx_cache)
+    report = check_parity(reference, candidate, probe_images, BOUNDS, engine="onnxruntime")
+    assert report.passed and report.top1_agreement == 1.0 and report.decision_agreement == 1.0
+    assert report.max_prob_diff < 1e-4 and report.n_images == 12
+    assert list(onnx_cache.glob("*.onnx")), "the export is cached"
+
+
+def test_openvino_and_bf16_are_measured_against_fp32(reference: Predictor, probe_images, onnx_cache: Path) -> None:
+    for engine in ("openvino", "bf16"):
+        candidate = build_engine(reference, engine, onnx_cache)
+        report = check_parity(reference, candidate, probe_images, BOUNDS, engine=engine)
+        assert report.n_images == 12 and report.precision
+        assert report.passed == (report.top1_agreement >= 0.995 and report.max_prob_diff <= 0.05)
+
+
+def test_a_fast_path_that_fails_parity_is_served_on_fp32(reference: Predictor, probe_images,
+                                                           onnx_cache: Path) -> None:
+    strict = ParityParams(min_top1_agreement=0.995, max_prob_diff=1e-12, images=20)
+    served, choice = choose_engine(reference, "onnxruntime", probe_images, strict, onnx_cache)
+    assert served is reference and choice.engine == "fp32" and choice.requested == "onnxruntime"
+    assert "failed parity" in choice.reason and choice.parity["passed"] is False
+
+
+def test_no_real_images_means_fp32(reference: Predictor, tmp_path: Path) -> None:
+    served, choice = choose_engine(reference, "auto", [], BOUNDS, tmp_path)
+    assert served is reference and choice.engine == "fp32" and "no real images" in choice.reason
+
+
+def test_unreadable_images_cannot_prove_parity(reference: Predictor) -> None:
+    with pytest.raises(DefectOpsError, match="none of the 2 images could be read"):
+        check_parity(reference, reference, [b"x", b"y"], BOUNDS)
+
+
+def test_fast_path_names_are_checked_against_the_device() -> None:
+    assert resolve_fast_path("auto", "cpu") == "openvino" and resolve_fast_path("auto", "cuda:0") == "fp16"
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        resolve_fast_path("fp16", "cpu")
+    with pytest.raises(UsageError, match="runs on CPU only"):
+        resolve_fast_path("openvino", "cuda")
+
+
+def test_pin_deployment_records_the_failed_parity_and_fp32(tiny_model: Path, probe_images, tmp_path: Path) -> None:
+    project = write_project(tmp_path / "project")
+    settings = Settings(project=project, home=tmp_path / "home")
+    params = load_params(project / "params.yaml")
+    params.model_extra["serve"]["parity"]["max_prob_diff"] = 1e-12
+    record = pin_deployment(settings, params, str(tiny_model), deployed_by="tests", images=probe_images)
+    assert read_record(settings) == record
+    assert record.fast_path == "fp32" and record.requested_fast_path == "onnxruntime"
+    assert record.parity["passed"] is False and "failed parity" in record.fast_path_reason
+    assert record.model_uri == str(tiny_model.resolve()) and record.threshold == pytest.approx(0.8)
+
+
+@pytest.mark.realdata
+def test_parity_on_real_magnetic_tile_images(reference: Predictor, magnetic_tile: Path, tmp_path: Path,
+                                              onnx_cache: Path) -> None:
+    settings = Settings(project=tmp_path, home=tmp_path / "home", demo_data=str(magnetic_tile))
+    images = parity_images(settings, 60)
+    assert len(images) == 60 and images == parity_images(settings, 60), "a fixed, seeded sample"
+    _, choice = choose_engine(reference, "onnxruntime", images, BOUNDS, onnx_cache)
+    assert choice.engine == "onnxruntime" and choice.parity["n_images"] == 60
+    assert choice.parity["top1_agreement"] == 1.0
