@@ -1,0 +1,179 @@
+"""Training throughput: our training loop against a bare PyTorch loop, same model, batch, precision and images.
+
+Run on demand (never a test):
+
+    .venv/bin/python benchmarks/train_throughput.py [--profile cpu] [--images 256] [--repeats 3] [--data DIR]
+
+Images: the 'train' split of the Magnetic Tile manifest (--data, else DEFECTOPS_DEMO_DATA, else
+../shared/datasets/magnetic-tile), the first --images of them, profile and augmentation from params.yaml.
+Measured in one process, alternating, each --repeats times (the median is reported):
+- ours:          `Trainer.train_epoch` (progress bar, finite-loss check, scheduler, scaler, EMA when configured,
+                 per-epoch reseeding) over the profile's DataLoader (decode cache, augmentation, workers);
+- bare+loader:   a plain `for x, y in loader: forward/backward/step` over the same DataLoader;
+- bare+tensors:  the same plain loop over batches already in memory (the compute-only ceiling).
+Overhead of our loop = 1 - ours / bare+loader (target < 10%). Data loading is the bottleneck when the loop
+waits on the loader for a large share of the epoch, or when bare+loader is well below bare+tensors.
+Every row also gives CPU seconds per 100 images of this process and its workers, which stay meaningful when other
+jobs share the cores and the wall-clock rates drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("benchmarks.train_throughput")
+TARGET_OVERHEAD = 0.10
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _measure(fn: Callable[[], int]) -> tuple[float, float, float]:
+    """(images/s, wall seconds, CPU seconds) of one call that returns the number of images it processed."""
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    images = fn()
+    wall = time.perf_counter() - start
+    return images / wall, wall, _cpu_seconds() - cpu
+
+
+def main() -> None:
+    """Measure and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None, help="train.profiles entry (default: auto)")
+    parser.add_argument("--images", type=int, default=256, help="training images per measured epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: Magnetic Tile)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+    import torch
+
+    from components.config import get_settings, load_params
+    from components.data.tracked import manifest_of
+    from components.training.loop import LoopConfig, Trainer, autocast, resolve_precision, seed_everything
+    from components.training.losses import build_loss
+    from components.training.models import build_model
+    from components.training.params import augment_params, train_params
+    from components.training.train import build_loaders, choose_profile
+
+    settings = get_settings()
+    params = load_params(ROOT / "params.yaml")
+    tp, aug = train_params(params), augment_params(params)
+    name, prof = choose_profile(tp, args.profile)
+    data = args.data or Path(settings.demo_data or ROOT.parent / "shared" / "datasets" / "magnetic-tile")
+    manifest = manifest_of(data, settings, params)
+    train_rows = manifest[manifest["split"] == "train"].head(args.images).reset_index(drop=True)
+    val_rows = manifest[manifest["split"] == "val"].head(8).reset_index(drop=True)
+    classes = params.profile.classes
+    seed = params.base.seed
+    seed_everything(seed, tp.deterministic)
+    loader, val_loader, targets = build_loaders(train_rows, val_rows, classes, prof, aug, seed,
+                                                params.data.max_image_pixels)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(prof.precision, device)
+    memory_format = torch.channels_last if prof.channels_last else torch.contiguous_format
+
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model, _ = build_model(prof.arch, len(classes), prof.dropout, prof.hidden, prof.attention, prof.freeze_stages,
+                               None)
+        return model.to(device, memory_format=memory_format).train()
+
+    counts = [targets.count(i) for i in range(len(classes))]
+    cfg = LoopConfig(epochs=100, lr=prof.lr, weight_decay=prof.weight_decay, warmup_epochs=prof.warmup_epochs,
+                     precision=prof.precision, channels_last=prof.channels_last, ema_decay=prof.ema_decay,
+                     seed=seed, deterministic=tp.deterministic, progress=True)
+    trainer = Trainer(fresh_model(), loader, val_loader,
+                      build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma), cfg, device, None)
+    waits: list[float] = []
+
+    def ours() -> int:
+        _, _, _, wait = trainer.train_epoch()
+        trainer.epoch += 1
+        waits.append(wait)
+        return len(loader) * prof.batch_size
+
+    bare_model = fresh_model()
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=prof.lr, weight_decay=prof.weight_decay)
+    bare_loss = build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma).to(device)
+
+    def bare_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = bare_model(x)
+        loss = bare_loss(out.float(), y)
+        bare_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        bare_opt.step()
+
+    def bare_loader() -> int:
+        n = 0
+        for x, y in loader:
+            bare_step(x, y)
+            n += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n
+
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+
+    def bare_tensors() -> int:
+        for x, y in batches:
+            bare_step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return sum(len(y) for _, y in batches)
+
+    ours()
+    bare_tensors()  # warm-up: oneDNN primitives, allocator, loader workers
+    waits.clear()
+    runs: dict[str, list[tuple[float, float, float]]] = {"ours": [], "bare+loader": [], "bare+tensors": []}
+    for _ in range(args.repeats):
+        runs["ours"].append(_measure(ours))
+        runs["bare+loader"].append(_measure(bare_loader))
+        runs["bare+tensors"].append(_measure(bare_tensors))
+
+    images = len(loader) * prof.batch_size
+    print(f"\nprofile {name}: {prof.arch} {prof.image_size}px batch {prof.batch_size} {precision} "
+          f"channels_last={prof.channels_last} workers={prof.num_workers} device={device} "
+          f"threads={torch.get_num_threads()} cores={len(os.sched_getaffinity(0))}; {images} images/epoch, "
+          f"median of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'loop':<14}{'images/s':>10}{'wall s':>9}{'CPU s/100 img':>15}")
+    rate = {}
+    for label, values in runs.items():
+        rate[label] = statistics.median(v[0] for v in values)
+        wall = statistics.median(v[1] for v in values)
+        cpu = statistics.median(v[2] for v in values)
+        print(f"{label:<14}{rate[label]:>10.1f}{wall:>9.2f}{100 * cpu / images:>15.2f}")
+    overhead = 1 - rate["ours"] / rate["bare+loader"]
+    wait_share = statistics.median(waits) / statistics.median(v[1] for v in runs["ours"])
+    loader_cost = 1 - rate["bare+loader"] / rate["bare+tensors"]
+    verdict = "PASS" if overhead < TARGET_OVERHEAD else "FAIL"
+    print(f"\noverhead of our loop vs bare loop on the same loader: {100 * overhead:+.1f}% "
+          f"(target < {100 * TARGET_OVERHEAD:.0f}%: {verdict})")
+    print(f"time our loop waits on the loader: {100 * wait_share:.1f}% of the epoch; "
+          f"bare loop loses {100 * loader_cost:+.1f}% to loading vs in-memory batches")
+    bottleneck = wait_share > 0.10 or loader_cost > 0.15
+    print(f"data loading is {'THE BOTTLENECK' if bottleneck else 'not the bottleneck'} "
+          f"({prof.num_workers} loader worker(s), decode cache {'on' if prof.cache_images else 'off'})")
+
+
+if __name__ == "__main__":
+    main()

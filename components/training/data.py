@@ -1,0 +1,188 @@
+"""Torch datasets over manifest rows: decode with the shared image rule, then transform."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from components.data.images import DEFAULT_MAX_PIXELS, decode
+from components.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+_COLOUR_MODES = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+EMPTY_MASK = "empty"  # a normal image: its defect mask is known to be all zero
+
+
+def mask_file(image_file: Path) -> Path | None:
+    """The defect mask of an image, where the dataset has one (None when there is none).
+
+    Conventions (components/data/layout.py): `<stem>.png` beside the image (Magnetic Tile upstream), or
+    `<root>/masks/<class>/<stem>.png` for `<root>/images/<class>/<file>` (our tracked `data/`).
+    """
+    beside = image_file.with_suffix(".png")
+    if beside != image_file and beside.is_file():
+        return beside
+    if len(image_file.parents) >= 3 and image_file.parents[1].name == "images":
+        tracked = image_file.parents[2] / "masks" / image_file.parent.name / f"{image_file.stem}.png"
+        if tracked.is_file():
+            return tracked
+    return None
+
+
+def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        gray = image.convert("L")
+        if gray.size != (shape[1], shape[0]):
+            gray = gray.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+        return (np.asarray(gray) > 127).astype(np.uint8)
+
+
+class ManifestDataset(Dataset):
+    """(image tensor, class index) for each (file, label) row; augmentation is reproducible per (seed, epoch, item).
+
+    With `masks` (a path, EMPTY_MASK or None per item) each item is (image, class, mask (S, S) float, mask known
+    0/1), the mask following the image through every spatial augmentation.
+    """
+
+    def __init__(self, files: Sequence[str | Path], targets: Sequence[int], transform: Callable,
+                 seed: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, cache: bool = False,
+                 masks: Sequence[Path | str | None] | None = None, paste: float = 0.0,
+                 normal_target: int | None = None) -> None:
+        if len(files) != len(targets) or (masks is not None and len(masks) != len(files)):
+            raise ValueError(f"{len(files)} files but {len(targets)} targets / {len(masks or files)} masks")
+        self.files = [Path(f) for f in files]
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.epoch = 0
+        self.masks = list(masks) if masks is not None else None
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self._mask_cache: dict[int, np.ndarray | None] = {}
+        self.paste = paste if masks is not None and normal_target is not None else 0.0
+        self._backgrounds = [i for i, t in enumerate(self.targets) if t == normal_target]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of an epoch (call before creating that epoch's loader iterator)."""
+        self.epoch = epoch
+
+    def _load(self, index: int) -> np.ndarray:
+        decoded = decode(self.files[index], self.max_pixels)
+        if decoded.mode not in _COLOUR_MODES:  # grayscale: keep one channel in the cache, 3x less memory
+            return np.ascontiguousarray(decoded.rgb[:, :, 0])
+        return decoded.rgb
+
+    def image(self, index: int) -> np.ndarray:
+        """The decoded (H, W, 3) uint8 image of an item (from the in-memory cache when enabled)."""
+        if self._cache is None:
+            array = self._load(index)
+        else:
+            array = self._cache.get(index)
+            if array is None:
+                array = self._cache[index] = self._load(index)
+        return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+
+    def preload(self, progress: bool = False) -> None:
+        """Decode every image into the cache now (in the main process, so loader workers share it)."""
+        if self._cache is None:
+            return
+        from tqdm import tqdm
+
+        for index in tqdm(range(len(self)), desc="decode", unit="img", leave=False, disable=not progress or None):
+            if index not in self._cache:
+                self._cache[index] = self._load(index)
+            if self.masks is not None:
+                self.mask(index, self._cache[index].shape[:2])
+
+    def mask(self, index: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """The item's 0/1 defect mask at `shape` (zeros for EMPTY_MASK, None when unknown)."""
+        spec = self.masks[index] if self.masks is not None else None
+        if spec is None:
+            return None
+        if spec == EMPTY_MASK:
+            return np.zeros(shape, np.uint8)
+        if index not in self._mask_cache:
+            self._mask_cache[index] = _read_mask(Path(spec), shape)
+        return self._mask_cache[index]
+
+    def __getitem__(self, index: int) -> tuple:
+        rgb = self.image(index)
+        if self.seed is not None and hasattr(self.transform, "set_random_state"):
+            item_seed = hash((self.seed, self.epoch, index)) & 0xFFFF_FFFF
+            self.transform.set_random_state(np.random.default_rng(item_seed), random.Random(item_seed))
+        if self.masks is None:
+            return self.transform(image=rgb)["image"], self.targets[index]
+        mask = self.mask(index, rgb.shape[:2])
+        known = mask is not None
+        if known and self.paste and self._backgrounds and mask.any():
+            rng = np.random.default_rng(hash((self.seed, self.epoch, index, "paste")) & 0xFFFF_FFFF)
+            if rng.random() < self.paste:
+                background = self.image(self._backgrounds[int(rng.integers(len(self._backgrounds)))])
+                rgb = paste_defect(rgb, mask, background)
+        out = self.transform(image=rgb, mask=mask if known else np.zeros(rgb.shape[:2], np.uint8))
+        return out["image"], self.targets[index], torch.as_tensor(out["mask"]).float(), float(known)
+
+
+def paste_defect(source: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """The defect of `source` (where `mask` is set, with a soft margin) blended into a normal `background` image.
+
+    The background is resized to the source's size, so the defect keeps its place (edge defects stay at the edge);
+    the pasted pixels are rescaled to the background's local brightness and contrast.
+    """
+    import cv2
+
+    h, w = mask.shape
+    background = cv2.resize(background, (w, h), interpolation=cv2.INTER_AREA)
+    margin = max(3, round(0.03 * min(h, w))) | 1
+    region = cv2.dilate(mask.astype(np.uint8), np.ones((margin, margin), np.uint8))
+    alpha = cv2.GaussianBlur(region.astype(np.float32), (2 * margin + 1, 2 * margin + 1), 0)[:, :, None]
+    alpha = np.clip(alpha * 1.5, 0.0, 1.0)
+    # match brightness and contrast on a ring around the defect, so the defect keeps its contrast to its context
+    ring = cv2.dilate(region, np.ones((4 * margin + 1, 4 * margin + 1), np.uint8)).astype(bool) & ~region.astype(bool)
+    context = ring if ring.sum() >= 16 else region.astype(bool)
+    src, dst = source.astype(np.float32), background.astype(np.float32)
+    mu_s, sd_s = src[context].mean(), src[context].std() + 1.0
+    mu_b, sd_b = dst[context].mean(), dst[context].std() + 1.0
+    matched = (src - mu_s) / sd_s * sd_b + mu_b
+    return np.clip(alpha * matched + (1 - alpha) * dst, 0, 255).astype(np.uint8)
+
+
+def class_targets(frame: pd.DataFrame, classes: Sequence[str]) -> list[int]:
+    """Class index of each manifest row; a label outside `classes` is a usage error."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:
+        raise UsageError(
+            f"labels {unknown} are not among the dataset's classes {list(classes)}; add them to "
+            "params.yaml datasets.<name>.classes or remove those images"
+        )
+    return [index[label] for label in frame["label"]]
+
+
+def class_counts(targets: Sequence[int], num_classes: int) -> np.ndarray:
+    """How many items of each class."""
+    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes)
+
+
+def balanced_sampler(targets: Sequence[int], num_classes: int, power: float,
+                     generator: torch.Generator) -> WeightedRandomSampler:
+    """Samples items with weight count(class)^-power: 1 = classes equally often, 0 = as in the data."""
+    counts = class_counts(targets, num_classes).astype(np.float64)
+    per_class = np.where(counts > 0, np.maximum(counts, 1.0) ** -power, 0.0)
+    weights = torch.as_tensor(per_class[np.asarray(targets)], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)

@@ -1,0 +1,67 @@
+"""Losses for imbalanced classes: class-weighted cross-entropy and focal loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def class_weights(counts: Sequence[int] | np.ndarray, power: float = 0.5) -> torch.Tensor:
+    """Weight of each class = (its share of the items)^-power, scaled to a count-weighted mean of 1."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    share = np.where(present, counts / max(counts.sum(), 1.0), 1.0)
+    weights = np.where(present, share ** -power, 0.0)
+    mean = (weights * counts).sum() / max(counts.sum(), 1.0)
+    return torch.as_tensor(weights / (mean or 1.0), dtype=torch.float32)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, with optional class weights."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        log_p = F.log_softmax(logits, dim=1)
+        ce = F.nll_loss(log_p, target, reduction="none")
+        if self.label_smoothing:
+            ce = (1 - self.label_smoothing) * ce - self.label_smoothing * log_p.mean(dim=1)
+        p_true = log_p.gather(1, target[:, None]).squeeze(1).exp()
+        loss = (1 - p_true).clamp(min=0).pow(self.gamma) * ce
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum().clamp(min=1e-12)
+        return loss.mean()
+
+
+def build_loss(kind: str, counts: Sequence[int] | np.ndarray, power: float = 0.5, gamma: float = 2.0,
+               label_smoothing: float = 0.0) -> nn.Module:
+    """'ce' (plain), 'weighted_ce' (class-weighted) or 'focal' (class-weighted when power > 0)."""
+    weight = class_weights(counts, power) if power > 0 else None
+    if kind == "ce":
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if kind == "weighted_ce":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    if kind == "focal":
+        return FocalLoss(gamma=gamma, weight=weight, label_smoothing=label_smoothing)
+    raise ValueError(f"unknown loss {kind!r}; use 'ce', 'weighted_ce' or 'focal'")
+
+
+def defect_map_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor,
+                    pos_weight: float = 5.0) -> torch.Tensor:
+    """BCE of the coarse defect map against the max-pooled masks, over the items whose mask is known."""
+    target = F.adaptive_max_pool2d(masks[:, None].float(), logits.shape[-2:])
+    weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    per_item = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight,
+                                                  reduction="none").mean(dim=(1, 2, 3))
+    known = known.float()
+    return (per_item * known).sum() / known.sum().clamp(min=1.0)

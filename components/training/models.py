@@ -1,0 +1,202 @@
+"""The pure classifier: a torchvision ResNet backbone, optional spatial attention, a small MLP head.
+
+Only `nn.Module`s and the function that builds them live here; the training loop is in `loop.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial gate: channel-wise mean and max maps -> 7x7 conv -> sigmoid, multiplied into the features."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class DefectClassifier(nn.Module):
+    """ResNet features -> (attention) -> global average pool -> dropout/Linear/ReLU/dropout/Linear.
+
+    With `mask_head`, a 1x1 convolution on the stride-16 features (layer3) predicts a coarse defect map; it is
+    trained against the defect masks as an auxiliary task (see loop.py) and can localise defects at inference.
+    With `mask_gate` as well, that map (sigmoid, max-pooled to the last map's size) gates the last feature map
+    before pooling, so the classifier looks where the defect is instead of averaging it away.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float = 0.3,
+                 hidden: int = 512, attention: bool = False, freeze_stages: int = 0, mask_head: bool = False,
+                 mask_gate: bool = False) -> None:
+        super().__init__()
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.attention = SpatialAttention() if attention else nn.Identity()
+        mid_channels = backbone.layer3[-1].conv1.in_channels if hasattr(backbone.layer3[-1], "conv1") else 0
+        self.defect_head = nn.Conv2d(mid_channels, 1, kernel_size=1) if mask_head or mask_gate else None
+        self.mask_gate = mask_gate
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.hidden = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.embedding_dim = hidden
+        self.freeze_stages = freeze_stages
+        for module in self._frozen_modules():
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        b = self.backbone
+        stem = [b.conv1, b.bn1]
+        stages = [getattr(b, name) for name in _STAGES]
+        return (stem + stages)[: (2 if self.freeze_stages >= 1 else 0) + max(0, self.freeze_stages - 1)]
+
+    def train(self, mode: bool = True) -> DefectClassifier:
+        """Switch modes, keeping frozen stages (and their batch-norm statistics) in eval mode."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def _stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last feature map (attention- and mask-gated) and the defect-map logits (None without a head)."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        mid = b.layer3(b.layer2(b.layer1(x)))
+        last = self.attention(b.layer4(mid))
+        defect = self.defect_head(mid) if self.defect_head is not None else None
+        if self.mask_gate:
+            last = last * F.adaptive_max_pool2d(torch.sigmoid(defect), last.shape[-2:])
+        return last, defect
+
+    def _embed_map(self, last: torch.Tensor) -> torch.Tensor:
+        return self.hidden(torch.flatten(self.pool(last), 1))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map, after the attention gate."""
+        return self._stages(x)[0]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate (hidden-layer) features, one `embedding_dim` vector per image."""
+        return self._embed_map(self.feature_map(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.classifier(self.embed(x))
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and embeddings from one pass."""
+        embedding = self.embed(x)
+        return self.classifier(embedding), embedding
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class logits and defect-map logits (None without a mask head) from one pass."""
+        last, defect = self._stages(x)
+        return self.classifier(self._embed_map(last)), defect
+
+    def defect_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-cell defect probability at 1/16 of the input resolution (needs the mask head)."""
+        if self.defect_head is None:
+            raise UsageError("this model has no defect-map head; train it with mask_head: true")
+        return torch.sigmoid(self._stages(x)[1])
+
+
+def _torchvision(arch: str) -> tuple[type, object]:
+    from torchvision import models as tvm
+
+    builders = {
+        "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+        "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
+        "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    }
+    if arch not in builders:
+        raise UsageError(f"unknown architecture {arch!r}; use one of {sorted(builders)} (train.profiles.*.arch)")
+    return builders[arch]
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """Where torchvision's cache keeps the ImageNet weights of `arch` ($TORCH_HOME/hub/checkpoints/...)."""
+    _, weights = _torchvision(arch)
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def _imagenet_state(arch: str, allow_download: bool) -> tuple[dict | None, str]:
+    _, weights = _torchvision(arch)
+    cached = imagenet_weights_file(arch)
+    if not cached.is_file() and not allow_download:
+        return None, (f"{cached.name} not in the torchvision cache {cached.parent}; place the file there "
+                      "(or set train.download_weights: true when online)")
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False), f"imagenet:{weights.name}"
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, corrupt cache: all mean "not available"
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _file_state(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{path}: weights file not found; give an existing .pth file, 'imagenet' or null")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{path}: not a loadable state_dict ({exc}); save one with torch.save(model.state_dict())") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: holds a {type(state).__name__}, not a state_dict; save model.state_dict()")
+    prefix = "backbone."
+    if any(k.startswith(prefix) for k in state):  # one of our own model files: take its backbone
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def build_model(arch: Arch, num_classes: int, dropout: float = 0.3, hidden: int = 512, attention: bool = False,
+                freeze_stages: int = 0, weights: str | Path | None = None, allow_download: bool = False,
+                mask_head: bool = False, mask_gate: bool = False) -> tuple[DefectClassifier, str]:
+    """The classifier and a note of which weights it started from ('imagenet:...', 'file:...', 'random-init')."""
+    if num_classes < 2:
+        raise UsageError(f"num_classes is {num_classes}; a classifier needs at least two classes")
+    builder, _ = _torchvision(arch)
+    backbone = builder(weights=None, zero_init_residual=True)
+    feature_dim = backbone.fc.in_features
+    weights_used = "random-init"
+    state: dict | None = None
+    if weights is not None and str(weights).lower() == "imagenet":
+        state, note = _imagenet_state(arch, allow_download)
+        if state is None:
+            weights_used = f"random-init (ImageNet weights unavailable: {note})"
+            log.warning("ImageNet weights for %s unavailable (%s): training from random initialisation", arch, note)
+        else:
+            weights_used = note
+    elif weights is not None and str(weights) != "":
+        path = Path(weights).expanduser().resolve()
+        state = _file_state(path)
+        weights_used = f"file:{path}"
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        result = backbone.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+        if missing or result.unexpected_keys:
+            raise UsageError(
+                f"{weights_used}: weights do not fit {arch} (missing {missing[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}); use weights saved from a {arch}"
+            )
+        log.info("%s backbone initialised from %s", arch, weights_used)
+    model = DefectClassifier(backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages,
+                             mask_head, mask_gate)
+    return model, weights_used

@@ -1,0 +1,95 @@
+"""Image pipelines: (H, W, 3) uint8 RGB array -> normalised float (3, S, S) tensor.
+
+`eval_transform` is THE preprocessing for inference: evaluation and serving call it (via the model file's
+`image_size`), so training, evaluation and serving see identically prepared images.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from components.training.params import AugmentParams
+
+if TYPE_CHECKING:
+    import albumentations as A
+    import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+Normalization = Literal["imagenet", "per_image"]
+
+
+def standardize(image: np.ndarray, **_: object) -> np.ndarray:
+    """Scale one image to zero mean and unit standard deviation over all its pixels (float32)."""
+    image = image.astype(np.float32)
+    return (image - image.mean()) / (image.std() + 1e-4)
+
+
+def _finish(normalize: Normalization) -> list:
+    import albumentations as A
+
+    if normalize == "per_image":
+        scale = A.Lambda(image=standardize, name="standardize", p=1.0)
+    elif normalize == "imagenet":
+        scale = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    else:
+        raise ValueError(f"unknown normalization {normalize!r}; use 'imagenet' or 'per_image'")
+    return [scale, A.ToTensorV2()]
+
+
+def eval_transform(image_size: int, normalize: Normalization = "imagenet") -> A.Compose:
+    """Resize to image_size x image_size (area interpolation, aspect not kept), normalise, to CHW float tensor."""
+    import albumentations as A
+    import cv2
+
+    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA), *_finish(normalize)])
+
+
+def train_transform(p: AugmentParams, image_size: int, normalize: Normalization = "imagenet") -> A.Compose:
+    """The augmented training pipeline described by the `augment` params."""
+    import albumentations as A
+    import cv2
+
+    # squash to the square first, exactly as eval_transform does, so that crops keep the eval geometry
+    steps: list = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
+    if p.crop_scale is not None:
+        steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=p.crop_scale, ratio=p.crop_ratio,
+                                         p=1.0))
+    if p.hflip:
+        steps.append(A.HorizontalFlip(p=p.hflip))
+    if p.vflip:
+        steps.append(A.VerticalFlip(p=p.vflip))
+    if p.rotate90:
+        steps.append(A.RandomRotate90(p=p.rotate90))
+    if p.affine:
+        steps.append(A.Affine(scale=p.affine_scale, translate_percent=(-p.affine_translate, p.affine_translate),
+                              rotate=(-p.affine_rotate, p.affine_rotate), border_mode=cv2.BORDER_REFLECT_101,
+                              p=p.affine))
+    if p.brightness_contrast:
+        steps.append(A.RandomBrightnessContrast(brightness_limit=p.brightness_limit,
+                                                contrast_limit=p.contrast_limit, p=p.brightness_contrast))
+    if p.blur:
+        steps.append(A.GaussianBlur(blur_limit=(3, 3), p=p.blur))
+    if p.noise:
+        steps.append(A.GaussNoise(std_range=p.noise_std, per_channel=False, p=p.noise))
+    return A.Compose([*steps, *_finish(normalize)])
+
+
+@lru_cache(maxsize=8)
+def _cached_eval(image_size: int, normalize: Normalization) -> A.Compose:
+    return eval_transform(image_size, normalize)
+
+
+def preprocess(rgb: np.ndarray, image_size: int, normalize: Normalization = "imagenet") -> torch.Tensor:
+    """One decoded (H, W, 3) uint8 image -> the (3, S, S) float tensor the model expects."""
+    return _cached_eval(image_size, normalize)(image=rgb)["image"]
+
+
+def model_transform(meta: dict) -> A.Compose:
+    """The eval transform a model file asks for (its image_size and normalization)."""
+    return eval_transform(int(meta["image_size"]), meta.get("normalization", {}).get("kind", "imagenet"))

@@ -1,0 +1,225 @@
+"""Unit tests of the training parts: model builder, weights, transforms, dataset, losses, params."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.errors import UsageError
+from components.training.data import ManifestDataset, balanced_sampler
+from components.training.losses import FocalLoss, build_loss, class_weights
+from components.training.loop import warmup_cosine
+from components.training.models import build_model, imagenet_weights_file
+from components.training.params import AugmentParams, train_params
+from components.training.transforms import eval_transform, train_transform
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_model_logits_and_embedding_shapes(attention):
+    model, used = build_model("resnet18", 4, dropout=0.2, hidden=32, attention=attention, weights=None)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert used == "random-init"
+    assert model(x).shape == (2, 4) and model.embed(x).shape == (2, 32)
+
+
+def test_mask_head_and_gate_give_a_coarse_defect_map():
+    model, _ = build_model("resnet18", 3, hidden=16, mask_head=True, mask_gate=True)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, defect = model.forward_train(x)
+    assert logits.shape == (2, 3) and defect.shape == (2, 1, 4, 4)
+    assert torch.allclose(model(x), logits) and torch.allclose(model.defect_map(x), torch.sigmoid(defect))
+    with pytest.raises(UsageError, match="no defect-map head"):
+        build_model("resnet18", 3)[0].defect_map(x)
+
+
+def test_freeze_stages_freezes_stem_and_first_stages():
+    model, _ = build_model("resnet18", 3, freeze_stages=2)
+    frozen = {n.split(".")[1] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"}
+    model.train()
+    assert not model.backbone.layer1.training and model.backbone.layer2.training
+
+
+def test_offline_imagenet_weights_warn_and_fall_back_to_random_init(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        _, used = build_model("resnet18", 3, weights="imagenet")
+    assert used.startswith("random-init (ImageNet weights unavailable: resnet18-")
+    assert "training from random initialisation" in caplog.text
+
+
+def test_imagenet_weights_come_from_the_torchvision_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = torchvision.models.resnet18()
+    cached = imagenet_weights_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    model, used = build_model("resnet18", 3, weights="imagenet")
+    assert used == "imagenet:IMAGENET1K_V1"
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_weights_from_a_local_file_and_missing_file(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "backbone.pth"
+    torch.save(reference.state_dict(), path)
+    model, used = build_model("resnet18", 5, weights=path)
+    assert used == f"file:{path.resolve()}"
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(UsageError, match="weights file not found"):
+        build_model("resnet18", 5, weights=tmp_path / "nope.pth")
+    with pytest.raises(UsageError, match="do not fit resnet34"):
+        build_model("resnet34", 5, weights=path)
+
+
+def test_transforms_map_uint8_rgb_to_normalised_chw_tensor():
+    rgb = np.random.default_rng(0).integers(0, 256, (90, 140, 3), dtype=np.uint8)
+    full = AugmentParams(noise=1.0, blur=1.0, affine=1.0, brightness_contrast=1.0, rotate90=1.0)
+    for transform in (train_transform(full, 64), train_transform(AugmentParams(crop_scale=None), 64),
+                      eval_transform(64)):
+        out = transform(image=rgb)["image"]
+        assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+        assert -5 < float(out.mean()) < 5
+    assert torch.equal(eval_transform(64)(image=rgb)["image"], eval_transform(64)(image=rgb)["image"])
+
+
+def test_dataset_reads_grey_and_colour_files_and_augments_reproducibly(tmp_path):
+    grey, colour, rgba = tmp_path / "g.png", tmp_path / "c.jpg", tmp_path / "a.png"
+    noise = np.random.default_rng(1).integers(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(noise, "L").save(grey)
+    Image.fromarray(np.full((40, 50, 3), (200, 20, 20), np.uint8), "RGB").save(colour)
+    Image.fromarray(np.full((40, 50, 4), 90, np.uint8), "RGBA").save(rgba)
+    data = ManifestDataset([grey, colour, rgba], [0, 1, 2], train_transform(AugmentParams(), 32), seed=3,
+                           cache=True)
+    data.preload()
+    assert data.image(0).shape == (40, 50, 3) and data.image(0).dtype == np.uint8
+    for i in range(3):
+        image, target = data[i]
+        assert image.shape == (3, 32, 32) and target == i
+    assert torch.equal(data[1][0], data[1][0]), "same (seed, epoch, item) -> same augmentation"
+    epoch0 = [data[0][0] for _ in range(2)]
+    data.set_epoch(1)
+    assert torch.equal(*epoch0) and not torch.equal(epoch0[0], data[0][0]), "a new epoch draws a new stream"
+    colour_tensor = ManifestDataset([colour], [0], eval_transform(32))[0][0]
+    assert not torch.allclose(colour_tensor[0], colour_tensor[1]), "colour channels are kept apart"
+
+
+def test_balanced_sampler_evens_out_classes():
+    targets = [0] * 90 + [1] * 10
+    sampler = balanced_sampler(targets, 2, power=1.0, generator=torch.Generator().manual_seed(0))
+    drawn = np.bincount(np.asarray(targets)[list(sampler)], minlength=2)
+    assert 35 <= drawn[1] <= 65
+
+
+def test_losses_weighted_ce_and_focal():
+    counts = [80, 15, 5]
+    weights = class_weights(counts, power=0.5)
+    assert weights[2] > weights[1] > weights[0]
+    assert float((weights * torch.tensor(counts, dtype=torch.float32)).sum() / sum(counts)) == pytest.approx(1.0)
+    logits, target = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    plain = torch.nn.functional.cross_entropy(logits, target)
+    assert FocalLoss(gamma=0.0)(logits, target) == pytest.approx(plain.item(), rel=1e-5)
+    assert FocalLoss(gamma=2.0)(logits, target) < plain
+    for kind in ("ce", "weighted_ce", "focal"):
+        assert torch.isfinite(build_loss(kind, counts)(logits, target))
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("hinge", counts)
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(100) == pytest.approx(0.01)
+
+
+def test_bad_train_params_name_the_key(raw_params):
+    raw = raw_params()
+    raw["train"]["profiles"]["cpu"]["arch"] = "vgg16"
+    with pytest.raises(UsageError, match="params.yaml `train`"):
+        train_params(raw)
+    with pytest.raises(UsageError, match="no `train` section"):
+        train_params({})
+
+
+def test_load_model_file_rejects_missing_and_foreign_files(tmp_path):
+    from components.training.train import load_model_file
+
+    with pytest.raises(UsageError, match="model file not found"):
+        load_model_file(tmp_path / "model.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(UsageError, match="not a defectops model file"):
+        load_model_file(Path(tmp_path / "other.pt"))
+
+
+def test_mask_files_are_found_in_both_layouts(tmp_path):
+    from components.training.data import mask_file
+
+    beside = tmp_path / "MT_Crack" / "Imgs"
+    beside.mkdir(parents=True)
+    (beside / "a.jpg").write_bytes(b"x")
+    (beside / "a.png").write_bytes(b"x")
+    tracked = tmp_path / "data"
+    (tracked / "images" / "Crack").mkdir(parents=True)
+    (tracked / "masks" / "Crack").mkdir(parents=True)
+    (tracked / "images" / "Crack" / "b.jpg").write_bytes(b"x")
+    (tracked / "masks" / "Crack" / "b.png").write_bytes(b"x")
+    (tracked / "images" / "Crack" / "c.png").write_bytes(b"x")
+    assert mask_file(beside / "a.jpg") == beside / "a.png"
+    assert mask_file(tracked / "images" / "Crack" / "b.jpg") == tracked / "masks" / "Crack" / "b.png"
+    assert mask_file(tracked / "images" / "Crack" / "c.png") is None
+
+
+def test_masks_follow_the_image_through_augmentation(tmp_path):
+    from components.training.data import EMPTY_MASK
+
+    image = np.zeros((40, 40), np.uint8)
+    image[:, :10] = 255  # bright band on the left, masked as the defect
+    Image.fromarray(image, "L").save(tmp_path / "d.png")
+    Image.fromarray(image, "L").save(tmp_path / "d_mask.png")
+    flip_only = AugmentParams(crop_scale=None, hflip=1.0, vflip=0, rotate90=0, affine=0, brightness_contrast=0)
+    data = ManifestDataset([tmp_path / "d.png"] * 3, [1, 0, 1], train_transform(flip_only, 40, "per_image"),
+                           seed=0, masks=[tmp_path / "d_mask.png", EMPTY_MASK, None])
+    x, target, mask, known = data[0]
+    assert target == 1 and known == 1.0 and mask.shape == (40, 40)
+    assert mask[:, -10:].all() and not mask[:, :-10].any(), "flipped together with the image"
+    assert bool((x[0][mask.bool()] > 0).all())
+    assert data[1][2].sum() == 0 and data[1][3] == 1.0 and data[2][3] == 0.0
+
+
+def test_defect_map_loss_ignores_unknown_masks():
+    from components.training.losses import defect_map_loss
+
+    logits = torch.full((2, 1, 4, 4), -4.0)
+    masks = torch.zeros(2, 32, 32)
+    masks[0, :8, :8] = 1
+    known = torch.tensor([1.0, 0.0])
+    hit = defect_map_loss(logits, masks, known)
+    logits[0, 0, 0, 0] = 4.0
+    assert defect_map_loss(logits, masks, known) < hit
+    assert defect_map_loss(logits, masks, torch.zeros(2)) == 0
+
+
+def test_paste_defect_moves_the_defect_onto_a_normal_background():
+    from components.training.data import paste_defect
+
+    rng = np.random.default_rng(0)
+    source = np.full((60, 80, 3), 100, np.uint8)
+    source[20:30, 30:40] = 10  # dark defect
+    mask = np.zeros((60, 80), np.uint8)
+    mask[20:30, 30:40] = 1
+    background = rng.integers(170, 190, (90, 120, 3)).astype(np.uint8)  # brighter, other size
+    out = paste_defect(source, mask, background)
+    assert out.shape == source.shape and out.dtype == np.uint8
+    assert out[25, 35].mean() < out[5, 5].mean() - 50, "the defect stays darker than its new surroundings"
+    assert 160 <= out[5, 5].mean() <= 200, "away from the defect the pixels are the background's"

@@ -1,0 +1,108 @@
+"""End-to-end training runs on the tiny dataset: outputs, resume, divergence, losses, offline weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.training.loop import EpochRecord, TrainingDiverged
+from components.training.train import HISTORY_COLUMNS, load_model_file, run_training
+from components.training.transforms import preprocess
+
+pytestmark = pytest.mark.slow
+
+
+def _run(settings, raw, manifest, out_dir, **kwargs):
+    return run_training(settings, raw, profile=None, out_dir=out_dir, manifest=manifest, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("loss", ["weighted_ce", "focal"])
+def test_training_run_writes_all_outputs(settings, raw_params, tiny_manifest, tmp_path, monkeypatch, caplog,
+                                         loss):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # offline: no cached ImageNet weights
+    raw = raw_params(loss=loss, weights="imagenet", attention=loss == "focal", sampler="class_balanced")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="components.training.models"):
+        result = _run(settings, raw, tiny_manifest, out)
+
+    assert {p.name for p in out.iterdir()} == {"model.pt", "train_metrics.json", "history.csv"}
+    assert any("ImageNet weights for resnet18 unavailable" in r.getMessage() for r in caplog.records)
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["profile"] == "cpu" and metrics["train_images_per_s"] > 0
+    assert 0 <= metrics["best_val_macro_f1"] <= 1 and metrics["seconds"] > 0
+    assert metrics["weights_used"].startswith("random-init (ImageNet weights unavailable")
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS and history["epoch"].tolist() == [1, 2]
+    assert not result.checkpoint_dir.exists(), "a finished run removes its checkpoint"
+
+    model, meta = load_model_file(out / "model.pt")
+    assert not model.training
+    assert meta["classes"] == ["normal", "scratch", "spot"] and meta["normal_class"] == "normal"
+    assert meta["image_size"] == 64 and meta["weights_used"] == metrics["weights_used"]
+    assert meta["arch"]["attention"] is (loss == "focal") and "state_dict" not in meta
+    rows = tiny_manifest[tiny_manifest["split"] == "test"]
+    from components.data.images import decode
+
+    batch = torch.stack([preprocess(decode(Path(f)).rgb, meta["image_size"]) for f in rows["file"][:4]])
+    with torch.no_grad():
+        logits, embedding = model.forward_with_embedding(batch)
+    assert logits.shape == (4, 3) and embedding.shape == (4, meta["embedding_dim"]) == (4, 64)
+    assert torch.allclose(model(batch), logits)
+
+
+def test_resume_after_interruption_continues_from_checkpoint(settings, raw_params, tiny_manifest, tmp_path):
+    raw = raw_params(epochs=3)
+    reference = _run(settings, raw, tiny_manifest, tmp_path / "uninterrupted")
+
+    def stop_after_first_epoch(record: EpochRecord) -> None:
+        if record.epoch == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        _run(settings, raw, tiny_manifest, out, callbacks=[stop_after_first_epoch])
+    assert not (out / "model.pt").exists()
+    assert (reference.checkpoint_dir / "last.pt").is_file(), "the interrupted run left its checkpoint"
+
+    resumed = _run(settings, raw, tiny_manifest, out, resume=True)
+    assert resumed.metrics["resumed_from_epoch"] == 1 and resumed.metrics["epochs"] == 3
+    want = pd.read_csv(reference.history_path)
+    got = pd.read_csv(resumed.history_path)
+    cols = ["epoch", "train_loss", "val_loss", "val_macro_f1", "lr"]
+    np.testing.assert_allclose(got[cols].to_numpy(), want[cols].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_raises_training_diverged_and_writes_no_model(settings, raw_params, tiny_manifest, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        _run(settings, raw_params(lr=1e30, warmup_epochs=0), tiny_manifest, out)
+    assert not (out / "model.pt").exists()
+
+
+def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_path):
+    result = _run(settings, raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=1,
+                                       loss="ce", ema_decay=0.9), tiny_manifest, tmp_path / "out")
+    assert result.metrics["precision"] == "bf16" and result.model_path.is_file()
+
+
+def test_mask_head_and_per_image_normalisation_train_and_reload(settings, raw_params, tiny_masked_manifest, tmp_path):
+    raw = raw_params(epochs=1, mask_head=True, mask_gate=True, mask_loss_weight=1.0, normalize="per_image")
+    raw["augment"]["paste"] = 1.0
+    result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")
+    model, meta = load_model_file(result.model_path)
+    assert meta["arch"]["mask_head"] is True and meta["arch"]["mask_gate"] is True
+    assert meta["normalization"] == {"kind": "per_image"}
+    from components.data.images import decode
+    from components.training.transforms import model_transform
+
+    file = tiny_masked_manifest["file"].iloc[0]
+    x = model_transform(meta)(image=decode(Path(file)).rgb)["image"][None]
+    assert abs(float(x.mean())) < 1e-3, "per-image standardisation is part of the model's preprocessing"
+    with torch.no_grad():
+        assert model.defect_map(x).shape == (1, 1, 4, 4)
