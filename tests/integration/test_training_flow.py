@@ -14,7 +14,7 @@ from tests.conftest import make_imagefolder
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TINY_PROFILE = {"arch": "resnet18", "weights": None, "image_size": 48, "batch_size": 8, "epochs": 2, "patience": 5,
-                "lr": 1e-3, "warmup_epochs": 0, "hidden": 32, "dropout": 0.1, "num_workers": 0,
+                "lr": 1e-3, "warmup_epochs": 0, "hidden": 32, "dropout": 0.1, "num_workers": 1,
                 "precision": "fp32", "channels_last": False, "threads": 1}
 
 

@@ -86,7 +86,9 @@ def test_nan_loss_raises_training_diverged_and_writes_no_model(settings, raw_par
 
 
 def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_path):
-    result = _run(settings, raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=1,
+    # in-process: no loader workers (a process that ran a Prefect flow cannot fork them; the flows run
+    # `defectops train` in a subprocess, and tests/integration/test_training_flow.py covers workers there)
+    result = _run(settings, raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=0,
                                        loss="ce", ema_decay=0.9), tiny_manifest, tmp_path / "out")
     assert result.metrics["precision"] == "bf16" and result.model_path.is_file()
 
