@@ -1,0 +1,211 @@
+"""Drift detection rate and false-alarm rate of the drift check, on repeated production windows.
+
+The reference is built exactly as `defectops drift` builds it (train+val image statistics, the model's answers
+on val). Production windows are sampled from the held-out test images: clean ones as they are, shifted ones
+under a lighting change (components.drift.simulate.lighting_change), each turned into production-log records
+by the same model, and compared with `components.drift.detect.compare` under the `drift` params.
+Every embedding drift method is also scored on the same windows, to choose `drift.embedding`.
+
+    .venv/bin/python benchmarks/drift_rates.py --model champion            # the tracked dataset
+    .venv/bin/python benchmarks/drift_rates.py --model path/to/model.pt --data ../shared/datasets/magnetic-tile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHIFTS: dict[str, dict[str, float]] = {  # lighting changes: gain/offset on brightness, contrast about the mean
+    "darker": {"gain": 0.7},
+    "brighter": {"gain": 1.3},
+    "low-contrast": {"contrast": 0.6},
+    "dim-and-flat": {"gain": 0.8, "contrast": 0.8},
+    "mild-darker": {"gain": 0.85},
+    "lamp-offset": {"offset": 30.0},
+}
+EMBEDDING_METHODS: dict[str, dict[str, Any]] = {
+    "model(0.55)": {"method": "model"},
+    "model(0.60)": {"method": "model", "threshold": 0.6},
+    "model(bootstrap 0.95)": {"method": "model", "bootstrap": True},
+    "model(bootstrap 0.99)": {"method": "model", "bootstrap": True, "quantile_probability": 0.99},
+    "distance(0.2)": {"method": "distance"},
+    "distance(bootstrap 0.95)": {"method": "distance", "bootstrap": True},
+    "distance(bootstrap 0.99)": {"method": "distance", "bootstrap": True, "quantile_probability": 0.99},
+    "ratio(0.2)": {"method": "ratio"},
+}
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="champion", help="champion, a version, models:/ URI or model.pt path")
+    parser.add_argument("--data", default=None, help="labelled folder (e.g. the Magnetic Tile images); default: "
+                        "the tracked dataset")
+    parser.add_argument("--windows", type=int, default=20, help="windows per variant (clean and each shift)")
+    parser.add_argument("--window-size", default="150", help="production records per window; a comma list runs "
+                        "each size on the same reference and predictions")
+    parser.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma list of {list(SHIFTS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-method", default=None, help="override drift.num_method")
+    parser.add_argument("--num-threshold", type=float, default=None, help="override drift.num_threshold")
+    parser.add_argument("--cat-threshold", type=float, default=None, help="override drift.cat_threshold")
+    parser.add_argument("--drift-share", type=float, default=None, help="override drift.drift_share")
+    parser.add_argument("--no-alternatives", action="store_true", help="skip scoring every embedding method")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    return parser.parse_args()
+
+
+def _drift_params(args: argparse.Namespace, params: Any) -> Any:
+    from components.drift.params import drift_params
+
+    drift = drift_params(params)
+    overrides = {"num_method": args.num_method, "num_threshold": args.num_threshold,
+                 "cat_threshold": args.cat_threshold, "drift_share": args.drift_share}
+    return drift.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _pool_records(predictor: Any, files: list[str], shifts: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Production-log records of the pool images, clean and under each lighting change (one pass each)."""
+    from datetime import UTC, datetime
+
+    from components.data.images import decode
+    from components.drift.simulate import lighting_change, log_records
+
+    rgbs = [decode(Path(f)).rgb for f in files]
+    stamps = [datetime(2025, 1, 1, tzinfo=UTC)] * len(rgbs)
+    pools = {"clean": log_records(predictor, rgbs, stamps)}
+    for name in shifts:
+        pools[name] = log_records(predictor, [lighting_change(rgb, **SHIFTS[name]) for rgb in rgbs], stamps)
+    return pools
+
+
+def main() -> None:
+    args = _arguments()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from components.config import get_settings, load_params
+    from components.data.tracked import manifest_of, tracked_manifest
+    from components.drift.params import EmbeddingDriftParams
+    from components.drift.reference import build_reference, embedding_columns, model_version_of
+    from components.registry.registry import load_predictor
+
+    settings, params = get_settings(), load_params()
+    drift = _drift_params(args, params)
+    shifts = [s for s in args.shifts.split(",") if s]
+    began = time.perf_counter()
+    predictor = load_predictor(settings, args.model)
+    manifest = manifest_of(Path(args.data), settings, params) if args.data else tracked_manifest(settings, params)
+    reference = build_reference(manifest, predictor, drift)
+    pool = manifest[(manifest["split"] == "test") & (manifest["readable"] == True)]
+    pools = _pool_records(predictor, pool["file"].astype(str).tolist(), shifts)
+    setup_s = time.perf_counter() - began
+    version = model_version_of(predictor)
+    ref_emb = reference.loc[reference["predicted_class"].notna(), embedding_columns()].reset_index(drop=True)
+    alternatives = {} if args.no_alternatives else {
+        name: drift.model_copy(update={"embedding": EmbeddingDriftParams(**{
+            **drift.embedding.model_dump(exclude={"method", "threshold", "bootstrap", "quantile_probability"}),
+            **spec})}) for name, spec in EMBEDDING_METHODS.items()}
+    print(f"model {version}; reference {len(reference)} images ({int(reference['predicted_class'].notna().sum())} "
+          f"predicted); pool {len(pool)} test images; {args.windows} windows per variant; setup {setup_s:.0f} s")
+    print(f"params: num {drift.num_method} >= {drift.num_threshold}, cat {drift.cat_method} >= {drift.cat_threshold}, "
+          f"per column {drift.per_column_threshold or '-'}, drift_share {drift.drift_share}, "
+          f"embedding {drift.embedding.model_dump(exclude={'enabled'})}")
+    everything = {}
+    for size in [int(v) for v in str(args.window_size).split(",")]:
+        results = _run_windows(pools, reference, ref_emb, drift, alternatives, version, size, args)
+        _print(results, shifts, size, drift, args.windows)
+        everything[size] = {v: {**o, "columns": dict(o["columns"]), "alternatives": dict(o["alternatives"])}
+                            for v, o in results.items()}
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=2, default=float))
+
+
+def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, ref_emb: Any, drift: Any,
+                 alternatives: dict[str, Any], version: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Compare `args.windows` random windows of `size` records of every variant with the reference."""
+    from components.drift.current import current_frame
+    from components.drift.detect import compare, embedding_drift
+    from components.drift.reference import embedding_columns
+
+    rng = np.random.default_rng(args.seed)
+    results: dict[str, Any] = {}
+    for variant, records in pools.items():
+        outcome: dict[str, Any] = {"overall": 0, "dataset": 0, "embedding": 0, "columns": Counter(),
+                                   "alternatives": Counter(), "drift_share": [], "embedding_score": [],
+                                   "scores": {}, "seconds": [], "windows": []}
+        for _ in range(args.windows):
+            picked = rng.choice(len(records), size, replace=size > len(records))
+            frame = current_frame([records[i] for i in picked])
+            started = time.perf_counter()
+            summary = compare(reference, frame, drift, version).summary
+            outcome["seconds"].append(time.perf_counter() - started)
+            outcome["overall"] += summary["drift"]
+            outcome["dataset"] += summary["dataset_drift"]
+            emb = summary["embedding_drift"] or {}
+            outcome["embedding"] += bool(emb.get("drifted"))
+            outcome["columns"].update(summary["drifted_columns"])
+            outcome["drift_share"].append(summary["drift_share"])
+            outcome["embedding_score"].append(emb.get("score", float("nan")))
+            for column, verdict in summary["columns"].items():
+                outcome["scores"].setdefault(column, []).append(verdict["score"])
+            outcome["windows"].append({"scores": {c: v["score"] for c, v in summary["columns"].items()},
+                                       "embedding_drifted": bool(emb.get("drifted"))})
+            cur_emb = frame[embedding_columns()].dropna()
+            for name, alternative in alternatives.items():
+                outcome["alternatives"][name] += embedding_drift(ref_emb, cur_emb, alternative)["drifted"]
+        results[variant] = outcome
+    return results
+
+
+def _sweep(results: dict[str, Any], shifts: list[str], drift: Any, n: int) -> None:
+    """What-if: the overall rates under other numerical thresholds and drift shares, from the same scores."""
+    print(f"what-if (false alarms | detection per shift: {', '.join(shifts)}), same embedding verdicts:")
+    for threshold in (0.15, 0.2, 0.25, 0.3):
+        for share in (0.3, 0.45):
+            def drifted(window: dict[str, Any], threshold: float = threshold, share: float = share) -> bool:
+                limits = {c: drift.per_column_threshold.get(c, drift.cat_threshold if c == "predicted_class"
+                                                            else threshold) for c in window["scores"]}
+                hits = sum(window["scores"][c] >= limits[c] for c in limits)
+                return hits / max(1, len(limits)) >= share or window["embedding_drifted"]
+
+            rates = [sum(map(drifted, results[v]["windows"])) / n for v in ["clean", *shifts]]
+            print(f"  num_threshold {threshold:.2f} drift_share {share:.2f}: {rates[0]:.2f} | "
+                  + " ".join(f"{r:.2f}" for r in rates[1:]))
+
+
+def _print(results: dict[str, Any], shifts: list[str], size: int, drift: Any, n: int) -> None:
+    seconds = np.mean([s for o in results.values() for s in o["seconds"]])
+    print(f"\n=== windows of {size} production records ({n} per variant; compare {seconds:.2f} s/window)")
+    print(f"{'variant':<14}{'overall':>9}{'dataset':>9}{'embed':>7}{'share':>7}{'emb score':>11}  drifted columns")
+    for variant, o in results.items():
+        columns = ", ".join(f"{c} {k}" for c, k in o["columns"].most_common())
+        print(f"{variant:<14}{o['overall'] / n:>9.2f}{o['dataset'] / n:>9.2f}{o['embedding'] / n:>7.2f}"
+              f"{np.mean(o['drift_share']):>7.2f}{np.nanmean(o['embedding_score']):>11.3f}  {columns or '-'}")
+    columns = list(results["clean"]["scores"])
+    print("mean (max) drift score per column")
+    print(f"{'variant':<14}" + "".join(f"{c[:15]:>16}" for c in columns))
+    for variant, o in results.items():
+        print(f"{variant:<14}" + "".join(f"{np.mean(o['scores'].get(c, [np.nan])):>9.3f} "
+                                        f"({np.max(o['scores'].get(c, [np.nan])):.2f})" for c in columns))
+    clean, shifted = results["clean"], [results[s] for s in shifts]
+    print(f"FALSE-ALARM RATE (clean windows): {clean['overall'] / n:.2f}   DETECTION RATE: " + ", ".join(
+        f"{name} {results[name]['overall'] / n:.2f}" for name in shifts))
+    _sweep(results, shifts, drift, n)
+    if not clean["alternatives"]:
+        return
+    print(f"embedding methods alone (false alarms on clean | detection per shift: {', '.join(shifts)}):")
+    for name in EMBEDDING_METHODS:
+        rates = " ".join(f"{o['alternatives'][name] / n:.2f}" for o in shifted)
+        print(f"  {name:<26}{clean['alternatives'][name] / n:>5.2f} | {rates}")
+
+
+if __name__ == "__main__":
+    main()

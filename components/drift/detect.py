@@ -1,0 +1,198 @@
+"""The drift decision: an Evidently data drift report over image statistics and predictions, plus embedding drift.
+
+Rule: **drift = dataset drift OR embedding drift**, where
+- dataset drift is Evidently's own verdict: at least `drift.drift_share` of the report's columns drifted, each
+  column judged by its Evidently test (fixed methods from params, so the verdict does not switch between p-values
+  and distances with the sample size);
+- embedding drift is Evidently's embedding drift method (`drift.embedding.method`) called directly on the compact
+  embeddings (the EmbeddingsDrift metric would also run a slow t-SNE for its plot), on a seeded sample of at most
+  `drift.embedding.max_current` current embeddings: Evidently's bootstrap draws samples sized by the ratio of the
+  two sets, so a month of records against ~160 reference embeddings would otherwise lose almost all its power.
+Predictions and embeddings are compared only for production records of the reference's model version (another
+model's embeddings live in another space); image statistics use every record.
+Fewer than `drift.min_current` records is "not enough production data": reported, never drift.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from components.drift.params import CATEGORICAL_COLUMNS, PREDICTION_COLUMNS, DriftParams
+from components.drift.reference import embedding_columns
+
+log = logging.getLogger(__name__)
+
+RULE = "drift = dataset_drift OR embedding_drift.drifted"
+NOT_ENOUGH = "not_enough_data"
+MIN_REFERENCE_EMBEDDINGS = 10
+
+
+@dataclass
+class Comparison:
+    """The machine-readable result and the Evidently snapshot it came from (None when nothing was compared)."""
+
+    summary: dict[str, Any]
+    snapshot: Any = None
+
+    @property
+    def drift(self) -> bool:
+        return bool(self.summary["drift"])
+
+
+def _status(value: Any) -> str:
+    return str(getattr(value, "value", value)).upper()
+
+
+def snapshot_summary(snapshot: Any) -> dict[str, Any]:
+    """Dataset drift, drift share and per-column verdicts from a DataDriftPreset snapshot run with tests."""
+    data = snapshot.dict()
+    status = {t["metric_config"]["metric_id"]: _status(t["status"]) for t in data["tests"]}
+    columns: dict[str, dict[str, Any]] = {}
+    share = count = threshold = None
+    dataset_test = None
+    for metric in data["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith("ValueDrift"):
+            columns[config["column"]] = {"method": config.get("method"), "threshold": config.get("threshold"),
+                                         "score": float(metric["value"]),
+                                         "drifted": status.get(metric["id"]) == "FAIL"}
+        elif config["type"].endswith("DriftedColumnsCount"):
+            share, count = float(metric["value"]["share"]), int(metric["value"]["count"])
+            threshold, dataset_test = float(config["drift_share"]), status.get(metric["id"])
+    if share is None:
+        raise RuntimeError("the Evidently snapshot has no DriftedColumnsCount metric; run it with DataDriftPreset")
+    return {"dataset_drift": dataset_test == "FAIL" if dataset_test else share >= threshold,
+            "drift_share": share, "drift_share_threshold": threshold, "n_drifted_columns": count,
+            "drifted_columns": [c for c, v in columns.items() if v["drifted"]], "columns": columns}
+
+
+def embedding_method(params: DriftParams) -> Any:
+    """The configured Evidently embedding drift method object."""
+    from evidently.metrics.embeddings import (
+        DistanceDriftMethod,
+        MMDDriftMethod,
+        ModelDriftMethod,
+        RatioDriftMethod,
+    )
+
+    spec = params.embedding
+    options: dict[str, Any] = {"pca_components": spec.pca_components}
+    if spec.threshold is not None:
+        options["threshold"] = spec.threshold
+    if spec.method in ("model", "distance", "mmd"):
+        options.update(bootstrap=spec.bootstrap, quantile_probability=spec.quantile_probability)
+    kind = {"model": ModelDriftMethod, "distance": DistanceDriftMethod, "ratio": RatioDriftMethod,
+            "mmd": MMDDriftMethod}[spec.method]
+    return kind(**options)
+
+
+def embedding_drift(reference_emb: pd.DataFrame, current_emb: pd.DataFrame, params: DriftParams) -> dict[str, Any]:
+    """Embedding drift by the configured method: {method, score, threshold, drifted}."""
+    method = embedding_method(params)
+    n_window = len(current_emb)
+    limit = params.embedding.max_current
+    if limit and n_window > limit:
+        current_emb = current_emb.sample(limit, random_state=0)
+    # the methods add a column to their inputs: give them copies
+    score, drifted, name = method(current_emb.reset_index(drop=True).copy(), reference_emb.reset_index(drop=True))
+    threshold = None if params.embedding.bootstrap else getattr(method, "threshold", None)
+    return {"method": name, "score": float(score), "threshold": threshold, "bootstrap": params.embedding.bootstrap,
+            "drifted": bool(drifted), "n_reference": len(reference_emb), "n_current": len(current_emb),
+            "n_window": n_window}
+
+
+def _definition(columns: list[str]) -> Any:
+    from evidently import DataDefinition
+
+    return DataDefinition(numerical_columns=[c for c in columns if c not in CATEGORICAL_COLUMNS],
+                          categorical_columns=[c for c in columns if c in CATEGORICAL_COLUMNS])
+
+
+def data_drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str],
+                      params: DriftParams) -> Any:
+    """Run the Evidently DataDriftPreset (with tests) over these columns; returns the snapshot."""
+    from evidently import Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    definition = _definition(columns)
+    per_method = {c: m for c, m in params.per_column_method.items() if c in columns} or None
+    per_threshold = {c: t for c, t in params.per_column_threshold.items() if c in columns} or None
+    preset = DataDriftPreset(columns=columns, num_method=params.num_method, num_threshold=params.num_threshold,
+                             cat_method=params.cat_method, cat_threshold=params.cat_threshold,
+                             per_column_method=per_method, per_column_threshold=per_threshold,
+                             drift_share=params.drift_share)
+    report = Report([preset], include_tests=True)
+    return report.run(current_data=Dataset.from_pandas(current[columns].copy(), data_definition=definition),
+                      reference_data=Dataset.from_pandas(reference[columns].copy(), data_definition=definition))
+
+
+def not_enough_data(n_current: int, params: DriftParams, message: str | None = None, **extra: Any) -> Comparison:
+    """The result for a window with too few production records: a warning, not drift."""
+    message = message or (f"not enough production data: {n_current} records in the window, at least "
+                          f"{params.min_current} needed (drift.min_current); widen the window with --since or "
+                          "wait for more predictions")
+    log.warning(message)
+    return Comparison({"status": NOT_ENOUGH, "drift": False, "message": message, "rule": RULE,
+                       "dataset_drift": False, "drift_share": None, "drift_share_threshold": params.drift_share,
+                       "n_drifted_columns": 0, "drifted_columns": [], "columns": {}, "embedding_drift": None,
+                       "n_reference": None, "n_reference_predictions": None, "n_current": n_current,
+                       "columns_skipped": {}, "notes": [], **extra})
+
+
+def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
+            model_version: str | None = None) -> Comparison:
+    """Compare a production window with the reference; see the module docstring for the rule."""
+    n_current = len(current)
+    counts = {"n_reference": len(reference), "n_reference_predictions": int(reference["predicted_class"].notna().sum())}
+    if n_current < params.min_current:
+        return not_enough_data(n_current, params, **counts)
+    current = current.copy()
+    same_model = (current["model_version"] == model_version) if model_version and "model_version" in current \
+        else pd.Series(True, index=current.index)
+    notes: list[str] = []
+    n_model = int(same_model.sum())
+    if n_model < n_current:
+        others = sorted(current.loc[~same_model, "model_version"].dropna().astype(str).unique())[:5]
+        notes.append(f"{n_current - n_model} records come from other model versions ({', '.join(others)}); "
+                     f"predictions and embeddings are compared for {model_version} only")
+        current.loc[~same_model, list(PREDICTION_COLUMNS)] = None
+        current.loc[~same_model, embedding_columns()] = float("nan")
+    columns, skipped = [], {}
+    for column in params.columns:
+        have = int(current[column].notna().sum()) if column in current else 0
+        if column in PREDICTION_COLUMNS and have < params.min_current:
+            skipped[column] = f"{have} records of {model_version} (fewer than drift.min_current)"
+        elif have < params.min_current:
+            skipped[column] = f"{have} records carry it (fewer than drift.min_current)"
+        elif int(reference[column].notna().sum()) == 0:
+            skipped[column] = "the reference has no values"
+        else:
+            columns.append(column)
+    if skipped:
+        notes.append("columns left out: " + "; ".join(f"{c}: {why}" for c, why in skipped.items()))
+    if not columns:
+        return not_enough_data(n_current, params, "not enough production data: no column of drift.columns has "
+                               f"{params.min_current} values in the window's {n_current} records; "
+                               "check the log format or drift.columns", **counts, notes=notes)
+    snapshot = data_drift_report(reference, current, columns, params)
+    summary = snapshot_summary(snapshot)
+    ref_emb = reference.loc[reference["predicted_class"].notna(), embedding_columns()].dropna().astype("float64")
+    cur_emb = current.loc[same_model, embedding_columns()].dropna().astype("float64")
+    if not params.embedding.enabled:
+        embedding = None
+    elif len(cur_emb) < params.min_current or len(ref_emb) < MIN_REFERENCE_EMBEDDINGS:
+        embedding = None
+        notes.append(f"embedding drift not computed: {len(cur_emb)} current and {len(ref_emb)} reference "
+                     "embeddings")
+    else:
+        embedding = embedding_drift(ref_emb.reset_index(drop=True), cur_emb, params)
+    drift = bool(summary["dataset_drift"] or (embedding and embedding["drifted"]))
+    for note in notes:
+        log.warning(note)
+    return Comparison({"status": "drift" if drift else "no_drift", "drift": drift, "rule": RULE, **summary,
+                       "embedding_drift": embedding, **counts, "n_current": n_current,
+                       "n_current_model": n_model, "columns_skipped": skipped, "notes": notes}, snapshot)

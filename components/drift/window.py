@@ -1,0 +1,76 @@
+"""Time windows of the production log: the daily check's last N days, the monthly flow's previous month."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from components.errors import UsageError
+
+_RELATIVE = re.compile(r"^\s*(\d+)\s*([dh])\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open UTC interval [since, until) of the production log."""
+
+    since: datetime
+    until: datetime
+
+    @property
+    def days(self) -> float:
+        return (self.until - self.since).total_seconds() / 86400
+
+    @property
+    def label(self) -> str:
+        return f"{self.since.isoformat(timespec='seconds')} .. {self.until.isoformat(timespec='seconds')}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"since": self.since.isoformat(timespec="seconds"), "until": self.until.isoformat(timespec="seconds"),
+                "days": round(self.days, 3)}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_moment(text: str, now: datetime, option: str = "--since") -> datetime:
+    """'7d' (7 days before now), '12h', an ISO date (midnight UTC) or an ISO datetime (naive = UTC)."""
+    relative = _RELATIVE.match(text)
+    if relative:
+        amount, unit = int(relative.group(1)), relative.group(2).lower()
+        return now - (timedelta(days=amount) if unit == "d" else timedelta(hours=amount))
+    try:
+        return _utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: not a moment; give an ISO date/time (2025-06-01, "
+                         "2025-06-01T08:00) or a count of days/hours ago (30d, 12h)") from None
+
+
+def resolve_window(since: str | None, until: str | None, default_days: int,
+                   now: datetime | None = None) -> Window:
+    """The window for `--since`/`--until`: until defaults to now, since to `default_days` before until."""
+    now = _utc(now or datetime.now(UTC))
+    end = parse_moment(until, now, "--until") if until else now
+    start = parse_moment(since, now, "--since") if since else end - timedelta(days=default_days)
+    if start >= end:
+        raise UsageError(f"window {start.isoformat()} .. {end.isoformat()} is empty; --since must be before "
+                         "--until")
+    return Window(start, end)
+
+
+def last_days(days: int, now: datetime | None = None) -> Window:
+    """The daily check's window: the last `days` days up to now."""
+    end = _utc(now or datetime.now(UTC))
+    return Window(end - timedelta(days=days), end)
+
+
+def previous_month(today: date | datetime | None = None) -> Window:
+    """The monthly flow's window: the previous calendar month (UTC)."""
+    today = today or datetime.now(UTC)
+    day = today.date() if isinstance(today, datetime) else today
+    first_this = datetime(day.year, day.month, 1, tzinfo=UTC)
+    last_month = first_this - timedelta(days=1)
+    return Window(datetime(last_month.year, last_month.month, 1, tzinfo=UTC), first_this)

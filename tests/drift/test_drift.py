@@ -1,0 +1,170 @@
+"""The drift check end to end: real Evidently reports over a real production log written by a real model."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from components.cli import app
+from components.drift.simulate import write_log
+from tests.drift.conftest import DARKER, production_records
+
+runner = CliRunner()
+
+
+def drift_cli(*args: str) -> tuple[int, str, dict | None]:
+    """Run `defectops drift ...`; exit code, output, and the summary written with --json."""
+    out = Path.cwd() / f"summary-{len(list(Path.cwd().glob('summary-*.json')))}.json"
+    result = runner.invoke(app, ["drift", *args, "--json", str(out)])
+    return result.exit_code, result.output, json.loads(out.read_text()) if out.is_file() else None
+
+
+@pytest.mark.slow
+def test_clean_window_is_quiet_and_writes_every_report(drift_project, drift_model: Path) -> None:
+    settings = drift_project
+    records = production_records(settings, drift_model, range(5000, 5150))
+    old = production_records(settings, drift_model, range(6000, 6060), DARKER,
+                             end=datetime.now(UTC) - timedelta(days=45))
+    files = write_log(settings.prod_log_dir, records + old)
+    with max(files).open("ab") as handle:  # a crash tore the last line of the newest day file
+        handle.write(b'{"timestamp": "2025-01-0')
+
+    code, output, summary = drift_cli("--model", str(drift_model))
+
+    assert code == 0, output
+    assert summary["status"] == "no_drift" and summary["drift"] is False, summary
+    assert summary["n_current"] == len(records)  # the darker records of 45 days ago are outside the window
+    assert summary["skipped_lines"] == 1
+    assert summary["n_reference"] > 150 and summary["n_reference_predictions"] > 20
+    assert set(summary["columns"]) == {"brightness", "contrast", "sharpness", "width", "height",
+                                       "predicted_class", "confidence"}
+    assert summary["embedding_drift"]["drifted"] is False
+    assert summary["reference"]["cached"] is False
+    folder = Path(summary["report_dir"])
+    assert folder.parent == settings.reports_dir / "drift"
+    assert json.loads((folder / "summary.json").read_text())["status"] == "no_drift"
+    assert (folder / "drift.html").stat().st_size > 10_000
+    quality = (folder / "quality.md").read_text()
+    assert "Defects by type" in quality and "latency p50 / p99" in quality
+    assert {p.name for p in folder.glob("*.png")} == {"defects_by_type.png", "review_rate.png", "confidence.png",
+                                                      "throughput.png", "latency.png"}
+    assert summary["quality"]["n_predictions"] == len(records)
+    assert "no drift" in output and "1 torn/invalid log lines skipped" in output
+
+
+@pytest.mark.slow
+def test_lighting_change_is_drift_with_exit_3(drift_project, drift_model: Path) -> None:
+    settings = drift_project
+    write_log(settings.prod_log_dir, production_records(settings, drift_model, range(5000, 5150), DARKER))
+
+    code, output, summary = drift_cli("--model", str(drift_model), "--since", "7d")
+
+    assert code == 3, output
+    assert summary["status"] == "drift" and summary["dataset_drift"] is True
+    assert {"brightness", "contrast", "sharpness"} <= set(summary["drifted_columns"])
+    assert summary["embedding_drift"]["drifted"] is True
+    assert summary["window"]["days"] == pytest.approx(7, abs=0.01)
+    assert "DRIFT DETECTED" in output
+
+    code, _, again = drift_cli("--model", str(drift_model), "--since", "7d")  # the daily check reads the cache
+    assert code == 3 and again["reference"]["cached"] is True
+    assert again["reference"]["path"] == summary["reference"]["path"]
+
+
+def test_too_few_records_is_not_enough_data_not_drift(drift_project, drift_model: Path) -> None:
+    settings = drift_project
+    write_log(settings.prod_log_dir, production_records(settings, drift_model, range(5000, 5010), DARKER))
+
+    code, output, summary = drift_cli("--model", str(drift_model))
+
+    assert code == 0, output
+    assert summary["status"] == "not_enough_data" and summary["drift"] is False
+    assert summary["n_current"] == 10
+    assert "not enough production data" in output
+    folder = Path(summary["report_dir"])
+    assert (folder / "summary.json").is_file() and (folder / "quality.md").is_file()
+    assert not (folder / "drift.html").exists()
+
+
+def test_a_bad_window_is_a_usage_error(drift_project) -> None:
+    result = runner.invoke(app, ["drift", "--since", "yesterday"])
+    assert result.exit_code == 2
+    assert "--since 'yesterday': not a moment" in result.output
+
+    result = runner.invoke(app, ["drift", "--since", "2025-03-01", "--until", "2025-02-01"])
+    assert result.exit_code == 2 and "is empty" in result.output
+
+
+def test_windows() -> None:
+    from components.drift.window import previous_month, resolve_window
+
+    now = datetime(2025, 3, 15, 12, tzinfo=UTC)
+    assert previous_month(date(2025, 3, 15)).as_dict() == {
+        "since": "2025-02-01T00:00:00+00:00", "until": "2025-03-01T00:00:00+00:00", "days": 28.0}
+    assert previous_month(date(2025, 1, 1)).since == datetime(2024, 12, 1, tzinfo=UTC)
+    assert resolve_window(None, None, 30, now).since == now - timedelta(days=30)
+    window = resolve_window("2025-03-01", "12h", 30, now)
+    assert (window.since, window.until) == (datetime(2025, 3, 1, tzinfo=UTC), now - timedelta(hours=12))
+
+
+@pytest.mark.slow
+def test_mlflow_logging_and_prefect_markdown(project, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from components.drift.check import artifact_markdown, log_to_mlflow, write_summary
+
+    folder = tmp_path / "drift-report"
+    folder.mkdir()
+    (folder / "drift.html").write_text("<html></html>")
+    summary = {"status": "drift", "drift": True, "rule": "r", "dataset_drift": True, "drift_share": 0.6,
+               "drift_share_threshold": 0.5, "drifted_columns": ["brightness"], "n_current": 80, "skipped_lines": 2,
+               "columns": {"brightness": {"method": "wasserstein", "threshold": 0.1, "score": 1.2, "drifted": True}},
+               "embedding_drift": {"method": "distance", "score": 0.9, "drifted": True},
+               "window": {"since": "2025-02-01T00:00:00+00:00", "until": "2025-03-01T00:00:00+00:00", "days": 28.0},
+               "model_version": "defect-classifier/3", "files": {"html": str(folder / "drift.html")}}
+    write_summary(summary, folder)
+
+    run_id = log_to_mlflow(folder, project)
+
+    client = MlflowClient(tracking_uri=project.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics["drift_detected"] == 1.0 and run.data.metrics["drift_score_brightness"] == 1.2
+    names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, f"drift/{folder.name}")}
+    assert {"summary.json", "drift.html"} <= names
+    markdown = artifact_markdown(summary)
+    assert "DRIFT DETECTED" in markdown and "| brightness | wasserstein | 1.200 |" in markdown
+    assert (folder / "drift.html").resolve().as_uri() in markdown
+
+
+def test_predictions_of_another_model_are_left_out() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from components.drift.detect import compare
+    from components.drift.params import DriftParams
+    from components.drift.reference import embedding_columns
+
+    rng = np.random.default_rng(0)
+
+    def frame(n: int, predicted: int) -> pd.DataFrame:
+        stats = {"brightness": rng.normal(120, 25, n), "contrast": rng.normal(30, 8, n),
+                 "sharpness": rng.normal(600, 150, n), "width": rng.normal(300, 40, n),
+                 "height": rng.normal(320, 30, n), "confidence": rng.uniform(0.5, 1, n),
+                 "predicted_class": rng.choice(["dent", "normal"], n).astype(object)}
+        out = pd.concat([pd.DataFrame(stats), pd.DataFrame(rng.normal(0, 1, (n, 32)), columns=embedding_columns())],
+                        axis=1)
+        out.loc[predicted:, ["predicted_class", "confidence", *embedding_columns()]] = None
+        return out
+
+    reference, current = frame(400, 200), frame(120, 120)
+    current["model_version"] = ["defect-classifier/2"] * 40 + ["defect-classifier/3"] * 80
+
+    summary = compare(reference, current, DriftParams(), "defect-classifier/3").summary
+
+    assert summary["status"] == "no_drift" and summary["n_current"] == 120 and summary["n_current_model"] == 80
+    assert summary["embedding_drift"]["n_window"] == 80
+    assert "40 records come from other model versions (defect-classifier/2)" in summary["notes"][0]
