@@ -82,6 +82,8 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server's first start creates its database: 20 s is not enough on a loaded 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     home = get_settings().home_dir  # the libraries' own state lives under the one state root too
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
