@@ -85,9 +85,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     # the temporary server's first start creates its database: 20 s is not enough on a loaded 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     home = get_settings().home_dir  # the libraries' own state lives under the one state root too
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
-    os.environ.setdefault("MPLCONFIGDIR", str(home / "matplotlib"))
+    for var, sub in (("PREFECT_HOME", "prefect"), ("BENTOML_HOME", "bentoml"), ("MPLCONFIGDIR", "matplotlib")):
+        if var not in os.environ:
+            os.environ[var] = str(home / sub)
+            (home / sub).mkdir(parents=True, exist_ok=True)  # Prefect's sqlite cannot create its folder
     _setup_logging(verbose)
 
 

@@ -52,3 +52,11 @@ def test_import_prints_the_version_then_a_no_op(project, tmp_path: Path) -> None
     assert again.exit_code == 0 and "nothing new" in again.output
     status = runner.invoke(app, ["data", "status"])
     assert status.exit_code == 0 and "unpushed versions: none" in status.output
+
+
+def test_library_homes_are_created_under_the_state_root(project, monkeypatch) -> None:
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.delenv("BENTOML_HOME", raising=False)
+    result = runner.invoke(app, ["data", "status"])
+    assert result.exit_code == 0, result.output
+    assert (project.home_dir / "prefect").is_dir() and (project.home_dir / "bentoml").is_dir()
