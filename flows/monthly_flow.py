@@ -1,0 +1,106 @@
+"""Prefect flows of the monthly loop: retraining (ingest -> drift on last month -> train-challenger) and the
+daily drift check that may start retraining early. Thin over components/ and the other flows.
+
+Not built yet (issue #5): `promote_approved` (rolling an approved champion into the running service),
+`defectops rollback` and `defectops schedule`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from components.config import get_settings, load_params
+from flows.data_flow import ingest_dataset
+from flows.training_flow import train_challenger
+
+LAST_RETRAINING = "last-retraining.json"
+
+
+@task(name="drift-check")
+def drift_task(window: str, days: int = 30) -> dict:
+    """Drift of the production log (`previous_month` or the last `days` days) against the champion's reference."""
+    from components.drift.check import artifact_markdown, run_drift_check
+    from components.drift.window import last_days, previous_month
+    from components.errors import DefectOpsError
+
+    settings = get_settings()
+    span = previous_month() if window == "previous_month" else last_days(days)
+    try:
+        check = run_drift_check(settings, load_params(settings.params_file), window=span)
+    except DefectOpsError as exc:  # no champion yet, no reference: reported, not a failure of the loop
+        get_run_logger().warning("drift check skipped: %s", exc)
+        return {"status": "skipped", "reason": str(exc), "drift": False}
+    create_markdown_artifact(key="drift-check", markdown=artifact_markdown(check.summary),
+                             description="Production drift vs the training reference")
+    keys = ("status", "drift", "dataset_drift", "drifted_columns", "n_current", "skipped_lines")
+    return {**{k: check.summary.get(k) for k in keys}, "report_dir": str(check.report_dir)}
+
+
+@task(name="import-reviewed")
+def reviewed_task(labels: str) -> None:
+    """Reviewed images (labels CSV) become labelled data through the normal import."""
+    from flows.common import run_defectops
+
+    run_defectops(["review", "import", "--labels", labels])
+
+
+def _record_retraining(summary: dict) -> None:
+    settings = get_settings()
+    path = settings.state_dir / LAST_RETRAINING
+    path.write_text(json.dumps({"at": datetime.now(UTC).isoformat(timespec="seconds"),
+                                "dataset_version": summary.get("dataset_version"),
+                                "version": (summary.get("registered") or {}).get("version")}))
+
+
+def last_retraining() -> dict | None:
+    """When the loop last trained, and on which dataset version."""
+    path = get_settings().state_dir / LAST_RETRAINING
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@flow(name="monthly-retraining", log_prints=True)
+def monthly_retraining(new_data: str | None = None, reviewed_labels: str | None = None,
+                       profile: str | None = None, force: bool = False) -> dict:
+    """Ingest reviewed and new data, version + validate it, check last month's drift, train and gate a
+    challenger, request approval. Re-running on the same data version registers nothing new unless forced;
+    a second run while one is going refuses; a failed step leaves the champion and the service untouched."""
+    from components.locks import exclusive
+
+    settings = get_settings().ensure()
+    with exclusive(settings.locks_dir, "monthly", "a monthly retraining run"):
+        if reviewed_labels:
+            reviewed_task(reviewed_labels)
+        dataset = ingest_dataset(source=new_data) if new_data else None
+        drift = drift_task("previous_month")
+        trained = train_challenger(profile=profile, force=force)
+        summary = {"ingested": dataset, "drift_previous_month": drift, **trained}
+        _record_retraining(summary)
+    return summary
+
+
+@flow(name="drift-check", log_prints=True)
+def drift_check(window_days: int = 30, trigger_retraining: bool = True, cooldown_days: int = 7) -> dict:
+    """Daily: drift on the last `window_days`; on drift, retrain early at most once per cooldown and only when
+    labelled data arrived since the last training (else: the review queue needs labelling)."""
+    from components.data.tracked import dataset_version
+
+    logger = get_run_logger()
+    drift = drift_task("last_days", window_days)
+    outcome = {"drift": drift, "action": "none"}
+    if not drift.get("drift") or not trigger_retraining:
+        return outcome
+    last = last_retraining()
+    current = dataset_version(get_settings().project_root)
+    if last and datetime.fromisoformat(last["at"]) > datetime.now(UTC) - timedelta(days=cooldown_days):
+        outcome["action"] = f"cooldown: last retraining {last['at']} is within {cooldown_days} days"
+    elif last and last.get("dataset_version") == current:
+        outcome["action"] = "drift, but no labelled data since the last training: label the review queue"
+    else:
+        outcome["action"] = "retraining early"
+        outcome["retraining"] = monthly_retraining()
+    logger.info("drift check: %s", outcome["action"])
+    return outcome

@@ -1,0 +1,67 @@
+"""The monthly loop under a real Prefect server, and the deployment schedules as Prefect reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from components.locks import exclusive
+from tests.conftest import REPO_ROOT, make_imagefolder
+from tests.integration.test_training_flow import TINY_PROFILE
+
+pytestmark = pytest.mark.integration
+
+
+def test_schedules_load_with_cron_and_timezone() -> None:
+    from prefect.server.schemas.schedules import CronSchedule
+
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in config["deployments"]}
+    assert set(deployments) >= {"monthly-retraining", "daily-drift"}
+    spec = deployments["monthly-retraining"]["schedules"][0]
+    monthly = CronSchedule(cron=spec["cron"], timezone=spec["timezone"])
+    runs = monthly.get_dates(3, start=datetime(2026, 11, 23, tzinfo=ZoneInfo("UTC")))
+    runs = asyncio.run(runs) if inspect.iscoroutine(runs) else runs  # sync or async, by context
+    assert [(r.year, r.month, r.day, r.hour) for r in runs] == [(2026, 12, 1, 2), (2027, 1, 1, 2), (2027, 2, 1, 2)]
+    assert all(str(r.tzinfo) == "Europe/Berlin" for r in runs)
+    daily = deployments["daily-drift"]["schedules"][0]
+    assert CronSchedule(cron=daily["cron"], timezone=daily["timezone"]).cron == "0 6 * * *"
+    for deployment in deployments.values():
+        module, name = deployment["entrypoint"].split(":")
+        assert f"def {name}(" in (REPO_ROOT / module).read_text()
+
+
+@pytest.mark.slow
+def test_monthly_retraining_end_to_end_and_idempotent(project, tmp_path: Path, prefect_server) -> None:
+    from flows.monthly_flow import last_retraining, monthly_retraining
+
+    params = yaml.safe_load(project.params_file.read_text())
+    params["train"]["profile"] = "tiny"
+    params["train"]["profiles"]["tiny"] = TINY_PROFILE
+    params["evaluate"]["n_boot"] = 50
+    project.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    first = monthly_retraining(new_data=str(make_imagefolder(tmp_path / "month1", per_class=8)))
+    assert first["ingested"]["changed"] and first["registered"]["created"]
+    # no production log yet (and no champion): reported, never drift, and the loop goes on
+    assert first["drift_previous_month"]["status"] in ("skipped", "not_enough_data")
+    assert not first["drift_previous_month"]["drift"]
+    assert last_retraining()["dataset_version"] == first["dataset_version"]
+    again = monthly_retraining(new_data=str(tmp_path / "month1"))
+    assert not again["ingested"]["changed"] and again["skipped"], "same data version: no duplicate model"
+
+
+def test_two_monthly_runs_at_once_refuse(project, prefect_server) -> None:
+    from prefect.states import StateType
+
+    from flows.monthly_flow import monthly_retraining
+
+    project.ensure()
+    with exclusive(project.locks_dir, "monthly", "a monthly retraining run"):
+        state = monthly_retraining(return_state=True)
+    assert state.type == StateType.FAILED and "already running" in state.message
