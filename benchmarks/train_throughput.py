@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="training images per measured epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: Magnetic Tile)")
+    parser.add_argument("--threads", type=int, default=0, help="compute threads for both loops (0: free cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -66,8 +67,15 @@ def main() -> None:
 
     from components.config import get_settings, load_params
     from components.data.tracked import manifest_of
-    from components.training.loop import LoopConfig, Trainer, autocast, resolve_precision, seed_everything
-    from components.training.losses import build_loss
+    from components.training.loop import (
+        LoopConfig,
+        Trainer,
+        autocast,
+        free_cores_threads,
+        resolve_precision,
+        seed_everything,
+    )
+    from components.training.losses import build_loss, defect_map_loss
     from components.training.models import build_model
     from components.training.params import augment_params, train_params
     from components.training.train import build_loaders, choose_profile
@@ -84,7 +92,9 @@ def main() -> None:
     seed = params.base.seed
     seed_everything(seed, tp.deterministic)
     loader, val_loader, targets = build_loaders(train_rows, val_rows, classes, prof, aug, seed,
-                                                params.data.max_image_pixels)
+                                                params.data.max_image_pixels, normal_class=params.profile.normal_class)
+    threads = args.threads or prof.threads or free_cores_threads()
+    torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(prof.precision, device)
     memory_format = torch.channels_last if prof.channels_last else torch.contiguous_format
@@ -92,13 +102,15 @@ def main() -> None:
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(seed)
         model, _ = build_model(prof.arch, len(classes), prof.dropout, prof.hidden, prof.attention, prof.freeze_stages,
-                               None)
+                               None, mask_head=prof.mask_head, mask_gate=prof.mask_gate)
         return model.to(device, memory_format=memory_format).train()
 
     counts = [targets.count(i) for i in range(len(classes))]
     cfg = LoopConfig(epochs=100, lr=prof.lr, weight_decay=prof.weight_decay, warmup_epochs=prof.warmup_epochs,
                      precision=prof.precision, channels_last=prof.channels_last, ema_decay=prof.ema_decay,
-                     seed=seed, deterministic=tp.deterministic, progress=True)
+                     mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
+                     mask_pos_weight=prof.mask_pos_weight, threads=threads, seed=seed,
+                     deterministic=tp.deterministic, progress=True)
     trainer = Trainer(fresh_model(), loader, val_loader,
                       build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma), cfg, device, None)
     waits: list[float] = []
@@ -113,33 +125,36 @@ def main() -> None:
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=prof.lr, weight_decay=prof.weight_decay)
     bare_loss = build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma).to(device)
 
-    def bare_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
+    def bare_step(batch: list[torch.Tensor]) -> None:
+        x = batch[0].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        y = batch[1].to(device, non_blocking=True)
         with autocast(device, precision):
-            out = bare_model(x)
+            out, defect = bare_model.forward_train(x)
         loss = bare_loss(out.float(), y)
+        if defect is not None and len(batch) == 4:  # the same auxiliary defect-map loss as ours
+            loss = loss + cfg.mask_loss_weight * defect_map_loss(defect, batch[2].to(device), batch[3].to(device),
+                                                                 cfg.mask_pos_weight)
         bare_opt.zero_grad(set_to_none=True)
         loss.backward()
         bare_opt.step()
 
     def bare_loader() -> int:
         n = 0
-        for x, y in loader:
-            bare_step(x, y)
-            n += len(y)
+        for batch in loader:
+            bare_step(batch)
+            n += len(batch[1])
         if device.type == "cuda":
             torch.cuda.synchronize()
         return n
 
-    batches = [(x.clone(), y.clone()) for x, y in loader]
+    batches = [[t.clone() if isinstance(t, torch.Tensor) else t for t in batch] for batch in loader]
 
     def bare_tensors() -> int:
-        for x, y in batches:
-            bare_step(x, y)
+        for batch in batches:
+            bare_step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return sum(len(y) for _, y in batches)
+        return sum(len(batch[1]) for batch in batches)
 
     ours()
     bare_tensors()  # warm-up: oneDNN primitives, allocator, loader workers

@@ -56,6 +56,7 @@ class LoopConfig:
     mask_loss_weight: float = 0.0  # > 0: train the defect-map head on batches that carry masks
     mask_pos_weight: float = 5.0
     max_minutes: float | None = None
+    threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
     seed: int = 42
     deterministic: bool = True
     progress: bool = True
@@ -143,6 +144,17 @@ def autocast(device: torch.device, precision: str) -> Any:
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def free_cores_threads(own_threads: int = 0) -> int:
+    """Compute threads that fit the cores not busy with other work (1-minute load average minus our own threads).
+
+    OpenMP threads that share a core with another busy process stall each other at every barrier: on a shared
+    2-core machine, 2 threads under load ran 5-8x slower than 1 thread, so never oversubscribe.
+    """
+    cores = len(os.sched_getaffinity(0))
+    others = max(0.0, os.getloadavg()[0] - own_threads)
+    return max(1, min(cores, int(cores - others + 0.5)))
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -267,6 +279,7 @@ class Trainer:
 
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.use_masks = cfg.mask_loss_weight > 0 and hasattr(model, "forward_train")
+        self._threads_running = 0
         self.epoch = 0
         self.best_f1, self.best_loss, self.best_epoch, self.bad_epochs = -1.0, math.inf, 0, 0
         self.history: list[EpochRecord] = []
@@ -340,6 +353,12 @@ class Trainer:
 
         epoch = self.epoch + 1
         self._reseed_loader(epoch)
+        if self.device.type == "cpu":
+            threads = self.cfg.threads or free_cores_threads(self._threads_running)
+            if threads != torch.get_num_threads():
+                log.info("epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0])
+                torch.set_num_threads(threads)
+            self._threads_running = threads
         self.model.train()
         total_loss, seen, step_time, wait = 0.0, 0, 0.0, 0.0
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
@@ -411,6 +430,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     seed_everything(cfg.seed, cfg.deterministic)
     trainer = Trainer(model, train_loader, val_loader, criterion, cfg, device, checkpoint_dir)
     resumed = trainer.load_checkpoint() if resume else False
+    if resume and not resumed:
+        log.info("no checkpoint to resume in %s: starting afresh", checkpoint_dir)
     if not resumed and checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         trainer._best().unlink(missing_ok=True)

@@ -8,6 +8,21 @@ The checkpoint lives in `<home>/checkpoints/train-<fingerprint>/` (last.pt + bes
 fingerprint hashes the profile, the augmentation, the classes and the exact training/validation images, so
 `resume=True` picks up an interrupted run of the same configuration and never a different one. It is deleted
 after a finished run unless `train.keep_checkpoint` is true.
+
+Defect masks (`mask_head`): each training image's mask is found by `data.mask_file` (beside the image, or
+`masks/<class>/<stem>.png` of the tracked layout); normal images without one count as all-zero masks, defect
+images without one simply skip the mask loss.
+
+model.pt (torch.save of a dict; read it with `load_model_file`, which uses weights_only loading):
+    format, format_version           "defectops-classifier", 1
+    arch                              {name, dropout, hidden, attention, mask_head, mask_gate}
+    state_dict                        the best weights (EMA weights when EMA is on)
+    classes, normal_class             class names in logit order, and the normal one
+    image_size, normalization         what `transforms.model_transform(meta)` needs to prepare an image
+    embedding_dim                     size of `model.embed(x)` (the hidden layer)
+    weights_used                      'imagenet:...', 'file:...' or 'random-init (...)'
+    dataset_version, manifest_digest  DVC md5 of data/ (None for an untracked folder), hash of the images+splits
+    profile, train_params, augment_params, seed, metrics, created_at, torch_version
 """
 
 from __future__ import annotations
@@ -77,18 +92,6 @@ def choose_profile(tp: TrainParams, requested: str | None = None) -> tuple[str, 
         raise UsageError(f"training profile {name!r} not in params.yaml train.profiles {sorted(tp.profiles)}; "
                          "add it or pick one of those")
     return name, tp.profiles[name]
-
-
-def auto_threads() -> int:
-    """Compute threads for the CPU loop: the cores not busy with other work now (OpenMP threads that share a
-    core with another process stall each other at every barrier, so oversubscribing is far slower)."""
-    if torch.cuda.is_available():
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0))
-    free = cores - os.getloadavg()[0]
-    threads = max(1, min(cores, int(free + 0.5)))
-    log.info("%d compute thread(s): %d cores, 1-minute load average %.1f", threads, cores, os.getloadavg()[0])
-    return threads
 
 
 def manifest_digest(frame: pd.DataFrame) -> str:
@@ -187,7 +190,7 @@ def load_model_file(path: Path | str) -> tuple[DefectClassifier, dict[str, Any]]
 
 
 def _fingerprint(prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int) -> str:
-    payload = json.dumps({"profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes"}),
+    payload = json.dumps({"profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads"}),
                           "augment": aug.model_dump(mode="json"), "classes": list(classes), "data": digest,
                           "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -245,10 +248,9 @@ def run_training(settings: Settings, params: Params | dict, profile: str | None 
                      min_epochs=prof.min_epochs, patience=prof.patience, precision=prof.precision,
                      channels_last=prof.channels_last, ema_decay=prof.ema_decay,
                      mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
-                     mask_pos_weight=prof.mask_pos_weight, max_minutes=prof.max_minutes,
+                     mask_pos_weight=prof.mask_pos_weight, max_minutes=prof.max_minutes, threads=prof.threads,
                      seed=seed, deterministic=tp.deterministic, progress=progress, fingerprint=fingerprint)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(prof.threads or auto_threads())
     try:
         result: FitResult = fit(model, train_loader, val_loader, criterion, cfg, checkpoint_dir=checkpoint_dir,
                                 resume=resume, callbacks=callbacks)
