@@ -1,4 +1,4 @@
-"""Training throughput: our training loop against a bare PyTorch loop, same model, batch, precision and images.
+"""Training throughput: our loop against a bare PyTorch loop on the same model, batch, precision and images.
 
 Run on demand (never a test):
 
@@ -7,14 +7,14 @@ Run on demand (never a test):
 Images: the 'train' split of the Magnetic Tile manifest (--data, else DEFECTOPS_DEMO_DATA, else
 ../shared/datasets/magnetic-tile), the first --images of them, profile and augmentation from params.yaml.
 Measured in one process, alternating, each --repeats times (the median is reported):
-- ours:          `Trainer.train_epoch` (progress bar, finite-loss check, scheduler, scaler, EMA when configured,
+- ours:          `Trainer.train_epoch` (progress bar, finite-loss check, scheduler, scaler, EMA if configured,
                  per-epoch reseeding) over the profile's DataLoader (decode cache, augmentation, workers);
 - bare+loader:   a plain `for x, y in loader: forward/backward/step` over the same DataLoader;
 - bare+tensors:  the same plain loop over batches already in memory (the compute-only ceiling).
 Overhead of our loop = 1 - ours / bare+loader (target < 10%). Data loading is the bottleneck when the loop
 waits on the loader for a large share of the epoch, or when bare+loader is well below bare+tensors.
-Every row also gives CPU seconds per 100 images of this process and its workers, which stay meaningful when other
-jobs share the cores and the wall-clock rates drop.
+Every row also gives CPU seconds per 100 images of this process and its workers, which stay meaningful
+when other jobs share the cores and the wall-clock rates drop.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="training images per measured epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: Magnetic Tile)")
-    parser.add_argument("--threads", type=int, default=0, help="compute threads for both loops (0: free cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="compute threads for both loops (0: free cores)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -91,8 +93,16 @@ def main() -> None:
     classes = params.profile.classes
     seed = params.base.seed
     seed_everything(seed, tp.deterministic)
-    loader, val_loader, targets = build_loaders(train_rows, val_rows, classes, prof, aug, seed,
-                                                params.data.max_image_pixels, normal_class=params.profile.normal_class)
+    loader, val_loader, targets = build_loaders(
+        train_rows,
+        val_rows,
+        classes,
+        prof,
+        aug,
+        seed,
+        params.data.max_image_pixels,
+        normal_class=params.profile.normal_class,
+    )
     threads = args.threads or prof.threads or free_cores_threads()
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,18 +111,44 @@ def main() -> None:
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(seed)
-        model, _ = build_model(prof.arch, len(classes), prof.dropout, prof.hidden, prof.attention, prof.freeze_stages,
-                               None, mask_head=prof.mask_head, mask_gate=prof.mask_gate)
+        model, _ = build_model(
+            prof.arch,
+            len(classes),
+            prof.dropout,
+            prof.hidden,
+            prof.attention,
+            prof.freeze_stages,
+            None,
+            mask_head=prof.mask_head,
+            mask_gate=prof.mask_gate,
+        )
         return model.to(device, memory_format=memory_format).train()
 
     counts = [targets.count(i) for i in range(len(classes))]
-    cfg = LoopConfig(epochs=100, lr=prof.lr, weight_decay=prof.weight_decay, warmup_epochs=prof.warmup_epochs,
-                     precision=prof.precision, channels_last=prof.channels_last, ema_decay=prof.ema_decay,
-                     mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
-                     mask_pos_weight=prof.mask_pos_weight, threads=threads, seed=seed,
-                     deterministic=tp.deterministic, progress=True)
-    trainer = Trainer(fresh_model(), loader, val_loader,
-                      build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma), cfg, device, None)
+    cfg = LoopConfig(
+        epochs=100,
+        lr=prof.lr,
+        weight_decay=prof.weight_decay,
+        warmup_epochs=prof.warmup_epochs,
+        precision=prof.precision,
+        channels_last=prof.channels_last,
+        ema_decay=prof.ema_decay,
+        mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
+        mask_pos_weight=prof.mask_pos_weight,
+        threads=threads,
+        seed=seed,
+        deterministic=tp.deterministic,
+        progress=True,
+    )
+    trainer = Trainer(
+        fresh_model(),
+        loader,
+        val_loader,
+        build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma),
+        cfg,
+        device,
+        None,
+    )
     waits: list[float] = []
 
     def ours() -> int:
@@ -132,8 +168,9 @@ def main() -> None:
             out, defect = bare_model.forward_train(x)
         loss = bare_loss(out.float(), y)
         if defect is not None and len(batch) == 4:  # the same auxiliary defect-map loss as ours
-            loss = loss + cfg.mask_loss_weight * defect_map_loss(defect, batch[2].to(device), batch[3].to(device),
-                                                                 cfg.mask_pos_weight)
+            loss = loss + cfg.mask_loss_weight * defect_map_loss(
+                defect, batch[2].to(device), batch[3].to(device), cfg.mask_pos_weight
+            )
         bare_opt.zero_grad(set_to_none=True)
         loss.backward()
         bare_opt.step()
@@ -166,10 +203,12 @@ def main() -> None:
         runs["bare+tensors"].append(_measure(bare_tensors))
 
     images = len(loader) * prof.batch_size
-    print(f"\nprofile {name}: {prof.arch} {prof.image_size}px batch {prof.batch_size} {precision} "
-          f"channels_last={prof.channels_last} workers={prof.num_workers} device={device} "
-          f"threads={torch.get_num_threads()} cores={len(os.sched_getaffinity(0))}; {images} images/epoch, "
-          f"median of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nprofile {name}: {prof.arch} {prof.image_size}px batch {prof.batch_size} {precision} "
+        f"channels_last={prof.channels_last} workers={prof.num_workers} device={device} "
+        f"threads={torch.get_num_threads()} cores={len(os.sched_getaffinity(0))}; {images} images/epoch, "
+        f"median of {args.repeats}; load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'loop':<14}{'images/s':>10}{'wall s':>9}{'CPU s/100 img':>15}")
     rate = {}
     for label, values in runs.items():
@@ -181,13 +220,19 @@ def main() -> None:
     wait_share = statistics.median(waits) / statistics.median(v[1] for v in runs["ours"])
     loader_cost = 1 - rate["bare+loader"] / rate["bare+tensors"]
     verdict = "PASS" if overhead < TARGET_OVERHEAD else "FAIL"
-    print(f"\noverhead of our loop vs bare loop on the same loader: {100 * overhead:+.1f}% "
-          f"(target < {100 * TARGET_OVERHEAD:.0f}%: {verdict})")
-    print(f"time our loop waits on the loader: {100 * wait_share:.1f}% of the epoch; "
-          f"bare loop loses {100 * loader_cost:+.1f}% to loading vs in-memory batches")
+    print(
+        f"\noverhead of our loop vs bare loop on the same loader: {100 * overhead:+.1f}% "
+        f"(target < {100 * TARGET_OVERHEAD:.0f}%: {verdict})"
+    )
+    print(
+        f"time our loop waits on the loader: {100 * wait_share:.1f}% of the epoch; "
+        f"bare loop loses {100 * loader_cost:+.1f}% to loading vs in-memory batches"
+    )
     bottleneck = wait_share > 0.10 or loader_cost > 0.15
-    print(f"data loading is {'THE BOTTLENECK' if bottleneck else 'not the bottleneck'} "
-          f"({prof.num_workers} loader worker(s), decode cache {'on' if prof.cache_images else 'off'})")
+    print(
+        f"data loading is {'THE BOTTLENECK' if bottleneck else 'not the bottleneck'} "
+        f"({prof.num_workers} loader worker(s), decode cache {'on' if prof.cache_images else 'off'})"
+    )
 
 
 if __name__ == "__main__":

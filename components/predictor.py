@@ -51,6 +51,7 @@ class Predictor:
         self.classes: list[str] = list(meta["classes"])
         self.normal_class: str = meta["normal_class"]
         self.image_size: int = int(meta["image_size"])
+        self.normalization: str = (meta.get("normalization") or {}).get("kind", "imagenet")
         calibration = meta.get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         self.threshold = float(calibration.get("threshold", 0.5))
@@ -72,7 +73,7 @@ class Predictor:
         from components.training.transforms import preprocess
 
         rgb = image if isinstance(image, np.ndarray) else decode(image, self.max_pixels).rgb
-        return preprocess(rgb, self.image_size)
+        return preprocess(rgb, self.image_size, self.normalization)  # the model file's own transform
 
     def forward(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits and embeddings of a prepared (N, 3, S, S) batch."""

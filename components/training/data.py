@@ -50,16 +50,24 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 class ManifestDataset(Dataset):
-    """(image tensor, class index) for each (file, label) row; augmentation is reproducible per (seed, epoch, item).
+    """(image tensor, class index) per (file, label) row; augmentation reproducible per (seed, epoch, item).
 
-    With `masks` (a path, EMPTY_MASK or None per item) each item is (image, class, mask (S, S) float, mask known
-    0/1), the mask following the image through every spatial augmentation.
+    With `masks` (a path, EMPTY_MASK or None per item) each item is (image, class, mask (S, S) float,
+    mask known 0/1), the mask following the image through every spatial augmentation.
     """
 
-    def __init__(self, files: Sequence[str | Path], targets: Sequence[int], transform: Callable,
-                 seed: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, cache: bool = False,
-                 masks: Sequence[Path | str | None] | None = None, paste: float = 0.0,
-                 normal_target: int | None = None) -> None:
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        targets: Sequence[int],
+        transform: Callable,
+        seed: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: bool = False,
+        masks: Sequence[Path | str | None] | None = None,
+        paste: float = 0.0,
+        normal_target: int | None = None,
+    ) -> None:
         if len(files) != len(targets) or (masks is not None and len(masks) != len(files)):
             raise ValueError(f"{len(files)} files but {len(targets)} targets / {len(masks or files)} masks")
         self.files = [Path(f) for f in files]
@@ -103,7 +111,9 @@ class ManifestDataset(Dataset):
             return
         from tqdm import tqdm
 
-        for index in tqdm(range(len(self)), desc="decode", unit="img", leave=False, disable=not progress or None):
+        for index in tqdm(
+            range(len(self)), desc="decode", unit="img", leave=False, disable=not progress or None
+        ):
             if index not in self._cache:
                 self._cache[index] = self._load(index)
             if self.masks is not None:
@@ -139,10 +149,10 @@ class ManifestDataset(Dataset):
 
 
 def paste_defect(source: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """The defect of `source` (where `mask` is set, with a soft margin) blended into a normal `background` image.
+    """The defect of `source` (where `mask` is set, with a soft margin) blended into a normal `background`.
 
-    The background is resized to the source's size, so the defect keeps its place (edge defects stay at the edge);
-    the pasted pixels are rescaled to the background's local brightness and contrast.
+    The background is resized to the source's size, so the defect keeps its place (edge defects stay at the
+    edge); the pasted pixels are rescaled to the background's local brightness and contrast.
     """
     import cv2
 
@@ -152,8 +162,10 @@ def paste_defect(source: np.ndarray, mask: np.ndarray, background: np.ndarray) -
     region = cv2.dilate(mask.astype(np.uint8), np.ones((margin, margin), np.uint8))
     alpha = cv2.GaussianBlur(region.astype(np.float32), (2 * margin + 1, 2 * margin + 1), 0)[:, :, None]
     alpha = np.clip(alpha * 1.5, 0.0, 1.0)
-    # match brightness and contrast on a ring around the defect, so the defect keeps its contrast to its context
-    ring = cv2.dilate(region, np.ones((4 * margin + 1, 4 * margin + 1), np.uint8)).astype(bool) & ~region.astype(bool)
+    # match brightness and contrast on a ring around the defect: the defect keeps its contrast to its context
+    ring = cv2.dilate(region, np.ones((4 * margin + 1, 4 * margin + 1), np.uint8)).astype(
+        bool
+    ) & ~region.astype(bool)
     context = ring if ring.sum() >= 16 else region.astype(bool)
     src, dst = source.astype(np.float32), background.astype(np.float32)
     mu_s, sd_s = src[context].mean(), src[context].std() + 1.0
@@ -179,8 +191,9 @@ def class_counts(targets: Sequence[int], num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes)
 
 
-def balanced_sampler(targets: Sequence[int], num_classes: int, power: float,
-                     generator: torch.Generator) -> WeightedRandomSampler:
+def balanced_sampler(
+    targets: Sequence[int], num_classes: int, power: float, generator: torch.Generator
+) -> WeightedRandomSampler:
     """Samples items with weight count(class)^-power: 1 = classes equally often, 0 = as in the data."""
     counts = class_counts(targets, num_classes).astype(np.float64)
     per_class = np.where(counts > 0, np.maximum(counts, 1.0) ** -power, 0.0)

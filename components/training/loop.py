@@ -1,4 +1,4 @@
-"""The training loop: AdamW + warmup/cosine, mixed precision, early stopping on val macro-F1, checkpoints, resume.
+"""The training loop: AdamW + warmup/cosine, mixed precision, early stop on val macro-F1, checkpoints, resume.
 
 The loop knows nothing about files of images or params.yaml: it gets a model, two loaders, a loss and a
 `LoopConfig`, and returns the best weights with the per-epoch history. `train.py` wires it to the project.
@@ -147,7 +147,7 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 
 def free_cores_threads(own_threads: int = 0) -> int:
-    """Compute threads that fit the cores not busy with other work (1-minute load average minus our own threads).
+    """Compute threads that fit the cores not busy with other work (1-minute load average minus our threads).
 
     OpenMP threads that share a core with another busy process stall each other at every barrier: on a shared
     2-core machine, 2 threads under load ran 5-8x slower than 1 thread, so never oversubscribe.
@@ -215,8 +215,13 @@ def classification_metrics(targets: np.ndarray, logits: np.ndarray) -> dict[str,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits and targets over a loader, in loader order."""
     was_training = model.training
     model.eval()
@@ -254,8 +259,16 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 class Trainer:
     """State of one fit; split out so checkpointing and resume read plainly."""
 
-    def __init__(self, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: nn.Module,
-                 cfg: LoopConfig, device: torch.device, checkpoint_dir: Path | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        criterion: nn.Module,
+        cfg: LoopConfig,
+        device: torch.device,
+        checkpoint_dir: Path | None,
+    ) -> None:
         self.cfg, self.device, self.checkpoint_dir = cfg, device, checkpoint_dir
         self.precision = resolve_precision(cfg.precision, device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -267,17 +280,23 @@ class Trainer:
         no_decay = [p for p in params if p.ndim <= 1]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, fused=device.type == "cuda" or None,
+            lr=cfg.lr,
+            fused=device.type == "cuda" or None,
         )
         steps = max(1, len(train_loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16" and device.type == "cuda")
+            self.optimizer, warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps))
+        )
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.precision == "fp16" and device.type == "cuda"
+        )
         self.ema = None
         if cfg.ema_decay:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(
+                model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+            )
         self.use_masks = cfg.mask_loss_weight > 0 and hasattr(model, "forward_train")
         self._threads_running = 0
         self.epoch = 0
@@ -300,13 +319,21 @@ class Trainer:
         if not self.checkpoint_dir:
             return
         state = {
-            "format": CHECKPOINT_FORMAT, "fingerprint": self.cfg.fingerprint, "epoch": self.epoch,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.cfg.fingerprint,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "best_f1": self.best_f1, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs, "stopped": self.stopped,
-            "history": [asdict(r) for r in self.history], "rng": _rng_state(),
+            "best_f1": self.best_f1,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped,
+            "history": [asdict(r) for r in self.history],
+            "rng": _rng_state(),
         }
         atomic_save(state, self._last())
 
@@ -330,11 +357,20 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.best_f1, self.best_loss = state["epoch"], state["best_f1"], state["best_loss"]
-        self.best_epoch, self.bad_epochs, self.stopped = state["best_epoch"], state["bad_epochs"], state["stopped"]
+        self.best_epoch, self.bad_epochs, self.stopped = (
+            state["best_epoch"],
+            state["bad_epochs"],
+            state["stopped"],
+        )
         self.history = [EpochRecord(**r) for r in state["history"]]
         _set_rng_state(state["rng"])
-        log.info("resumed from %s after epoch %d (best val macro-F1 %.4f at epoch %d)",
-                 last, self.epoch, self.best_f1, self.best_epoch)
+        log.info(
+            "resumed from %s after epoch %d (best val macro-F1 %.4f at epoch %d)",
+            last,
+            self.epoch,
+            self.best_f1,
+            self.best_epoch,
+        )
         return True
 
     # -- one epoch
@@ -356,13 +392,21 @@ class Trainer:
         if self.device.type == "cpu":
             threads = self.cfg.threads or free_cores_threads(self._threads_running)
             if threads != torch.get_num_threads():
-                log.info("epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0])
+                log.info(
+                    "epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0]
+                )
                 torch.set_num_threads(threads)
             self._threads_running = threads
         self.model.train()
         total_loss, seen, step_time, wait = 0.0, 0, 0.0, 0.0
-        bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
-                   leave=False, disable=None if self.cfg.progress else True, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(self.train_loader),
+            desc=f"epoch {epoch}/{self.cfg.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None if self.cfg.progress else True,
+            dynamic_ncols=True,
+        )
         tick = time.perf_counter()
         for step, batch in enumerate(self.train_loader):
             ready = time.perf_counter()
@@ -377,14 +421,16 @@ class Trainer:
             loss = self.criterion(logits.float(), labels)
             if defect_logits is not None and len(batch) == 4:
                 masks, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
-                loss = loss + self.cfg.mask_loss_weight * defect_map_loss(defect_logits, masks, known,
-                                                                          self.cfg.mask_pos_weight)
+                loss = loss + self.cfg.mask_loss_weight * defect_map_loss(
+                    defect_logits, masks, known, self.cfg.mask_pos_weight
+                )
             if not torch.isfinite(loss):
                 bar.close()
                 where = f" (last good checkpoint: {self._last()})" if self.checkpoint_dir else ""
                 raise TrainingDiverged(
-                    f"training diverged: loss became {loss.item()} at epoch {epoch}, step {step + 1}{where}; lower the learning "
-                    f"rate (lr={self.cfg.lr:g}) or set precision: fp32 in the train profile, then train again"
+                    f"training diverged: loss became {loss.item()} at epoch {epoch}, step {step + 1}{where}; "
+                    f"lower the learning rate (lr={self.cfg.lr:g}) or set precision: fp32 in the train "
+                    "profile, then train again"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -399,19 +445,27 @@ class Trainer:
             total_loss += value * len(labels)
             seen += len(labels)
             bar.update(1)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                            img_s=f"{seen / max(step_time, 1e-9):.1f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{total_loss / seen:.4f}",
+                lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                img_s=f"{seen / max(step_time, 1e-9):.1f}",
+                refresh=False,
+            )
         bar.close()
         if seen == 0:
-            raise UsageError("the training loader yielded no batches; add training images or lower batch_size")
+            raise UsageError(
+                "the training loader yielded no batches; add training images or lower batch_size"
+            )
         return total_loss / seen, self.scheduler.get_last_lr()[0], seen / max(step_time, 1e-9), wait
 
     def validate(self) -> dict[str, float]:
-        logits, targets = predict(self.eval_model, self.val_loader, self.device, self.precision,
-                                  self.cfg.channels_last)
+        logits, targets = predict(
+            self.eval_model, self.val_loader, self.device, self.precision, self.cfg.channels_last
+        )
         if not np.isfinite(logits).all():
             raise TrainingDiverged(
-                f"training diverged: validation logits are not finite after epoch {self.epoch}; lower the learning rate "
+                f"training diverged: validation logits are not finite after epoch {self.epoch}; "
+                "lower the learning rate "
                 f"(lr={self.cfg.lr:g}) or set precision: fp32"
             )
         return classification_metrics(targets, logits)
@@ -422,9 +476,17 @@ class Trainer:
         return f1 > self.best_f1 + 1e-9 or (abs(f1 - self.best_f1) <= 1e-9 and loss < self.best_loss)
 
 
-def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: nn.Module,
-        cfg: LoopConfig, device: torch.device | str | None = None, checkpoint_dir: Path | None = None,
-        resume: bool = False, callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> FitResult:
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    criterion: nn.Module,
+    cfg: LoopConfig,
+    device: torch.device | str | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+) -> FitResult:
     """Train with early stopping on validation macro-F1; returns the best weights and the history."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed, cfg.deterministic)
@@ -438,9 +500,15 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
         trainer._last().unlink(missing_ok=True)
     start_epoch = trainer.epoch
     best_state: dict[str, torch.Tensor] | None = None
-    log.info("training on %s, precision %s, channels_last %s, %d train / %d val images, up to %d epochs",
-             device, trainer.precision, cfg.channels_last, len(train_loader.dataset), len(val_loader.dataset),
-             cfg.epochs)
+    log.info(
+        "training on %s, precision %s, channels_last %s, %d train / %d val images, up to %d epochs",
+        device,
+        trainer.precision,
+        cfg.channels_last,
+        len(train_loader.dataset),
+        len(val_loader.dataset),
+        cfg.epochs,
+    )
     spent = sum(r.seconds for r in trainer.history)
     while trainer.stopped is None and trainer.epoch < cfg.epochs:
         began = time.perf_counter()
@@ -448,7 +516,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
         trainer.epoch += 1
         metrics = trainer.validate()
         if trainer.improved(metrics):
-            trainer.best_f1, trainer.best_loss, trainer.best_epoch = metrics["macro_f1"], metrics["loss"], trainer.epoch
+            trainer.best_f1, trainer.best_loss, trainer.best_epoch = (
+                metrics["macro_f1"],
+                metrics["loss"],
+                trainer.epoch,
+            )
             trainer.bad_epochs = 0
             if checkpoint_dir is not None:
                 atomic_save(trainer.eval_model.state_dict(), trainer._best())
@@ -458,31 +530,59 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
             trainer.bad_epochs += 1
         seconds = time.perf_counter() - began
         spent += seconds
-        record = EpochRecord(trainer.epoch, train_loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"],
-                             lr, seconds, rate, wait)
+        record = EpochRecord(
+            trainer.epoch,
+            train_loss,
+            metrics["loss"],
+            metrics["macro_f1"],
+            metrics["accuracy"],
+            lr,
+            seconds,
+            rate,
+            wait,
+        )
         trainer.history.append(record)
         if trainer.epoch >= max(cfg.min_epochs, 1) and trainer.bad_epochs >= cfg.patience:
             trainer.stopped = f"early stop: no better val macro-F1 for {cfg.patience} epochs"
         elif cfg.max_minutes and spent >= cfg.max_minutes * 60 and trainer.epoch < cfg.epochs:
             trainer.stopped = f"time budget of {cfg.max_minutes:g} min reached"
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_acc %.4f  lr %.2e  "
-                 "%.1f s  %.1f img/s%s", trainer.epoch, cfg.epochs, train_loss, metrics["loss"],
-                 metrics["macro_f1"], metrics["accuracy"], lr, seconds, rate,
-                 "  *best*" if trainer.best_epoch == trainer.epoch else "")
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_acc %.4f  lr %.2e  "
+            "%.1f s  %.1f img/s%s",
+            trainer.epoch,
+            cfg.epochs,
+            train_loss,
+            metrics["loss"],
+            metrics["macro_f1"],
+            metrics["accuracy"],
+            lr,
+            seconds,
+            rate,
+            "  *best*" if trainer.best_epoch == trainer.epoch else "",
+        )
         trainer.save_checkpoint()
         for callback in callbacks:
             callback(record)
     if checkpoint_dir is not None:
         best_file = trainer._best()
         if not best_file.is_file():
-            raise UsageError(f"{best_file}: no best weights in the checkpoint; delete {checkpoint_dir} and train again")
+            raise UsageError(
+                f"{best_file}: no best weights in the checkpoint; delete {checkpoint_dir} and train again"
+            )
         best_state = torch.load(best_file, map_location="cpu", weights_only=True)
     elif best_state is None:
         best_state = _cpu_state(trainer.eval_model)
     best_state = {k.removeprefix("module."): v for k, v in best_state.items() if k != "n_averaged"}
     if trainer.stopped:
         log.info("stopped after epoch %d: %s", trainer.epoch, trainer.stopped)
-    return FitResult(best_state=best_state, best_epoch=trainer.best_epoch, best_val_macro_f1=trainer.best_f1,
-                     best_val_loss=trainer.best_loss, history=trainer.history,
-                     stopped=trainer.stopped or "max epochs", precision=trainer.precision, device=str(device),
-                     resumed_from_epoch=start_epoch)
+    return FitResult(
+        best_state=best_state,
+        best_epoch=trainer.best_epoch,
+        best_val_macro_f1=trainer.best_f1,
+        best_val_loss=trainer.best_loss,
+        history=trainer.history,
+        stopped=trainer.stopped or "max epochs",
+        precision=trainer.precision,
+        device=str(device),
+        resumed_from_epoch=start_epoch,
+    )

@@ -15,15 +15,17 @@ def class_weights(counts: Sequence[int] | np.ndarray, power: float = 0.5) -> tor
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     share = np.where(present, counts / max(counts.sum(), 1.0), 1.0)
-    weights = np.where(present, share ** -power, 0.0)
+    weights = np.where(present, share**-power, 0.0)
     mean = (weights * counts).sum() / max(counts.sum(), 1.0)
     return torch.as_tensor(weights / (mean or 1.0), dtype=torch.float32)
 
 
 class FocalLoss(nn.Module):
-    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, with optional class weights."""
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, optional class weights."""
 
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.gamma = gamma
         self.label_smoothing = label_smoothing
@@ -43,8 +45,13 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
-def build_loss(kind: str, counts: Sequence[int] | np.ndarray, power: float = 0.5, gamma: float = 2.0,
-               label_smoothing: float = 0.0) -> nn.Module:
+def build_loss(
+    kind: str,
+    counts: Sequence[int] | np.ndarray,
+    power: float = 0.5,
+    gamma: float = 2.0,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
     """'ce' (plain), 'weighted_ce' (class-weighted) or 'focal' (class-weighted when power > 0)."""
     weight = class_weights(counts, power) if power > 0 else None
     if kind == "ce":
@@ -56,12 +63,14 @@ def build_loss(kind: str, counts: Sequence[int] | np.ndarray, power: float = 0.5
     raise ValueError(f"unknown loss {kind!r}; use 'ce', 'weighted_ce' or 'focal'")
 
 
-def defect_map_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor,
-                    pos_weight: float = 5.0) -> torch.Tensor:
+def defect_map_loss(
+    logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, pos_weight: float = 5.0
+) -> torch.Tensor:
     """BCE of the coarse defect map against the max-pooled masks, over the items whose mask is known."""
     target = F.adaptive_max_pool2d(masks[:, None].float(), logits.shape[-2:])
     weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    per_item = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=weight,
-                                                  reduction="none").mean(dim=(1, 2, 3))
+    per_item = F.binary_cross_entropy_with_logits(
+        logits.float(), target, pos_weight=weight, reduction="none"
+    ).mean(dim=(1, 2, 3))
     known = known.float()
     return (per_item * known).sum() / known.sum().clamp(min=1.0)

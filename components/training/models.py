@@ -22,7 +22,7 @@ _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 class SpatialAttention(nn.Module):
-    """CBAM spatial gate: channel-wise mean and max maps -> 7x7 conv -> sigmoid, multiplied into the features."""
+    """CBAM spatial gate: channel mean and max maps -> 7x7 conv -> sigmoid, multiplied into the features."""
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
@@ -42,9 +42,18 @@ class DefectClassifier(nn.Module):
     before pooling, so the classifier looks where the defect is instead of averaging it away.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float = 0.3,
-                 hidden: int = 512, attention: bool = False, freeze_stages: int = 0, mask_head: bool = False,
-                 mask_gate: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        dropout: float = 0.3,
+        hidden: int = 512,
+        attention: bool = False,
+        freeze_stages: int = 0,
+        mask_head: bool = False,
+        mask_gate: bool = False,
+    ) -> None:
         super().__init__()
         backbone.fc = nn.Identity()
         self.backbone = backbone
@@ -53,7 +62,9 @@ class DefectClassifier(nn.Module):
         self.defect_head = nn.Conv2d(mid_channels, 1, kernel_size=1) if mask_head or mask_gate else None
         self.mask_gate = mask_gate
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.hidden = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True))
+        self.hidden = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True)
+        )
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
         self.embedding_dim = hidden
         self.freeze_stages = freeze_stages
@@ -75,7 +86,7 @@ class DefectClassifier(nn.Module):
         return self
 
     def _stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last feature map (attention- and mask-gated) and the defect-map logits (None without a head)."""
+        """The last feature map (attention- and mask-gated) and the defect-map logits (None: no head)."""
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         mid = b.layer3(b.layer2(b.layer1(x)))
@@ -126,7 +137,9 @@ def _torchvision(arch: str) -> tuple[type, object]:
         "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
     }
     if arch not in builders:
-        raise UsageError(f"unknown architecture {arch!r}; use one of {sorted(builders)} (train.profiles.*.arch)")
+        raise UsageError(
+            f"unknown architecture {arch!r}; use one of {sorted(builders)} (train.profiles.*.arch)"
+        )
     return builders[arch]
 
 
@@ -140,8 +153,10 @@ def _imagenet_state(arch: str, allow_download: bool) -> tuple[dict | None, str]:
     _, weights = _torchvision(arch)
     cached = imagenet_weights_file(arch)
     if not cached.is_file() and not allow_download:
-        return None, (f"{cached.name} not in the torchvision cache {cached.parent}; place the file there "
-                      "(or set train.download_weights: true when online)")
+        return None, (
+            f"{cached.name} not in the torchvision cache {cached.parent}; place the file there "
+            "(or set train.download_weights: true when online)"
+        )
     try:
         return weights.get_state_dict(progress=False, check_hash=False), f"imagenet:{weights.name}"
     except Exception as exc:  # noqa: BLE001 - offline, proxy, corrupt cache: all mean "not available"
@@ -154,7 +169,9 @@ def _file_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"{path}: not a loadable state_dict ({exc}); save one with torch.save(model.state_dict())") from exc
+        raise UsageError(
+            f"{path}: not a loadable state_dict ({exc}); save one with torch.save(model.state_dict())"
+        ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -165,10 +182,19 @@ def _file_state(path: Path) -> dict:
     return state
 
 
-def build_model(arch: Arch, num_classes: int, dropout: float = 0.3, hidden: int = 512, attention: bool = False,
-                freeze_stages: int = 0, weights: str | Path | None = None, allow_download: bool = False,
-                mask_head: bool = False, mask_gate: bool = False) -> tuple[DefectClassifier, str]:
-    """The classifier and a note of which weights it started from ('imagenet:...', 'file:...', 'random-init')."""
+def build_model(
+    arch: Arch,
+    num_classes: int,
+    dropout: float = 0.3,
+    hidden: int = 512,
+    attention: bool = False,
+    freeze_stages: int = 0,
+    weights: str | Path | None = None,
+    allow_download: bool = False,
+    mask_head: bool = False,
+    mask_gate: bool = False,
+) -> tuple[DefectClassifier, str]:
+    """The classifier and which weights it started from ('imagenet:...', 'file:...', 'random-init')."""
     if num_classes < 2:
         raise UsageError(f"num_classes is {num_classes}; a classifier needs at least two classes")
     builder, _ = _torchvision(arch)
@@ -180,7 +206,9 @@ def build_model(arch: Arch, num_classes: int, dropout: float = 0.3, hidden: int 
         state, note = _imagenet_state(arch, allow_download)
         if state is None:
             weights_used = f"random-init (ImageNet weights unavailable: {note})"
-            log.warning("ImageNet weights for %s unavailable (%s): training from random initialisation", arch, note)
+            log.warning(
+                "ImageNet weights for %s unavailable (%s): training from random initialisation", arch, note
+            )
         else:
             weights_used = note
     elif weights is not None and str(weights) != "":
@@ -197,6 +225,7 @@ def build_model(arch: Arch, num_classes: int, dropout: float = 0.3, hidden: int 
                 f"{result.unexpected_keys[:3]}); use weights saved from a {arch}"
             )
         log.info("%s backbone initialised from %s", arch, weights_used)
-    model = DefectClassifier(backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages,
-                             mask_head, mask_gate)
+    model = DefectClassifier(
+        backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages, mask_head, mask_gate
+    )
     return model, weights_used

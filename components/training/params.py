@@ -21,7 +21,8 @@ class AugmentParams(_Section):
     """Training-time augmentation (albumentations); evaluation always uses the plain resize."""
 
     crop_scale: tuple[float, float] | None = Field(
-        (0.8, 1.0), description="area range of a random crop of the squashed image; null = no crop")
+        (0.8, 1.0), description="area range of a random crop of the squashed image; null = no crop"
+    )
     crop_ratio: tuple[float, float] = Field((0.75, 1.333), description="aspect range of that crop")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     vflip: float = Field(0.5, ge=0, le=1, description="probability of a vertical flip")
@@ -30,21 +31,30 @@ class AugmentParams(_Section):
     affine_scale: tuple[float, float] = (0.9, 1.1)
     affine_translate: float = Field(0.05, ge=0, le=0.5, description="fraction of the side")
     affine_rotate: float = Field(15.0, ge=0, le=180, description="degrees either way")
-    brightness_contrast: float = Field(0.5, ge=0, le=1, description="probability of brightness/contrast jitter")
+    brightness_contrast: float = Field(
+        0.5, ge=0, le=1, description="probability of brightness/contrast jitter"
+    )
     brightness_limit: float = Field(0.2, ge=0, le=1)
     contrast_limit: float = Field(0.2, ge=0, le=1)
     noise: float = Field(0.0, ge=0, le=1, description="probability of Gaussian noise")
     noise_std: tuple[float, float] = Field((0.01, 0.05), description="noise std as a fraction of 255")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a small Gaussian blur")
-    paste: float = Field(0.0, ge=0, le=1, description="probability that a masked defect image is pasted onto a "
-                         "random normal image (needs mask_head, i.e. masks)")
+    paste: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability that a masked defect image is pasted onto a "
+        "random normal image (needs mask_head, i.e. masks)",
+    )
 
 
 class ProfileParams(_Section):
     """One hardware profile: model, input size, schedule and loop settings."""
 
     arch: Arch = "resnet18"
-    weights: str | None = Field("imagenet", description="'imagenet', a local .pth file, or null for random init")
+    weights: str | None = Field(
+        "imagenet", description="'imagenet', a local .pth file, or null for random init"
+    )
     image_size: int = Field(224, ge=32, le=1024)
     dropout: float = Field(0.3, ge=0, lt=1)
     hidden: int = Field(512, ge=8)
@@ -54,7 +64,8 @@ class ProfileParams(_Section):
     mask_loss_weight: float = Field(0.5, ge=0, description="weight of the defect-map loss (with mask_head)")
     mask_pos_weight: float = Field(5.0, gt=0, description="BCE weight of defect cells in the defect map")
     normalize: Literal["imagenet", "per_image"] = Field(
-        "imagenet", description="input scaling: ImageNet mean/std, or each image to zero mean and unit std")
+        "imagenet", description="input scaling: ImageNet mean/std, or each image to zero mean and unit std"
+    )
     freeze_stages: int = Field(0, ge=0, le=5, description="0 = train all; 1 = stem; 2..5 = stem + layer1..4")
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(30, ge=1)
@@ -66,16 +77,23 @@ class ProfileParams(_Section):
     loss: Literal["ce", "weighted_ce", "focal"] = "weighted_ce"
     focal_gamma: float = Field(2.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weight_power: float = Field(0.5, ge=0, le=1,
-                                      description="class weight = (share of the class)^-power; 0 = none")
+    class_weight_power: float = Field(
+        0.5, ge=0, le=1, description="class weight = (share of the class)^-power; 0 = none"
+    )
     sampler: Literal["uniform", "class_balanced"] = "uniform"
     sampler_power: float = Field(0.5, ge=0, le=1, description="sample weight = (class count)^-power")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="evaluate an EMA of the weights (e.g. 0.99)")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="evaluate an EMA of the weights (e.g. 0.99)"
+    )
     precision: Precision = "auto"
     channels_last: bool = True
     num_workers: int = Field(1, ge=0)
-    threads: int = Field(0, ge=0, description="torch compute threads; 0 = auto: the cores not already busy "
-                         "(1-minute load average) at the start, at least 1")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch compute threads; 0 = auto: the cores not already busy "
+        "(1-minute load average) at the start, at least 1",
+    )
     cache_images: bool = Field(True, description="keep decoded images in memory (decode once per run)")
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (keeps the best)")
 
@@ -91,7 +109,9 @@ class ProfileParams(_Section):
 class TrainParams(_Section):
     """The `train` section: which profile to use and the profiles themselves."""
 
-    profile: Literal["auto"] | str = Field("auto", description="'auto' = gpu when CUDA is available, else cpu")
+    profile: Literal["auto"] | str = Field(
+        "auto", description="'auto' = gpu when CUDA is available, else cpu"
+    )
     profiles: dict[str, ProfileParams]
     seed: int | None = Field(None, description="defaults to base.seed")
     deterministic: bool = Field(True, description="deterministic algorithms (warn-only where none exists)")
@@ -101,7 +121,9 @@ class TrainParams(_Section):
     @model_validator(mode="after")
     def _profiles_known(self) -> TrainParams:
         if self.profile != "auto" and self.profile not in self.profiles:
-            raise ValueError(f"train.profile {self.profile!r} is not one of train.profiles: {sorted(self.profiles)}")
+            raise ValueError(
+                f"train.profile {self.profile!r} is not one of train.profiles: {sorted(self.profiles)}"
+            )
         return self
 
 
@@ -119,7 +141,9 @@ def _validate(model: type[BaseModel], value: Any, name: str) -> Any:
     except ValueError as exc:
         lines = str(exc).splitlines()
         detail = " ".join(line.strip() for line in lines[1:3]) or lines[0]
-        raise UsageError(f"params.yaml `{name}`: {detail}; fix that key (see components/training/params.py)") from exc
+        raise UsageError(
+            f"params.yaml `{name}`: {detail}; fix that key (see components/training/params.py)"
+        ) from exc
 
 
 def augment_params(raw: Params | dict | None) -> AugmentParams:

@@ -3,7 +3,7 @@
 Outputs in `out_dir`:
     model.pt             self-describing model file (see `save_model_file`), written last and atomically
     train_metrics.json   best val macro-F1, epochs, seconds, images/s, profile, precision, weights used
-    history.csv          one row per epoch (epoch, train_loss, val_loss, val_macro_f1, val_accuracy, lr, seconds, ...)
+    history.csv          per epoch: epoch, train_loss, val_loss, val_macro_f1, val_accuracy, lr, seconds, ...
 The checkpoint lives in `<home>/checkpoints/train-<fingerprint>/` (last.pt + best.pt, see loop.py): the
 fingerprint hashes the profile, the augmentation, the classes and the exact training/validation images, so
 `resume=True` picks up an interrupted run of the same configuration and never a different one. It is deleted
@@ -21,7 +21,7 @@ model.pt (torch.save of a dict; read it with `load_model_file`, which uses weigh
     image_size, normalization         what `transforms.model_transform(meta)` needs to prepare an image
     embedding_dim                     size of `model.embed(x)` (the hidden layer)
     weights_used                      'imagenet:...', 'file:...' or 'random-init (...)'
-    dataset_version, manifest_digest  DVC md5 of data/ (None for an untracked folder), hash of the images+splits
+    dataset_version, manifest_digest  DVC md5 of data/ (None: untracked folder), hash of the images + splits
     profile, train_params, augment_params, seed, metrics, created_at, torch_version
 """
 
@@ -64,8 +64,17 @@ log = logging.getLogger(__name__)
 MODEL_FORMAT = "defectops-classifier"
 MODEL_FORMAT_VERSION = 1
 MODEL_FILE, METRICS_FILE, HISTORY_FILE = "model.pt", "train_metrics.json", "history.csv"
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr", "seconds",
-                   "train_images_per_s", "data_wait_s"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_macro_f1",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    "train_images_per_s",
+    "data_wait_s",
+]
 
 
 @dataclass(frozen=True)
@@ -89,14 +98,18 @@ def choose_profile(tp: TrainParams, requested: str | None = None) -> tuple[str, 
     if name == "auto":
         name = "gpu" if torch.cuda.is_available() else "cpu"
     if name not in tp.profiles:
-        raise UsageError(f"training profile {name!r} not in params.yaml train.profiles {sorted(tp.profiles)}; "
-                         "add it or pick one of those")
+        raise UsageError(
+            f"training profile {name!r} not in params.yaml train.profiles {sorted(tp.profiles)}; "
+            "add it or pick one of those"
+        )
     return name, tp.profiles[name]
 
 
 def manifest_digest(frame: pd.DataFrame) -> str:
     """A short content hash of the images and splits a model was trained on."""
-    lines = sorted(f"{p}\t{s}\t{sp}" for p, s, sp in zip(frame["path"], frame["sha256"], frame["split"], strict=True))
+    lines = sorted(
+        f"{p}\t{s}\t{sp}" for p, s, sp in zip(frame["path"], frame["sha256"], frame["split"], strict=True)
+    )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
@@ -112,10 +125,11 @@ def _as_params(params: Params | dict) -> Params:
 def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     rows = manifest[manifest["split"] == split]
     if "readable" in rows:
-        bad = rows[rows["readable"] != True]
+        readable = rows["readable"].fillna(False).astype(bool)
+        bad = rows[~readable]
         if len(bad):
             log.warning("%d unreadable %s images skipped (e.g. %s)", len(bad), split, bad["path"].iloc[0])
-        rows = rows[rows["readable"] == True]
+        rows = rows[readable]
     if rows.empty:
         raise UsageError(f"the dataset has no readable '{split}' images; add images or check splits.csv")
     return rows.reset_index(drop=True)
@@ -132,35 +146,69 @@ def training_masks(rows: pd.DataFrame, normal_class: str) -> list[Path | str | N
     return masks
 
 
-def build_loaders(train_rows: pd.DataFrame, val_rows: pd.DataFrame, classes: Sequence[str], prof: ProfileParams,
-                  aug: AugmentParams, seed: int, max_pixels: int, progress: bool = False,
-                  normal_class: str | None = None) -> tuple[DataLoader, DataLoader, list[int]]:
+def build_loaders(
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    classes: Sequence[str],
+    prof: ProfileParams,
+    aug: AugmentParams,
+    seed: int,
+    max_pixels: int,
+    progress: bool = False,
+    normal_class: str | None = None,
+) -> tuple[DataLoader, DataLoader, list[int]]:
     """Training loader (augmented, shuffled or class-balanced) and validation loader (eval transform)."""
     train_targets = class_targets(train_rows, classes)
     masks = training_masks(train_rows, normal_class or "") if prof.mask_head else None
-    train_data = ManifestDataset(train_rows["file"].tolist(), train_targets,
-                                 train_transform(aug, prof.image_size, prof.normalize), seed=seed,
-                                 max_pixels=max_pixels, cache=prof.cache_images, masks=masks, paste=aug.paste,
-                                 normal_target=list(classes).index(normal_class) if normal_class in classes else None)
-    val_data = ManifestDataset(val_rows["file"].tolist(), class_targets(val_rows, classes),
-                               eval_transform(prof.image_size, prof.normalize), max_pixels=max_pixels,
-                               cache=prof.cache_images)
+    train_data = ManifestDataset(
+        train_rows["file"].tolist(),
+        train_targets,
+        train_transform(aug, prof.image_size, prof.normalize),
+        seed=seed,
+        max_pixels=max_pixels,
+        cache=prof.cache_images,
+        masks=masks,
+        paste=aug.paste,
+        normal_target=list(classes).index(normal_class) if normal_class in classes else None,
+    )
+    val_data = ManifestDataset(
+        val_rows["file"].tolist(),
+        class_targets(val_rows, classes),
+        eval_transform(prof.image_size, prof.normalize),
+        max_pixels=max_pixels,
+        cache=prof.cache_images,
+    )
     train_data.preload(progress)
     val_data.preload(progress)
     generator = torch.Generator().manual_seed(seed)
-    sampler = (balanced_sampler(train_targets, len(classes), prof.sampler_power, generator)
-               if prof.sampler == "class_balanced" else None)
-    common = {"num_workers": prof.num_workers, "pin_memory": torch.cuda.is_available(),
-              "persistent_workers": False}
+    sampler = (
+        balanced_sampler(train_targets, len(classes), prof.sampler_power, generator)
+        if prof.sampler == "class_balanced"
+        else None
+    )
+    common = {
+        "num_workers": prof.num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": False,
+    }
     if prof.num_workers:
         common["prefetch_factor"] = 4
-    train_loader = DataLoader(train_data, batch_size=prof.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=len(train_data) > prof.batch_size, **common)
+    train_loader = DataLoader(
+        train_data,
+        batch_size=prof.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=len(train_data) > prof.batch_size,
+        **common,
+    )
     val_loader = DataLoader(val_data, batch_size=prof.batch_size * 2, shuffle=False, **common)
     return train_loader, val_loader, train_targets
 
 
-def save_model_file(path: Path, model: DefectClassifier, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_model_file(
+    path: Path, model: DefectClassifier, state: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     """Write the self-describing model file atomically (tmp + rename)."""
     atomic_save({**meta, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, path)
 
@@ -175,24 +223,44 @@ def load_model_file(path: Path | str) -> tuple[DefectClassifier, dict[str, Any]]
     except Exception as exc:
         raise UsageError(f"{path}: not a readable model file ({exc}); retrain or re-download it") from exc
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise UsageError(f"{path}: not a defectops model file (no format '{MODEL_FORMAT}'); use run_training's model.pt")
+        raise UsageError(
+            f"{path}: not a defectops model file (no format '{MODEL_FORMAT}'); use run_training's model.pt"
+        )
     if blob.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise UsageError(f"{path}: model format {blob['format_version']} is newer than this code "
-                         f"({MODEL_FORMAT_VERSION}); upgrade defectops")
+        raise UsageError(
+            f"{path}: model format {blob['format_version']} is newer than this code "
+            f"({MODEL_FORMAT_VERSION}); upgrade defectops"
+        )
     arch = blob["arch"]
-    model, _ = build_model(arch["name"], len(blob["classes"]), dropout=arch["dropout"], hidden=arch["hidden"],
-                           attention=arch["attention"], weights=None, mask_head=arch.get("mask_head", False),
-                           mask_gate=arch.get("mask_gate", False))
+    model, _ = build_model(
+        arch["name"],
+        len(blob["classes"]),
+        dropout=arch["dropout"],
+        hidden=arch["hidden"],
+        attention=arch["attention"],
+        weights=None,
+        mask_head=arch.get("mask_head", False),
+        mask_gate=arch.get("mask_gate", False),
+    )
     model.load_state_dict(blob["state_dict"])
     model.eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model, meta
 
 
-def _fingerprint(prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int) -> str:
-    payload = json.dumps({"profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads"}),
-                          "augment": aug.model_dump(mode="json"), "classes": list(classes), "data": digest,
-                          "seed": seed}, sort_keys=True)
+def _fingerprint(
+    prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int
+) -> str:
+    payload = json.dumps(
+        {
+            "profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads"}),
+            "augment": aug.model_dump(mode="json"),
+            "classes": list(classes),
+            "data": digest,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -200,7 +268,9 @@ def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRe
     out_dir.mkdir(parents=True, exist_ok=True)
     history_path, metrics_path = out_dir / HISTORY_FILE, out_dir / METRICS_FILE
     tmp = history_path.with_name(f".{HISTORY_FILE}.tmp")
-    pd.DataFrame([asdict(r) for r in history], columns=HISTORY_COLUMNS).to_csv(tmp, index=False, float_format="%.6g")
+    pd.DataFrame([asdict(r) for r in history], columns=HISTORY_COLUMNS).to_csv(
+        tmp, index=False, float_format="%.6g"
+    )
     tmp.replace(history_path)
     tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -208,9 +278,16 @@ def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRe
     return metrics_path, history_path
 
 
-def run_training(settings: Settings, params: Params | dict, profile: str | None = None, resume: bool = False,
-                 out_dir: Path | None = None, manifest: pd.DataFrame | None = None,
-                 callbacks: Sequence[Callable[[EpochRecord], None]] = (), progress: bool = True) -> TrainResult:
+def run_training(
+    settings: Settings,
+    params: Params | dict,
+    profile: str | None = None,
+    resume: bool = False,
+    out_dir: Path | None = None,
+    manifest: pd.DataFrame | None = None,
+    callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+    progress: bool = True,
+) -> TrainResult:
     """Train on the 'train' split, early-stop on 'val', write model.pt, train_metrics.json and history.csv."""
     started = time.perf_counter()
     params = _as_params(params)
@@ -230,64 +307,138 @@ def run_training(settings: Settings, params: Params | dict, profile: str | None 
     digest = manifest_digest(pd.concat([train_rows, val_rows]))
     fingerprint = _fingerprint(prof, aug, classes, digest, seed)
     checkpoint_dir = settings.home_dir / "checkpoints" / f"train-{fingerprint}"
-    log.info("profile %r: %s at %d px, %d train / %d val images; checkpoints in %s", profile_name, prof.arch,
-             prof.image_size, len(train_rows), len(val_rows), checkpoint_dir)
+    log.info(
+        "profile %r: %s at %d px, %d train / %d val images; checkpoints in %s",
+        profile_name,
+        prof.arch,
+        prof.image_size,
+        len(train_rows),
+        len(val_rows),
+        checkpoint_dir,
+    )
 
-    train_loader, val_loader, train_targets = build_loaders(train_rows, val_rows, classes, prof, aug, seed,
-                                                            params.data.max_image_pixels, progress, normal)
+    train_loader, val_loader, train_targets = build_loaders(
+        train_rows, val_rows, classes, prof, aug, seed, params.data.max_image_pixels, progress, normal
+    )
     counts = class_counts(train_targets, len(classes))
     for name, count in zip(classes, counts, strict=True):
         if count == 0:
             log.warning("class %r has no training images: the model cannot learn it", name)
     torch.manual_seed(seed)  # model initialisation is part of the seeded run
-    model, weights_used = build_model(prof.arch, len(classes), prof.dropout, prof.hidden, prof.attention,
-                                      prof.freeze_stages, prof.weights, allow_download=tp.download_weights,
-                                      mask_head=prof.mask_head, mask_gate=prof.mask_gate)
+    model, weights_used = build_model(
+        prof.arch,
+        len(classes),
+        prof.dropout,
+        prof.hidden,
+        prof.attention,
+        prof.freeze_stages,
+        prof.weights,
+        allow_download=tp.download_weights,
+        mask_head=prof.mask_head,
+        mask_gate=prof.mask_gate,
+    )
     criterion = build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma, prof.label_smoothing)
-    cfg = LoopConfig(epochs=prof.epochs, lr=prof.lr, weight_decay=prof.weight_decay, warmup_epochs=prof.warmup_epochs,
-                     min_epochs=prof.min_epochs, patience=prof.patience, precision=prof.precision,
-                     channels_last=prof.channels_last, ema_decay=prof.ema_decay,
-                     mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
-                     mask_pos_weight=prof.mask_pos_weight, max_minutes=prof.max_minutes, threads=prof.threads,
-                     seed=seed, deterministic=tp.deterministic, progress=progress, fingerprint=fingerprint)
+    cfg = LoopConfig(
+        epochs=prof.epochs,
+        lr=prof.lr,
+        weight_decay=prof.weight_decay,
+        warmup_epochs=prof.warmup_epochs,
+        min_epochs=prof.min_epochs,
+        patience=prof.patience,
+        precision=prof.precision,
+        channels_last=prof.channels_last,
+        ema_decay=prof.ema_decay,
+        mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
+        mask_pos_weight=prof.mask_pos_weight,
+        max_minutes=prof.max_minutes,
+        threads=prof.threads,
+        seed=seed,
+        deterministic=tp.deterministic,
+        progress=progress,
+        fingerprint=fingerprint,
+    )
     threads_before = torch.get_num_threads()
     try:
-        result: FitResult = fit(model, train_loader, val_loader, criterion, cfg, checkpoint_dir=checkpoint_dir,
-                                resume=resume, callbacks=callbacks)
+        result: FitResult = fit(
+            model,
+            train_loader,
+            val_loader,
+            criterion,
+            cfg,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+        )
     finally:
         threads_used = torch.get_num_threads()
         torch.set_num_threads(threads_before)
 
     seconds_total = time.perf_counter() - started
     metrics = {
-        "best_val_macro_f1": result.best_val_macro_f1, "best_val_loss": result.best_val_loss,
-        "best_epoch": result.best_epoch, "epochs": result.epochs_run, "stopped": result.stopped,
-        "train_seconds": round(result.seconds, 2), "seconds": round(seconds_total, 2),
-        "train_images_per_s": round(result.train_images_per_s, 2), "profile": profile_name, "arch": prof.arch,
-        "image_size": prof.image_size, "precision": result.precision, "device": result.device,
-        "weights_used": weights_used, "dataset_version": dataset_version, "manifest_digest": digest,
-        "n_train": len(train_rows), "n_val": len(val_rows), "resumed_from_epoch": result.resumed_from_epoch,
-        "torch_threads": threads_used, "cpu_count": os.cpu_count(),
+        "best_val_macro_f1": result.best_val_macro_f1,
+        "best_val_loss": result.best_val_loss,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs_run,
+        "stopped": result.stopped,
+        "train_seconds": round(result.seconds, 2),
+        "seconds": round(seconds_total, 2),
+        "train_images_per_s": round(result.train_images_per_s, 2),
+        "profile": profile_name,
+        "arch": prof.arch,
+        "image_size": prof.image_size,
+        "precision": result.precision,
+        "device": result.device,
+        "weights_used": weights_used,
+        "dataset_version": dataset_version,
+        "manifest_digest": digest,
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "torch_threads": threads_used,
+        "cpu_count": os.cpu_count(),
     }
     metrics_path, history_path = _write_outputs(out_dir, metrics, result.history)
     meta = {
-        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-        "arch": {"name": prof.arch, "dropout": prof.dropout, "hidden": prof.hidden, "attention": prof.attention,
-                 "mask_head": prof.mask_head, "mask_gate": prof.mask_gate},
-        "classes": classes, "normal_class": normal, "image_size": prof.image_size,
-        "normalization": ({"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-                          if prof.normalize == "imagenet" else {"kind": "per_image"}),
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "arch": {
+            "name": prof.arch,
+            "dropout": prof.dropout,
+            "hidden": prof.hidden,
+            "attention": prof.attention,
+            "mask_head": prof.mask_head,
+            "mask_gate": prof.mask_gate,
+        },
+        "classes": classes,
+        "normal_class": normal,
+        "image_size": prof.image_size,
+        "normalization": (
+            {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+            if prof.normalize == "imagenet"
+            else {"kind": "per_image"}
+        ),
         "preprocess": "components.training.transforms.model_transform(meta)",
-        "embedding_dim": model.embedding_dim, "weights_used": weights_used, "dataset_version": dataset_version,
-        "manifest_digest": digest, "profile": profile_name, "train_params": prof.model_dump(mode="json"),
-        "augment_params": aug.model_dump(mode="json"), "seed": seed,
+        "embedding_dim": model.embedding_dim,
+        "weights_used": weights_used,
+        "dataset_version": dataset_version,
+        "manifest_digest": digest,
+        "profile": profile_name,
+        "train_params": prof.model_dump(mode="json"),
+        "augment_params": aug.model_dump(mode="json"),
+        "seed": seed,
         "metrics": {k: metrics[k] for k in ("best_val_macro_f1", "best_epoch", "epochs")},
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"), "torch_version": str(torch.__version__),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
     }
     model_path = out_dir / MODEL_FILE
     save_model_file(model_path, model, result.best_state, meta)
-    log.info("wrote %s (best val macro-F1 %.4f at epoch %d, %.0f s)", model_path, result.best_val_macro_f1,
-             result.best_epoch, seconds_total)
+    log.info(
+        "wrote %s (best val macro-F1 %.4f at epoch %d, %.0f s)",
+        model_path,
+        result.best_val_macro_f1,
+        result.best_epoch,
+        seconds_total,
+    )
     if not tp.keep_checkpoint:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainResult(model_path, metrics_path, history_path, checkpoint_dir, metrics)

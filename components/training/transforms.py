@@ -43,7 +43,7 @@ def _finish(normalize: Normalization) -> list:
 
 
 def eval_transform(image_size: int, normalize: Normalization = "imagenet") -> A.Compose:
-    """Resize to image_size x image_size (area interpolation, aspect not kept), normalise, to CHW float tensor."""
+    """Resize to image_size x image_size (area interpolation, aspect not kept), normalise, to a CHW tensor."""
     import albumentations as A
     import cv2
 
@@ -58,8 +58,9 @@ def train_transform(p: AugmentParams, image_size: int, normalize: Normalization 
     # squash to the square first, exactly as eval_transform does, so that crops keep the eval geometry
     steps: list = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
     if p.crop_scale is not None:
-        steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=p.crop_scale, ratio=p.crop_ratio,
-                                         p=1.0))
+        steps.append(
+            A.RandomResizedCrop(size=(image_size, image_size), scale=p.crop_scale, ratio=p.crop_ratio, p=1.0)
+        )
     if p.hflip:
         steps.append(A.HorizontalFlip(p=p.hflip))
     if p.vflip:
@@ -67,12 +68,21 @@ def train_transform(p: AugmentParams, image_size: int, normalize: Normalization 
     if p.rotate90:
         steps.append(A.RandomRotate90(p=p.rotate90))
     if p.affine:
-        steps.append(A.Affine(scale=p.affine_scale, translate_percent=(-p.affine_translate, p.affine_translate),
-                              rotate=(-p.affine_rotate, p.affine_rotate), border_mode=cv2.BORDER_REFLECT_101,
-                              p=p.affine))
+        steps.append(
+            A.Affine(
+                scale=p.affine_scale,
+                translate_percent=(-p.affine_translate, p.affine_translate),
+                rotate=(-p.affine_rotate, p.affine_rotate),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=p.affine,
+            )
+        )
     if p.brightness_contrast:
-        steps.append(A.RandomBrightnessContrast(brightness_limit=p.brightness_limit,
-                                                contrast_limit=p.contrast_limit, p=p.brightness_contrast))
+        steps.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=p.brightness_limit, contrast_limit=p.contrast_limit, p=p.brightness_contrast
+            )
+        )
     if p.blur:
         steps.append(A.GaussianBlur(blur_limit=(3, 3), p=p.blur))
     if p.noise:

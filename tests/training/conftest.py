@@ -1,4 +1,4 @@
-"""Fixtures for the training tests: a tiny ImageFolder dataset (grey PNGs and colour JPEGs) made once per session."""
+"""Fixtures for the training tests: a tiny dataset (grey PNGs and colour JPEGs) made once per session."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def _write_tiny(root: Path, with_masks: bool) -> None:
             name = f"{label}_{i:02d}"
             if i % 2:
                 tint = np.stack([np.asarray(image)] * 3, axis=2).astype(np.int16) + np.array([12, 0, -12])
-                Image.fromarray(np.clip(tint, 0, 255).astype(np.uint8), "RGB").save(images / label / f"{name}.jpg",
-                                                                                     quality=95)
+                Image.fromarray(np.clip(tint, 0, 255).astype(np.uint8), "RGB").save(
+                    images / label / f"{name}.jpg", quality=95
+                )
             else:
                 image.save(images / label / f"{name}.png")
             if with_masks and label != "normal" and i != 0:  # one defect image without a mask: "unknown"
@@ -70,7 +71,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_masked_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same images in our tracked layout, images/<class>/ with defect masks in masks/<class>/<stem>.png."""
+    """The same images in our tracked layout: images/<class>/, defect masks in masks/<class>/<stem>.png."""
     root = tmp_path_factory.mktemp("tiny-tracked")
     _write_tiny(root, with_masks=True)
     return root
@@ -78,16 +79,32 @@ def tiny_masked_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_raw_params(**profile: Any) -> dict[str, Any]:
     """params.yaml content for the tiny dataset; keyword arguments override the cpu profile."""
-    cpu = {"arch": "resnet18", "weights": None, "image_size": 64, "batch_size": 8, "epochs": 2, "patience": 5,
-           "lr": 1e-3, "warmup_epochs": 0, "hidden": 64, "dropout": 0.1, "num_workers": 0, "precision": "fp32",
-           "channels_last": False, "threads": 1}
+    cpu = {
+        "arch": "resnet18",
+        "weights": None,
+        "image_size": 64,
+        "batch_size": 8,
+        "epochs": 2,
+        "patience": 5,
+        "lr": 1e-3,
+        "warmup_epochs": 0,
+        "hidden": 64,
+        "dropout": 0.1,
+        "num_workers": 0,
+        "precision": "fp32",
+        "channels_last": False,
+        "threads": 1,
+    }
     cpu.update(profile)
     return {
         "base": {"seed": 7},
         "data": {"dataset": "tiny", "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
         "datasets": {"tiny": {"normal_class": "normal", "classes": CLASSES, "grouping": {"rule": "image"}}},
         "augment": {"crop_scale": [0.8, 1.0], "affine": 0.3, "noise": 0.2, "blur": 0.2},
-        "train": {"profile": "cpu", "profiles": {"cpu": copy.deepcopy(cpu), "gpu": {**cpu, "arch": "resnet18"}}},
+        "train": {
+            "profile": "cpu",
+            "profiles": {"cpu": copy.deepcopy(cpu), "gpu": {**cpu, "arch": "resnet18"}},
+        },
     }
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from components.errors import UsageError
 from components.training.data import ManifestDataset, balanced_sampler
-from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.loop import warmup_cosine
+from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.transforms import eval_transform, train_transform
@@ -86,8 +86,11 @@ def test_weights_from_a_local_file_and_missing_file(tmp_path):
 def test_transforms_map_uint8_rgb_to_normalised_chw_tensor():
     rgb = np.random.default_rng(0).integers(0, 256, (90, 140, 3), dtype=np.uint8)
     full = AugmentParams(noise=1.0, blur=1.0, affine=1.0, brightness_contrast=1.0, rotate90=1.0)
-    for transform in (train_transform(full, 64), train_transform(AugmentParams(crop_scale=None), 64),
-                      eval_transform(64)):
+    for transform in (
+        train_transform(full, 64),
+        train_transform(AugmentParams(crop_scale=None), 64),
+        eval_transform(64),
+    ):
         out = transform(image=rgb)["image"]
         assert out.shape == (3, 64, 64) and out.dtype == torch.float32
         assert -5 < float(out.mean()) < 5
@@ -100,8 +103,9 @@ def test_dataset_reads_grey_and_colour_files_and_augments_reproducibly(tmp_path)
     Image.fromarray(noise, "L").save(grey)
     Image.fromarray(np.full((40, 50, 3), (200, 20, 20), np.uint8), "RGB").save(colour)
     Image.fromarray(np.full((40, 50, 4), 90, np.uint8), "RGBA").save(rgba)
-    data = ManifestDataset([grey, colour, rgba], [0, 1, 2], train_transform(AugmentParams(), 32), seed=3,
-                           cache=True)
+    data = ManifestDataset(
+        [grey, colour, rgba], [0, 1, 2], train_transform(AugmentParams(), 32), seed=3, cache=True
+    )
     data.preload()
     assert data.image(0).shape == (40, 50, 3) and data.image(0).dtype == np.uint8
     for i in range(3):
@@ -126,7 +130,9 @@ def test_losses_weighted_ce_and_focal():
     counts = [80, 15, 5]
     weights = class_weights(counts, power=0.5)
     assert weights[2] > weights[1] > weights[0]
-    assert float((weights * torch.tensor(counts, dtype=torch.float32)).sum() / sum(counts)) == pytest.approx(1.0)
+    assert float((weights * torch.tensor(counts, dtype=torch.float32)).sum() / sum(counts)) == pytest.approx(
+        1.0
+    )
     logits, target = torch.randn(16, 3), torch.randint(0, 3, (16,))
     plain = torch.nn.functional.cross_entropy(logits, target)
     assert FocalLoss(gamma=0.0)(logits, target) == pytest.approx(plain.item(), rel=1e-5)
@@ -187,9 +193,16 @@ def test_masks_follow_the_image_through_augmentation(tmp_path):
     image[:, :10] = 255  # bright band on the left, masked as the defect
     Image.fromarray(image, "L").save(tmp_path / "d.png")
     Image.fromarray(image, "L").save(tmp_path / "d_mask.png")
-    flip_only = AugmentParams(crop_scale=None, hflip=1.0, vflip=0, rotate90=0, affine=0, brightness_contrast=0)
-    data = ManifestDataset([tmp_path / "d.png"] * 3, [1, 0, 1], train_transform(flip_only, 40, "per_image"),
-                           seed=0, masks=[tmp_path / "d_mask.png", EMPTY_MASK, None])
+    flip_only = AugmentParams(
+        crop_scale=None, hflip=1.0, vflip=0, rotate90=0, affine=0, brightness_contrast=0
+    )
+    data = ManifestDataset(
+        [tmp_path / "d.png"] * 3,
+        [1, 0, 1],
+        train_transform(flip_only, 40, "per_image"),
+        seed=0,
+        masks=[tmp_path / "d_mask.png", EMPTY_MASK, None],
+    )
     x, target, mask, known = data[0]
     assert target == 1 and known == 1.0 and mask.shape == (40, 40)
     assert mask[:, -10:].all() and not mask[:, :-10].any(), "flipped together with the image"

@@ -19,13 +19,18 @@ pytestmark = pytest.mark.slow
 
 
 def _run(settings, raw, manifest, out_dir, **kwargs):
-    return run_training(settings, raw, profile=None, out_dir=out_dir, manifest=manifest, progress=False, **kwargs)
+    return run_training(
+        settings, raw, profile=None, out_dir=out_dir, manifest=manifest, progress=False, **kwargs
+    )
 
 
 @pytest.mark.parametrize("loss", ["weighted_ce", "focal"])
-def test_training_run_writes_all_outputs(settings, raw_params, tiny_manifest, tmp_path, monkeypatch, caplog,
-                                         loss):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # offline: no cached ImageNet weights
+def test_training_run_writes_all_outputs(
+    settings, raw_params, tiny_manifest, tmp_path, monkeypatch, caplog, loss
+):
+    monkeypatch.setenv(
+        "TORCH_HOME", str(tmp_path / "empty-torch-home")
+    )  # offline: no cached ImageNet weights
     raw = raw_params(loss=loss, weights="imagenet", attention=loss == "focal", sampler="class_balanced")
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="components.training.models"):
@@ -88,12 +93,18 @@ def test_nan_loss_raises_training_diverged_and_writes_no_model(settings, raw_par
 def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_path):
     # in-process: no loader workers (a process that ran a Prefect flow cannot fork them; the flows run
     # `defectops train` in a subprocess, and tests/integration/test_training_flow.py covers workers there)
-    result = _run(settings, raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=0,
-                                       loss="ce", ema_decay=0.9), tiny_manifest, tmp_path / "out")
+    result = _run(
+        settings,
+        raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=0, loss="ce", ema_decay=0.9),
+        tiny_manifest,
+        tmp_path / "out",
+    )
     assert result.metrics["precision"] == "bf16" and result.model_path.is_file()
 
 
-def test_mask_head_and_per_image_normalisation_train_and_reload(settings, raw_params, tiny_masked_manifest, tmp_path):
+def test_mask_head_and_per_image_normalisation_train_and_reload(
+    settings, raw_params, tiny_masked_manifest, tmp_path
+):
     raw = raw_params(epochs=1, mask_head=True, mask_gate=True, mask_loss_weight=1.0, normalize="per_image")
     raw["augment"]["paste"] = 1.0
     result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")

@@ -1,0 +1,23 @@
+"""The predictor applies the model file's own eval transform (size and normalisation), nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.predictor import Predictor
+from components.training.models import build_model
+from components.training.transforms import preprocess
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "per_image"])
+def test_prepare_uses_the_models_normalisation(kind: str) -> None:
+    model, _ = build_model("resnet18", 3, hidden=16, weights=None)
+    meta = {"classes": ["dent", "normal", "scratch"], "normal_class": "normal", "image_size": 32,
+            "normalization": {"kind": kind}}
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    prepared = Predictor(model, meta, device="cpu").prepare(rgb)
+    assert torch.equal(prepared, preprocess(rgb, 32, kind))
+    other = "imagenet" if kind == "per_image" else "per_image"
+    assert not torch.equal(prepared, preprocess(rgb, 32, other))
