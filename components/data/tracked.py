@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,8 @@ from components.data.layout import discover
 from components.data.split import read_splits
 from components.errors import UsageError
 from components.validation.manifest import build_manifest
+
+log = logging.getLogger(__name__)
 
 
 def dataset_version(project: Path) -> str | None:
@@ -30,6 +33,19 @@ def manifest_of(root: Path, settings: Settings, params: Params, previous_splits:
     return build_manifest(items, params.profile.grouping, params.data.split, params.base.seed,
                           params.data.max_image_pixels, settings.cache_dir, cpu_workers(settings),
                           previous_splits=previous_splits, progress=progress)
+
+
+def usable_rows(rows: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Readable rows only (unreadable ones are logged); an empty result is a usage error naming `what`."""
+    if "readable" in rows:
+        readable = rows["readable"].fillna(False).astype(bool)
+        bad = rows[~readable]
+        if len(bad):
+            log.warning("%d unreadable images in %s skipped (e.g. %s)", len(bad), what, bad["path"].iloc[0])
+        rows = rows[readable]
+    if rows.empty:
+        raise UsageError(f"{what} has no readable images; import data first or check splits.csv")
+    return rows.reset_index(drop=True)
 
 
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:

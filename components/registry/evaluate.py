@@ -19,9 +19,9 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
                    split: str | None = None) -> dict[str, Any]:
     """Figures of `model` on a folder/archive (all images by default) or on the tracked dataset (test split)."""
     from components.data.sources import open_source
-    from components.data.tracked import dataset_version, manifest_of, tracked_manifest
+    from components.data.tracked import dataset_version, manifest_of, tracked_manifest, usable_rows
     from components.evaluation.runner import evaluate_params, evaluate_rows
-    from components.registry.registry import load_predictor, usable_rows
+    from components.registry.registry import load_predictor
 
     split = split or ("all" if data else "test")
     if split not in SPLITS:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import Params, Settings
+from components.data.tracked import usable_rows
 from components.errors import DefectOpsError, UsageError
 from components.locks import exclusive
 from components.registry.tracking import MODEL_NAME, connect
@@ -139,18 +140,6 @@ def _audit(settings: Settings, entry: dict[str, Any]) -> None:
                       default=str)
     with (settings.home_dir / AUDIT_FILE).open("a") as handle:
         handle.write(line + "\n")
-
-
-def usable_rows(rows: pd.DataFrame, what: str) -> pd.DataFrame:
-    """Readable rows only (unreadable ones are logged); an empty result is a usage error."""
-    if "readable" in rows:
-        bad = rows[rows["readable"] != True]  # a column of bools and None
-        if len(bad):
-            log.warning("%d unreadable images in %s skipped (e.g. %s)", len(bad), what, bad["path"].iloc[0])
-        rows = rows[rows["readable"] == True]
-    if rows.empty:
-        raise UsageError(f"{what} has no readable images; import data first or check splits.csv")
-    return rows.reset_index(drop=True)
 
 
 def golden_test_split(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -123,16 +123,9 @@ def _as_params(params: Params | dict) -> Params:
 
 
 def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = manifest[manifest["split"] == split]
-    if "readable" in rows:
-        readable = rows["readable"].fillna(False).astype(bool)
-        bad = rows[~readable]
-        if len(bad):
-            log.warning("%d unreadable %s images skipped (e.g. %s)", len(bad), split, bad["path"].iloc[0])
-        rows = rows[readable]
-    if rows.empty:
-        raise UsageError(f"the dataset has no readable '{split}' images; add images or check splits.csv")
-    return rows.reset_index(drop=True)
+    from components.data.tracked import usable_rows
+
+    return usable_rows(manifest[manifest["split"] == split], f"the dataset's '{split}' split")
 
 
 def training_masks(rows: pd.DataFrame, normal_class: str) -> list[Path | str | None]:
