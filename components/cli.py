@@ -492,6 +492,56 @@ def review_import(
                f"tracked); {result.review_items_imported} review items moved to imported/")
 
 
+def _promotion_lines(result: Any) -> list[str]:
+    if not result.changed:
+        return [(f"{result.model_version} is already the deployed version ({result.service} at "
+                 f"{result.service_url}); nothing changed")]
+    service = {"swapped": f"the service at {result.service_url} now serves it (hot swap, no restart)",
+               "not running": (f"no service answers at {result.service_url}: it serves this version when "
+                               "started (`defectops serve`)")}[result.service]
+    deployed = (f"deployed {result.model_version} on {result.fast_path} (was {result.previous or 'nothing'}) in "
+                f"{result.seconds:.0f} s; bento {result.bento or 'not built (--no-bento)'}")
+    return [deployed, f"  {service}"]
+
+
+@app.command()
+@friendly
+def promote(
+    by: Annotated[str, typer.Option("--by", help="Who or what deploys (recorded as deployed_by).")] = "defectops promote",
+    service_url: Annotated[str | None, typer.Option(help="The running service (default: $DEFECTOPS_SERVICE_URL, "
+                                                         "else 127.0.0.1 on serve.port).")] = None,
+    no_bento: Annotated[bool, typer.Option("--no-bento", help="Do not build a Bento of this version.")] = False,
+) -> None:
+    """Deploy the approved champion into the running service (hot swap) when it is not deployed yet."""
+    from components.serving.promotion import promote as promote_champion
+
+    _registry_logging()
+    settings, params = _context()
+    settings.ensure()
+    for line in _promotion_lines(promote_champion(settings, params, by, service_url, bento=not no_bento)):
+        typer.echo(line)
+
+
+@app.command()
+@friendly
+def rollback(
+    by: Annotated[str, typer.Option("--by", help="Who rolls back (name or e-mail); recorded like an approval.")],
+    reason: Annotated[str, typer.Option(help="Why; recorded on both versions and in the audit trail.")],
+    service_url: Annotated[str | None, typer.Option(help="The running service (default as for promote).")] = None,
+    no_bento: Annotated[bool, typer.Option("--no-bento", help="Do not build a Bento of this version.")] = False,
+) -> None:
+    """Move `champion` back to the version deployed before the current one and deploy it."""
+    from components.serving.promotion import rollback as rollback_deployment
+
+    _registry_logging()
+    settings, params = _context()
+    settings.ensure()
+    moved, result = rollback_deployment(settings, params, by, reason, service_url, bento=not no_bento)
+    typer.echo(f"champion moved back from version {moved['from_version']} to {moved['version']} by {by}")
+    for line in _promotion_lines(result):
+        typer.echo(line)
+
+
 # ------------------------------------------------------------------ drift
 # --- drift: drift (components/drift)
 
@@ -542,6 +592,31 @@ def drift(
         json_out.write_text(json.dumps(s, indent=2, default=str))
     if check.exit_code:
         raise typer.Exit(check.exit_code)
+
+
+# ------------------------------------------------------------------ schedule
+# --- schedule: serve prefect.yaml's deployments on a Prefect server (components/schedule.py)
+
+
+@app.command()
+@friendly
+def schedule(
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server (UI + API).")] = 4200,
+    host: Annotated[str, typer.Option(help="Address the local Prefect server binds.")] = "127.0.0.1",
+    only: Annotated[list[str] | None, typer.Option("--only", help="Serve only this deployment of prefect.yaml "
+                                                                  "(repeatable).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Start nothing: load prefect.yaml and its flows, print "
+                                                        "each schedule and its next 3 runs.")] = False,
+) -> None:
+    """Serve prefect.yaml's deployments on their schedules: on $PREFECT_API_URL, else on a local server."""
+    from components.config import get_settings
+    from components.schedule import check_deployments, run_schedule
+
+    settings = get_settings()
+    if check:
+        check_deployments(settings, only or [], echo=typer.echo)
+    else:
+        run_schedule(settings, host, port, only or [], echo=typer.echo)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     demo_data: str | None = Field(None, description="demo source: folder, archive or URL")
     dvc_remote: str | None = Field(None, description="DVC remote URL; default a folder under home")
     dvc_remote_endpoint: str | None = Field(None, description="S3 endpoint URL, for MinIO")
+    service_url: str | None = Field(None, description="the running service promotion swaps and waits for; "
+                                    "default http://127.0.0.1:<serve.port>")
     workers: int = Field(0, description="processes for manifest building; 0 = one per CPU core")
     mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
 

@@ -6,8 +6,9 @@ Every figure is measured before the run starts (challenger and champion on the s
 so a registration either completes, with the `challenger` alias moved last, or leaves nothing behind: its
 run ends FAILED and any version it created is deleted.
 
-MLflow keeps no history of aliases, so `approve` and `reject` write who/when/why as version tags and append a
-line to `<home>/registry-audit.jsonl`. Only `approve` ever moves `champion`.
+MLflow keeps no history of aliases, so `approve`, `reject`, `rollback` and each deployment write who/when/why
+as version tags and append a line to `<home>/registry-audit.jsonl`. Only `approve` and `rollback`, a person's
+commands, ever move `champion`.
 """
 
 from __future__ import annotations
@@ -702,6 +703,75 @@ def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict
                       "challenger_removed": removed})
     log.info("version %s rejected by %s: %s", version, by, reason)
     return {"version": version, "challenger_removed": removed}
+
+
+APPROVAL_TAGS = ("approval_status", "approved_by", "approved_at")
+
+
+def approval_problem(tags: dict[str, str]) -> str | None:
+    """Why a version does not count as approved (None when it does): the tags `approve` writes must be there.
+
+    An alias moved in the MLflow UI alone leaves them out; `defectops approve` records who and when.
+    """
+    status = tags.get("approval_status")
+    if status and status != "approved":
+        return f"its approval_status is {status!r}"
+    missing = [key for key in APPROVAL_TAGS if not tags.get(key)]
+    if missing:
+        return f"it lacks the approval tags {', '.join(missing)} that `defectops approve` writes"
+    return None
+
+
+def record_deployment(settings: Settings, version: str, by: str, details: dict[str, Any],
+                      previous: str | None) -> str:
+    """Tag `version` as the deployed one (who, when, how) and `previous` as retired; one audit line. Returns when."""
+    at = _now()
+    client = connect(settings)
+    tags = {"deployed_at": at, "deployed_by": by, "deployment_status": "serving",
+            **{f"deployed_{key}": _tag(value) for key, value in details.items()}}
+    for key, value in tags.items():
+        client.set_model_version_tag(MODEL_NAME, version, key, value)
+    if previous and previous != version:
+        client.set_model_version_tag(MODEL_NAME, previous, "deployment_status", "retired")
+        client.set_model_version_tag(MODEL_NAME, previous, "retired_at", at)
+    _audit(settings, {"action": "deploy", "version": version, "by": by, "previous_deployed": previous, **details})
+    return at
+
+
+def deployed_history(settings: Settings) -> list[str]:
+    """Versions in the order they were deployed (from the audit trail), oldest first."""
+    return [str(e["version"]) for e in audit_trail(settings) if e.get("action") == "deploy"]
+
+
+def rollback(settings: Settings, current: str, by: str, reason: str) -> dict[str, Any]:
+    """Move `champion` from the deployed `current` back to the version deployed before it; tags + audit line.
+
+    The target is the latest earlier deployment that is still approved (not itself rolled back or rejected).
+    """
+    if not by.strip() or not reason.strip():
+        raise UsageError("rollback needs --by (who) and --reason (why); both must be non-empty")
+    client = connect(settings)
+    with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+        target = None
+        for candidate in reversed(deployed_history(settings)):
+            if candidate != current and approval_problem(dict(_get_version(client, candidate).tags or {})) is None:
+                target = candidate
+                break
+        if target is None:
+            raise DefectOpsError(f"no earlier approved deployment to roll back to from version {current}; approve "
+                                 "the version to serve with `defectops approve N --by NAME`, then promote it")
+        at = _now()
+        for key, value in {"rolled_back_by": by, "rolled_back_at": at, "rolled_back_reason": _truncate(reason),
+                           "approval_status": "rolled_back"}.items():
+            client.set_model_version_tag(MODEL_NAME, current, key, value)
+        client.set_registered_model_alias(MODEL_NAME, CHAMPION, target)
+        for key, value in {"restored_by": by, "restored_at": at, "restored_reason": _truncate(reason),
+                           "replaced_by": "none"}.items():
+            client.set_model_version_tag(MODEL_NAME, target, key, value)
+    _audit(settings, {"action": "rollback", "from_version": current, "version": target, "by": by,
+                      "reason": reason})
+    log.info("champion rolled back from %s to %s by %s: %s", current, target, by, reason)
+    return {"from_version": current, "version": target}
 
 
 def _as_float(value: str | None) -> float | None:

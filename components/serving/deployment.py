@@ -33,6 +33,10 @@ class NothingToServe(DefectOpsError):
     """There is no deployment record and no approved champion: the service must not start."""
 
 
+class NotApproved(NothingToServe):
+    """`champion` is on a version without the approval `defectops approve` records (e.g. moved in the UI only)."""
+
+
 class DeploymentRecord(BaseModel):
     """What the service serves: a pinned model, its decision threshold and the engine chosen by parity."""
 
@@ -55,16 +59,19 @@ def record_path(settings: Settings) -> Path:
     return settings.state_dir / RECORD_FILE
 
 
-def read_record(settings: Settings) -> DeploymentRecord | None:
-    """The deployment record, or None when nothing was deployed yet."""
-    path = record_path(settings)
-    if not path.is_file():
-        return None
+def read_record_file(path: Path) -> DeploymentRecord:
+    """A deployment record file; a clear error when it cannot be read."""
     try:
         return DeploymentRecord.model_validate(json.loads(path.read_text()))
     except (ValueError, OSError) as exc:
         raise DefectOpsError(f"{path}: unreadable deployment record ({str(exc).splitlines()[0]}); restore it or "
                              "delete it and run `defectops serve` to pin the approved champion again") from exc
+
+
+def read_record(settings: Settings) -> DeploymentRecord | None:
+    """The deployment record, or None when nothing was deployed yet."""
+    path = record_path(settings)
+    return read_record_file(path) if path.is_file() else None
 
 
 def write_record(settings: Settings, record: DeploymentRecord) -> Path:
@@ -84,6 +91,7 @@ def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:
     """The pinned URI and tags of the `champion` version; NothingToServe unless it is approved."""
     from mlflow.exceptions import MlflowException
 
+    from components.registry.registry import approval_problem
     from components.registry.tracking import MODEL_NAME, connect
 
     client = connect(settings)
@@ -94,10 +102,11 @@ def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:
         raise NothingToServe(f"nothing approved to serve: no deployment record ({record_path(settings)}) and no "
                              f"{MODEL_NAME}@{CHAMPION} in {settings.tracking_uri}; {how}") from exc
     tags = dict(version.tags or {})
-    if tags.get("approval_status") != "approved":
-        raise NothingToServe(f"nothing approved to serve: {MODEL_NAME} version {version.version} holds "
-                             f"'{CHAMPION}' but its approval_status is {tags.get('approval_status', 'unset')!r}; "
-                             f"approve it with `defectops approve {version.version} --by NAME`")
+    problem = approval_problem(tags)
+    if problem:
+        raise NotApproved(f"nothing approved to serve: {MODEL_NAME} version {version.version} holds "
+                             f"'{CHAMPION}' but {problem}; approve it with `defectops approve {version.version} "
+                             "--by NAME`")
     return f"models:/{MODEL_NAME}/{version.version}", tags
 
 
@@ -120,6 +129,17 @@ def pin_deployment(settings: Settings, params: Params, model_uri: str, deployed_
                    images: list[ImageInput] | None = None, fast_path: str | None = None,
                    source: str = "") -> DeploymentRecord:
     """Load one model version, choose its fast path by parity on real images, and write the deployment record."""
+    record = build_record(settings, params, model_uri, deployed_by, images, fast_path, source)
+    path = write_record(settings, record)
+    log.info("deployment record %s: %s on %s (%s)", path, record.model_version, record.fast_path,
+             record.fast_path_reason)
+    return record
+
+
+def build_record(settings: Settings, params: Params, model_uri: str, deployed_by: str,
+                 images: list[ImageInput] | None = None, fast_path: str | None = None,
+                 source: str = "") -> DeploymentRecord:
+    """The deployment record of one model version: loaded here, its fast path chosen by parity on real images."""
     from components.serving.parity import choose_engine, parity_images
 
     serve = serve_params(params)
@@ -132,14 +152,11 @@ def pin_deployment(settings: Settings, params: Params, model_uri: str, deployed_
     pinned = reference.meta.get("model_uri") or str(Path(model_uri).expanduser().resolve())
     if Path(pinned).is_dir():
         pinned = str(Path(pinned) / "model.pt")
-    record = DeploymentRecord(
+    return DeploymentRecord(
         model_uri=pinned, model_version=str(reference.model_version), threshold=reference.threshold,
         fast_path=choice.engine, requested_fast_path=choice.requested, fast_path_reason=choice.reason,
         device=device_kind(device), parity=choice.parity, deployed_at=datetime.now(UTC).isoformat(timespec="seconds"),
         deployed_by=deployed_by, source=source or model_uri)
-    path = write_record(settings, record)
-    log.info("deployment record %s: %s on %s (%s)", path, record.model_version, record.fast_path, choice.reason)
-    return record
 
 
 def ensure_deployment(settings: Settings, params: Params) -> tuple[DeploymentRecord, bool]:

@@ -27,3 +27,5 @@ LOG_ERRORS = Counter("prediction_log_write_errors", "Log or review writes that f
 REVIEW_ITEMS = Counter("review_items", "Images kept in the review queue, by reason", ["reason"])
 SERVED_MODEL = Gauge("served_model_info", "The model version this service serves (value 1)",
                      ["model_version", "fast_path", "device", "threshold"], multiprocess_mode="max")
+MODEL_RELOADS = Counter("model_reloads", "Hot swaps onto a new deployment record, by outcome (swapped, failed)",
+                        ["outcome"])

@@ -52,6 +52,10 @@ class ServeParams(_Section):
     max_batch_images: int = Field(32, ge=1, description="most images in one /predict_batch request")
     log_queue_size: int = Field(10_000, ge=10, description="pending log/review writes; beyond it they are dropped "
                                 "(counted in prediction_log_dropped_total), never blocking a request")
+    reload_poll_seconds: float = Field(2.0, gt=0, description="how often the service looks for a rewritten "
+                                       "deployment record (promotion) to hot-swap onto")
+    promotion_timeout_seconds: float = Field(300.0, gt=0, description="how long promotion waits for the running "
+                                             "service to report the new version (loading + warm-up)")
 
     def batching_for(self, device: str) -> BatchingParams:
         """The batching settings for 'cpu' or 'cuda' (CPU's when the device has none)."""

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 PREDICTION_PATHS = {"/predict": "image", "/predict_batch": "images", "/explain": "image"}
 MAX_METADATA_CHARS = 200
 EXPLAIN_MAX_SIDE = 1024
+# a 1x1 grey PNG: warms the decode path at start
+_GREY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
+                          "3a7e9b550000000a49444154789c6368000000820081dd4394b60000000049454e44ae426082")
 
 
 class BadMetadata(ValueError):
@@ -166,88 +169,78 @@ class DefectClassifier:
         import cv2
 
         from components.config import get_settings
-        from components.serving.batching import Batcher
-        from components.serving.deployment import NothingToServe, load_served, read_record, record_path
+        from components.serving.deployment import NothingToServe, read_record, record_path
         from components.serving.params import load_serve_params
         from components.serving.predlog import BackgroundWriter, PredictionLog
+        from components.serving.reload import RecordWatcher, file_stamp, load_deployment
         from components.serving.review import ReviewQueue
 
         cv2.setNumThreads(1)  # preprocessing runs in request threads; the engine owns the cores
         settings = get_settings()
         self.params, self.max_pixels = load_serve_params(settings.params_file)
+        path = record_path(settings)
+        stamp = file_stamp(path)
         record = read_record(settings)
         if record is None:
-            message = (f"nothing approved to serve: no deployment record at {record_path(settings)}; start with "
+            message = (f"nothing approved to serve: no deployment record at {path}; start with "
                        "`defectops serve`, which pins the approved champion, or promote a model")
             log.critical(message)
             _stop_server_if_serving()
             raise NothingToServe(message)
-        self.record = record
-        self.engine, self.reference, self.fast_path = load_served(settings, record, self.max_pixels)
-        self.model_version = record.model_version
-        self.normal_class = self.engine.normal_class
-        self.device = str(self.engine.device)
-        batching = self.params.batching_for(self.device)
-        self.batcher = Batcher(self._infer, batching.max_batch_size, batching.max_latency_ms)
+
+        def load(new_record: Any, new_stamp: Any) -> Any:
+            return load_deployment(settings, self.params, new_record, self.max_pixels, new_stamp)
+
+        self.deployment = load(record, stamp)  # requests read this reference once; a hot swap replaces it
         self.writer = BackgroundWriter(self.params.log_queue_size, on_drop=metrics.LOG_DROPPED.inc,
                                        on_error=metrics.LOG_ERRORS.inc)
         self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
         self.review_queue = ReviewQueue(settings.review_queue_dir, self.writer, self.params.review_retention_days,
                                         self.params.audit_sample_rate)
-        self._explainer: Any = None
-        metrics.SERVED_MODEL.labels(self.model_version, self.fast_path, self.device, f"{record.threshold:.4f}").set(1)
-        self._warm_up()
-        log.info("serving %s (%s on %s, threshold %.4f, batches up to %d, max latency %d ms)", self.model_version,
-                 self.fast_path, self.device, record.threshold, batching.max_batch_size, batching.max_latency_ms)
+        self._explainers: dict[str, Any] = {}
+        metrics.SERVED_MODEL.labels(*self.deployment.labels).set(1)
+        self._prepare(_GREY_PNG)  # the decode path's imports, before the first request
+        self.watcher = RecordWatcher(path, self.deployment, load, self._swap, self.params.reload_poll_seconds).start()
+        batcher = self.deployment.batcher
+        log.info("serving %s (%s on %s, threshold %.4f, batches up to %d, max latency %d ms)",
+                 self.deployment.model_version, self.deployment.fast_path, self.deployment.engine.device,
+                 record.threshold, batcher.max_batch_size, batcher.max_latency_ms)
 
     # ------------------------------------------------------------ inference
 
-    def _warm_up(self) -> None:
-        """Run the decode path and a forward pass once, so the first request pays no import or compile cost."""
-        import io
+    def _swap(self, new: Any) -> None:
+        """Serve `new` from the next request on; the old model answers what is already queued, then retires."""
+        from components.serving.reload import retire
 
-        import torch
-        from PIL import Image
+        old, self.deployment = self.deployment, new
+        metrics.SERVED_MODEL.labels(*old.labels).set(0)
+        metrics.SERVED_MODEL.labels(*new.labels).set(1)
+        self._explainers.pop(old.model_version, None)
+        retire(old.batcher, old.batcher.max_latency_ms / 1000)
 
-        buffer = io.BytesIO()
-        Image.new("RGB", (32, 32), (128, 128, 128)).save(buffer, format="PNG")
-        _, _, tensor = self._prepare(buffer.getvalue())
-        for n in sorted({1, 2, self.params.batching_for(str(self.engine.device)).max_batch_size}):
-            self.engine.forward(torch.stack([tensor] * n))
-
-    def _infer(self, tensors: list[Any]) -> list[Any]:
-        """One forward pass over the tensors of several requests (called by the batcher, in a worker thread)."""
-        import torch
-
-        started = time.perf_counter()
-        predictions = self.engine.predict_tensors(torch.stack(tensors), with_embedding=True)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.observe(len(tensors))
-        return predictions
-
-    def _prepare(self, raw: bytes) -> tuple[Any, dict[str, Any], Any]:
-        """Decode (the shared conversion rule), image statistics, and the model's input tensor."""
+    def _prepare(self, raw: bytes, deployment: Any = None) -> tuple[Any, dict[str, Any], Any]:
+        """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model."""
         from components.data.images import decode, image_stats
 
         decoded = decode(raw, self.max_pixels)
         facts = {"width": decoded.width, "height": decoded.height, "mode": decoded.mode,
                  "channels": decoded.channels, "bytes": len(raw), **image_stats(decoded.rgb)}
-        return decoded.rgb, facts, self.engine.prepare(decoded.rgb)
+        return decoded.rgb, facts, (deployment or self.deployment).engine.prepare(decoded.rgb)
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
-                           request_id: str, started: float) -> tuple[dict[str, Any], Any, Any]:
+                           request_id: str, started: float, deployment: Any) -> tuple[dict[str, Any], Any, Any]:
         import anyio
 
-        rgb, facts, tensor = await anyio.to_thread.run_sync(self._prepare, raw)
-        prediction = await self.batcher(tensor)
+        rgb, facts, tensor = await anyio.to_thread.run_sync(self._prepare, raw, deployment)
+        prediction = await deployment.batcher(tensor)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
-        result = {"request_id": request_id, **prediction.as_dict(), "model_version": self.model_version,
+        result = {"request_id": request_id, **prediction.as_dict(), "model_version": deployment.model_version,
                   "latency_ms": latency_ms}
-        self._record(result, prediction, facts, metadata, endpoint, raw, suffix)
+        self._record(result, prediction, facts, metadata, endpoint, raw, suffix, deployment)
         return result, rgb, tensor
 
     def _record(self, result: dict[str, Any], prediction: Any, facts: dict[str, Any], metadata: dict[str, str],
-                endpoint: str, raw: bytes, suffix: str) -> None:
+                endpoint: str, raw: bytes, suffix: str, deployment: Any) -> None:
         """Metrics now; log line and review item through the background writer (never blocks)."""
         from components.serving.predlog import compact_embedding, utc_now_iso
 
@@ -255,13 +248,14 @@ class DefectClassifier:
         metrics.DECISIONS.labels(decision).inc()
         metrics.CONFIDENCE.observe(result["confidence"])
         metrics.INFERENCE_LATENCY.observe(result["latency_ms"] / 1000)
-        if defect_type != self.normal_class:
+        if defect_type != deployment.engine.normal_class:
             metrics.DEFECTS_DETECTED.labels(defect_type).inc()
         stamp = utc_now_iso()
         embedding = [round(float(v), 5) for v in compact_embedding(prediction.embedding)]
         record = {"timestamp": stamp, "request_id": result["request_id"], "endpoint": endpoint,
-                  "model_version": self.model_version, "fast_path": self.fast_path, "defect_type": defect_type,
-                  "confidence": result["confidence"], "decision": decision, "threshold": self.engine.threshold,
+                  "model_version": deployment.model_version, "fast_path": deployment.fast_path,
+                  "defect_type": defect_type, "confidence": result["confidence"], "decision": decision,
+                  "threshold": deployment.engine.threshold,
                   "probabilities": result["probabilities"], "latency_ms": result["latency_ms"], **facts,
                   "embedding": embedding, "metadata": metadata}
         if not self.prediction_log.append(record):
@@ -300,7 +294,7 @@ class DefectClassifier:
         try:
             metadata = self._metadata(line, camera, part_id)
             result, _, _ = await self._predict_one(image.read_bytes(), image.suffix, metadata, "predict",
-                                                   request_id, started)
+                                                   request_id, started, self.deployment)
         except ImageError as exc:
             return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
         except BadMetadata as exc:
@@ -328,9 +322,10 @@ class DefectClassifier:
         except BadMetadata as exc:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", batch_id)
         raws = [path.read_bytes() for path in images]
+        deployment = self.deployment  # every image of one request on the same model
         outcomes = await asyncio.gather(
             *(self._predict_one(raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
-                                "predict_batch", f"{batch_id}-{i}", started)
+                                "predict_batch", f"{batch_id}-{i}", started, deployment)
               for i, (raw, path) in enumerate(zip(raws, images, strict=True))),
             return_exceptions=True)
         failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
@@ -349,27 +344,30 @@ class DefectClassifier:
 
         from components.errors import ImageError
 
-        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        started, request_id, deployment = time.perf_counter(), uuid.uuid4().hex, self.deployment
         try:
             metadata = self._metadata(line, camera, part_id)
             result, rgb, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata, "explain",
-                                                          request_id, started)
+                                                          request_id, started, deployment)
         except ImageError as exc:
             return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
         except BadMetadata as exc:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", request_id)
-        target = self.engine.classes.index(result["defect_type"])
-        png = await anyio.to_thread.run_sync(self._overlay_png, rgb, tensor, target)
+        target = deployment.engine.classes.index(result["defect_type"])
+        png = await anyio.to_thread.run_sync(self._overlay_png, rgb, tensor, target, deployment)
         return {**result, "explained_class": result["defect_type"], "overlay_png_base64": png,
                 "explain_ms": round((time.perf_counter() - started) * 1000 - result["latency_ms"], 2)}
 
-    def _overlay_png(self, rgb: Any, tensor: Any, target: int) -> str:
+    def _overlay_png(self, rgb: Any, tensor: Any, target: int, deployment: Any) -> str:
         """Grad-CAM of class `target` on the fp32 model, laid over the (downscaled) original image, as base64 PNG."""
         from components.serving.explain import GradCamExplainer
 
-        if self._explainer is None:
-            self._explainer = GradCamExplainer(self.reference.model, self.reference.device)
-        return self._explainer.overlay_base64(rgb, tensor, target, EXPLAIN_MAX_SIDE)
+        explainer = self._explainers.get(deployment.model_version)
+        if explainer is None:
+            reference = deployment.reference
+            explainer = self._explainers[deployment.model_version] = GradCamExplainer(reference.model,
+                                                                                      reference.device)
+        return explainer.overlay_base64(rgb, tensor, target, EXPLAIN_MAX_SIDE)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -379,7 +377,8 @@ class DefectClassifier:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         """Write what is queued before the process ends."""
-        self.batcher.shutdown()
+        self.watcher.stop()
+        self.deployment.batcher.shutdown()
         self.writer.close()
 
 

@@ -127,6 +127,32 @@ def write_project(root: Path, serve: dict | None = None) -> Path:
     return root
 
 
+APPROVED = {"approval_status": "approved", "approved_by": "qa", "approved_at": "2026-11-23T08:00:00+00:00"}
+
+
+def register_model_file(settings, model_file: Path, tags: dict[str, str]) -> str:
+    """Log a model file to MLflow as the registry does (pickle flavour) and register a version with `tags`."""
+    import mlflow
+
+    from components.registry.tracking import MODEL_NAME, connect
+    from components.training.train import load_model_file
+
+    connect(settings)
+    model, meta = load_model_file(model_file)
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"], metadata={"defectops": meta})
+    return str(mlflow.register_model(info.model_uri, MODEL_NAME, tags=tags).version)
+
+
+def write_probe_images(settings) -> None:
+    """The tracked images parity is checked on: the probes, under data/images/<class>/."""
+    for i, kind in enumerate(PROBES):
+        image = settings.data_dir / "images" / ("normal" if kind == "dark" else "dent") / f"{kind}-{i}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(probe_png(kind))
+
+
 @dataclass
 class Server:
     """A running `defectops serve` (bentoml serve) and where it writes."""
@@ -173,15 +199,32 @@ def start_server(project: Path, home: Path, port: int, timeout: float = 120.0) -
 
 
 def stop_server(server: Server) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after 15 s."""
+    """SIGTERM the server's process group, SIGKILL it and its workers (own sessions) after 15 s."""
     try:
         os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(15)
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait(5)
+        kill_server(server)
+
+
+def kill_server(server: Server) -> None:
+    """kill -9 the whole service: `bentoml serve` and its workers (which BentoML starts in sessions of their own)."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(server.process.pid)]
+        processes += processes[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)
+    server.process.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,15 @@ from components.serving.deployment import (
     read_record,
     record_path,
 )
-from tests.serving.conftest import PROBES, probe_png, serving_env, write_project
+from tests.serving.conftest import (
+    APPROVED,
+    PROBES,
+    probe_png,
+    register_model_file,
+    serving_env,
+    write_probe_images,
+    write_project,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -66,20 +74,6 @@ def test_a_corrupt_record_is_a_clear_error(plant: Settings) -> None:
         read_record(plant)
 
 
-def _register(settings: Settings, model_file: Path, tags: dict[str, str]) -> str:
-    import mlflow
-
-    from components.registry.tracking import MODEL_NAME, connect
-    from components.training.train import load_model_file
-
-    connect(settings)
-    model, meta = load_model_file(model_file)
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        pip_requirements=["torch"], metadata={"defectops": meta})
-    return str(mlflow.register_model(info.model_uri, MODEL_NAME, tags=tags).version)
-
-
 @pytest.mark.slow
 def test_serve_pins_the_approved_champion_and_alias_moves_change_nothing(plant: Settings, tiny_model: Path,
                                                                           tmp_path: Path) -> None:
@@ -87,19 +81,20 @@ def test_serve_pins_the_approved_champion_and_alias_moves_change_nothing(plant: 
     from tests.serving.conftest import make_tiny_model
 
     params = load_params(plant.params_file)
-    first = _register(plant, tiny_model, {"approval_status": "pending"})
-    second = _register(plant, make_tiny_model(tmp_path / "v2" / "model.pt", threshold=0.6, seed=1),
-                       {"approval_status": "approved", "approved_by": "qa"})
+    first = register_model_file(plant, tiny_model, {"approval_status": "pending"})
+    second = register_model_file(plant, make_tiny_model(tmp_path / "v2" / "model.pt", threshold=0.6, seed=1),
+                       APPROVED)
     client = connect(plant)
     client.set_registered_model_alias(MODEL_NAME, "champion", first)
     with pytest.raises(NothingToServe, match=f"version {first} holds 'champion' but its approval_status is 'pending'"):
         approved_champion(plant)
 
     client.set_model_version_tag(MODEL_NAME, first, "approval_status", "approved")
-    for i, kind in enumerate(PROBES):  # the tracked images parity is checked on
-        image = plant.data_dir / "images" / ("normal" if kind == "dark" else "dent") / f"{kind}-{i}.png"
-        image.parent.mkdir(parents=True, exist_ok=True)
-        image.write_bytes(probe_png(kind))
+    with pytest.raises(NothingToServe, match="lacks the approval tags approved_by, approved_at"):
+        approved_champion(plant)  # an alias and a status set by hand are not an approval
+    client.set_model_version_tag(MODEL_NAME, first, "approved_by", "qa")
+    client.set_model_version_tag(MODEL_NAME, first, "approved_at", "2026-11-23T08:00:00+00:00")
+    write_probe_images(plant)
     record, created = ensure_deployment(plant, params)
     assert created and record.model_uri == f"models:/{MODEL_NAME}/{first}"
     assert record.model_version == f"{MODEL_NAME}/{first}" and record.threshold == pytest.approx(0.8)

@@ -1,0 +1,211 @@
+"""Promotion: roll the approved champion into the running service; rollback: a person's command to go back.
+
+`promote` is what the `promote-approved` flow runs every few minutes:
+
+1. the `champion` version, refused unless it carries the tags `defectops approve` writes (an alias moved in
+   the MLflow UI alone is not an approval);
+2. nothing to do when it is already the deployed version;
+3. load it here and check its fast path for parity on real images (a failing fast path is served on fp32);
+4. build the Bento, labelled with the version (what a plant deploys as a container);
+5. rewrite the deployment record atomically: the running service hot-swaps onto it (components/serving/reload.py),
+   a restarted one starts on it, so a service killed at any point comes back on a consistent version;
+6. wait until the service reports the new version on /metrics. If it refuses the model, the previous record is
+   put back and promotion fails: the service never stopped serving the old model. If no service is running,
+   the record stands and the next start serves it;
+7. tag the version deployed (who, when, engine, Bento) and the one it replaces retired; an audit line.
+
+`rollback` moves `champion` back to the version deployed before (tags + audit line, like an approval) and
+promotes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from components.config import PACKAGE_ROOT, Params, Settings
+from components.errors import DefectOpsError
+from components.locks import exclusive
+from components.serving.deployment import (
+    DeploymentRecord,
+    approved_champion,
+    build_record,
+    read_record,
+    record_path,
+    write_record,
+)
+from components.serving.params import serve_params
+
+log = logging.getLogger(__name__)
+
+SERVED_METRIC = "served_model_info"
+RELOADS_METRIC = "model_reloads"
+
+
+class PromotionFailed(DefectOpsError):
+    """The service did not take the new version; the previous deployment record is back in place."""
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What promotion did: the version now deployed, the one before, and what the running service reported."""
+
+    model_version: str
+    previous: str | None
+    changed: bool
+    service: str  # swapped | not running | already serving
+    service_url: str
+    bento: str | None = None
+    fast_path: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def service_url(settings: Settings, params: Params, explicit: str | None = None) -> str:
+    """The running service's URL: given, DEFECTOPS_SERVICE_URL, or 127.0.0.1 on serve.port."""
+    return (explicit or settings.service_url or f"http://127.0.0.1:{serve_params(params).port}").rstrip("/")
+
+
+def service_state(url: str) -> dict[str, Any] | None:
+    """{'serving': [versions with served_model_info 1], 'reload_failures': n} from /metrics; None when unreachable."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=5.0)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    serving, failures = [], 0.0
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == SERVED_METRIC and sample.value >= 1:
+                serving.append(sample.labels.get("model_version", ""))
+            elif sample.name == f"{RELOADS_METRIC}_total" and sample.labels.get("outcome") == "failed":
+                failures += sample.value
+    return {"serving": serving, "reload_failures": failures}
+
+
+def wait_for_service(url: str, version: str, timeout_s: float, failures_before: float) -> str:
+    """'swapped' once the service serves `version` alone; 'down' when it is (or goes) away; else PromotionFailed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = service_state(url)
+        if state is None:
+            return "down"
+        if state["serving"] == [version]:
+            return "swapped"
+        if state["reload_failures"] > failures_before:
+            raise PromotionFailed(f"the service at {url} could not load {version} (see its log); it kept serving "
+                                  f"{', '.join(state['serving']) or '?'}")
+        if time.monotonic() > deadline:
+            raise PromotionFailed(f"the service at {url} still serves {', '.join(state['serving']) or '?'} "
+                                  f"{timeout_s:.0f} s after the record named {version} (serve."
+                                  "promotion_timeout_seconds); see its log")
+        time.sleep(0.5)
+
+
+def build_bento(settings: Settings, record: DeploymentRecord) -> str:
+    """`bentoml build` of the service, labelled with the pinned version; returns the Bento tag."""
+    number = record.model_version.rsplit("/", 1)[-1]
+    stamp = datetime.now(UTC).strftime("%Y%m%dt%H%M%S")
+    version = f"v{number}-{stamp}" if number.isdigit() else f"file-{stamp}"
+    labels = {"model_version": record.model_version, "model_uri": record.model_uri, "fast_path": record.fast_path,
+              "threshold": f"{record.threshold:.4f}"}
+    command = [sys.executable, "-m", "bentoml", "build", str(PACKAGE_ROOT), "--version", version, "-o", "tag",
+               *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]]
+    done = subprocess.run(command, check=False, cwd=PACKAGE_ROOT, capture_output=True, text=True,
+                          env={"BENTOML_HOME": str(settings.home_dir / "bentoml"), **os.environ,
+                               "BENTOML_DO_NOT_TRACK": "true"})
+    tags = [line.removeprefix("__tag__:") for line in done.stdout.splitlines() if line.startswith("__tag__:")]
+    if done.returncode != 0 or not tags:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise DefectOpsError(f"bentoml build failed ({detail[-1] if detail else done.returncode}); nothing was "
+                             "deployed. Fix the build (bentofile.yaml) and promote again")
+    return tags[-1]
+
+
+def _number(model_version: str | None) -> str | None:
+    """'3' for 'defect-classifier/3'; None for a model file or nothing."""
+    from components.registry.tracking import MODEL_NAME
+
+    if model_version and model_version.startswith(f"{MODEL_NAME}/"):
+        return model_version.rsplit("/", 1)[1]
+    return None
+
+
+def promote(settings: Settings, params: Params, by: str = "promote-approved", url: str | None = None,
+            bento: bool = True, images: list | None = None) -> PromotionResult:
+    """Deploy the approved champion when it is not the deployed version (see the module docstring)."""
+    from components.registry.registry import record_deployment
+    from components.registry.tracking import MODEL_NAME, connect
+
+    started = time.monotonic()
+    url = service_url(settings, params, url)
+    with exclusive(settings.locks_dir, "promotion", "a promotion"):
+        champion_uri, tags = approved_champion(settings)
+        number = champion_uri.rsplit("/", 1)[1]
+        target = f"{MODEL_NAME}/{number}"
+        current = read_record(settings)
+        state = service_state(url)
+        if current is not None and current.model_version == target:
+            tagged = connect(settings).get_model_version(MODEL_NAME, number).tags.get("deployment_status")
+            if tagged != "serving":  # deployed, but a failure stopped the tags last time: write them now
+                record_deployment(settings, number, current.deployed_by or by, {"fast_path": current.fast_path},
+                                  None)
+            return PromotionResult(target, None, False, "already serving" if state else "not running", url,
+                                   fast_path=current.fast_path, seconds=time.monotonic() - started)
+        source = f"champion v{number}, approved by {tags['approved_by']} at {tags['approved_at']}"
+        record = build_record(settings, params, champion_uri, by, images, source=source)
+        record = record.model_copy(update={"previous_model_version": current.model_version if current else None,
+                                           "previous_model_uri": current.model_uri if current else None})
+        bento_tag = build_bento(settings, record) if bento else None
+        if bento_tag:
+            record = record.model_copy(update={"bento": bento_tag})
+        failures_before = state["reload_failures"] if state else 0.0
+        write_record(settings, record)
+        log.info("deployment record %s now names %s (%s)", record_path(settings), target, record.fast_path)
+        try:
+            outcome = wait_for_service(url, target, serve_params(params).promotion_timeout_seconds, failures_before)
+        except PromotionFailed as exc:
+            _restore(settings, current)
+            raise PromotionFailed(f"{exc}; the deployment record is back on "
+                                  f"{current.model_version if current else 'nothing'}") from exc
+        service = "swapped" if outcome == "swapped" else "not running"
+        if outcome == "down":
+            log.warning("no service answers at %s: the record names %s, which the service serves when it starts",
+                        url, target)
+        details = {"fast_path": record.fast_path, "bento": bento_tag, "service": service, "service_url": url}
+        record_deployment(settings, number, by, details, _number(current.model_version if current else None))
+    return PromotionResult(target, current.model_version if current else None, True, service, url, bento_tag,
+                           record.fast_path, time.monotonic() - started)
+
+
+def _restore(settings: Settings, previous: DeploymentRecord | None) -> None:
+    """Put the previous record back (or remove the new one when there was none)."""
+    if previous is not None:
+        write_record(settings, previous)
+    else:
+        record_path(settings).unlink(missing_ok=True)
+
+
+def rollback(settings: Settings, params: Params, by: str, reason: str, url: str | None = None,
+             bento: bool = True) -> tuple[dict[str, Any], PromotionResult]:
+    """A person's command: `champion` back to the version deployed before the current one, then promote it."""
+    from components.registry.registry import rollback as rollback_champion
+
+    current = read_record(settings)
+    number = _number(current.model_version if current else None)
+    if number is None:
+        raise DefectOpsError("nothing registered is deployed, so there is nothing to roll back; see "
+                             f"{record_path(settings)} and `defectops models`")
+    moved = rollback_champion(settings, number, by, reason)
+    return moved, promote(settings, params, by=f"rollback by {by}", url=url, bento=bento)

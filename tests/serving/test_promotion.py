@@ -1,0 +1,225 @@
+"""Promotion into a real `bentoml serve` under load, rollback, refusal of unapproved champions, a kill mid-way."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
+
+import pytest
+
+from components.config import Settings, load_params
+from components.errors import DefectOpsError
+from components.registry.registry import approve, audit_trail
+from components.registry.tracking import MODEL_NAME, connect
+from components.serving.deployment import NotApproved, read_record, record_path
+from components.serving.promotion import promote, rollback, service_state
+from tests.serving.conftest import (
+    PROBES,
+    free_port,
+    kill_server,
+    make_tiny_model,
+    probe_png,
+    register_model_file,
+    start_server,
+    stop_server,
+    write_probe_images,
+    write_project,
+)
+
+pytestmark = pytest.mark.integration
+
+CANDIDATE = {"gate_status": "passed", "approval_status": "pending"}
+
+
+@pytest.fixture
+def plant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A project with the serving params, probe images to check parity on, and an empty registry."""
+    project = write_project(tmp_path / "project")
+    home = tmp_path / "home"
+    for name, value in (("DEFECTOPS_PROJECT", project), ("DEFECTOPS_HOME", home),
+                        ("BENTOML_HOME", home / "bentoml")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = Settings(project=project, home=home)
+    write_probe_images(settings)
+    return settings
+
+
+def _candidate(plant: Settings, tmp_path: Path, seed: int) -> str:
+    """A registered version that passed the gate and waits for approval."""
+    model = make_tiny_model(tmp_path / f"model-{seed}" / "model.pt", seed=seed)
+    return register_model_file(plant, model, CANDIDATE)
+
+
+def _tags(plant: Settings, version: str) -> dict[str, str]:
+    return dict(connect(plant).get_model_version(MODEL_NAME, version).tags)
+
+
+class Load:
+    """A few clients posting /predict in a loop; every answer kept as (status, model_version)."""
+
+    def __init__(self, url: str, clients: int = 3) -> None:
+        self.url, self.results, self.stop = url, [], threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, index: int) -> None:
+        import httpx
+
+        kinds = list(PROBES)
+        with httpx.Client(timeout=60.0) as http:
+            n = index
+            while not self.stop.is_set():
+                try:
+                    response = http.post(f"{self.url}/predict", files={"image": ("p.png", probe_png(kinds[n % 3]))})
+                    self.results.append((response.status_code, response.json().get("model_version")))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, repr(exc)))
+                n += 1
+
+    def __enter__(self) -> Self:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+@pytest.fixture
+def served(plant: Settings, tmp_path: Path) -> Iterator[tuple[str, object]]:
+    """Version 1 approved, promoted with no service running, then served by a real `bentoml serve`."""
+    first = _candidate(plant, tmp_path, seed=0)
+    approve(plant, first, by="qa", note="first model")
+    result = promote(plant, load_params(plant.params_file), by="tests", url=f"http://127.0.0.1:{free_port()}",
+                     bento=False)
+    assert result.changed and result.service == "not running"
+    assert read_record(plant).model_version == f"{MODEL_NAME}/{first}"
+    server = start_server(plant.project_root, plant.home_dir, free_port())
+    yield first, server
+    stop_server(server)
+
+
+@pytest.mark.slow
+def test_promotion_under_load_drops_nothing_and_rollback_goes_back(plant: Settings, tmp_path: Path,
+                                                                   served: tuple[str, object]) -> None:
+    first, server = served
+    params = load_params(plant.params_file)
+    assert service_state(server.url)["serving"] == [f"{MODEL_NAME}/{first}"]
+    second = _candidate(plant, tmp_path, seed=1)
+    approve(plant, second, by="qa", note="better on scratches")
+
+    with Load(server.url) as load:
+        time.sleep(2)
+        result = promote(plant, params, by="tests", url=server.url)
+        time.sleep(2)
+    answers = load.results
+    assert result.changed and result.service == "swapped" and result.previous == f"{MODEL_NAME}/{first}"
+    assert result.bento and result.bento.startswith(f"defect_classifier:v{second}-")
+    assert answers and all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    versions = [version for _, version in answers]
+    assert f"{MODEL_NAME}/{first}" in versions and versions[-3:] == [f"{MODEL_NAME}/{second}"] * 3
+    assert service_state(server.url)["serving"] == [f"{MODEL_NAME}/{second}"]
+    tags = _tags(plant, second)
+    assert tags["deployment_status"] == "serving" and tags["deployed_by"] == "tests"
+    assert tags["deployed_bento"] == result.bento and _tags(plant, first)["deployment_status"] == "retired"
+
+    again = promote(plant, params, by="tests", url=server.url)
+    assert not again.changed and again.service == "already serving"
+
+    moved, back = rollback(plant, params, by="qa lead", reason="misses blowholes on line 2", url=server.url,
+                           bento=False)
+    assert moved == {"from_version": second, "version": first} and back.service == "swapped"
+    assert service_state(server.url)["serving"] == [f"{MODEL_NAME}/{first}"]
+    assert str(connect(plant).get_model_version_by_alias(MODEL_NAME, "champion").version) == first
+    rolled = _tags(plant, second)
+    assert rolled["approval_status"] == "rolled_back" and rolled["rolled_back_by"] == "qa lead"
+    assert rolled["rolled_back_reason"] == "misses blowholes on line 2"
+    assert _tags(plant, first)["restored_by"] == "qa lead"
+    actions = [(e["action"], str(e["version"])) for e in audit_trail(plant)]
+    assert actions[-2:] == [("rollback", first), ("deploy", first)]
+    with pytest.raises(DefectOpsError, match="no earlier approved deployment"):
+        rollback(plant, params, by="qa lead", reason="again", url=server.url)  # the only other one was rolled back
+
+    # a champion moved by hand (MLflow UI) without `defectops approve` is refused; nothing changes
+    third = _candidate(plant, tmp_path, seed=2)
+    connect(plant).set_registered_model_alias(MODEL_NAME, "champion", third)
+    before = record_path(plant).read_bytes()
+    with pytest.raises(NotApproved, match=f"version {third} holds 'champion' but its approval_status is 'pending'"):
+        promote(plant, params, by="tests", url=server.url)
+    assert record_path(plant).read_bytes() == before
+    assert service_state(server.url)["serving"] == [f"{MODEL_NAME}/{first}"]
+
+
+@pytest.mark.slow
+def test_a_service_killed_during_promotion_comes_back_on_a_consistent_version(
+        plant: Settings, tmp_path: Path, served: tuple[str, object]) -> None:
+    _, server = served
+    second = _candidate(plant, tmp_path, seed=1)
+    approve(plant, second, by="qa")
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = promote(plant, load_params(plant.params_file), by="tests", url=server.url,
+                                        bento=False)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    before = record_path(plant).stat().st_mtime_ns
+    promoting = threading.Thread(target=run)
+    promoting.start()
+    deadline = time.monotonic() + 120
+    while record_path(plant).stat().st_mtime_ns == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kill_server(server)  # kill -9, the moment the new record lands
+    assert service_state(server.url) is None
+    promoting.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].service == "not running"
+    assert json.loads(record_path(plant).read_text())["model_version"] == f"{MODEL_NAME}/{second}"
+
+    restarted = start_server(plant.project_root, plant.home_dir, free_port())
+    try:
+        import httpx
+
+        answer = httpx.post(f"{restarted.url}/predict", files={"image": ("p.png", probe_png("dark"))}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model_version"] == f"{MODEL_NAME}/{second}"
+        assert _tags(plant, second)["deployment_status"] == "serving"
+    finally:
+        stop_server(restarted)
+
+
+def test_a_record_the_service_cannot_load_keeps_the_old_model(tmp_path: Path) -> None:
+    """The watcher in the service: a broken new record is refused and counted; the old model keeps serving."""
+    from components.serving import metrics
+    from components.serving.deployment import DeploymentRecord, write_record
+    from components.serving.reload import Deployment, RecordWatcher, file_stamp
+
+    settings = Settings(project=tmp_path, home=tmp_path / "home")
+    old = DeploymentRecord(model_uri="models:/defect-classifier/1", model_version="defect-classifier/1",
+                           threshold=0.8, fast_path="fp32", deployed_at="2026-11-23T08:00:00+00:00")
+    path = write_record(settings, old)
+    current = Deployment(old, engine=None, reference=None, fast_path="fp32", batcher=None, stamp=file_stamp(path))
+    swapped: list = []
+
+    def load(record: DeploymentRecord, stamp: object) -> Deployment:
+        raise DefectOpsError(f"cannot load {record.model_uri}")
+
+    watcher = RecordWatcher(path, current, load, swapped.append, poll_s=60)
+    failed = metrics.MODEL_RELOADS.labels("failed")._value.get()
+    write_record(settings, old.model_copy(update={"model_uri": "models:/defect-classifier/2",
+                                                  "model_version": "defect-classifier/2"}))
+    watcher.check()
+    assert swapped == [] and watcher.current is current
+    assert metrics.MODEL_RELOADS.labels("failed")._value.get() == failed + 1
+    watcher.check()  # the same broken file is not retried in a loop
+    assert metrics.MODEL_RELOADS.labels("failed")._value.get() == failed + 1
+    write_record(settings, old.model_copy(update={"deployed_at": "2026-11-24T08:00:00+00:00"}))
+    watcher.check()  # the same model again (re-pinned): adopted without loading anything
+    assert swapped == [] and watcher.current.record.deployed_at.startswith("2026-11-24")
