@@ -277,18 +277,44 @@ def train(
 def demo(
     source: Annotated[str | None, typer.Option(help="Demo data (default: $DEFECTOPS_DEMO_DATA, else the public "
                                                     "Magnetic Tile archive, else synthetic images).")] = None,
-    no_commit: Annotated[bool, typer.Option("--no-commit", help="Do not git-commit data.dvc.")] = False,
+    profile: Annotated[str | None, typer.Option(help="Training profile (default: gpu with CUDA, else cpu).")] = None,
+    port: Annotated[int | None, typer.Option(help="Service port (default: serve.port in params.yaml).")] = None,
+    keep_serving: Annotated[bool, typer.Option("--keep-serving", help="Leave the service running at the end.")]
+    = False,
+    images: Annotated[int, typer.Option(help="Golden test images to send through the service (each twice: as "
+                                             "taken, and under a dimmer lamp).")] = 200,
 ) -> None:
-    """The main job on the embedded default: import the demo data, version it with DVC, validate it with GX."""
-    from components.config import get_settings
-    from flows.data_flow import ingest_dataset
+    """The main job: the whole monthly loop on this machine, from import to a served, drift-checked model.
 
-    settings = get_settings()
+    Imports the demo data, runs monthly retraining, approves the challenger as a named demo user only if it
+    passed the gate, promotes it, serves it, sends real and lighting-shifted images, checks drift, stops.
+    """
+    from components.config import get_settings
+    from components.serving.params import serve_params
+    from flows.demo_flow import run_demo
+
+    _registry_logging()
+    settings, params = _context()
+    settings.ensure()
     chosen = source or resolve_demo_source(settings)
-    typer.echo(f"demo data: {chosen}")
-    summary = ingest_dataset(source=chosen, commit=not no_commit)
-    typer.echo(json.dumps(summary, indent=2, default=str))
-    typer.echo(f"\nreports: {settings.reports_dir}\nstate:   {settings.home_dir}")
+    port = port or serve_params(params).port
+    outcome = run_demo(get_settings(), settings.params_file, chosen, profile, port, keep_serving, images,
+                       echo=typer.echo)
+    registered = outcome["retraining"]["registered"]
+    typer.echo(f"\ndone in {outcome['minutes']} min. Where to look:")
+    typer.echo(f"  models and runs:  uv run mlflow ui --backend-store-uri {settings.tracking_uri}   "
+               "(then http://127.0.0.1:5000)")
+    typer.echo("  versions:         uv run defectops models")
+    typer.echo(f"  comparison:       {registered['comparison_path']}")
+    typer.echo(f"  data validation:  {settings.reports_dir / 'datasets'}")
+    typer.echo(f"  drift reports:    {outcome['drift']['clean']['report_dir']} (clean), "
+               f"{outcome['drift']['shifted']['report_dir']} (shifted)")
+    typer.echo(f"  production log:   {settings.prod_log_dir}; review queue: {settings.review_queue_dir}")
+    typer.echo(f"  service log:      {outcome['service_log']}")
+    if keep_serving:
+        typer.echo(f"  service:          {outcome['service_url']} (pid {outcome['service_pid']}; POST /predict, "
+                   "GET /metrics); stop it with `kill <pid>`")
+    typer.echo("  schedules:        uv run defectops schedule   (Prefect UI on http://127.0.0.1:4200)")
 
 
 def resolve_demo_source(settings: Any) -> str:

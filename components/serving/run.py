@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from components.config import PACKAGE_ROOT, Params, Settings
+from components.errors import DefectOpsError
 from components.serving.deployment import DeploymentRecord, ensure_deployment, record_path
 from components.serving.params import serve_params
 
@@ -47,3 +51,46 @@ def prepare_and_serve(settings: Settings, params: Params, port: int | None, host
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, env)
+
+
+def start_in_background(settings: Settings, port: int, log_file: Path, timeout_s: float = 300.0,
+                        host: str = "127.0.0.1") -> subprocess.Popen:
+    """`defectops serve` as a child process (its own session, output to `log_file`); returns once /readyz is 200."""
+    import httpx
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DEFECTOPS_PROJECT=str(settings.project_root), DEFECTOPS_HOME=str(settings.home_dir))
+    with log_file.open("ab") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port), "--host",
+                                    host], cwd=settings.project_root, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise DefectOpsError(f"the service exited with code {process.returncode} ({tail[0]}); see {log_file}")
+        try:
+            if httpx.get(f"http://{host}:{port}/readyz", timeout=2.0).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_background(process)
+    raise DefectOpsError(f"the service was not ready on port {port} after {timeout_s:.0f} s; see {log_file}")
+
+
+def stop_background(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM `bentoml serve` (it stops its workers and flushes the log); kill the whole tree if it hangs."""
+    import psutil
+
+    if process.poll() is not None:
+        return
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    process.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    for leftover in alive:  # BentoML workers run in sessions of their own: never leave one serving
+        leftover.kill()
+    process.wait(10)
