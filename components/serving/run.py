@@ -54,12 +54,16 @@ def prepare_and_serve(settings: Settings, params: Params, port: int | None, host
 
 
 def start_in_background(settings: Settings, port: int, log_file: Path, timeout_s: float = 300.0,
-                        host: str = "127.0.0.1") -> subprocess.Popen:
-    """`defectops serve` as a child process (its own session, output to `log_file`); returns once /readyz is 200."""
+                        host: str = "127.0.0.1", env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`defectops serve` as a child process (its own session, output to `log_file`); returns once /readyz is 200.
+
+    `env` is the child's base environment (default: this one); the project and state root are always set.
+    """
     import httpx
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DEFECTOPS_PROJECT=str(settings.project_root), DEFECTOPS_HOME=str(settings.home_dir))
+    env = dict(os.environ if env is None else env, DEFECTOPS_PROJECT=str(settings.project_root),
+               DEFECTOPS_HOME=str(settings.home_dir))
     with log_file.open("ab") as sink:
         process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port), "--host",
                                     host], cwd=settings.project_root, env=env, stdout=sink, stderr=subprocess.STDOUT,

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,39 +171,21 @@ class Server:
 
 
 def start_server(project: Path, home: Path, port: int, timeout: float = 120.0) -> Server:
-    """`python -m components.cli serve --port N` in its own process group; waits for /readyz."""
-    import httpx
+    """`defectops serve --port N` in its own session (components.serving.run); returns once /readyz is 200."""
+    from components.config import Settings
+    from components.serving.run import start_in_background
 
     output = home / f"serve-{port}.log"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port)],
-                                   cwd=project, env=serving_env(project, home), stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", home, project, process, output)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout} s:\n{server.log_text()[-3000:]}")
+    process = start_in_background(Settings(project=project, home=home), port, output, timeout,
+                                  env=serving_env(project, home))
+    return Server(f"http://127.0.0.1:{port}", home, project, process, output)
 
 
 def stop_server(server: Server) -> None:
-    """SIGTERM the server's process group, SIGKILL it and its workers (own sessions) after 15 s."""
-    try:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(15)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        kill_server(server)
+    """SIGTERM the service; whatever is left of it (workers run in sessions of their own) is killed after 15 s."""
+    from components.serving.run import stop_background
+
+    stop_background(server.process, timeout_s=15)
 
 
 def kill_server(server: Server) -> None:
