@@ -223,3 +223,18 @@ def test_a_record_the_service_cannot_load_keeps_the_old_model(tmp_path: Path) ->
     write_record(settings, old.model_copy(update={"deployed_at": "2026-11-24T08:00:00+00:00"}))
     watcher.check()  # the same model again (re-pinned): adopted without loading anything
     assert swapped == [] and watcher.current.record.deployed_at.startswith("2026-11-24")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["promote", "--no-bento"], "nothing approved to serve"),
+    (["rollback", "--by", "qa", "--reason", "bad batch"], "nothing registered is deployed"),
+])
+def test_promote_and_rollback_with_nothing_to_do_are_one_line_errors(plant: Settings, args: list[str],
+                                                                      message: str) -> None:
+    from typer.testing import CliRunner
+
+    from components.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output and read_record(plant) is None
