@@ -140,7 +140,8 @@ class ManifestDataset(Dataset):
         mask = self.mask(index, rgb.shape[:2])
         known = mask is not None
         if known and self.paste and self._backgrounds and mask.any():
-            rng = np.random.default_rng(hash((self.seed, self.epoch, index, "paste")) & 0xFFFF_FFFF)
+            # a seed sequence of ints, not hash(): string hashes differ per process, and resumes must repeat
+            rng = np.random.default_rng(None if self.seed is None else [self.seed, self.epoch, index, 1])
             if rng.random() < self.paste:
                 background = self.image(self._backgrounds[int(rng.integers(len(self._backgrounds)))])
                 rgb = paste_defect(rgb, mask, background)
