@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +67,7 @@ class LoadResult:
     p95_ms: float
     p99_ms: float
     cpu_ms_per_image: float | None = None
+    client_cores: float | None = None  # CPU the load generator (this process) took meanwhile
     offered_rate: float | None = None
 
 
@@ -147,15 +147,10 @@ def start(command: list[str], env: dict[str, str], url: str, ready_path: str, lo
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group; SIGKILL after 20 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
+    """SIGTERM the server; kill what is left of its process tree (BentoML workers have sessions of their own)."""
+    from components.serving.run import stop_background
+
+    stop_background(process, timeout_s=20)
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -289,15 +284,17 @@ def drive(servers: dict[str, tuple[subprocess.Popen, str]], images: list[tuple[s
         errors = dict.fromkeys(servers, 0)
         seconds = dict.fromkeys(servers, 0.0)
         cpu = dict.fromkeys(servers, 0.0)
+        client = dict.fromkeys(servers, 0.0)
         for _ in range(args.rounds):
             for name, (process, url) in servers.items():
-                cpu0 = tree_cpu_seconds(process.pid)
+                cpu0, client0 = tree_cpu_seconds(process.pid), time.process_time()
                 if phase == "closed":
                     lat, err, sec = closed_loop(url, images, args.concurrency, args.seconds / args.rounds,
                                                 args.max_requests)
                 else:
                     lat, err, sec = open_loop(url, images, args.rate, args.rate_seconds / args.rounds)
                 cpu[name] += tree_cpu_seconds(process.pid) - cpu0
+                client[name] += time.process_time() - client0
                 latencies[name] += lat
                 errors[name] += err
                 seconds[name] += sec
@@ -306,6 +303,7 @@ def drive(servers: dict[str, tuple[subprocess.Popen, str]], images: list[tuple[s
                 f"open loop, {args.rate:g} images/s offered"
             result = _summary(name, label, latencies[name], errors[name], seconds[name], cpu[name],
                               args.rate if phase == "open" else None)
+            result.client_cores = round(client[name] / seconds[name], 2) if seconds[name] else None
             print(f"  {name}, {label}: {result.throughput} images/s, p50 {result.p50_ms} ms, p99 {result.p99_ms} ms",
                   flush=True)
             results.append(result)
@@ -499,14 +497,16 @@ def main() -> None:
     shape = f"untrained {args.arch} at {args.image_size} px" if untrained else str(model_path)
     print(f"\n{shape}, served on {record.fast_path}")
     header = f"{'server':<18} {'phase':<32} {'n':>5} {'err':>4} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} " \
-             f"{'p99 ms':>8} {'cpu ms/img':>10} {'cores':>6}"
+             f"{'p99 ms':>8} {'cpu ms/img':>10} {'cores':>6} {'client':>7}"
     print(header)
     print("-" * len(header))
     for r in results:
         cores = f"{r.cpu_ms_per_image * r.throughput / 1000:.2f}" if r.cpu_ms_per_image else "-"
         print(f"{r.server:<18} {r.phase:<32} {r.requests:>5} {r.errors:>4} {r.throughput:>7.2f} {r.p50_ms:>8.1f} "
-              f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_ms_per_image if r.cpu_ms_per_image else '-':>10} {cores:>6}")
-    print("cores = CPU the server's process tree got on average; when other jobs compete for the cores, the "
+              f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f} {r.cpu_ms_per_image if r.cpu_ms_per_image else '-':>10} {cores:>6} "
+              f"{r.client_cores if r.client_cores is not None else '-':>7}")
+    print("client = CPU the load generator took meanwhile (it shares the machine's cores with the server); "
+          "cores = CPU the server's process tree got on average; when other jobs compete for the cores, the "
           "scheduler shares CPU per runnable thread, so compare servers by cpu ms/img as well as by img/s")
     print(f"\nin-process ceiling ({top['engine']}, {top['precision']}): forward-only images/s by batch size "
           f"{top['forward_images_per_s']}; best {top['best']} at batch {top['best_batch_size']} "
