@@ -70,17 +70,21 @@ def main() -> None:
     from components.config import get_settings, load_params
     from components.data.tracked import manifest_of
     from components.training.loop import (
-        LoopConfig,
         Trainer,
         autocast,
         free_cores_threads,
         resolve_precision,
         seed_everything,
     )
-    from components.training.losses import build_loss, defect_map_loss
-    from components.training.models import build_model
+    from components.training.losses import defect_map_loss
     from components.training.params import augment_params, train_params
-    from components.training.train import build_loaders, choose_profile
+    from components.training.train import (
+        build_loaders,
+        choose_profile,
+        loop_config,
+        profile_loss,
+        profile_model,
+    )
 
     settings = get_settings()
     params = load_params(ROOT / "params.yaml")
@@ -111,44 +115,14 @@ def main() -> None:
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(seed)
-        model, _ = build_model(
-            prof.arch,
-            len(classes),
-            prof.dropout,
-            prof.hidden,
-            prof.attention,
-            prof.freeze_stages,
-            None,
-            mask_head=prof.mask_head,
-            mask_gate=prof.mask_gate,
-        )
+        model, _ = profile_model(prof, len(classes), None)
         return model.to(device, memory_format=memory_format).train()
 
     counts = [targets.count(i) for i in range(len(classes))]
-    cfg = LoopConfig(
-        epochs=100,
-        lr=prof.lr,
-        weight_decay=prof.weight_decay,
-        warmup_epochs=prof.warmup_epochs,
-        precision=prof.precision,
-        channels_last=prof.channels_last,
-        ema_decay=prof.ema_decay,
-        mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
-        mask_pos_weight=prof.mask_pos_weight,
-        threads=threads,
-        seed=seed,
-        deterministic=tp.deterministic,
-        progress=True,
-    )
-    trainer = Trainer(
-        fresh_model(),
-        loader,
-        val_loader,
-        build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma),
-        cfg,
-        device,
-        None,
-    )
+    # the pipeline's own settings, loss included; only the epoch budget, threads and progress bar differ
+    cfg = loop_config(prof, seed, tp.deterministic, epochs=100, min_epochs=0, max_minutes=None, threads=threads,
+                      progress=True)
+    trainer = Trainer(fresh_model(), loader, val_loader, profile_loss(prof, counts), cfg, device, None)
     waits: list[float] = []
 
     def ours() -> int:
@@ -159,7 +133,7 @@ def main() -> None:
 
     bare_model = fresh_model()
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=prof.lr, weight_decay=prof.weight_decay)
-    bare_loss = build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma).to(device)
+    bare_loss = profile_loss(prof, counts).to(device)
 
     def bare_step(batch: list[torch.Tensor]) -> None:
         x = batch[0].to(device, non_blocking=True).contiguous(memory_format=memory_format)

@@ -271,6 +271,29 @@ def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRe
     return metrics_path, history_path
 
 
+def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
+                  allow_download: bool = False) -> tuple[DefectClassifier, str]:
+    """The profile's network (and which weights initialised it); seed torch first for a reproducible init."""
+    return build_model(prof.arch, num_classes, prof.dropout, prof.hidden, prof.attention, prof.freeze_stages,
+                       weights, allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate)
+
+
+def profile_loss(prof: ProfileParams, counts: Sequence[int]) -> torch.nn.Module:
+    """The profile's classification loss, weighted by the training class counts."""
+    return build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma, prof.label_smoothing)
+
+
+def loop_config(prof: ProfileParams, seed: int, deterministic: bool, **overrides: Any) -> LoopConfig:
+    """The training loop's settings from a profile; `overrides` replace single fields (e.g. epochs, threads)."""
+    values = {"epochs": prof.epochs, "lr": prof.lr, "weight_decay": prof.weight_decay,
+              "warmup_epochs": prof.warmup_epochs, "min_epochs": prof.min_epochs, "patience": prof.patience,
+              "precision": prof.precision, "channels_last": prof.channels_last, "ema_decay": prof.ema_decay,
+              "mask_loss_weight": prof.mask_loss_weight if prof.mask_head else 0.0,
+              "mask_pos_weight": prof.mask_pos_weight, "max_minutes": prof.max_minutes, "threads": prof.threads,
+              "seed": seed, "deterministic": deterministic}
+    return LoopConfig(**{**values, **overrides})
+
+
 def run_training(
     settings: Settings,
     params: Params | dict,
@@ -318,38 +341,9 @@ def run_training(
         if count == 0:
             log.warning("class %r has no training images: the model cannot learn it", name)
     torch.manual_seed(seed)  # model initialisation is part of the seeded run
-    model, weights_used = build_model(
-        prof.arch,
-        len(classes),
-        prof.dropout,
-        prof.hidden,
-        prof.attention,
-        prof.freeze_stages,
-        prof.weights,
-        allow_download=tp.download_weights,
-        mask_head=prof.mask_head,
-        mask_gate=prof.mask_gate,
-    )
-    criterion = build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma, prof.label_smoothing)
-    cfg = LoopConfig(
-        epochs=prof.epochs,
-        lr=prof.lr,
-        weight_decay=prof.weight_decay,
-        warmup_epochs=prof.warmup_epochs,
-        min_epochs=prof.min_epochs,
-        patience=prof.patience,
-        precision=prof.precision,
-        channels_last=prof.channels_last,
-        ema_decay=prof.ema_decay,
-        mask_loss_weight=prof.mask_loss_weight if prof.mask_head else 0.0,
-        mask_pos_weight=prof.mask_pos_weight,
-        max_minutes=prof.max_minutes,
-        threads=prof.threads,
-        seed=seed,
-        deterministic=tp.deterministic,
-        progress=progress,
-        fingerprint=fingerprint,
-    )
+    model, weights_used = profile_model(prof, len(classes), prof.weights, tp.download_weights)
+    criterion = profile_loss(prof, counts)
+    cfg = loop_config(prof, seed, tp.deterministic, progress=progress, fingerprint=fingerprint)
     threads_before = torch.get_num_threads()
     try:
         result: FitResult = fit(
