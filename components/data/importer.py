@@ -26,6 +26,7 @@ from components.data.split import read_splits, write_splits
 from components.data.tracked import dataset_version
 from components.data.versioning import DatasetRepo, commit
 from components.errors import DefectOpsError, SourceError, ValidationFailed
+from components.files import replacing, write_text_atomic
 from components.locks import exclusive
 from components.validation.manifest import build_manifest, inspect
 
@@ -57,10 +58,7 @@ def _journal_path(settings: Settings) -> Path:
 
 
 def _write_journal(settings: Settings, added: list[str], backups: dict[str, str | None]) -> None:
-    path = _journal_path(settings)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"added": added, "backups": backups}))
-    tmp.replace(path)
+    write_text_atomic(_journal_path(settings), json.dumps({"added": added, "backups": backups}))
 
 
 def recover(settings: Settings) -> bool:
@@ -133,13 +131,8 @@ def _copy_into_data(settings: Settings, additions: list[LabelledImage], backups:
         raise DefectOpsError(f"{clash}: already exists; the dataset folder changed under the import, run it again")
     _write_journal(settings, [str(dst.relative_to(settings.project_root)) for _, dst in pairs], backups)
     for src, dst in pairs:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.part")
-        try:
+        with replacing(dst) as tmp:
             shutil.copyfile(src, tmp)
-            tmp.replace(dst)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _check_disk(settings: Settings, additions: list[LabelledImage]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from components.config import GroupingParams, SplitParams
+from components.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,5 @@ def read_splits(path: Path) -> dict[str, str]:
 
 def write_splits(frame: pd.DataFrame, path: Path) -> None:
     """Write path/group/split, sorted, atomically (it is committed next to data.dvc)."""
-    tmp = path.with_suffix(".csv.tmp")
-    frame[["path", "group", "split"]].sort_values("path").to_csv(tmp, index=False)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        frame[["path", "group", "split"]].sort_values("path").to_csv(tmp, index=False)

@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 
 from components.errors import UsageError
+from components.files import write_bytes_atomic
 from components.parallel import chunks, init_image_worker
 
 log = logging.getLogger(__name__)
@@ -497,17 +498,11 @@ def encode(rgb: np.ndarray, image_format: ImageFormat) -> bytes:
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _render_files(job: tuple[Path, int, int, ImageFormat, list[tuple[int, str]]]) -> int:
     out, seed, size, image_format, items = job
     for index, label in items:
         path = out / label / file_name(label, index, image_format)
-        _write_atomic(path, encode(render_part(seed, index, label, size), image_format))
+        write_bytes_atomic(path, encode(render_part(seed, index, label, size), image_format))
     return len(items)
 
 
@@ -556,7 +551,7 @@ def _prepare(out: Path, settings: dict, expected: dict[str, set[str]]) -> None:
                     raise UsageError(f"{file}: not part of the synthetic set; remove it or choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        _write_atomic(marker, json.dumps(settings, indent=1).encode())
+        write_bytes_atomic(marker, json.dumps(settings, indent=1).encode())
 
 
 def generate(out: Path, count: int, size: int = 128, seed: int = 42, image_format: ImageFormat = "jpg",

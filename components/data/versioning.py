@@ -14,6 +14,7 @@ from pathlib import Path
 
 from components.config import Settings
 from components.errors import DefectOpsError, UsageError
+from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,7 @@ class DatasetRepo:
         if not pending:
             self.unpushed_file.unlink(missing_ok=True)
             return
-        tmp = self.unpushed_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(pending, indent=2))
-        tmp.replace(self.unpushed_file)
+        write_text_atomic(self.unpushed_file, json.dumps(pending, indent=2))
 
 
 def previous_version(project: Path, current: str | None) -> str | None:

@@ -22,6 +22,7 @@ from components.drift.params import DriftParams, drift_params
 from components.drift.quality import QUALITY_FILE, quality_report
 from components.drift.reference import load_reference, model_version_of
 from components.drift.window import Window, resolve_window
+from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,7 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
 
 def write_summary(summary: dict[str, Any], folder: Path) -> Path:
     """Write summary.json (atomically) into the report folder."""
-    path = folder / SUMMARY_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(folder / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
 
 
 def _log_outcome(summary: dict[str, Any], params: DriftParams) -> None:

@@ -28,6 +28,7 @@ import pandas as pd
 from components.config import Params, Settings
 from components.drift.params import IMAGE_COLUMNS, DriftParams
 from components.errors import UsageError
+from components.files import replacing
 from components.serving.predlog import COMPACT_DIMS, compact_embedding
 
 log = logging.getLogger(__name__)
@@ -159,10 +160,8 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
             log.warning("drift reference %s unreadable (%s); building it again", path, exc)
     manifest = manifest if manifest is not None else tracked_manifest(settings, params)
     frame = build_reference(manifest, predictor, drift)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        frame.to_parquet(tmp, index=False)
     path.with_suffix(".json").write_text(json.dumps({
         "dataset_version": version, "model_version": model_version, "created_at": datetime.now(UTC).isoformat(),
         "n_images": len(frame), "n_predictions": int(frame["predicted_class"].notna().sum()),

@@ -9,6 +9,7 @@ from typing import Any
 
 from components.config import Params, Settings
 from components.errors import UsageError
+from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,4 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
 
 def write_report(report: dict[str, Any], path: Path) -> Path:
     """The report as JSON (written atomically; parents created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")

@@ -31,6 +31,7 @@ import pandas as pd
 from components.config import Params, Settings
 from components.data.tracked import usable_rows
 from components.errors import DefectOpsError, UsageError
+from components.files import write_text_atomic
 from components.locks import exclusive
 from components.registry.tracking import MODEL_NAME, connect
 
@@ -489,12 +490,7 @@ def _log_model(model: Any, meta: dict[str, Any]) -> Any:
 
 
 def _write_comparison(settings: Settings, version: str, markdown: str) -> Path:
-    path = settings.reports_dir / "comparisons" / f"v{version}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(markdown)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(settings.reports_dir / "comparisons" / f"v{version}.md", markdown)
 
 
 def register(settings: Settings, params: Params, train_dir: Path, force: bool = False) -> RegisterResult:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from components.config import Params, Settings
 from components.errors import DefectOpsError
+from components.files import write_text_atomic
 from components.predictor import ImageInput, Predictor
 from components.serving.engines import REFERENCE, build_engine, device_kind
 from components.serving.params import serve_params
@@ -76,15 +76,8 @@ def read_record(settings: Settings) -> DeploymentRecord | None:
 
 def write_record(settings: Settings, record: DeploymentRecord) -> Path:
     """Write the record atomically (tmp + fsync + rename)."""
-    path = record_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(json.dumps(record.model_dump(), indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    return path
+    return write_text_atomic(record_path(settings), json.dumps(record.model_dump(), indent=2) + "\n",
+                             durable=True)
 
 
 def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:

@@ -24,6 +24,7 @@ from typing import Any
 from components.config import Params, Settings
 from components.data.images import is_image_file
 from components.errors import UsageError
+from components.files import write_text_atomic
 from components.serving.predlog import BackgroundWriter, prune_days
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,7 @@ class ReviewQueue:
         image = folder / f"{request_id}{image_suffix(raw, suffix)}"
         image.write_bytes(raw)
         meta = folder / f"{request_id}.json"
-        tmp = meta.with_name(f".{meta.name}.tmp")
-        tmp.write_text(json.dumps({**item, "image_file": image.name}, indent=1, default=str))
-        tmp.replace(meta)
+        write_text_atomic(meta, json.dumps({**item, "image_file": image.name}, indent=1, default=str))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from components.errors import DefectOpsError, UsageError
+from components.files import replacing
 from components.training.losses import defect_map_loss
 
 log = logging.getLogger(__name__)
@@ -240,13 +241,8 @@ def predict(
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

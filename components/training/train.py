@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from components.config import Params, Settings
 from components.errors import UsageError
+from components.files import replacing, write_text_atomic
 from components.training.data import (
     EMPTY_MASK,
     ManifestDataset,
@@ -260,14 +261,11 @@ def _fingerprint(
 def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRecord]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     history_path, metrics_path = out_dir / HISTORY_FILE, out_dir / METRICS_FILE
-    tmp = history_path.with_name(f".{HISTORY_FILE}.tmp")
-    pd.DataFrame([asdict(r) for r in history], columns=HISTORY_COLUMNS).to_csv(
-        tmp, index=False, float_format="%.6g"
-    )
-    tmp.replace(history_path)
-    tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(metrics_path)
+    with replacing(history_path) as tmp:
+        pd.DataFrame([asdict(r) for r in history], columns=HISTORY_COLUMNS).to_csv(
+            tmp, index=False, float_format="%.6g"
+        )
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics_path, history_path
 
 

@@ -25,6 +25,7 @@ from components.data.images import decode, image_stats
 from components.data.layout import LabelledImage
 from components.data.split import assign_splits, group_keys
 from components.errors import DefectOpsError
+from components.files import replacing
 from components.parallel import chunks, init_image_worker
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,8 @@ class ManifestCache:
             return
         rows = [{"file": k.file, "size": k.size, "mtime_ns": k.mtime_ns, "inode": k.inode, "sha256": sha,
                  **self.by_sha[sha]} for k, sha in {**self.by_key, **keys}.items() if sha in self.by_sha]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
-        tmp.replace(self.path)
+        with replacing(self.path) as tmp:
+            pd.DataFrame(rows).to_parquet(tmp, index=False)
 
 
 def inspect(files: list[Path], max_pixels: int, cache_dir: Path | None, workers: int,

@@ -154,7 +154,7 @@ def test_disk_full_while_copying_rolls_back(project, tmp_path: Path, monkeypatch
     with pytest.raises(SourceError, match="disk full"):
         _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3))
     assert _snapshot(project) == before
-    assert not list(project.data_dir.rglob(".*.part"))
+    assert not list(project.data_dir.rglob(".*.tmp"))  # no partial copy left (components.files.replacing)
 
 
 def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp_path: Path) -> None:

@@ -1,0 +1,38 @@
+"""Atomic file replacement: readers (and a crash) see the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; when the block ends without error it replaces `path` in one
+    rename (after an fsync when `durable`). On error the temporary file is removed and `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> Path:
+    """Write `text` to `path` through `replacing`."""
+    with replacing(path, durable) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` through `replacing`."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+    return path
