@@ -33,5 +33,5 @@ def test_imports(module: str) -> None:
 
 
 def test_console_script_answers() -> None:
-    result = subprocess.run([sys.executable, "-m", "components.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(check=False, args=[sys.executable, "-m", "components.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "data" in result.stdout

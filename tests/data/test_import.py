@@ -38,7 +38,7 @@ def _snapshot(settings) -> dict[str, str]:
 
 
 def _git_log(settings) -> list[str]:
-    out = subprocess.run(["git", "log", "--format=%s"], cwd=settings.project_root, capture_output=True, text=True)
+    out = subprocess.run(check=False, args=["git", "log", "--format=%s"], cwd=settings.project_root, capture_output=True, text=True)
     return out.stdout.split("\n")[:-1]
 
 
@@ -48,7 +48,7 @@ def test_first_import_versions_commits_and_pushes(project, tmp_path: Path) -> No
     assert result.version.endswith(".dir") and result.version == dataset_version(project.project_root)
     assert sorted(p.name for p in (project.data_dir / "images").iterdir()) == ["dent", "normal", "scratch"]
     assert _git_log(project)[0].startswith(f"data: version {result.version}")
-    tracked = subprocess.run(["git", "ls-files"], cwd=project.project_root, capture_output=True, text=True).stdout
+    tracked = subprocess.run(check=False, args=["git", "ls-files"], cwd=project.project_root, capture_output=True, text=True).stdout
     assert "data.dvc" in tracked and "splits.csv" in tracked and "data/" not in tracked
     assert any(Path(project.dvc_remote_url).rglob("*")), "files pushed to the local remote"
     stored = pd.read_parquet(result.report_dir / "manifest.parquet")
@@ -180,11 +180,11 @@ def test_no_commit_and_fallback_identity(project, tmp_path: Path, monkeypatch) -
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     result = _run(project, make_imagefolder(tmp_path / "m1", per_class=4), commit_changes=False)
     assert result.committed is None
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=project.project_root, capture_output=True,
+    status = subprocess.run(check=False, args=["git", "status", "--porcelain"], cwd=project.project_root, capture_output=True,
                             text=True).stdout
     assert "data.dvc" in status
     committed = _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=4))
-    author = subprocess.run(["git", "log", "-1", "--format=%an <%ae>"], cwd=project.project_root,
+    author = subprocess.run(check=False, args=["git", "log", "-1", "--format=%an <%ae>"], cwd=project.project_root,
                             capture_output=True, text=True).stdout.strip()
     assert committed.committed and author == "defectops <defectops@localhost>"
 
