@@ -125,25 +125,17 @@ def free_port() -> int:
 
 def start(command: list[str], env: dict[str, str], url: str, ready_path: str, log_file: Path,
           timeout: float = 300) -> subprocess.Popen:
-    """Start a server in its own process group and wait until `ready_path` answers 200."""
-    import httpx
+    """Start a server in its own session and wait until `ready_path` answers 200."""
+    from components.errors import DefectOpsError
+    from components.serving.run import wait_until_ready
 
     with log_file.open("wb") as sink:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited ({process.returncode}); see {log_file}:\n"
-                             f"{log_file.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(process)
-    raise SystemExit(f"server not ready after {timeout} s; see {log_file}")
+    try:
+        return wait_until_ready(process, url + ready_path, log_file, timeout)
+    except DefectOpsError as exc:
+        raise SystemExit(f"{exc}:\n{log_file.read_text(errors='replace')[-2000:]}") from None
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -59,8 +59,6 @@ def start_in_background(settings: Settings, port: int, log_file: Path, timeout_s
 
     `env` is the child's base environment (default: this one); the project and state root are always set.
     """
-    import httpx
-
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if env is None else env, DEFECTOPS_PROJECT=str(settings.project_root),
                DEFECTOPS_HOME=str(settings.home_dir))
@@ -68,19 +66,27 @@ def start_in_background(settings: Settings, port: int, log_file: Path, timeout_s
         process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port), "--host",
                                     host], cwd=settings.project_root, env=env, stdout=sink, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+    return wait_until_ready(process, f"http://{host}:{port}/readyz", log_file, timeout_s)
+
+
+def wait_until_ready(process: subprocess.Popen, ready_url: str, log_file: Path,
+                     timeout_s: float) -> subprocess.Popen:
+    """Poll `ready_url` until it answers 200; a clear error (and the server stopped) when it exits or times out."""
+    import httpx
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise DefectOpsError(f"the service exited with code {process.returncode} ({tail[0]}); see {log_file}")
+            raise DefectOpsError(f"the server exited with code {process.returncode} ({tail[0]}); see {log_file}")
         try:
-            if httpx.get(f"http://{host}:{port}/readyz", timeout=2.0).status_code == 200:
+            if httpx.get(ready_url, timeout=2.0).status_code == 200:
                 return process
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     stop_background(process)
-    raise DefectOpsError(f"the service was not ready on port {port} after {timeout_s:.0f} s; see {log_file}")
+    raise DefectOpsError(f"{ready_url} was not ready after {timeout_s:.0f} s; see {log_file}")
 
 
 def stop_background(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
