@@ -229,3 +229,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
     running = start_server(project, home, free_port())
     yield running
     stop_server(running)
+
+
+@pytest.fixture
+def plant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A project with the serving params and an empty state root (no record, empty MLflow) in the environment."""
+    from components.config import Settings
+
+    project = write_project(tmp_path / "project")
+    home = tmp_path / "home"
+    for name, value in (("DEFECTOPS_PROJECT", project), ("DEFECTOPS_HOME", home), ("BENTOML_HOME", home / "bentoml")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Settings(project=project, home=home)

@@ -29,20 +29,9 @@ from tests.serving.conftest import (
     register_model_file,
     serving_env,
     write_probe_images,
-    write_project,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def plant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """A project with the serving params and an empty state root (no record, empty MLflow)."""
-    project = write_project(tmp_path / "project")
-    monkeypatch.setenv("DEFECTOPS_PROJECT", str(project))
-    monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return Settings(project=project, home=tmp_path / "home")
 
 
 def test_serve_refuses_to_start_when_nothing_is_approved(plant: Settings) -> None:

@@ -27,26 +27,11 @@ from tests.serving.conftest import (
     start_server,
     stop_server,
     write_probe_images,
-    write_project,
 )
 
 pytestmark = pytest.mark.integration
 
 CANDIDATE = {"gate_status": "passed", "approval_status": "pending"}
-
-
-@pytest.fixture
-def plant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """A project with the serving params, probe images to check parity on, and an empty registry."""
-    project = write_project(tmp_path / "project")
-    home = tmp_path / "home"
-    for name, value in (("DEFECTOPS_PROJECT", project), ("DEFECTOPS_HOME", home),
-                        ("BENTOML_HOME", home / "bentoml")):
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings = Settings(project=project, home=home)
-    write_probe_images(settings)
-    return settings
 
 
 def _candidate(plant: Settings, tmp_path: Path, seed: int) -> str:
@@ -94,6 +79,7 @@ class Load:
 @pytest.fixture
 def served(plant: Settings, tmp_path: Path) -> Iterator[tuple[str, object]]:
     """Version 1 approved, promoted with no service running, then served by a real `bentoml serve`."""
+    write_probe_images(plant)  # the tracked images parity is checked on
     first = _candidate(plant, tmp_path, seed=0)
     approve(plant, first, by="qa", note="first model")
     result = promote(plant, load_params(plant.params_file), by="tests", url=f"http://127.0.0.1:{free_port()}",
