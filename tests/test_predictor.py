@@ -21,3 +21,4 @@ def test_prepare_uses_the_models_normalisation(kind: str) -> None:
     assert torch.equal(prepared, preprocess(rgb, 32, kind))
     other = "imagenet" if kind == "per_image" else "per_image"
     assert not torch.equal(prepared, preprocess(rgb, 32, other))
+    assert prepared.is_contiguous(), "a strided tensor makes the batch's torch.stack a slow parallel copy"
