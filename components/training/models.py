@@ -57,6 +57,8 @@ class DefectClassifier(nn.Module):
         super().__init__()
         backbone.fc = nn.Identity()
         self.backbone = backbone
+        self.arch = "custom"  # build_model names the torchvision architecture
+        self.dropout = dropout
         self.attention = SpatialAttention() if attention else nn.Identity()
         mid_channels = backbone.layer3[-1].conv1.in_channels if hasattr(backbone.layer3[-1], "conv1") else 0
         self.defect_head = nn.Conv2d(mid_channels, 1, kernel_size=1) if mask_head or mask_gate else None
@@ -71,6 +73,12 @@ class DefectClassifier(nn.Module):
         for module in self._frozen_modules():
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
+
+    def architecture(self) -> dict[str, object]:
+        """What `build_model` needs to rebuild this network (stored in the model file as `arch`)."""
+        return {"name": self.arch, "dropout": self.dropout, "hidden": self.embedding_dim,
+                "attention": isinstance(self.attention, SpatialAttention), "mask_head": self.defect_head is not None,
+                "mask_gate": self.mask_gate}
 
     def _frozen_modules(self) -> list[nn.Module]:
         b = self.backbone
@@ -228,4 +236,5 @@ def build_model(
     model = DefectClassifier(
         backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages, mask_head, mask_gate
     )
+    model.arch = arch
     return model, weights_used

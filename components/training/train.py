@@ -200,6 +200,37 @@ def build_loaders(
     return train_loader, val_loader, train_targets
 
 
+def model_meta(
+    model: DefectClassifier,
+    classes: Sequence[str],
+    normal_class: str,
+    image_size: int,
+    normalize: str = "imagenet",
+    **provenance: Any,
+) -> dict[str, Any]:
+    """The metadata of a model file: format, architecture, classes, preprocessing, and `provenance` as given
+    (weights_used, dataset_version, calibration, ...; see the module docstring)."""
+    normalization = (
+        {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        if normalize == "imagenet"
+        else {"kind": normalize}
+    )
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "arch": model.architecture(),
+        "classes": list(classes),
+        "normal_class": normal_class,
+        "image_size": image_size,
+        "normalization": normalization,
+        "preprocess": "components.training.transforms.model_transform(meta)",
+        "embedding_dim": model.embedding_dim,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+        **provenance,
+    }
+
+
 def save_model_file(
     path: Path, model: DefectClassifier, state: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
@@ -383,38 +414,21 @@ def run_training(
         "cpu_count": os.cpu_count(),
     }
     metrics_path, history_path = _write_outputs(out_dir, metrics, result.history)
-    meta = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "arch": {
-            "name": prof.arch,
-            "dropout": prof.dropout,
-            "hidden": prof.hidden,
-            "attention": prof.attention,
-            "mask_head": prof.mask_head,
-            "mask_gate": prof.mask_gate,
-        },
-        "classes": classes,
-        "normal_class": normal,
-        "image_size": prof.image_size,
-        "normalization": (
-            {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-            if prof.normalize == "imagenet"
-            else {"kind": "per_image"}
-        ),
-        "preprocess": "components.training.transforms.model_transform(meta)",
-        "embedding_dim": model.embedding_dim,
-        "weights_used": weights_used,
-        "dataset_version": dataset_version,
-        "manifest_digest": digest,
-        "profile": profile_name,
-        "train_params": prof.model_dump(mode="json"),
-        "augment_params": aug.model_dump(mode="json"),
-        "seed": seed,
-        "metrics": {k: metrics[k] for k in ("best_val_macro_f1", "best_epoch", "epochs")},
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),
-    }
+    meta = model_meta(
+        model,
+        classes,
+        normal,
+        prof.image_size,
+        prof.normalize,
+        weights_used=weights_used,
+        dataset_version=dataset_version,
+        manifest_digest=digest,
+        profile=profile_name,
+        train_params=prof.model_dump(mode="json"),
+        augment_params=aug.model_dump(mode="json"),
+        seed=seed,
+        metrics={k: metrics[k] for k in ("best_val_macro_f1", "best_epoch", "epochs")},
+    )
     model_path = out_dir / MODEL_FILE
     save_model_file(model_path, model, result.best_state, meta)
     log.info(

@@ -46,15 +46,12 @@ def drift_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from components.training.models import build_model
-    from components.training.train import MODEL_FORMAT, MODEL_FORMAT_VERSION, save_model_file
+    from components.training.train import model_meta, save_model_file
 
     torch.manual_seed(0)
     model, _ = build_model("resnet18", len(TEST_CLASSES), dropout=0.0, hidden=64, weights=None)
-    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-            "arch": {"name": "resnet18", "dropout": 0.0, "hidden": 64, "attention": False},
-            "classes": list(TEST_CLASSES), "normal_class": "normal", "image_size": IMAGE_SIZE,
-            "embedding_dim": 64, "calibration": {"temperature": 1.0, "threshold": 0.5},
-            "created_at": "2025-01-01T00:00:00+00:00"}
+    meta = model_meta(model, TEST_CLASSES, "normal", IMAGE_SIZE, created_at="2025-01-01T00:00:00+00:00",
+                      calibration={"temperature": 1.0, "threshold": 0.5})
     path = tmp_path_factory.mktemp("drift-model") / "model.pt"
     save_model_file(path, model.eval(), model.state_dict(), meta)
     return path

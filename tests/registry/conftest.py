@@ -95,7 +95,7 @@ def make_train_dir(out: Path, logits_bias: list[float] | None = None, seed: int 
     import torch
 
     from components.training.models import build_model
-    from components.training.train import MODEL_FORMAT, MODEL_FORMAT_VERSION, save_model_file
+    from components.training.train import model_meta, save_model_file
 
     torch.manual_seed(seed)
     model, weights_used = build_model("resnet18", len(TEST_CLASSES), dropout=0.0, hidden=8, weights=None)
@@ -104,19 +104,15 @@ def make_train_dir(out: Path, logits_bias: list[float] | None = None, seed: int 
             model.classifier[1].weight.zero_()
             model.classifier[1].bias.copy_(torch.tensor(logits_bias))
     model.eval()
-    meta = {
-        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-        "arch": {"name": "resnet18", "dropout": 0.0, "hidden": 8, "attention": False},
-        "classes": list(TEST_CLASSES), "normal_class": "normal", "image_size": IMAGE_SIZE,
-        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "embedding_dim": 8, "weights_used": weights_used, "dataset_version": None, "manifest_digest": "test",
-        "profile": "tiny", "train_params": {"arch": "resnet18", "image_size": IMAGE_SIZE, "epochs": 2, "lr": 0.01},
-        "augment_params": {"hflip": 0.5}, "seed": seed,
-        "metrics": {"best_val_macro_f1": 0.5, "best_epoch": 2, "epochs": 2},
-        "created_at": "2026-01-01T00:00:00+00:00", "torch_version": str(torch.__version__),
-        "calibration": calibration or {"temperature": 1.0, "threshold": 0.5, "target_met": False, "n_val": 4},
+    meta = model_meta(
+        model, TEST_CLASSES, "normal", IMAGE_SIZE, weights_used=weights_used, dataset_version=None,
+        manifest_digest="test", profile="tiny",
+        train_params={"arch": "resnet18", "image_size": IMAGE_SIZE, "epochs": 2, "lr": 0.01},
+        augment_params={"hflip": 0.5}, seed=seed, metrics={"best_val_macro_f1": 0.5, "best_epoch": 2, "epochs": 2},
+        created_at="2026-01-01T00:00:00+00:00",
+        calibration=calibration or {"temperature": 1.0, "threshold": 0.5, "target_met": False, "n_val": 4},
         **(extra_meta or {}),
-    }
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / "model.pt", model, model.state_dict(), meta)
     (out / "train_metrics.json").write_text(json.dumps({"best_val_macro_f1": 0.5, "epochs": 2, "seconds": 1.5,

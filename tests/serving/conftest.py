@@ -61,7 +61,7 @@ def make_tiny_model(path: Path, threshold: float = THRESHOLD, seed: int = 0) -> 
     import torch
 
     from components.training.models import build_model
-    from components.training.train import MODEL_FORMAT, MODEL_FORMAT_VERSION, save_model_file
+    from components.training.train import model_meta, save_model_file
     from components.training.transforms import preprocess
 
     torch.manual_seed(seed)
@@ -81,11 +81,8 @@ def make_tiny_model(path: Path, threshold: float = THRESHOLD, seed: int = 0) -> 
     with torch.no_grad():
         head.weight.copy_(torch.tensor(solution[:-1].T, dtype=torch.float32))
         head.bias.copy_(torch.tensor(solution[-1], dtype=torch.float32))
-    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-            "arch": {"name": "resnet18", "dropout": 0.0, "hidden": 64, "attention": False},
-            "classes": list(TEST_CLASSES), "normal_class": "normal", "image_size": IMAGE_SIZE,
-            "embedding_dim": 64, "calibration": {"temperature": 1.0, "threshold": threshold},
-            "created_at": "2025-01-01T00:00:00+00:00"}
+    meta = model_meta(model, TEST_CLASSES, "normal", IMAGE_SIZE, created_at="2025-01-01T00:00:00+00:00",
+                      calibration={"temperature": 1.0, "threshold": threshold})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_file(path, model, model.state_dict(), meta)
     return path

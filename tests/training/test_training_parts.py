@@ -39,6 +39,17 @@ def test_mask_head_and_gate_give_a_coarse_defect_map():
         build_model("resnet18", 3)[0].defect_map(x)
 
 
+@pytest.mark.parametrize("options", [{}, {"attention": True, "mask_head": True, "mask_gate": True, "dropout": 0.1}])
+def test_a_model_describes_its_own_architecture(options):
+    """The model file's `arch` comes from the model itself, and rebuilds a network with the same parameters."""
+    model, _ = build_model("resnet18", 3, hidden=16, **options)
+    arch = model.architecture()
+    assert arch["name"] == "resnet18" and arch["hidden"] == 16
+    rebuilt, _ = build_model(arch.pop("name"), 3, **arch)
+    assert rebuilt.architecture() == model.architecture()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 def test_freeze_stages_freezes_stem_and_first_stages():
     model, _ = build_model("resnet18", 3, freeze_stages=2)
     frozen = {n.split(".")[1] for n, p in model.named_parameters() if not p.requires_grad}
