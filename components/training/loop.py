@@ -148,7 +148,7 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 
 def free_cores_threads(own_threads: int = 0) -> int:
-    """Compute threads that fit the cores not busy with other work (1-minute load average minus our threads).
+    """Compute threads that fit the cores not busy with other work (1-minute load average minus our own load).
 
     OpenMP threads that share a core with another busy process stall each other at every barrier: on a shared
     2-core machine, 2 threads under load ran 5-8x slower than 1 thread, so never oversubscribe.
@@ -386,7 +386,9 @@ class Trainer:
         epoch = self.epoch + 1
         self._reseed_loader(epoch)
         if self.device.type == "cpu":
-            threads = self.cfg.threads or free_cores_threads(self._threads_running)
+            # our own load: the compute threads of the last epoch and the loader's worker processes
+            own = self._threads_running + (getattr(self.train_loader, "num_workers", 0) if self._threads_running else 0)
+            threads = self.cfg.threads or free_cores_threads(own)
             if threads != torch.get_num_threads():
                 log.info(
                     "epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0]

@@ -247,3 +247,15 @@ def test_paste_defect_moves_the_defect_onto_a_normal_background():
     assert out.shape == source.shape and out.dtype == np.uint8
     assert out[25, 35].mean() < out[5, 5].mean() - 50, "the defect stays darker than its new surroundings"
     assert 160 <= out[5, 5].mean() <= 200, "away from the defect the pixels are the background's"
+
+
+def test_free_cores_count_our_own_load_as_ours(monkeypatch):
+    """On 2 cores, 2 compute threads + 1 loader worker load the machine ~3: nobody else is there."""
+    from components.training import loop
+
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.6, 2.5, 2.4))
+    assert loop.free_cores_threads(own_threads=3) == 2
+    assert loop.free_cores_threads(own_threads=2) == 1, "counting only the compute threads, a worker looks foreign"
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    assert loop.free_cores_threads(own_threads=3) == 1, "another busy process: one core is left"
