@@ -72,8 +72,8 @@ class Predictor:
         """The model's input tensor for one image; bad input raises ImageError."""
         from components.training.transforms import preprocess
 
-        rgb = image if isinstance(image, np.ndarray) else decode(image, self.max_pixels).rgb
-        return preprocess(rgb, self.image_size, self.normalization)  # the model file's own transform
+        pixels = image if isinstance(image, np.ndarray) else decode(image, self.max_pixels).pixels
+        return preprocess(pixels, self.image_size, self.normalization)  # the model file's own transform
 
     def forward(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits and embeddings of a prepared (N, 3, S, S) batch."""

@@ -22,3 +22,20 @@ def test_prepare_uses_the_models_normalisation(kind: str) -> None:
     other = "imagenet" if kind == "per_image" else "per_image"
     assert not torch.equal(prepared, preprocess(rgb, 32, other))
     assert prepared.is_contiguous(), "a strided tensor makes the batch's torch.stack a slow parallel copy"
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "per_image"])
+@pytest.mark.parametrize("size", [64, 224])
+def test_a_grayscale_image_is_prepared_in_one_channel_to_the_same_numbers(kind: str, size: int,
+                                                                         magnetic_tile) -> None:
+    """The serving path prepares grayscale originals in one channel; it must equal the three-channel eval transform."""
+    from components.data.images import decode
+
+    files = sorted(magnetic_tile.glob("MT_*/Imgs/*.jpg"))[::97][:8]
+    assert files, "no Magnetic Tile images"
+    for file in files:
+        decoded = decode(file)
+        assert decoded.gray is not None, f"{file.name} is a grayscale JPEG"
+        one, three = preprocess(decoded.gray, size, kind), preprocess(decoded.rgb, size, kind)
+        assert one.shape == three.shape == (3, size, size) and one.dtype == three.dtype and one.is_contiguous()
+        torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,8 @@ Rule (documented in README, "Image conversion rule"):
    to 0..255; palette, CMYK, YCbCr, LAB and HSV go through Pillow's own conversion; an alpha channel is dropped
    (colour channels kept as they are, as Pillow and torchvision do); grayscale is copied to three channels.
 The result is an (H, W, 3) uint8 array; the model therefore always sees three channels, whatever the camera.
+For a grayscale original `decode` also keeps the single channel (`DecodedImage.gray`): statistics and the
+eval transform give the same numbers on it at a third of the work, which serving uses (`.pixels`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ class DecodedImage:
     height: int
     mode: str  # the original Pillow mode, e.g. "L", "RGB", "I;16", "CMYK"
     channels: int  # channels of the original
+    gray: np.ndarray | None = None  # (H, W) uint8 for a grayscale original: `rgb` is it in three channels
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The converted image in its fewest channels: `gray` for a grayscale original, else `rgb`.
+
+        Image statistics and `transforms.preprocess` give the same result on either (a grayscale image is
+        three equal channels), and one channel is a third of the work.
+        """
+        return self.gray if self.gray is not None else self.rgb
 
 
 def _open(source: bytes | Path | Image.Image, max_pixels: int) -> Image.Image:
@@ -68,24 +80,31 @@ def check_pixels(image: Image.Image, max_pixels: int, name: str = "image") -> No
         )
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image."""
+def convert(image: Image.Image) -> np.ndarray:
+    """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image, keeping grayscale in one channel:
+    an (H, W) uint8 array for a grayscale original, else (H, W, 3)."""
     if image.getexif().get(0x0112, 1) != 1:  # orientation tag; transposing copies, so only when needed
         image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         array = np.asarray(image).astype(np.float32)
-        gray = np.clip(array / 257.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return np.clip(array / 257.0 + 0.5, 0, 255).astype(np.uint8)
     if mode == "F":
-        gray = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return np.clip(np.asarray(image), 0, 255).astype(np.uint8)
     if mode in ("L", "1", "LA"):
-        gray = np.asarray(image.convert("L"))
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return np.asarray(image if mode == "L" else image.convert("L"))
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return np.ascontiguousarray(np.asarray(image if mode == "RGB" else image.convert("RGB")))
+
+
+def _three_channels(array: np.ndarray) -> np.ndarray:
+    return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image: (H, W, 3) uint8."""
+    return _three_channels(convert(image))
 
 
 def decode(source: bytes | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -93,10 +112,12 @@ def decode(source: bytes | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIX
     image = _open(source, max_pixels)
     mode, channels = image.mode, len(image.getbands())
     try:
-        rgb = to_rgb(image)
+        converted = convert(image)
     except (OSError, ValueError) as exc:
         raise ImageError(f"image in mode {mode}: cannot convert to RGB ({exc})") from exc
-    return DecodedImage(rgb=rgb, width=image.width, height=image.height, mode=mode, channels=channels)
+    gray = converted if converted.ndim == 2 else None
+    return DecodedImage(rgb=_three_channels(converted), width=image.width, height=image.height, mode=mode,
+                        channels=channels, gray=gray)
 
 
 def image_stats(rgb: np.ndarray) -> dict[str, float]:

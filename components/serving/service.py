@@ -224,8 +224,8 @@ class DefectClassifier:
 
         decoded = decode(raw, self.max_pixels)
         facts = {"width": decoded.width, "height": decoded.height, "mode": decoded.mode,
-                 "channels": decoded.channels, "bytes": len(raw), **image_stats(decoded.rgb)}
-        return decoded.rgb, facts, (deployment or self.deployment).engine.prepare(decoded.rgb)
+                 "channels": decoded.channels, "bytes": len(raw), **image_stats(decoded.pixels)}
+        return decoded.rgb, facts, (deployment or self.deployment).engine.prepare(decoded.pixels)
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
                            request_id: str, started: float, deployment: Any) -> tuple[dict[str, Any], Any, Any]:

@@ -56,7 +56,7 @@ def inspect_bytes(raw: bytes, max_pixels: int) -> dict:
     try:
         image = decode(raw, max_pixels)
         facts.update(width=image.width, height=image.height, mode=image.mode, channels=image.channels,
-                     readable=True, error="", **image_stats(image.rgb))
+                     readable=True, error="", **image_stats(image.pixels))
     except DefectOpsError as exc:
         facts.update(readable=False, error=str(exc).removeprefix("upload: "))
     return facts

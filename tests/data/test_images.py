@@ -46,6 +46,25 @@ def test_grayscale_is_copied_to_three_channels() -> None:
     assert out.channels == 1 and out.rgb[2, 2].tolist() == [77, 77, 77]
 
 
+@pytest.mark.parametrize(("mode", "gray"), [("L", True), ("LA", True), ("1", True), ("I;16", True),
+                                            ("RGB", False), ("P", False), ("CMYK", False)])
+def test_grayscale_originals_also_keep_their_one_channel(mode: str, gray: bool) -> None:
+    """`pixels` is the fewest channels: the single gray channel, or RGB; both give the same statistics."""
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65535, (12, 16), dtype=np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).convert(mode)
+    out = decode(_bytes(image, "TIFF" if mode == "CMYK" else "PNG"))
+    assert (out.gray is not None) == gray
+    if gray:
+        assert out.pixels is out.gray and out.gray.shape == (12, 16)
+        assert np.array_equal(np.repeat(out.gray[:, :, None], 3, axis=2), out.rgb)
+    else:
+        assert out.pixels is out.rgb
+    assert image_stats(out.pixels) == pytest.approx(image_stats(out.rgb), rel=1e-6)
+
+
 def test_bad_input_is_refused_with_the_file_name(tmp_path: Path) -> None:
     good = _bytes(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
     cases = {"truncated.jpg": (good[: len(good) // 2], "truncated"), "empty.jpg": (b"", "empty file"),
