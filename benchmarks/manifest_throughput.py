@@ -264,7 +264,7 @@ def breakdown(root: Path, sample: int) -> list[tuple[str, float]]:
         ("image_stats: meanStdDev(gray)", lambda i: cv2.meanStdDev(grays[i])),
         ("image_stats: Laplacian CV_32F", lambda i: cv2.Laplacian(grays[i], cv2.CV_32F)),
         ("image_stats: meanStdDev(laplacian f32)", lambda i: cv2.meanStdDev(laplacians[i])),
-        ("= decode() + image_stats() as called", lambda i: image_stats(decode(raws[i]).rgb)),
+        ("= decode() + image_stats() as called", lambda i: image_stats(decode(raws[i]).pixels)),
         ("alt: to_rgb without copies", lambda i: rgb_without_copies(images[i])),
         ("alt: stats with Laplacian CV_16S", lambda i: stats_int16(rgbs[i])),
         ("alt: open+load, no-copy RGB, CV_16S stats", lambda i: stats_int16(rgb_without_copies(opened(raws[i])))),

@@ -7,8 +7,8 @@ Rule (documented in README, "Image conversion rule"):
    to 0..255; palette, CMYK, YCbCr, LAB and HSV go through Pillow's own conversion; an alpha channel is dropped
    (colour channels kept as they are, as Pillow and torchvision do); grayscale is copied to three channels.
 The result is an (H, W, 3) uint8 array; the model therefore always sees three channels, whatever the camera.
-For a grayscale original `decode` also keeps the single channel (`DecodedImage.gray`): statistics and the
-eval transform give the same numbers on it at a third of the work, which serving uses (`.pixels`).
+`decode` keeps a grayscale original in its single channel (`DecodedImage.pixels`) and makes the three-channel
+copy (`.rgb`) only when asked: statistics and the eval transform give the same numbers on either.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +30,28 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An image after the conversion rule, with what the manifest records about the original."""
+    """An image after the conversion rule, with what the manifest records about the original.
 
-    rgb: np.ndarray  # (H, W, 3) uint8
+    `pixels` is the converted image in its fewest channels: (H, W) uint8 for a grayscale original, else
+    (H, W, 3). Image statistics and `transforms.preprocess` give the same result on it as on `rgb` (a grayscale
+    image is three equal channels), and one channel is a third of the work; `rgb` is made only when asked for.
+    """
+
+    pixels: np.ndarray
     width: int
     height: int
     mode: str  # the original Pillow mode, e.g. "L", "RGB", "I;16", "CMYK"
     channels: int  # channels of the original
-    gray: np.ndarray | None = None  # (H, W) uint8 for a grayscale original: `rgb` is it in three channels
 
     @property
-    def pixels(self) -> np.ndarray:
-        """The converted image in its fewest channels: `gray` for a grayscale original, else `rgb`.
+    def gray(self) -> np.ndarray | None:
+        """The single channel of a grayscale original (None for a colour one)."""
+        return self.pixels if self.pixels.ndim == 2 else None
 
-        Image statistics and `transforms.preprocess` give the same result on either (a grayscale image is
-        three equal channels), and one channel is a third of the work.
-        """
-        return self.gray if self.gray is not None else self.rgb
+    @cached_property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) uint8: a grayscale original copied to three channels."""
+        return _three_channels(self.pixels)
 
 
 def _open(source: bytes | Path | Image.Image, max_pixels: int) -> Image.Image:
@@ -112,12 +118,10 @@ def decode(source: bytes | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIX
     image = _open(source, max_pixels)
     mode, channels = image.mode, len(image.getbands())
     try:
-        converted = convert(image)
+        pixels = convert(image)
     except (OSError, ValueError) as exc:
         raise ImageError(f"image in mode {mode}: cannot convert to RGB ({exc})") from exc
-    gray = converted if converted.ndim == 2 else None
-    return DecodedImage(rgb=_three_channels(converted), width=image.width, height=image.height, mode=mode,
-                        channels=channels, gray=gray)
+    return DecodedImage(pixels=pixels, width=image.width, height=image.height, mode=mode, channels=channels)
 
 
 def image_stats(rgb: np.ndarray) -> dict[str, float]:

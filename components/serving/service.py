@@ -225,19 +225,19 @@ class DefectClassifier:
         decoded = decode(raw, self.max_pixels)
         facts = {"width": decoded.width, "height": decoded.height, "mode": decoded.mode,
                  "channels": decoded.channels, "bytes": len(raw), **image_stats(decoded.pixels)}
-        return decoded.rgb, facts, (deployment or self.deployment).engine.prepare(decoded.pixels)
+        return decoded, facts, (deployment or self.deployment).engine.prepare(decoded.pixels)
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
                            request_id: str, started: float, deployment: Any) -> tuple[dict[str, Any], Any, Any]:
         import anyio
 
-        rgb, facts, tensor = await anyio.to_thread.run_sync(self._prepare, raw, deployment)
+        decoded, facts, tensor = await anyio.to_thread.run_sync(self._prepare, raw, deployment)
         prediction = await deployment.batcher(tensor)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
         result = {"request_id": request_id, **prediction.as_dict(), "model_version": deployment.model_version,
                   "latency_ms": latency_ms}
         self._record(result, prediction, facts, metadata, endpoint, raw, suffix, deployment)
-        return result, rgb, tensor
+        return result, decoded, tensor
 
     def _record(self, result: dict[str, Any], prediction: Any, facts: dict[str, Any], metadata: dict[str, str],
                 endpoint: str, raw: bytes, suffix: str, deployment: Any) -> None:
@@ -347,14 +347,14 @@ class DefectClassifier:
         started, request_id, deployment = time.perf_counter(), uuid.uuid4().hex, self.deployment
         try:
             metadata = self._metadata(line, camera, part_id)
-            result, rgb, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata, "explain",
+            result, decoded, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata, "explain",
                                                           request_id, started, deployment)
         except ImageError as exc:
             return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
         except BadMetadata as exc:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", request_id)
         target = deployment.engine.classes.index(result["defect_type"])
-        png = await anyio.to_thread.run_sync(self._overlay_png, rgb, tensor, target, deployment)
+        png = await anyio.to_thread.run_sync(self._overlay_png, decoded.rgb, tensor, target, deployment)
         return {**result, "explained_class": result["defect_type"], "overlay_png_base64": png,
                 "explain_ms": round((time.perf_counter() - started) * 1000 - result["latency_ms"], 2)}
 
