@@ -66,6 +66,8 @@ class ManifestDataset(Dataset):
         masks: Sequence[Path | str | None] | None = None,
         paste: float = 0.0,
         normal_target: int | None = None,
+        keep_defect: float = 0.0,
+        keep_tries: int = 10,
     ) -> None:
         if len(files) != len(targets) or (masks is not None and len(masks) != len(files)):
             raise ValueError(f"{len(files)} files but {len(targets)} targets / {len(masks or files)} masks")
@@ -80,6 +82,8 @@ class ManifestDataset(Dataset):
         self._mask_cache: dict[int, np.ndarray | None] = {}
         self.paste = paste if masks is not None and normal_target is not None else 0.0
         self._backgrounds = [i for i, t in enumerate(self.targets) if t == normal_target]
+        self.keep_defect = keep_defect if masks is not None else 0.0
+        self.keep_tries = max(1, keep_tries)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -142,8 +146,32 @@ class ManifestDataset(Dataset):
             if rng.random() < self.paste:
                 background = self.image(self._backgrounds[int(rng.integers(len(self._backgrounds)))])
                 rgb = paste_defect(rgb, mask, background)
-        out = self.transform(image=rgb, mask=mask if known else np.zeros(rgb.shape[:2], np.uint8))
+        if not known:
+            mask = np.zeros(rgb.shape[:2], np.uint8)
+        out = self._keeping_defect(rgb, mask) if known and self.keep_defect and mask.any() else None
+        if out is None:
+            out = self.transform(image=rgb, mask=mask)
         return out["image"], self.targets[index], torch.as_tensor(out["mask"]).float(), float(known)
+
+    def _keeping_defect(self, rgb: np.ndarray, mask: np.ndarray) -> dict:
+        """The transform's output with at least `keep_defect` of the defect still in view, re-drawn if not.
+
+        A random crop or shift can cut a defect out of the picture (a chipped edge, a blowhole near the
+        border: with the default augmentation a fifth of those samples lose it entirely), which turns the
+        sample into a mislabelled normal image. The share kept is the defect's share of the frame after the
+        transform over its share before (zoom makes it approximate). Re-drawing continues the item's seeded
+        random stream, so it stays reproducible; after `keep_tries` the best draw is used.
+        """
+        whole = float(mask.mean())
+        best, best_share = None, -1.0
+        for _ in range(self.keep_tries):
+            out = self.transform(image=rgb, mask=mask)
+            share = float(np.asarray(out["mask"], np.float32).mean()) / whole
+            if share >= self.keep_defect:
+                return out
+            if share > best_share:
+                best, best_share = out, share
+        return best
 
 
 def paste_defect(source: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:

@@ -39,6 +39,13 @@ class AugmentParams(_Section):
     noise: float = Field(0.0, ge=0, le=1, description="probability of Gaussian noise")
     noise_std: tuple[float, float] = Field((0.01, 0.05), description="noise std as a fraction of 255")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a small Gaussian blur")
+    keep_defect: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="a defect sample whose augmented view keeps less than this share of its masked defect is "
+        "re-drawn (crops and shifts otherwise cut edge defects out of the picture; needs masks)",
+    )
     paste: float = Field(
         0.0,
         ge=0,

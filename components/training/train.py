@@ -163,6 +163,7 @@ def build_loaders(
         cache=prof.cache_images,
         masks=masks,
         paste=aug.paste,
+        keep_defect=aug.keep_defect,
         normal_target=list(classes).index(normal_class) if normal_class in classes else None,
     )
     val_data = ManifestDataset(

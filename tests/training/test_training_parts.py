@@ -221,6 +221,35 @@ def test_masks_follow_the_image_through_augmentation(tmp_path):
     assert data[1][2].sum() == 0 and data[1][3] == 1.0 and data[2][3] == 0.0
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_keep_defect_redraws_crops_that_cut_the_defect_out(tmp_path, keep):
+    image = np.full((64, 64), 120, np.uint8)
+    image[:10, 20:30] = 10  # a chip on the top edge, as a Break is
+    mask = np.zeros_like(image)
+    mask[:10, 20:30] = 255
+    Image.fromarray(image, "L").save(tmp_path / "d.png")
+    Image.fromarray(mask, "L").save(tmp_path / "d_mask.png")
+    crop_only = AugmentParams(
+        crop_scale=(0.5, 0.6), hflip=0, vflip=0, rotate90=0, affine=0, brightness_contrast=0, keep_defect=keep
+    )
+    data = ManifestDataset(
+        [tmp_path / "d.png"] * 40,
+        [1] * 40,
+        train_transform(crop_only, 64, "per_image"),
+        seed=0,
+        masks=[tmp_path / "d_mask.png"] * 40,
+        keep_defect=keep,
+        keep_tries=30,
+    )
+    kept = [float(data[i][2].mean()) / float((mask > 0).mean()) for i in range(len(data))]
+    if keep:
+        assert min(kept) >= keep, "every sample shows at least that share of its defect"
+        again = [float(data[i][2].mean()) / float((mask > 0).mean()) for i in range(len(data))]
+        assert again == kept, "re-drawing stays reproducible"
+    else:
+        assert sum(k == 0 for k in kept) >= 10, "without it, crops often cut the chip out"
+
+
 def test_defect_map_loss_ignores_unknown_masks():
     from components.training.losses import defect_map_loss
 
