@@ -51,7 +51,7 @@ class DecodedImage:
     @cached_property
     def rgb(self) -> np.ndarray:
         """(H, W, 3) uint8: a grayscale original copied to three channels."""
-        return _three_channels(self.pixels)
+        return three_channels(self.pixels)
 
 
 def _open(source: bytes | Path | Image.Image, max_pixels: int) -> Image.Image:
@@ -104,13 +104,14 @@ def convert(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image if mode == "RGB" else image.convert("RGB")))
 
 
-def _three_channels(array: np.ndarray) -> np.ndarray:
+def three_channels(array: np.ndarray) -> np.ndarray:
+    """An (H, W) grayscale array copied to (H, W, 3); a three-channel array as it is."""
     return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image: (H, W, 3) uint8."""
-    return _three_channels(convert(image))
+    return three_channels(convert(image))
 
 
 def decode(source: bytes | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from components.data.images import DEFAULT_MAX_PIXELS, decode
+from components.data.images import DEFAULT_MAX_PIXELS, decode, three_channels
 from components.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class ManifestDataset(Dataset):
         self._mask_cache: dict[int, np.ndarray | None] = {}
         self.paste = paste if masks is not None and normal_target is not None else 0.0
         self._backgrounds = [i for i, t in enumerate(self.targets) if t == normal_target]
-        self.keep_defect = keep_defect if masks is not None else 0.0
+        self.keep_defect = keep_defect
         self.keep_tries = max(1, keep_tries)
 
     def __len__(self) -> int:
@@ -104,7 +104,7 @@ class ManifestDataset(Dataset):
             array = self._cache.get(index)
             if array is None:
                 array = self._cache[index] = self._load(index)
-        return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+        return three_channels(array)
 
     def preload(self, progress: bool = False) -> None:
         """Decode every image into the cache now (in the main process, so loader workers share it)."""
@@ -146,15 +146,11 @@ class ManifestDataset(Dataset):
             if rng.random() < self.paste:
                 background = self.image(self._backgrounds[int(rng.integers(len(self._backgrounds)))])
                 rgb = paste_defect(rgb, mask, background)
-        if not known:
-            mask = np.zeros(rgb.shape[:2], np.uint8)
-        out = self._keeping_defect(rgb, mask) if known and self.keep_defect and mask.any() else None
-        if out is None:
-            out = self.transform(image=rgb, mask=mask)
+        out = self._augment(rgb, mask if known else np.zeros(rgb.shape[:2], np.uint8))
         return out["image"], self.targets[index], torch.as_tensor(out["mask"]).float(), float(known)
 
-    def _keeping_defect(self, rgb: np.ndarray, mask: np.ndarray) -> dict:
-        """The transform's output with at least `keep_defect` of the defect still in view, re-drawn if not.
+    def _augment(self, rgb: np.ndarray, mask: np.ndarray) -> dict:
+        """The transform's output; with `keep_defect`, with at least that share of the defect still in view.
 
         A random crop or shift can cut a defect out of the picture (a chipped edge, a blowhole near the
         border: with the default augmentation a fifth of those samples lose it entirely), which turns the
@@ -163,6 +159,8 @@ class ManifestDataset(Dataset):
         random stream, so it stays reproducible; after `keep_tries` the best draw is used.
         """
         whole = float(mask.mean())
+        if not self.keep_defect or not whole:
+            return self.transform(image=rgb, mask=mask)
         best, best_share = None, -1.0
         for _ in range(self.keep_tries):
             out = self.transform(image=rgb, mask=mask)
