@@ -73,10 +73,10 @@ def main() -> None:
         Trainer,
         autocast,
         free_cores_threads,
+        mask_loss,
         resolve_precision,
         seed_everything,
     )
-    from components.training.losses import defect_map_loss
     from components.training.params import augment_params, train_params
     from components.training.train import (
         build_loaders,
@@ -120,7 +120,8 @@ def main() -> None:
 
     counts = [targets.count(i) for i in range(len(classes))]
     # the pipeline's own settings, loss included; only the epoch budget, threads and progress bar differ
-    cfg = loop_config(prof, seed, tp.deterministic, epochs=100, min_epochs=0, max_minutes=None, threads=threads,
+    normal = classes.index(params.profile.normal_class)
+    cfg = loop_config(prof, seed, tp.deterministic, normal, epochs=100, min_epochs=0, max_minutes=None, threads=threads,
                       progress=True)
     trainer = Trainer(fresh_model(), loader, val_loader, profile_loss(prof, counts), cfg, device, None)
     waits: list[float] = []
@@ -141,10 +142,8 @@ def main() -> None:
         with autocast(device, precision):
             out, defect = bare_model.forward_train(x)
         loss = bare_loss(out.float(), y)
-        if defect is not None and len(batch) == 4:  # the same auxiliary defect-map loss as ours
-            loss = loss + cfg.mask_loss_weight * defect_map_loss(
-                defect, batch[2].to(device), batch[3].to(device), cfg.mask_pos_weight
-            )
+        if defect is not None and len(batch) == 4:  # the same loss on the masks as ours
+            loss = loss + mask_loss(defect, batch[2].to(device), batch[3].to(device), y, cfg)
         bare_opt.zero_grad(set_to_none=True)
         loss.backward()
         bare_opt.step()

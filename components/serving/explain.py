@@ -23,9 +23,7 @@ class GradCamExplainer:
 
         self.model = copy.deepcopy(model).float().to(device, memory_format=torch.contiguous_format).eval()
         self.device = device
-        attention = self.model.attention
-        # the last feature map the head sees: after the attention gate when there is one
-        self.target_layer = self.model.backbone.layer4[-1] if isinstance(attention, torch.nn.Identity) else attention
+        self.target_layer = self.model.cam_layer  # the last feature map the head sees
         self._lock = threading.Lock()
 
     def heatmap(self, tensor: Any, target: int) -> np.ndarray:

@@ -68,6 +68,8 @@ class ManifestDataset(Dataset):
         normal_target: int | None = None,
         keep_defect: float = 0.0,
         keep_tries: int = 10,
+        patch: int | None = None,
+        patch_focus: float = 0.0,
     ) -> None:
         if len(files) != len(targets) or (masks is not None and len(masks) != len(files)):
             raise ValueError(f"{len(files)} files but {len(targets)} targets / {len(masks or files)} masks")
@@ -84,6 +86,9 @@ class ManifestDataset(Dataset):
         self._backgrounds = [i for i, t in enumerate(self.targets) if t == normal_target]
         self.keep_defect = keep_defect
         self.keep_tries = max(1, keep_tries)
+        self.patch = patch
+        self.patch_focus = patch_focus
+        self.normal_target = normal_target
 
     def __len__(self) -> int:
         return len(self.files)
@@ -147,7 +152,21 @@ class ManifestDataset(Dataset):
                 background = self.image(self._backgrounds[int(rng.integers(len(self._backgrounds)))])
                 rgb = paste_defect(rgb, mask, background)
         out = self._augment(rgb, mask if known else np.zeros(rgb.shape[:2], np.uint8))
-        return out["image"], self.targets[index], torch.as_tensor(out["mask"]).float(), float(known)
+        image, mask, target = out["image"], np.asarray(out["mask"]), self.targets[index]
+        if self.patch:
+            image, mask, target = self._patch(image, mask, target, known, index)
+        return image, target, torch.as_tensor(mask).float(), float(known)
+
+    def _patch(self, image: torch.Tensor, mask: np.ndarray, target: int, known: bool,
+               index: int) -> tuple[torch.Tensor, np.ndarray, int]:
+        """A `patch` x `patch` crop of the augmented image and its label (see `patch_crop`)."""
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, self.epoch, index, 2])
+        y0, x0 = patch_crop(mask, self.patch, self.patch_focus, rng)
+        crop = (slice(y0, y0 + self.patch), slice(x0, x0 + self.patch))
+        image, mask = image[:, crop[0], crop[1]].contiguous(), np.ascontiguousarray(mask[crop])
+        if known and not mask.any() and self.normal_target is not None:
+            target = self.normal_target  # the defect is elsewhere in the picture: this patch shows a normal part
+        return image, mask, target
 
     def _augment(self, rgb: np.ndarray, mask: np.ndarray) -> dict:
         """The transform's output; with `keep_defect`, with at least that share of the defect still in view.
@@ -170,6 +189,27 @@ class ManifestDataset(Dataset):
             if share > best_share:
                 best, best_share = out, share
         return best
+
+
+def patch_crop(mask: np.ndarray, size: int, focus: float, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a `size` crop: with probability `focus` (when the mask has a defect) one whose
+    middle third holds a random defect pixel, else uniform over the picture.
+
+    Training the dense design on patches gives many different views of each defect and of normal surface per
+    epoch at a fraction of a whole picture's cost; a patch's label is the image's class when it holds defect
+    pixels, the normal class when it holds none (its masks say so).
+    """
+    height, width = mask.shape
+    if size > min(height, width):
+        raise UsageError(f"patch_size {size} exceeds the training picture ({height}x{width}); lower patch_size")
+    ys, xs = np.nonzero(mask)
+    if len(ys) and rng.random() < focus:
+        k = int(rng.integers(len(ys)))
+        jitter = rng.integers(-(size // 3), size // 3 + 1, 2)
+        y0, x0 = int(ys[k] + jitter[0]) - size // 2, int(xs[k] + jitter[1]) - size // 2
+    else:
+        y0, x0 = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    return int(np.clip(y0, 0, height - size)), int(np.clip(x0, 0, width - size))
 
 
 def paste_defect(source: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:

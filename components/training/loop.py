@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from components.errors import DefectOpsError, UsageError
 from components.files import replacing
-from components.training.losses import defect_map_loss
+from components.training.losses import cell_class_loss, defect_map_loss
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,13 @@ class LoopConfig:
     warmup_epochs: float = 1.0
     min_epochs: int = 0
     patience: int = 8
+    keep: str = "best"  # best: the epoch with the best val macro-F1 (early stopping); last: the final epoch
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     ema_decay: float | None = None
     mask_loss_weight: float = 0.0  # > 0: train the defect-map head on batches that carry masks
     mask_pos_weight: float = 5.0
+    normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design)
     max_minutes: float | None = None
     threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
     seed: int = 42
@@ -239,6 +241,16 @@ def predict(
     return torch.cat(logits).numpy(), torch.cat(targets).numpy()
 
 
+def mask_loss(defect_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, labels: torch.Tensor,
+              cfg: LoopConfig) -> torch.Tensor:
+    """The weighted loss on the masks: per-cell classes (dense design) or the binary defect map (mask_head)."""
+    if defect_logits.shape[1] > 1:
+        loss = cell_class_loss(defect_logits, masks, known, labels, cfg.normal_index, cfg.mask_pos_weight)
+    else:
+        loss = defect_map_loss(defect_logits, masks, known, cfg.mask_pos_weight)
+    return cfg.mask_loss_weight * loss
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename over `path`."""
     with replacing(path) as tmp:
@@ -419,9 +431,7 @@ class Trainer:
             loss = self.criterion(logits.float(), labels)
             if defect_logits is not None and len(batch) == 4:
                 masks, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
-                loss = loss + self.cfg.mask_loss_weight * defect_map_loss(
-                    defect_logits, masks, known, self.cfg.mask_pos_weight
-                )
+                loss = loss + mask_loss(defect_logits, masks, known, labels, self.cfg)
             if not torch.isfinite(loss):
                 bar.close()
                 where = f" (last good checkpoint: {self._last()})" if self.checkpoint_dir else ""
@@ -513,7 +523,7 @@ def fit(
         train_loss, lr, rate, wait = trainer.train_epoch()
         trainer.epoch += 1
         metrics = trainer.validate()
-        if trainer.improved(metrics):
+        if trainer.improved(metrics) or cfg.keep == "last":
             trainer.best_f1, trainer.best_loss, trainer.best_epoch = (
                 metrics["macro_f1"],
                 metrics["loss"],

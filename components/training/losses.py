@@ -74,3 +74,23 @@ def defect_map_loss(
     ).mean(dim=(1, 2, 3))
     known = known.float()
     return (per_item * known).sum() / known.sum().clamp(min=1.0)
+
+
+def cell_class_loss(
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    known: torch.Tensor,
+    targets: torch.Tensor,
+    normal_index: int,
+    pos_weight: float = 5.0,
+) -> torch.Tensor:
+    """Cross-entropy of every cell's class (the dense design), over the items whose mask is known.
+
+    A cell holding any defect pixel (the mask max-pooled to the cell grid) has the image's class, every other
+    cell the normal class; defect cells weigh `pos_weight`, since they are few.
+    """
+    cells = F.adaptive_max_pool2d(masks[:, None].float(), logits.shape[-2:])[:, 0] > 0
+    labels = torch.where(cells, targets.long()[:, None, None], torch.full_like(targets.long(), normal_index)[:, None, None])
+    per_cell = F.cross_entropy(logits.float(), labels, reduction="none")
+    weight = torch.where(labels == normal_index, 1.0, pos_weight) * known.float()[:, None, None]
+    return (per_cell * weight).sum() / weight.sum().clamp(min=1e-6)

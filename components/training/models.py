@@ -1,6 +1,10 @@
-"""The pure classifier: a torchvision ResNet backbone, optional spatial attention, a small MLP head.
+"""The pure classifiers and the function that builds them; the training loop is in `loop.py`.
 
-Only `nn.Module`s and the function that builds them live here; the training loop is in `loop.py`.
+Two designs share one interface (forward, forward_with_embedding, forward_train, embed, architecture):
+- `global`: a torchvision ResNet, optional spatial attention, global pooling, the plant's MLP head;
+- `dense`: a fully convolutional trunk (a torchvision ResNet cut after `dense_stage`, or the small `convnet`)
+  names a class for every cell of the image (the normal class = no defect there), trained on the defect masks;
+  the image's class comes from statistics of those cell probabilities through the plant's MLP head.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from components.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["resnet18", "resnet34", "resnet50"]
+Arch = Literal["resnet18", "resnet34", "resnet50", "convnet"]
+Design = Literal["global", "dense"]
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
+EVIDENCE_STATS = ("peak", "top", "mean", "area")  # per class, see DenseDefectClassifier.evidence
 
 
 class SpatialAttention(nn.Module):
@@ -93,6 +99,11 @@ class DefectClassifier(nn.Module):
             module.eval()
         return self
 
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The layer Grad-CAM explains: the last feature map the head sees (after the attention gate)."""
+        return self.backbone.layer4[-1] if isinstance(self.attention, nn.Identity) else self.attention
+
     def _stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The last feature map (attention- and mask-gated) and the defect-map logits (None: no head)."""
         b = self.backbone
@@ -134,6 +145,136 @@ class DefectClassifier(nn.Module):
         if self.defect_head is None:
             raise UsageError("this model has no defect-map head; train it with mask_head: true")
         return torch.sigmoid(self._stages(x)[1])
+
+
+def convnet_trunk(width: int = 16) -> nn.Sequential:
+    """A small VGG-style trunk (torchvision's Conv-BN-ReLU blocks): full resolution first, stride 8 at the end.
+
+    The CPU profile's trunk: thin cracks and blowholes of a few pixels stay visible (no strided stem), and
+    its receptive field (about 70 px) sees a defect and its surroundings, not the whole tile, which keeps it
+    from memorising the look of individual tiles (see README, "What exists").
+    """
+    from torchvision.ops import Conv2dNormActivation
+
+    def block(c_in: int, c_out: int) -> nn.Module:
+        return Conv2dNormActivation(c_in, c_out, kernel_size=3)
+
+    w = width
+    return nn.Sequential(
+        block(3, w), block(w, w), nn.MaxPool2d(2),
+        block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
+        block(2 * w, 4 * w), block(4 * w, 4 * w), nn.MaxPool2d(2),
+        block(4 * w, 8 * w), block(8 * w, 8 * w), block(8 * w, 8 * w),
+    )
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet's stem and its first `stages` layers (stride 4 * 2**(stages - 1))."""
+
+    def __init__(self, backbone: nn.Module, stages: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.stages = stages
+        for name in _STAGES[stages:]:
+            setattr(backbone, name, nn.Identity())
+        backbone.fc = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        for name in _STAGES[: self.stages]:
+            x = getattr(b, name)(x)
+        return x
+
+
+def _logit(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class DenseDefectClassifier(nn.Module):
+    """Cells -> classes -> pooled evidence -> dropout/Linear/ReLU/dropout/Linear.
+
+    `cells(x)` gives class logits for every cell of the trunk's map (stride 8 or 16); softmax over classes,
+    the normal class meaning "no defect in this cell". Per class, the evidence is the peak (maximum of the
+    3x3-smoothed map), the mean of the top 2% of cells, the mean, and the share of cells where that class
+    wins with p > 0.5, all on the logit scale. The head (the plant's: dropout, a `hidden`-unit layer with
+    ReLU, dropout, the class layer) maps that evidence to the image's class. The head sees the evidence
+    detached, so the trunk learns only from the masks (`forward_train`'s cell logits) and the head only from
+    image labels; `components/training/head.py` refits the head on whole training images after the trunk.
+    """
+
+    def __init__(self, trunk: nn.Module, trunk_channels: int, num_classes: int, dropout: float = 0.3,
+                 hidden: int = 512, describe: dict[str, object] | None = None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.cell_head = nn.Conv2d(trunk_channels, num_classes, kernel_size=1)
+        self.dropout = dropout
+        self.evidence_dim = len(EVIDENCE_STATS) * num_classes
+        self.hidden = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.evidence_dim, hidden), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.embedding_dim = hidden
+        self.arch = "custom"
+        self._describe = dict(describe or {})
+
+    def architecture(self) -> dict[str, object]:
+        """What `build_model` needs to rebuild this network (stored in the model file as `arch`)."""
+        return {"name": self.arch, "design": "dense", "dropout": self.dropout, "hidden": self.embedding_dim,
+                **self._describe}
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The layer Grad-CAM explains: the trunk's last block."""
+        if isinstance(self.trunk, ResNetTrunk):
+            return getattr(self.trunk.backbone, _STAGES[self.trunk.stages - 1])[-1]
+        return self.trunk[-1]
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map."""
+        return self.trunk(x)
+
+    def cells(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-cell class logits (N, classes, H/stride, W/stride)."""
+        return self.cell_head(self.trunk(x))
+
+    def defect_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-cell class probabilities (softmax over classes)."""
+        return torch.softmax(self.cells(x).float(), dim=1)
+
+    @staticmethod
+    def evidence(cell_logits: torch.Tensor) -> torch.Tensor:
+        """Pooled per-class statistics of a cell map, on the logit scale (N, 4 * classes)."""
+        p = torch.softmax(cell_logits.float(), dim=1)
+        flat = p.flatten(2)
+        k = max(1, flat.shape[-1] // 50)
+        peak = F.avg_pool2d(p, 3, stride=1, padding=1, count_include_pad=False).flatten(2).amax(-1)
+        top = flat.topk(k, dim=-1).values.mean(-1)
+        area = (flat > 0.5).float().mean(-1)
+        return torch.cat([_logit(peak), _logit(top), _logit(flat.mean(-1)), _logit(area)], dim=1)
+
+    def _head(self, evidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.hidden(evidence)
+        return self.classifier(embedding), embedding
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate (hidden-layer) features, one `embedding_dim` vector per image."""
+        return self._head(self.evidence(self.cells(x)))[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self._head(self.evidence(self.cells(x)))[0]
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and embeddings from one pass."""
+        return self._head(self.evidence(self.cells(x)))
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (the head on detached evidence) and the cell logits the mask loss trains."""
+        cells = self.cells(x)
+        return self._head(self.evidence(cells.detach()))[0], cells
+
+
+Classifier = DefectClassifier | DenseDefectClassifier
 
 
 def _torchvision(arch: str) -> tuple[type, object]:
@@ -184,9 +325,10 @@ def _file_state(path: Path) -> dict:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UsageError(f"{path}: holds a {type(state).__name__}, not a state_dict; save model.state_dict()")
-    prefix = "backbone."
-    if any(k.startswith(prefix) for k in state):  # one of our own model files: take its backbone
-        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    for prefix in ("backbone.", "trunk.backbone."):  # one of our own model files: take its backbone
+        if any(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            break
     return state
 
 
@@ -201,28 +343,26 @@ def build_model(
     allow_download: bool = False,
     mask_head: bool = False,
     mask_gate: bool = False,
-) -> tuple[DefectClassifier, str]:
+    design: Design = "global",
+    dense_stage: int = 3,
+    width: int = 16,
+) -> tuple[Classifier, str]:
     """The classifier and which weights it started from ('imagenet:...', 'file:...', 'random-init')."""
     if num_classes < 2:
         raise UsageError(f"num_classes is {num_classes}; a classifier needs at least two classes")
+    if arch == "convnet":
+        if design != "dense":
+            raise UsageError("arch convnet is a dense trunk; set design: dense (or use a resnet for design: global)")
+        if weights is not None and str(weights) != "":
+            raise UsageError(f"arch convnet has no pretrained weights (asked for {weights}); set weights: null")
+        model = DenseDefectClassifier(convnet_trunk(width), 8 * width, num_classes, dropout, hidden,
+                                      {"width": width})
+        model.arch = arch
+        return model, "random-init"
     builder, _ = _torchvision(arch)
     backbone = builder(weights=None, zero_init_residual=True)
     feature_dim = backbone.fc.in_features
-    weights_used = "random-init"
-    state: dict | None = None
-    if weights is not None and str(weights).lower() == "imagenet":
-        state, note = _imagenet_state(arch, allow_download)
-        if state is None:
-            weights_used = f"random-init (ImageNet weights unavailable: {note})"
-            log.warning(
-                "ImageNet weights for %s unavailable (%s): training from random initialisation", arch, note
-            )
-        else:
-            weights_used = note
-    elif weights is not None and str(weights) != "":
-        path = Path(weights).expanduser().resolve()
-        state = _file_state(path)
-        weights_used = f"file:{path}"
+    weights_used, state = _initial_state(arch, weights, allow_download)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         result = backbone.load_state_dict(state, strict=False)
@@ -233,8 +373,32 @@ def build_model(
                 f"{result.unexpected_keys[:3]}); use weights saved from a {arch}"
             )
         log.info("%s backbone initialised from %s", arch, weights_used)
-    model = DefectClassifier(
-        backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages, mask_head, mask_gate
-    )
+    if design == "dense":
+        if not 1 <= dense_stage <= 4:
+            raise UsageError(f"dense_stage {dense_stage}: use 1..4 (the last ResNet stage of the trunk)")
+        channels = getattr(backbone, _STAGES[dense_stage - 1])[-1]
+        channels = (channels.bn3 if hasattr(channels, "bn3") else channels.bn2).num_features
+        model = DenseDefectClassifier(ResNetTrunk(backbone, dense_stage), channels, num_classes, dropout, hidden,
+                                      {"dense_stage": dense_stage})
+    else:
+        model = DefectClassifier(
+            backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages, mask_head, mask_gate
+        )
     model.arch = arch
     return model, weights_used
+
+
+def _initial_state(arch: str, weights: str | Path | None, allow_download: bool) -> tuple[str, dict | None]:
+    """Which weights a ResNet starts from and their state_dict (None: random initialisation)."""
+    if weights is not None and str(weights).lower() == "imagenet":
+        state, note = _imagenet_state(arch, allow_download)
+        if state is None:
+            log.warning(
+                "ImageNet weights for %s unavailable (%s): training from random initialisation", arch, note
+            )
+            return f"random-init (ImageNet weights unavailable: {note})", None
+        return note, state
+    if weights is not None and str(weights) != "":
+        path = Path(weights).expanduser().resolve()
+        return f"file:{path}", _file_state(path)
+    return "random-init", None

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from components.config import Params
 from components.errors import UsageError
 
-Arch = Literal["resnet18", "resnet34", "resnet50"]
+Arch = Literal["resnet18", "resnet34", "resnet50", "convnet"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -58,7 +58,23 @@ class AugmentParams(_Section):
 class ProfileParams(_Section):
     """One hardware profile: model, input size, schedule and loop settings."""
 
-    arch: Arch = "resnet18"
+    arch: Arch = Field("resnet18", description="torchvision ResNet, or convnet (a small dense trunk, design: dense)")
+    design: Literal["global", "dense"] = Field(
+        "global",
+        description="global: pooled ResNet features -> head; dense: a class for every cell, trained on the "
+        "defect masks, pooled evidence -> head (components/training/models.py)",
+    )
+    dense_stage: int = Field(3, ge=1, le=4, description="dense design on a ResNet: its last stage in the trunk")
+    width: int = Field(16, ge=4, le=256, description="convnet: channels of its first block (x2 per stage)")
+    patch_size: int | None = Field(
+        None, ge=16, description="dense design: train on crops of this size from the image_size picture"
+    )
+    patch_focus: float = Field(
+        0.7, ge=0, le=1, description="share of defect-image patches placed on the defect (else anywhere)"
+    )
+    head_refit_epochs: int = Field(
+        0, ge=0, description="dense design: after training, refit the head on whole training pictures (0 = off)"
+    )
     weights: str | None = Field(
         "imagenet", description="'imagenet', a local .pth file, or null for random init"
     )
@@ -78,6 +94,11 @@ class ProfileParams(_Section):
     epochs: int = Field(30, ge=1)
     min_epochs: int = Field(0, ge=0, description="no early stop before this epoch")
     patience: int = Field(8, ge=1, description="epochs without a better val macro-F1 before stopping")
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="best: the epoch with the best val macro-F1, stopping early after `patience`; last: the "
+        "final epoch (the dense design, whose head is refit on whole pictures after the loop)",
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
@@ -110,7 +131,23 @@ class ProfileParams(_Section):
             raise ValueError(f"min_epochs {self.min_epochs} exceeds epochs {self.epochs}")
         if self.mask_gate and not self.mask_head:
             raise ValueError("mask_gate needs mask_head: true (the gate is the predicted defect map)")
+        if self.design == "dense":
+            if self.attention or self.mask_gate or self.freeze_stages:
+                raise ValueError("attention, mask_gate and freeze_stages belong to design: global")
+            if self.mask_loss_weight <= 0:
+                raise ValueError("design: dense learns from the defect masks; set mask_loss_weight > 0")
+            if self.patch_size is not None and self.patch_size > self.image_size:
+                raise ValueError(f"patch_size {self.patch_size} exceeds image_size {self.image_size}")
+        elif self.arch == "convnet":
+            raise ValueError("arch convnet is a dense trunk; set design: dense")
+        elif self.patch_size is not None or self.head_refit_epochs:
+            raise ValueError("patch_size and head_refit_epochs belong to design: dense")
         return self
+
+    @property
+    def uses_masks(self) -> bool:
+        """Whether training reads the defect masks."""
+        return self.mask_head or self.design == "dense"
 
 
 class TrainParams(_Section):

@@ -15,7 +15,7 @@ images without one simply skip the mask loss.
 
 model.pt (torch.save of a dict; read it with `load_model_file`, which uses weights_only loading):
     format, format_version           "defectops-classifier", 1
-    arch                              {name, dropout, hidden, attention, mask_head, mask_gate}
+    arch                              build_model's arguments: {name, design, dropout, hidden, ...}
     state_dict                        the best weights (EMA weights when EMA is on)
     classes, normal_class             class names in logit order, and the normal one
     image_size, normalization         what `transforms.model_transform(meta)` needs to prepare an image
@@ -56,7 +56,7 @@ from components.training.data import (
 )
 from components.training.loop import EpochRecord, FitResult, LoopConfig, atomic_save, fit
 from components.training.losses import build_loss
-from components.training.models import DefectClassifier, build_model
+from components.training.models import Classifier, build_model
 from components.training.params import AugmentParams, ProfileParams, TrainParams, augment_params, train_params
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -153,7 +153,7 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader, list[int]]:
     """Training loader (augmented, shuffled or class-balanced) and validation loader (eval transform)."""
     train_targets = class_targets(train_rows, classes)
-    masks = training_masks(train_rows, normal_class or "") if prof.mask_head else None
+    masks = training_masks(train_rows, normal_class or "") if prof.uses_masks else None
     train_data = ManifestDataset(
         train_rows["file"].tolist(),
         train_targets,
@@ -165,6 +165,8 @@ def build_loaders(
         paste=aug.paste,
         keep_defect=aug.keep_defect,
         normal_target=list(classes).index(normal_class) if normal_class in classes else None,
+        patch=prof.patch_size if prof.design == "dense" else None,
+        patch_focus=prof.patch_focus,
     )
     val_data = ManifestDataset(
         val_rows["file"].tolist(),
@@ -202,7 +204,7 @@ def build_loaders(
 
 
 def model_meta(
-    model: DefectClassifier,
+    model: Classifier,
     classes: Sequence[str],
     normal_class: str,
     image_size: int,
@@ -233,13 +235,13 @@ def model_meta(
 
 
 def save_model_file(
-    path: Path, model: DefectClassifier, state: dict[str, torch.Tensor], meta: dict[str, Any]
+    path: Path, model: Classifier, state: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
     """Write the self-describing model file atomically (tmp + rename)."""
     atomic_save({**meta, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, path)
 
 
-def load_model_file(path: Path | str) -> tuple[DefectClassifier, dict[str, Any]]:
+def load_model_file(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     """The model (eval mode, CPU) and its metadata from a model.pt written by `run_training`."""
     path = Path(path)
     if not path.is_file():
@@ -257,17 +259,8 @@ def load_model_file(path: Path | str) -> tuple[DefectClassifier, dict[str, Any]]
             f"{path}: model format {blob['format_version']} is newer than this code "
             f"({MODEL_FORMAT_VERSION}); upgrade defectops"
         )
-    arch = blob["arch"]
-    model, _ = build_model(
-        arch["name"],
-        len(blob["classes"]),
-        dropout=arch["dropout"],
-        hidden=arch["hidden"],
-        attention=arch["attention"],
-        weights=None,
-        mask_head=arch.get("mask_head", False),
-        mask_gate=arch.get("mask_gate", False),
-    )
+    arch = dict(blob["arch"])
+    model, _ = build_model(arch.pop("name"), len(blob["classes"]), weights=None, **arch)
     model.load_state_dict(blob["state_dict"])
     model.eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
@@ -301,11 +294,29 @@ def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRe
     return metrics_path, history_path
 
 
+def _refit_head(model: Classifier, result: FitResult, train_rows: pd.DataFrame, val_loader: DataLoader,
+                classes: Sequence[str], prof: ProfileParams, criterion: torch.nn.Module, seed: int,
+                max_pixels: int) -> dict[str, Any]:
+    """The dense design's head, trained again on the evidence of whole training pictures (see head.py)."""
+    from components.training.head import evidence, refit_head
+
+    model.load_state_dict(result.best_state)
+    device = torch.device(result.device)
+    pictures = ManifestDataset(train_rows["file"].tolist(), class_targets(train_rows, classes),
+                               eval_transform(prof.image_size, prof.normalize), max_pixels=max_pixels)
+    loader = DataLoader(pictures, batch_size=prof.batch_size * 2, shuffle=False, num_workers=prof.num_workers)
+    train = evidence(model, loader, device, result.precision, mirrored=True)
+    val = evidence(model, val_loader, device, result.precision)
+    model.cpu()
+    return refit_head(model, train, val, criterion.cpu(), prof.head_refit_epochs, seed=seed)
+
+
 def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
-                  allow_download: bool = False) -> tuple[DefectClassifier, str]:
+                  allow_download: bool = False) -> tuple[Classifier, str]:
     """The profile's network (and which weights initialised it); seed torch first for a reproducible init."""
     return build_model(prof.arch, num_classes, prof.dropout, prof.hidden, prof.attention, prof.freeze_stages,
-                       weights, allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate)
+                       weights, allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate,
+                       design=prof.design, dense_stage=prof.dense_stage, width=prof.width)
 
 
 def profile_loss(prof: ProfileParams, counts: Sequence[int]) -> torch.nn.Module:
@@ -313,13 +324,15 @@ def profile_loss(prof: ProfileParams, counts: Sequence[int]) -> torch.nn.Module:
     return build_loss(prof.loss, counts, prof.class_weight_power, prof.focal_gamma, prof.label_smoothing)
 
 
-def loop_config(prof: ProfileParams, seed: int, deterministic: bool, **overrides: Any) -> LoopConfig:
+def loop_config(prof: ProfileParams, seed: int, deterministic: bool, normal_index: int = 0,
+                **overrides: Any) -> LoopConfig:
     """The training loop's settings from a profile; `overrides` replace single fields (e.g. epochs, threads)."""
     values = {"epochs": prof.epochs, "lr": prof.lr, "weight_decay": prof.weight_decay,
               "warmup_epochs": prof.warmup_epochs, "min_epochs": prof.min_epochs, "patience": prof.patience,
+              "keep": prof.keep,
               "precision": prof.precision, "channels_last": prof.channels_last, "ema_decay": prof.ema_decay,
-              "mask_loss_weight": prof.mask_loss_weight if prof.mask_head else 0.0,
-              "mask_pos_weight": prof.mask_pos_weight, "max_minutes": prof.max_minutes, "threads": prof.threads,
+              "mask_loss_weight": prof.mask_loss_weight if prof.uses_masks else 0.0,
+              "mask_pos_weight": prof.mask_pos_weight, "normal_index": normal_index, "max_minutes": prof.max_minutes, "threads": prof.threads,
               "seed": seed, "deterministic": deterministic}
     return LoopConfig(**{**values, **overrides})
 
@@ -373,7 +386,8 @@ def run_training(
     torch.manual_seed(seed)  # model initialisation is part of the seeded run
     model, weights_used = profile_model(prof, len(classes), prof.weights, tp.download_weights)
     criterion = profile_loss(prof, counts)
-    cfg = loop_config(prof, seed, tp.deterministic, progress=progress, fingerprint=fingerprint)
+    cfg = loop_config(prof, seed, tp.deterministic, classes.index(normal) if normal in classes else 0,
+                      progress=progress, fingerprint=fingerprint)
     threads_before = torch.get_num_threads()
     try:
         result: FitResult = fit(
@@ -386,13 +400,18 @@ def run_training(
             resume=resume,
             callbacks=callbacks,
         )
+        head_refit = None
+        if prof.design == "dense" and prof.head_refit_epochs:
+            head_refit = _refit_head(model, result, train_rows, val_loader, classes, prof, criterion, seed,
+                                     params.data.max_image_pixels)
     finally:
         threads_used = torch.get_num_threads()
         torch.set_num_threads(threads_before)
 
     seconds_total = time.perf_counter() - started
     metrics = {
-        "best_val_macro_f1": result.best_val_macro_f1,
+        "best_val_macro_f1": (head_refit["val_macro_f1_after"] if head_refit and head_refit["kept"]
+                              else result.best_val_macro_f1),  # the saved model's
         "best_val_loss": result.best_val_loss,
         "best_epoch": result.best_epoch,
         "epochs": result.epochs_run,
@@ -411,6 +430,7 @@ def run_training(
         "n_train": len(train_rows),
         "n_val": len(val_rows),
         "resumed_from_epoch": result.resumed_from_epoch,
+        "head_refit": head_refit,
         "torch_threads": threads_used,
         "cpu_count": os.cpu_count(),
     }
@@ -431,7 +451,7 @@ def run_training(
         metrics={k: metrics[k] for k in ("best_val_macro_f1", "best_epoch", "epochs")},
     )
     model_path = out_dir / MODEL_FILE
-    save_model_file(model_path, model, result.best_state, meta)
+    save_model_file(model_path, model, model.state_dict() if head_refit else result.best_state, meta)
     log.info(
         "wrote %s (best val macro-F1 %.4f at epoch %d, %.0f s)",
         model_path,

@@ -97,3 +97,23 @@ def test_parity_on_real_magnetic_tile_images(reference: Predictor, magnetic_tile
     _, choice = choose_engine(reference, "onnxruntime", images, BOUNDS, onnx_cache)
     assert choice.engine == "onnxruntime" and choice.parity["n_images"] == 60
     assert choice.parity["top1_agreement"] == 1.0
+
+
+def test_the_dense_design_exports_with_parity_and_explains(probe_images, tmp_path: Path) -> None:
+    """The CPU profile's dense design takes the same fast paths (OpenVINO, ONNX Runtime) and Grad-CAM."""
+    import torch
+
+    from components.serving.explain import GradCamExplainer
+    from components.training.models import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("convnet", 3, hidden=16, design="dense", width=4)
+    meta = {"classes": ["normal", "dent", "scratch"], "normal_class": "normal", "image_size": 64,
+            "normalization": {"kind": "per_image"}, "calibration": {"temperature": 1.0, "threshold": 0.5}}
+    reference = Predictor(model, meta, device="cpu")
+    for engine in ("onnxruntime", "openvino"):
+        report = check_parity(reference, build_engine(reference, engine, tmp_path), probe_images, BOUNDS, engine=engine)
+        assert report.passed and report.max_prob_diff < 1e-3, engine
+    tensor = reference.prepare(probe_images[0])
+    heatmap = GradCamExplainer(model, torch.device("cpu")).heatmap(tensor, target=1)
+    assert heatmap.shape == (64, 64) and 0 <= heatmap.min() and heatmap.max() <= 1

@@ -39,15 +39,111 @@ def test_mask_head_and_gate_give_a_coarse_defect_map():
         build_model("resnet18", 3)[0].defect_map(x)
 
 
-@pytest.mark.parametrize("options", [{}, {"attention": True, "mask_head": True, "mask_gate": True, "dropout": 0.1}])
-def test_a_model_describes_its_own_architecture(options):
+@pytest.mark.parametrize(("name", "options"), [
+    ("resnet18", {}),
+    ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "dropout": 0.1}),
+    ("resnet18", {"design": "dense", "dense_stage": 2}),
+    ("convnet", {"design": "dense", "width": 8}),
+])
+def test_a_model_describes_its_own_architecture(name, options):
     """The model file's `arch` comes from the model itself, and rebuilds a network with the same parameters."""
-    model, _ = build_model("resnet18", 3, hidden=16, **options)
+    model, _ = build_model(name, 3, hidden=16, **options)
     arch = model.architecture()
-    assert arch["name"] == "resnet18" and arch["hidden"] == 16
+    assert arch["name"] == name and arch["hidden"] == 16
     rebuilt, _ = build_model(arch.pop("name"), 3, **arch)
     assert rebuilt.architecture() == model.architecture()
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("name", "options", "stride"), [
+    ("convnet", {"width": 4}, 8), ("resnet18", {"dense_stage": 2}, 8), ("resnet18", {"dense_stage": 3}, 16)])
+def test_dense_design_names_a_class_for_every_cell(name, options, stride):
+    model, used = build_model(name, 4, hidden=16, design="dense", **options)
+    model.eval()
+    x = torch.randn(2, 3, 64, 96)
+    cells = model.defect_map(x)
+    assert used == "random-init" and cells.shape == (2, 4, 64 // stride, 96 // stride)
+    assert torch.allclose(cells.sum(1), torch.ones_like(cells[:, 0]), atol=1e-5)
+    logits, embedding = model.forward_with_embedding(x)
+    assert logits.shape == (2, 4) and embedding.shape == (2, 16) and torch.allclose(model(x), logits)
+    train_logits, cell_logits = model.forward_train(x)
+    assert torch.allclose(train_logits, logits) and cell_logits.shape == cells.shape
+    train_logits.sum().backward()
+    assert all(p.grad is None for p in model.trunk.parameters()), "the head's loss does not train the trunk"
+
+
+def test_dense_evidence_follows_the_defect_cells():
+    """A map with one confident defect cell scores that class's peak far above an all-normal map's."""
+    from components.training.models import DenseDefectClassifier
+
+    normal = torch.zeros(1, 3, 8, 8)
+    normal[:, 0] = 6.0  # class 0 = normal everywhere
+    defect = normal.clone()
+    defect[0, 2, 3, 3], defect[0, 0, 3, 3] = 6.0, 0.0
+    e_normal, e_defect = DenseDefectClassifier.evidence(normal), DenseDefectClassifier.evidence(defect)
+    assert e_normal.shape == (1, 4 * 3)
+    peak = slice(0, 3)
+    assert e_defect[0, peak][2] > e_normal[0, peak][2] + 3
+    assert torch.isfinite(e_defect).all() and torch.isfinite(e_normal).all()
+
+
+def test_convnet_and_dense_options_are_checked():
+    with pytest.raises(UsageError, match="set design: dense"):
+        build_model("convnet", 3)
+    with pytest.raises(UsageError, match="no pretrained weights"):
+        build_model("convnet", 3, design="dense", weights="imagenet")
+    def profile(**cpu):
+        return {"train": {"profiles": {"cpu": cpu}}}
+
+    with pytest.raises(UsageError, match="set design: dense"):
+        train_params(profile(arch="convnet"))
+    with pytest.raises(UsageError, match="exceeds image_size"):
+        train_params(profile(arch="convnet", design="dense", image_size=64, patch_size=96))
+    with pytest.raises(UsageError, match="belong to design: dense"):
+        train_params(profile(patch_size=32))
+    with pytest.raises(UsageError, match="mask_loss_weight > 0"):
+        train_params(profile(design="dense", mask_loss_weight=0))
+
+
+def test_cell_class_loss_labels_defect_cells_with_the_image_class():
+    from components.training.losses import cell_class_loss
+
+    masks = torch.zeros(2, 32, 32)
+    masks[0, :8, :8] = 1
+    targets, known = torch.tensor([2, 0]), torch.tensor([1.0, 1.0])
+    right = torch.full((2, 3, 4, 4), -5.0)
+    right[:, 0] = 5.0  # normal everywhere ...
+    right[0, 0, 0, 0], right[0, 2, 0, 0] = -5.0, 5.0  # ... but the defect cell is class 2
+    wrong = right.clone()
+    wrong[0, 2, 0, 0], wrong[0, 1, 0, 0] = -5.0, 5.0
+    assert cell_class_loss(right, masks, known, targets, normal_index=0) < 0.01
+    assert cell_class_loss(wrong, masks, known, targets, normal_index=0) > 1.0
+    unknown = torch.tensor([0.0, 1.0])
+    assert cell_class_loss(wrong, masks, unknown, targets, normal_index=0) < 0.01, "unknown masks are skipped"
+
+
+def test_patches_sit_on_the_defect_as_often_as_asked_and_label_themselves(tmp_path):
+    from components.training.data import patch_crop
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[50:54, 50:54] = 1
+    on = [mask[y:y + 16, x:x + 16].any() for y, x in (patch_crop(mask, 16, 1.0, rng) for _ in range(50))]
+    assert all(on), "focus 1: every patch holds the defect"
+    anywhere = [mask[y:y + 16, x:x + 16].any() for y, x in (patch_crop(mask, 16, 0.0, rng) for _ in range(200))]
+    assert 0 < sum(anywhere) < 60
+    with pytest.raises(UsageError, match="exceeds the training picture"):
+        patch_crop(mask, 80, 0.5, rng)
+
+    image = np.full((64, 64), 120, np.uint8)
+    Image.fromarray(image).save(tmp_path / "d.png")
+    Image.fromarray(mask * 255).save(tmp_path / "d_mask.png")
+    data = ManifestDataset([tmp_path / "d.png"] * 30, [1] * 30, eval_transform(64), seed=3,
+                           masks=[tmp_path / "d_mask.png"] * 30, normal_target=0, patch=16, patch_focus=0.5)
+    items = [data[i] for i in range(30)]
+    assert all(x.shape == (3, 16, 16) and m.shape == (16, 16) for x, _, m, _ in items)
+    assert {t for _, t, m, _ in items if m.any()} == {1} and {t for _, t, m, _ in items if not m.any()} == {0}
+    assert [int(data[i][1]) for i in range(30)] == [int(t) for _, t, _, _ in items], "reproducible"
 
 
 def test_freeze_stages_freezes_stem_and_first_stages():

@@ -119,3 +119,27 @@ def test_mask_head_and_per_image_normalisation_train_and_reload(
     assert abs(float(x.mean())) < 1e-3, "per-image standardisation is part of the model's preprocessing"
     with torch.no_grad():
         assert model.defect_map(x).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet18"])
+def test_dense_design_trains_on_patches_refits_its_head_and_reloads(
+    settings, raw_params, tiny_masked_manifest, tmp_path, arch
+):
+    raw = raw_params(arch=arch, design="dense", dense_stage=2, width=4, epochs=2, mask_loss_weight=1.0,
+                     patch_size=32, head_refit_epochs=5, normalize="per_image")
+    result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")
+    refit = result.metrics["head_refit"]
+    assert refit["n_train"] == 2 * int((tiny_masked_manifest["split"] == "train").sum()), "pictures and mirrors"
+    assert refit["kept"] in (True, False) and 0 <= refit["val_macro_f1_after"] <= 1
+    model, meta = load_model_file(result.model_path)
+    assert meta["arch"]["design"] == "dense" and meta["arch"]["name"] == arch
+    from components.data.images import decode
+    from components.training.transforms import model_transform
+
+    files = tiny_masked_manifest["file"].iloc[:3]
+    x = torch.stack([model_transform(meta)(image=decode(Path(f)).rgb)["image"] for f in files])
+    with torch.no_grad():
+        logits, embedding = model.forward_with_embedding(x)
+        cells = model.defect_map(x)
+    assert logits.shape == (3, 3) and embedding.shape == (3, 64)
+    assert cells.shape == (3, 3, 8, 8) and torch.allclose(cells.sum(1), torch.ones(3, 8, 8), atol=1e-5)
