@@ -566,7 +566,7 @@ def fit(
             lr,
             seconds,
             rate,
-            "  *best*" if trainer.best_epoch == trainer.epoch else "",
+            "  *best*" if cfg.keep == "best" and trainer.best_epoch == trainer.epoch else "",
         )
         trainer.save_checkpoint()
         for callback in callbacks:

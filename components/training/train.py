@@ -453,10 +453,11 @@ def run_training(
     model_path = out_dir / MODEL_FILE
     save_model_file(model_path, model, model.state_dict() if head_refit else result.best_state, meta)
     log.info(
-        "wrote %s (best val macro-F1 %.4f at epoch %d, %.0f s)",
+        "wrote %s (val macro-F1 %.4f, epoch %d%s, %.0f s)",
         model_path,
-        result.best_val_macro_f1,
+        metrics["best_val_macro_f1"],
         result.best_epoch,
+        " and the refit head" if head_refit and head_refit["kept"] else "",
         seconds_total,
     )
     if not tp.keep_checkpoint:
