@@ -229,10 +229,6 @@ class DenseDefectClassifier(nn.Module):
             return getattr(self.trunk.backbone, _STAGES[self.trunk.stages - 1])[-1]
         return self.trunk[-1]
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's feature map."""
-        return self.trunk(x)
-
     def cells(self, x: torch.Tensor) -> torch.Tensor:
         """Per-cell class logits (N, classes, H/stride, W/stride)."""
         return self.cell_head(self.trunk(x))
@@ -256,17 +252,17 @@ class DenseDefectClassifier(nn.Module):
         embedding = self.hidden(evidence)
         return self.classifier(embedding), embedding
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate (hidden-layer) features, one `embedding_dim` vector per image."""
-        return self._head(self.evidence(self.cells(x)))[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits."""
-        return self._head(self.evidence(self.cells(x)))[0]
-
     def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and embeddings from one pass."""
         return self._head(self.evidence(self.cells(x)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate (hidden-layer) features, one `embedding_dim` vector per image."""
+        return self.forward_with_embedding(x)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.forward_with_embedding(x)[0]
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits (the head on detached evidence) and the cell logits the mask loss trains."""
