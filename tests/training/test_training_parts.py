@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from components.errors import UsageError
-from components.training.data import ManifestDataset, balanced_sampler
+from components.training.data import EMPTY_MASK, ManifestDataset, balanced_sampler
 from components.training.loop import warmup_cosine
 from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
@@ -294,7 +294,6 @@ def test_mask_files_are_found_in_both_layouts(tmp_path):
 
 
 def test_masks_follow_the_image_through_augmentation(tmp_path):
-    from components.training.data import EMPTY_MASK
 
     image = np.zeros((40, 40), np.uint8)
     image[:, :10] = 255  # bright band on the left, masked as the defect
@@ -315,6 +314,35 @@ def test_masks_follow_the_image_through_augmentation(tmp_path):
     assert mask[:, -10:].all() and not mask[:, :-10].any(), "flipped together with the image"
     assert bool((x[0][mask.bool()] > 0).all())
     assert data[1][2].sum() == 0 and data[1][3] == 1.0 and data[2][3] == 0.0
+
+
+def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(tmp_path):
+    """A grayscale picture goes through augmentation (paste included) in one channel and comes out as the same
+    (3, S, S) tensor as the same picture stored as RGB."""
+    rng = np.random.default_rng(5)
+    files: dict[str, list] = {"L": [], "RGB": []}
+    masks = []
+    for i in range(6):
+        grey = rng.integers(60, 200, (48 + 4 * i, 64), dtype=np.uint8)
+        grey[10:20, 10:25] = 5
+        mask = np.zeros_like(grey)
+        mask[10:20, 10:25] = 255
+        Image.fromarray(mask, "L").save(tmp_path / f"m{i}.png")
+        masks.append(tmp_path / f"m{i}.png" if i < 4 else EMPTY_MASK)
+        for mode in files:
+            path = tmp_path / f"{mode}{i}.png"
+            Image.fromarray(grey, "L").convert(mode).save(path)
+            files[mode].append(path)
+    items = {}
+    for mode, paths in files.items():
+        data = ManifestDataset(paths, [1, 1, 1, 1, 0, 0], train_transform(AugmentParams(), 40, "per_image"),
+                               seed=7, cache=True, masks=masks, paste=1.0, normal_target=0, keep_defect=0.5)
+        assert data.pixels(0).ndim == (2 if mode == "L" else 3)
+        items[mode] = [data[i] for i in range(len(data))]
+    for grey_item, rgb_item in zip(items["L"], items["RGB"], strict=True):
+        assert grey_item[0].shape == (3, 40, 40) and grey_item[0].is_contiguous()
+        assert torch.allclose(grey_item[0], rgb_item[0], atol=1e-4)
+        assert torch.equal(grey_item[2], rgb_item[2]) and grey_item[1:2] == rgb_item[1:2]
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.5])
