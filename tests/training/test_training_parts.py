@@ -329,10 +329,9 @@ def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(
         mask[10:20, 10:25] = 255
         Image.fromarray(mask, "L").save(tmp_path / f"m{i}.png")
         masks.append(tmp_path / f"m{i}.png" if i < 4 else EMPTY_MASK)
-        for mode in files:
-            path = tmp_path / f"{mode}{i}.png"
-            Image.fromarray(grey, "L").convert(mode).save(path)
-            files[mode].append(path)
+        for mode, paths in files.items():
+            paths.append(tmp_path / f"{mode}{i}.png")
+            Image.fromarray(grey, "L").convert(mode).save(paths[-1])
     items = {}
     for mode, paths in files.items():
         data = ManifestDataset(paths, [1, 1, 1, 1, 0, 0], train_transform(AugmentParams(), 40, "per_image"),
