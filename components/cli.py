@@ -318,7 +318,8 @@ def demo(
 
 
 def resolve_demo_source(settings: Any) -> str:
-    """DEFECTOPS_DEMO_DATA, else the public archive if reachable, else freshly generated synthetic images."""
+    """DEFECTOPS_DEMO_DATA, else ../shared/datasets/magnetic-tile, else the public archive if reachable, else
+    freshly generated synthetic images."""
     from components.data.demo import demo_source
 
     return demo_source(settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from components.config import Settings
 
@@ -31,10 +32,19 @@ def use_dataset_profile(settings: Settings, name: str) -> None:
         log.warning("params.yaml: data.dataset set to %r for this data", name)
 
 
+def shared_copy(settings: Settings) -> Path:
+    """Where a workplace keeps its copy of Magnetic Tile beside the project (tests and benchmarks look there too)."""
+    return settings.project_root.parent / "shared" / "datasets" / "magnetic-tile"
+
+
 def demo_source(settings: Settings) -> str:
-    """DEFECTOPS_DEMO_DATA when set, else the public Magnetic Tile archive, else synthetic images (with a message)."""
+    """DEFECTOPS_DEMO_DATA when set, else a copy beside the project (`../shared/datasets/magnetic-tile`), else the
+    public Magnetic Tile archive, else synthetic images (with a message)."""
     if settings.demo_data:
         return settings.demo_data
+    if shared_copy(settings).is_dir():
+        log.info("demo data: the Magnetic Tile copy at %s", shared_copy(settings))
+        return str(shared_copy(settings))
     if _reachable(MAGNETIC_TILE_URL):
         return MAGNETIC_TILE_URL
     from components.config import load_params
