@@ -230,8 +230,9 @@ def patch_crop(mask: np.ndarray, size: int, focus: float, rng: np.random.Generat
 def paste_defect(source: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:
     """The defect of `source` (where `mask` is set, with a soft margin) blended into a normal `background`.
 
-    Both are (H, W) grayscale or both (H, W, 3). The background is resized to the source's size, so the defect keeps its place (edge defects stay at the
-    edge); the pasted pixels are rescaled to the background's local brightness and contrast.
+    Both are (H, W) grayscale or both (H, W, 3). The background is resized to the source's size, so the defect
+    keeps its place (edge defects stay at the edge); the pasted pixels are rescaled to the background's local
+    brightness and contrast.
     """
     import cv2
 
