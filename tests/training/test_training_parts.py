@@ -408,6 +408,9 @@ def test_free_cores_count_our_own_load_as_ours(monkeypatch):
     monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: {0, 1})
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.6, 2.5, 2.4))
     assert loop.free_cores_threads(own_threads=3) == 2
+    assert loop.free_cores_threads(own_threads=2) == 2, "half a core busy elsewhere: keep both"
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.9, 2.5, 2.4))
+    assert loop.free_cores_threads(own_threads=3) == 2
     assert loop.free_cores_threads(own_threads=2) == 1, "counting only the compute threads, a worker looks foreign"
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
     assert loop.free_cores_threads(own_threads=3) == 1, "another busy process: one core is left"
