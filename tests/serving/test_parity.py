@@ -113,7 +113,8 @@ def test_the_dense_design_exports_with_parity_and_explains(probe_images, tmp_pat
     reference = Predictor(model, meta, device="cpu")
     for engine in ("onnxruntime", "openvino"):
         report = check_parity(reference, build_engine(reference, engine, tmp_path), probe_images, BOUNDS, engine=engine)
-        assert report.passed and report.max_prob_diff < 1e-3, engine
+        tolerance = 2e-2 if report.precision == "bf16" else 1e-3  # OpenVINO runs bf16 where the CPU has it
+        assert report.passed and report.max_prob_diff < tolerance, (engine, report.precision)
     tensor = reference.prepare(probe_images[0])
     heatmap = GradCamExplainer(model, torch.device("cpu")).heatmap(tensor, target=1)
     assert heatmap.shape == (64, 64) and 0 <= heatmap.min() and heatmap.max() <= 1
