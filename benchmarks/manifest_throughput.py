@@ -296,10 +296,12 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Measure and print the table."""
+    from components.config import get_settings
+    from components.data.demo import magnetic_tile_folder
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-data", type=Path,
-                        default=Path(os.environ.get("DEFECTOPS_DEMO_DATA")
-                                     or ROOT.parent / "shared" / "datasets" / "magnetic-tile"),
+                        default=magnetic_tile_folder(get_settings()),
                         help="Magnetic Tile folder (default: $DEFECTOPS_DEMO_DATA or ../shared/datasets/magnetic-tile)")
     parser.add_argument("--bench-dir", type=Path, default=Path("/tmp/defectops-bench"),
                         help="scratch folder: the synthetic set and the throw-away caches live here")

@@ -74,11 +74,12 @@ def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
     from components.config import get_settings, load_params
+    from components.data.demo import magnetic_tile_folder
     from components.data.tracked import manifest_of
 
     settings = get_settings()
     params = load_params(ROOT / "params.yaml")
-    data = args.data or Path(settings.demo_data or ROOT.parent / "shared" / "datasets" / "magnetic-tile")
+    data = args.data or magnetic_tile_folder(settings)
     out = args.out or Path(tempfile.mkdtemp(prefix="model-quality-"))
     manifest = manifest_of(data, settings, params)
     results = []

@@ -79,8 +79,10 @@ class LoadResult:
 
 def real_jpegs(limit: int) -> list[tuple[str, bytes]]:
     """Up to `limit` real JPEGs (name, bytes) spread over the classes of the Magnetic Tile set."""
-    configured = os.environ.get("DEFECTOPS_DEMO_DATA")
-    root = Path(configured) if configured else ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+    from components.config import get_settings
+    from components.data.demo import magnetic_tile_folder
+
+    root = magnetic_tile_folder(get_settings())
     files = sorted(root.glob("MT_*/Imgs/*.jpg")) or sorted(root.rglob("*.jpg"))
     if not files:
         raise SystemExit(f"no JPEGs under {root}; set DEFECTOPS_DEMO_DATA to the Magnetic Tile folder")

@@ -68,6 +68,7 @@ def main() -> None:
     import torch
 
     from components.config import get_settings, load_params
+    from components.data.demo import magnetic_tile_folder
     from components.data.tracked import manifest_of
     from components.training.loop import (
         Trainer,
@@ -90,7 +91,7 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     tp, aug = train_params(params), augment_params(params)
     name, prof = choose_profile(tp, args.profile)
-    data = args.data or Path(settings.demo_data or ROOT.parent / "shared" / "datasets" / "magnetic-tile")
+    data = args.data or magnetic_tile_folder(settings)
     manifest = manifest_of(data, settings, params)
     train_rows = manifest[manifest["split"] == "train"].head(args.images).reset_index(drop=True)
     val_rows = manifest[manifest["split"] == "val"].head(8).reset_index(drop=True)

@@ -33,8 +33,13 @@ def use_dataset_profile(settings: Settings, name: str) -> None:
 
 
 def shared_copy(settings: Settings) -> Path:
-    """Where a workplace keeps its copy of Magnetic Tile beside the project (tests and benchmarks look there too)."""
+    """Where a workplace keeps its copy of Magnetic Tile beside the project (the tests look there too)."""
     return settings.project_root.parent / "shared" / "datasets" / "magnetic-tile"
+
+
+def magnetic_tile_folder(settings: Settings) -> Path:
+    """The Magnetic Tile folder the benchmarks read: DEFECTOPS_DEMO_DATA when set, else the shared copy."""
+    return Path(settings.demo_data) if settings.demo_data else shared_copy(settings)
 
 
 def demo_source(settings: Settings) -> str:
@@ -42,9 +47,10 @@ def demo_source(settings: Settings) -> str:
     public Magnetic Tile archive, else synthetic images (with a message)."""
     if settings.demo_data:
         return settings.demo_data
-    if shared_copy(settings).is_dir():
-        log.info("demo data: the Magnetic Tile copy at %s", shared_copy(settings))
-        return str(shared_copy(settings))
+    beside = shared_copy(settings)
+    if beside.is_dir():
+        log.info("demo data: the Magnetic Tile copy at %s", beside)
+        return str(beside)
     if _reachable(MAGNETIC_TILE_URL):
         return MAGNETIC_TILE_URL
     from components.config import load_params
