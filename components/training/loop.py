@@ -149,7 +149,7 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def free_cores_threads(own_threads: int = 0) -> int:
+def free_cores_threads(own_load: float = 0.0) -> int:
     """Compute threads that fit the cores not busy with other work (1-minute load average minus our own load).
 
     OpenMP threads that share a core with another busy process stall each other at every barrier: on a shared
@@ -159,8 +159,24 @@ def free_cores_threads(own_threads: int = 0) -> int:
     for some epochs: 55-60 s each, where the 2-thread epochs around them took 32-36 s.
     """
     cores = len(os.sched_getaffinity(0))
-    others = max(0.0, os.getloadavg()[0] - own_threads)
+    others = max(0.0, os.getloadavg()[0] - own_load)
     return max(1, min(cores, cores - int(others + 0.25)))
+
+
+def own_cpu_rate() -> float:
+    """Cores this process kept busy on average since it started (0.0 where Linux's /proc is not there).
+
+    Before the first epoch there is no thread count of our own to subtract, yet the process's start-up work
+    (imports, decoding, validation) is in the 1-minute load average: counted as another's, it cost the demo's
+    first epoch a thread (55-60 s instead of 32-36 s).
+    """
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): start time in ticks
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return time.process_time() / age if age > 1.0 else 0.0
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -401,8 +417,10 @@ class Trainer:
         epoch = self.epoch + 1
         self._reseed_loader(epoch)
         if self.device.type == "cpu":
-            # our own load: the compute threads of the last epoch and the loader's worker processes
-            own = self._threads_running + (getattr(self.train_loader, "num_workers", 0) if self._threads_running else 0)
+            # our own load: the compute threads of the last epoch and the loader's worker processes; before the
+            # first epoch, the CPU this process used so far
+            own = (self._threads_running + getattr(self.train_loader, "num_workers", 0) if self._threads_running
+                   else own_cpu_rate())
             threads = self.cfg.threads or free_cores_threads(own)
             if threads != torch.get_num_threads():
                 log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -407,10 +408,22 @@ def test_free_cores_count_our_own_load_as_ours(monkeypatch):
 
     monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: {0, 1})
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.6, 2.5, 2.4))
-    assert loop.free_cores_threads(own_threads=3) == 2
-    assert loop.free_cores_threads(own_threads=2) == 2, "half a core busy elsewhere: keep both"
+    assert loop.free_cores_threads(own_load=3) == 2
+    assert loop.free_cores_threads(own_load=2) == 2, "half a core busy elsewhere: keep both"
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.9, 2.5, 2.4))
-    assert loop.free_cores_threads(own_threads=3) == 2
-    assert loop.free_cores_threads(own_threads=2) == 1, "counting only the compute threads, a worker looks foreign"
+    assert loop.free_cores_threads(own_load=3) == 2
+    assert loop.free_cores_threads(own_load=2) == 1, "counting only the compute threads, a worker looks foreign"
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
-    assert loop.free_cores_threads(own_threads=3) == 1, "another busy process: one core is left"
+    assert loop.free_cores_threads(own_load=3) == 1, "another busy process: one core is left"
+
+
+def test_before_the_first_epoch_our_own_start_up_counts_as_ours(monkeypatch):
+    """The start-up work of this process is in the load average before any epoch ran: it is not another's."""
+    from components.training import loop
+
+    rate = loop.own_cpu_rate()
+    assert 0.0 < rate <= len(os.sched_getaffinity(0)) + 0.5, "read from /proc: this process has used CPU"
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (1.6, 1.2, 0.9))
+    assert loop.free_cores_threads() == 1, "counted as another's, one core looks taken"
+    assert loop.free_cores_threads(own_load=1.0) == 2, "our own 1.0 of it leaves 0.6 elsewhere: keep both"
