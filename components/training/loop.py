@@ -149,17 +149,18 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def free_cores_threads(own_load: float = 0.0) -> int:
+def free_cores_threads(own_load: float = 0.0, busy_now: float = 0.0) -> int:
     """Compute threads that fit the cores not busy with other work (1-minute load average minus our own load).
 
     OpenMP threads that share a core with another busy process stall each other at every barrier: on a shared
     2-core machine, 2 threads under load ran 5-8x slower than 1 thread, so never oversubscribe. A core is given
     up only when others keep at least 0.75 of one busy: with the old rule (0.5), a background of about half a
     core (the demo's local Prefect server, the loader's spinning thread) dropped the CPU profile to 1 thread
-    for some epochs: 55-60 s each, where the 2-thread epochs around them took 32-36 s.
+    for some epochs: 55-60 s each, where the 2-thread epochs around them took 32-36 s. `busy_now`: threads of
+    others runnable right now (`others_running_now`), for when the load average lags behind (a job just started).
     """
     cores = len(os.sched_getaffinity(0))
-    others = max(0.0, os.getloadavg()[0] - own_load)
+    others = max(0.0, os.getloadavg()[0] - own_load, busy_now)
     return max(1, min(cores, cores - int(others + 0.25)))
 
 
@@ -177,6 +178,27 @@ def own_cpu_rate() -> float:
     except (OSError, ValueError, IndexError):
         return 0.0
     return time.process_time() / age if age > 1.0 else 0.0
+
+
+LOADAVG = Path("/proc/loadavg")
+
+
+def others_running_now(samples: int = 9, interval_s: float = 0.05) -> float:
+    """Threads runnable right now besides the one asking: the median of a few reads of /proc/loadavg's
+    running count (0.0 where it is not there).
+
+    The 1-minute load average lags: two trainings started together each see only their own start-up in it,
+    and with that subtracted (`own_cpu_rate`) both took both cores: 167 s for a first epoch of 56 s.
+    """
+    counts = []
+    for index in range(samples):
+        try:
+            counts.append(int(LOADAVG.read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        if index + 1 < samples:
+            time.sleep(interval_s)
+    return float(max(0, sorted(counts)[len(counts) // 2]))
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -418,10 +440,12 @@ class Trainer:
         self._reseed_loader(epoch)
         if self.device.type == "cpu":
             # our own load: the compute threads of the last epoch and the loader's worker processes; before the
-            # first epoch, the CPU this process used so far
-            own = (self._threads_running + getattr(self.train_loader, "num_workers", 0) if self._threads_running
-                   else own_cpu_rate())
-            threads = self.cfg.threads or free_cores_threads(own)
+            # first epoch, the CPU this process used so far, and what other processes run right now
+            if self._threads_running:
+                own, busy_now = self._threads_running + getattr(self.train_loader, "num_workers", 0), 0.0
+            else:
+                own, busy_now = own_cpu_rate(), others_running_now()
+            threads = self.cfg.threads or free_cores_threads(own, busy_now)
             if threads != torch.get_num_threads():
                 log.info(
                     "epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0]

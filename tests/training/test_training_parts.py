@@ -427,3 +427,17 @@ def test_before_the_first_epoch_our_own_start_up_counts_as_ours(monkeypatch):
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (1.6, 1.2, 0.9))
     assert loop.free_cores_threads() == 1, "counted as another's, one core looks taken"
     assert loop.free_cores_threads(own_load=1.0) == 2, "our own 1.0 of it leaves 0.6 elsewhere: keep both"
+    assert loop.free_cores_threads(own_load=1.0, busy_now=1) == 1, "another job runs now: the average lags"
+
+
+def test_others_running_now_reads_the_running_count(tmp_path, monkeypatch):
+    from components.training import loop
+
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(loop, "LOADAVG", loadavg)
+    loadavg.write_text("0.52 0.41 0.30 3/120 4242\n")
+    assert loop.others_running_now(samples=3, interval_s=0) == 2.0, "3 running, one of them the caller"
+    loadavg.write_text("0.52 0.41 0.30 1/120 4242\n")
+    assert loop.others_running_now(samples=3, interval_s=0) == 0.0
+    loadavg.unlink()
+    assert loop.others_running_now(samples=3, interval_s=0) == 0.0, "no /proc: no evidence of others"
