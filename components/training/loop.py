@@ -423,6 +423,14 @@ class Trainer:
         return True
 
     # -- one epoch
+    def _free_threads(self) -> int:
+        """Compute threads for the next epoch. Our own load: the compute threads of the last epoch and the
+        loader's worker processes; before the first epoch, the CPU this process used so far, and what other
+        processes run right now."""
+        if self._threads_running:
+            return free_cores_threads(self._threads_running + getattr(self.train_loader, "num_workers", 0))
+        return free_cores_threads(own_cpu_rate(), others_running_now())
+
     def _reseed_loader(self, epoch: int) -> None:
         """Make each epoch's order and augmentation a function of (seed, epoch), so a resume replays it."""
         loader = self.train_loader
@@ -439,13 +447,7 @@ class Trainer:
         epoch = self.epoch + 1
         self._reseed_loader(epoch)
         if self.device.type == "cpu":
-            # our own load: the compute threads of the last epoch and the loader's worker processes; before the
-            # first epoch, the CPU this process used so far, and what other processes run right now
-            if self._threads_running:
-                own, busy_now = self._threads_running + getattr(self.train_loader, "num_workers", 0), 0.0
-            else:
-                own, busy_now = own_cpu_rate(), others_running_now()
-            threads = self.cfg.threads or free_cores_threads(own, busy_now)
+            threads = self.cfg.threads or self._free_threads()
             if threads != torch.get_num_threads():
                 log.info(
                     "epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0]
