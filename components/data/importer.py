@@ -49,6 +49,11 @@ class ImportResult:
     report_dir: Path | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def restored(self) -> bool:
+        """The committed version was missing here and on the remote, and the source held exactly its images."""
+        return not self.changed and self.added > 0
+
 
 # ------------------------------------------------------------------ journal
 

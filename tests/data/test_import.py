@@ -65,6 +65,19 @@ def test_same_images_again_is_a_no_op(project, tmp_path: Path) -> None:
     assert _git_log(project) == commits
 
 
+def test_a_fresh_clone_without_the_data_restores_the_same_version(project, tmp_path: Path) -> None:
+    source = make_imagefolder(tmp_path / "batch1", per_class=4)
+    first = _run(project, source)
+    commits = _git_log(project)
+    for gone in (project.data_dir, project.project_root / ".dvc" / "cache", Path(project.dvc_remote_url)):
+        shutil.rmtree(gone)
+    again = _run(project, source)
+    assert again.restored and again.version == first.version and again.added == 12
+    assert len(list((project.data_dir / "images").rglob("*.png"))) == 12
+    assert _git_log(project) == commits, "the same version: nothing to commit"
+    assert not _run(project, source).restored, "the next import of the same images is a plain no-op"
+
+
 def test_a_new_month_adds_a_version_that_keeps_the_old_images(project, tmp_path: Path) -> None:
     first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
     old_splits = pd.read_csv(project.splits_file).set_index("path")["split"]
