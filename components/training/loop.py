@@ -80,6 +80,12 @@ class EpochRecord:
     train_images_per_s: float
     data_wait_s: float
 
+    def summary(self, epochs: int) -> str:
+        """The progress line of this epoch."""
+        return (f"epoch {self.epoch}/{epochs}  train_loss {self.train_loss:.4f}  val_loss {self.val_loss:.4f}  "
+                f"val_macro_f1 {self.val_macro_f1:.4f}  val_acc {self.val_accuracy:.4f}  lr {self.lr:.2e}  "
+                f"{self.seconds:.1f} s  {self.train_images_per_s:.1f} img/s")
+
 
 @dataclass
 class FitResult:
@@ -585,36 +591,15 @@ def fit(
             trainer.bad_epochs += 1
         seconds = time.perf_counter() - began
         spent += seconds
-        record = EpochRecord(
-            trainer.epoch,
-            train_loss,
-            metrics["loss"],
-            metrics["macro_f1"],
-            metrics["accuracy"],
-            lr,
-            seconds,
-            rate,
-            wait,
-        )
+        record = EpochRecord(trainer.epoch, train_loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"],
+                             lr, seconds, rate, wait)
         trainer.history.append(record)
         if trainer.epoch >= max(cfg.min_epochs, 1) and trainer.bad_epochs >= cfg.patience:
             trainer.stopped = f"early stop: no better val macro-F1 for {cfg.patience} epochs"
         elif cfg.max_minutes and spent >= cfg.max_minutes * 60 and trainer.epoch < cfg.epochs:
             trainer.stopped = f"time budget of {cfg.max_minutes:g} min reached"
-        log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_acc %.4f  lr %.2e  "
-            "%.1f s  %.1f img/s%s",
-            trainer.epoch,
-            cfg.epochs,
-            train_loss,
-            metrics["loss"],
-            metrics["macro_f1"],
-            metrics["accuracy"],
-            lr,
-            seconds,
-            rate,
-            "  *best*" if cfg.keep == "best" and trainer.best_epoch == trainer.epoch else "",
-        )
+        best = "  *best*" if cfg.keep == "best" and trainer.best_epoch == trainer.epoch else ""
+        log.info("%s%s", record.summary(cfg.epochs), best)
         trainer.save_checkpoint()
         for callback in callbacks:
             callback(record)
