@@ -115,8 +115,8 @@ def data_import(
     settings, params = _context()
     result = import_data(source, settings, params, commit_changes=not no_commit, push=not no_push, progress=True)
     if result.restored:
-        typer.echo(f"restored dataset version {result.version} from {source}: its {result.added} images were not "
-                   "in data/, the DVC cache or the remote, and the source holds exactly them")
+        typer.echo(f"restored dataset version {result.version} from {source}: {result.added} of its images were "
+                   "missing from data/, the DVC cache and the remote, and the source put back exactly that version")
     elif not result.changed:
         typer.echo(f"nothing new: all {result.skipped} images are already tracked; "
                    f"dataset version {result.version} unchanged")
