@@ -3,8 +3,9 @@
 Promotion rewrites `<state>/deployed.json` atomically (tmp + rename). A watcher thread in the service sees the
 new file (inode, size, mtime), loads and warms the new engine beside the old one, then swaps one reference.
 Every request takes that reference once when it starts, so it runs start to end on one model (its result
-names that version): requests already queued finish on the old model, later ones run on the new one. The
-old batcher stops once its queue is empty. A record that cannot be loaded is refused: the old model keeps
+names that version): requests already holding the old model finish on it, later ones run on the new one. The
+old batcher stops once no request holds the old model any more and its queue is empty: a request may hold it
+while it is still decoding its image, before it has queued anything. A record that cannot be loaded is refused: the old model keeps
 serving, and the failure is logged and counted (`model_reloads_total{outcome="failed"}`).
 """
 
@@ -14,7 +15,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,20 @@ class Deployment:
     fast_path: str
     batcher: Batcher
     stamp: Stamp | None
+    requests: int = 0  # requests that took this deployment and have not finished (retire waits for them)
+
+    @contextmanager
+    def serving(self) -> Iterator[Deployment]:
+        """Hold this deployment for one request: `retire` stops its batcher only after the request is done.
+
+        Enter it on the event loop in the same step that reads the service's current deployment (no await in
+        between), so that a swap cannot retire the deployment between the read and the count.
+        """
+        self.requests += 1
+        try:
+            yield self
+        finally:
+            self.requests -= 1
 
     @property
     def model_version(self) -> str:
@@ -86,18 +102,29 @@ def load_deployment(settings: Settings, serve: ServeParams, record: DeploymentRe
     return Deployment(record, engine, reference, fast_path, batcher, stamp)
 
 
-def retire(batcher: Batcher, grace_s: float) -> None:
-    """Stop a swapped-out batcher once the requests already queued on it are answered (from any thread)."""
-    dispatcher = batcher._dispatcher
-    if dispatcher._controller is None:  # never used: no task, nothing queued
+def retire(deployment: Deployment, grace_s: float, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Stop a swapped-out deployment's batcher once no request holds it and nothing is queued on it.
+
+    Called from the watcher thread; the wait runs on `loop`, the service's event loop, where requests take and
+    release deployments (None: no request has run yet, so none can hold it). After `grace_s` the batcher stops
+    anyway (a request still waiting on it then fails).
+    """
+    if loop is None:
+        deployment.batcher.shutdown()
         return
-    loop = dispatcher._loop
+    dispatcher = deployment.batcher._dispatcher
+
+    def busy() -> bool:
+        return bool(deployment.requests or dispatcher._queue or dispatcher._sema.is_locked())
 
     async def drain() -> None:
         deadline = loop.time() + grace_s
-        while (dispatcher._queue or dispatcher._sema.is_locked()) and loop.time() < deadline:
+        while busy() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        batcher.shutdown()
+        if busy():
+            log.warning("%s retired with %d request(s) still on it after %.0f s", deployment.model_version,
+                        deployment.requests, grace_s)
+        deployment.batcher.shutdown()
 
     asyncio.run_coroutine_threadsafe(drain(), loop)
 

@@ -19,6 +19,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +193,8 @@ class DefectClassifier:
         def load(new_record: Any, new_stamp: Any) -> Any:
             return load_deployment(settings, self.params, new_record, self.max_pixels, new_stamp)
 
-        self.deployment = load(record, stamp)  # requests read this reference once; a hot swap replaces it
+        self.deployment = load(record, stamp)  # requests hold this reference (`_hold`); a hot swap replaces it
+        self._loop: Any = None  # the event loop requests run on, known from the first request
         self.writer = BackgroundWriter(self.params.log_queue_size, on_drop=metrics.LOG_DROPPED.inc,
                                        on_error=metrics.LOG_ERRORS.inc)
         self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
@@ -208,15 +211,24 @@ class DefectClassifier:
 
     # ------------------------------------------------------------ inference
 
+    @contextmanager
+    def _hold(self) -> Iterator[Any]:
+        """The deployment serving now, held for one request: a hot swap retires it only after the request ends."""
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        with self.deployment.serving() as deployment:
+            yield deployment
+
     def _swap(self, new: Any) -> None:
-        """Serve `new` from the next request on; the old model answers what is already queued, then retires."""
+        """Serve `new` from the next request on; the old model answers the requests holding it, then retires."""
         from components.serving.reload import retire
 
         old, self.deployment = self.deployment, new
         metrics.SERVED_MODEL.labels(*old.labels).set(0)
         metrics.SERVED_MODEL.labels(*new.labels).set(1)
         self._explainers.pop(old.model_version, None)
-        retire(old.batcher, old.batcher.max_latency_ms / 1000)
+        retire(old, old.batcher.max_latency_ms / 1000, self._loop)
 
     def _prepare(self, raw: bytes, deployment: Any = None) -> tuple[Any, dict[str, Any], Any]:
         """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model."""
@@ -293,8 +305,9 @@ class DefectClassifier:
         started, request_id = time.perf_counter(), uuid.uuid4().hex
         try:
             metadata = self._metadata(line, camera, part_id)
-            result, _, _ = await self._predict_one(image.read_bytes(), image.suffix, metadata, "predict",
-                                                   request_id, started, self.deployment)
+            with self._hold() as deployment:
+                result, _, _ = await self._predict_one(image.read_bytes(), image.suffix, metadata, "predict",
+                                                       request_id, started, deployment)
         except ImageError as exc:
             return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
         except BadMetadata as exc:
@@ -322,12 +335,12 @@ class DefectClassifier:
         except BadMetadata as exc:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", batch_id)
         raws = [path.read_bytes() for path in images]
-        deployment = self.deployment  # every image of one request on the same model
-        outcomes = await asyncio.gather(
-            *(self._predict_one(raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
-                                "predict_batch", f"{batch_id}-{i}", started, deployment)
-              for i, (raw, path) in enumerate(zip(raws, images, strict=True))),
-            return_exceptions=True)
+        with self._hold() as deployment:  # every image of one request on the same model
+            outcomes = await asyncio.gather(
+                *(self._predict_one(raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
+                                    "predict_batch", f"{batch_id}-{i}", started, deployment)
+                  for i, (raw, path) in enumerate(zip(raws, images, strict=True))),
+                return_exceptions=True)
         failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
         for index, error in failed:
             if isinstance(error, ImageError):
@@ -344,17 +357,18 @@ class DefectClassifier:
 
         from components.errors import ImageError
 
-        started, request_id, deployment = time.perf_counter(), uuid.uuid4().hex, self.deployment
-        try:
-            metadata = self._metadata(line, camera, part_id)
-            result, decoded, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata, "explain",
-                                                          request_id, started, deployment)
-        except ImageError as exc:
-            return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
-        except BadMetadata as exc:
-            return self._refuse(ctx, 400, str(exc), "bad_metadata", request_id)
-        target = deployment.engine.classes.index(result["defect_type"])
-        png = await anyio.to_thread.run_sync(self._overlay_png, decoded.rgb, tensor, target, deployment)
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        with self._hold() as deployment:
+            try:
+                metadata = self._metadata(line, camera, part_id)
+                result, decoded, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata,
+                                                                  "explain", request_id, started, deployment)
+            except ImageError as exc:
+                return self._refuse(ctx, 422, _image_error("image", exc), "bad_image", request_id)
+            except BadMetadata as exc:
+                return self._refuse(ctx, 400, str(exc), "bad_metadata", request_id)
+            target = deployment.engine.classes.index(result["defect_type"])
+            png = await anyio.to_thread.run_sync(self._overlay_png, decoded.rgb, tensor, target, deployment)
         return {**result, "explained_class": result["defect_type"], "overlay_png_base64": png,
                 "explain_ms": round((time.perf_counter() - started) * 1000 - result["latency_ms"], 2)}
 

@@ -211,6 +211,35 @@ def test_a_record_the_service_cannot_load_keeps_the_old_model(tmp_path: Path) ->
     assert swapped == [] and watcher.current.record.deployed_at.startswith("2026-11-24")
 
 
+def test_a_swap_while_a_request_is_still_decoding_answers_it_on_the_old_model() -> None:
+    """The race behind a 60 s client timeout under load: a request took the old deployment and was still decoding
+    its image (nothing queued yet) when the swap retired it. It must be answered by the old model, and the old
+    batcher must stop only once the request has let go of it."""
+    import asyncio
+
+    from components.serving.batching import Batcher
+    from components.serving.deployment import DeploymentRecord
+    from components.serving.reload import Deployment, retire
+
+    record = DeploymentRecord(model_uri="models:/defect-classifier/1", model_version="defect-classifier/1",
+                              threshold=0.8, fast_path="fp32", deployed_at="2026-11-23T08:00:00+00:00")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(lambda items: [2 * item for item in items], max_batch_size=4, max_latency_ms=30000)
+        assert await batcher(1) == 2  # it has served before: its dispatcher task runs
+        old = Deployment(record, engine=None, reference=None, fast_path="fp32", batcher=batcher, stamp=None)
+        with old.serving() as held:
+            await asyncio.to_thread(retire, old, 10.0, loop)  # the watcher thread swaps ...
+            await asyncio.sleep(0.3)  # ... and the drain looks while the request is still decoding
+            assert await asyncio.wait_for(held.batcher(21), 5) == 42
+            assert not batcher._dispatcher._controller.done()
+        await asyncio.sleep(0.3)
+        assert batcher._dispatcher._controller.done()  # retired once nothing holds it
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["promote", "--no-bento"], "nothing approved to serve"),
     (["rollback", "--by", "qa", "--reason", "bad batch"], "nothing registered is deployed"),
