@@ -3,10 +3,10 @@
 Promotion rewrites `<state>/deployed.json` atomically (tmp + rename). A watcher thread in the service sees the
 new file (inode, size, mtime), loads and warms the new engine beside the old one, then swaps one reference.
 Every request takes that reference once when it starts, so it runs start to end on one model (its result
-names that version): requests already holding the old model finish on it, later ones run on the new one. The
-old batcher stops once no request holds the old model any more and its queue is empty: a request may hold it
-while it is still decoding its image, before it has queued anything. A record that cannot be loaded is refused: the old model keeps
-serving, and the failure is logged and counted (`model_reloads_total{outcome="failed"}`).
+names that version): requests already holding the old model finish on it, later ones run on the new one.
+The old batcher stops once no request holds the old model and its queue is empty (a request may hold it
+while still decoding its image, before it has queued anything). A record that cannot be loaded is refused:
+the old model keeps serving, and the failure is logged and counted (`model_reloads_total{outcome="failed"}`).
 """
 
 from __future__ import annotations
