@@ -52,6 +52,7 @@ class Deployment:
     batcher: Batcher
     stamp: Stamp | None
     requests: int = 0  # requests that took this deployment and have not finished (retire waits for them)
+    loop: asyncio.AbstractEventLoop | None = None  # the event loop those requests run on (None: never held)
 
     @contextmanager
     def serving(self) -> Iterator[Deployment]:
@@ -60,6 +61,7 @@ class Deployment:
         Enter it on the event loop in the same step that reads the service's current deployment (no await in
         between), so that a swap cannot retire the deployment between the read and the count.
         """
+        self.loop = asyncio.get_running_loop()
         self.requests += 1
         try:
             yield self
@@ -102,13 +104,14 @@ def load_deployment(settings: Settings, serve: ServeParams, record: DeploymentRe
     return Deployment(record, engine, reference, fast_path, batcher, stamp)
 
 
-def retire(deployment: Deployment, grace_s: float, loop: asyncio.AbstractEventLoop | None) -> None:
+def retire(deployment: Deployment, grace_s: float) -> None:
     """Stop a swapped-out deployment's batcher once no request holds it and nothing is queued on it.
 
-    Called from the watcher thread; the wait runs on `loop`, the service's event loop, where requests take and
-    release deployments (None: no request has run yet, so none can hold it). After `grace_s` the batcher stops
-    anyway (a request still waiting on it then fails).
+    Called from the watcher thread; the wait runs on the event loop where requests hold the deployment (none
+    ever held it: it stops at once). After `grace_s` the batcher stops anyway (a request still waiting on it
+    then fails).
     """
+    loop = deployment.loop
     if loop is None:
         deployment.batcher.shutdown()
         return

@@ -19,8 +19,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +191,7 @@ class DefectClassifier:
         def load(new_record: Any, new_stamp: Any) -> Any:
             return load_deployment(settings, self.params, new_record, self.max_pixels, new_stamp)
 
-        self.deployment = load(record, stamp)  # requests hold this reference (`_hold`); a hot swap replaces it
-        self._loop: Any = None  # the event loop requests run on, known from the first request
+        self.deployment = load(record, stamp)  # each request holds it (`serving()`); a hot swap replaces it
         self.writer = BackgroundWriter(self.params.log_queue_size, on_drop=metrics.LOG_DROPPED.inc,
                                        on_error=metrics.LOG_ERRORS.inc)
         self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
@@ -211,15 +208,6 @@ class DefectClassifier:
 
     # ------------------------------------------------------------ inference
 
-    @contextmanager
-    def _hold(self) -> Iterator[Any]:
-        """The deployment serving now, held for one request: a hot swap retires it only after the request ends."""
-        import asyncio
-
-        self._loop = asyncio.get_running_loop()
-        with self.deployment.serving() as deployment:
-            yield deployment
-
     def _swap(self, new: Any) -> None:
         """Serve `new` from the next request on; the old model answers the requests holding it, then retires."""
         from components.serving.reload import retire
@@ -228,7 +216,7 @@ class DefectClassifier:
         metrics.SERVED_MODEL.labels(*old.labels).set(0)
         metrics.SERVED_MODEL.labels(*new.labels).set(1)
         self._explainers.pop(old.model_version, None)
-        retire(old, old.batcher.max_latency_ms / 1000, self._loop)
+        retire(old, old.batcher.max_latency_ms / 1000)
 
     def _prepare(self, raw: bytes, deployment: Any = None) -> tuple[Any, dict[str, Any], Any]:
         """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model."""
@@ -305,7 +293,7 @@ class DefectClassifier:
         started, request_id = time.perf_counter(), uuid.uuid4().hex
         try:
             metadata = self._metadata(line, camera, part_id)
-            with self._hold() as deployment:
+            with self.deployment.serving() as deployment:
                 result, _, _ = await self._predict_one(image.read_bytes(), image.suffix, metadata, "predict",
                                                        request_id, started, deployment)
         except ImageError as exc:
@@ -335,7 +323,7 @@ class DefectClassifier:
         except BadMetadata as exc:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", batch_id)
         raws = [path.read_bytes() for path in images]
-        with self._hold() as deployment:  # every image of one request on the same model
+        with self.deployment.serving() as deployment:  # every image of one request on the same model
             outcomes = await asyncio.gather(
                 *(self._predict_one(raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
                                     "predict_batch", f"{batch_id}-{i}", started, deployment)
@@ -358,7 +346,7 @@ class DefectClassifier:
         from components.errors import ImageError
 
         started, request_id = time.perf_counter(), uuid.uuid4().hex
-        with self._hold() as deployment:
+        with self.deployment.serving() as deployment:
             try:
                 metadata = self._metadata(line, camera, part_id)
                 result, decoded, tensor = await self._predict_one(image.read_bytes(), image.suffix, metadata,
