@@ -70,10 +70,10 @@ def main() -> None:
     from components.config import get_settings, load_params
     from components.data.demo import magnetic_tile_folder
     from components.data.tracked import manifest_of
+    from components.training.cores import free_cores_threads, others_runnable_now
     from components.training.loop import (
         Trainer,
         autocast,
-        free_cores_threads,
         mask_loss,
         resolve_precision,
         seed_everything,
@@ -108,7 +108,7 @@ def main() -> None:
         params.data.max_image_pixels,
         normal_class=params.profile.normal_class,
     )
-    threads = args.threads or prof.threads or free_cores_threads()
+    threads = args.threads or prof.threads or free_cores_threads(others_runnable_now())
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(prof.precision, device)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from components.errors import DefectOpsError, UsageError
 from components.files import replacing
+from components.training.cores import OthersLoad, free_cores_threads, others_runnable_now
 from components.training.losses import cell_class_loss, defect_map_loss
 
 log = logging.getLogger(__name__)
@@ -153,58 +154,6 @@ def autocast(device: torch.device, precision: str) -> Any:
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def free_cores_threads(own_load: float = 0.0, busy_now: float = 0.0) -> int:
-    """Compute threads that fit the cores not busy with other work (1-minute load average minus our own load).
-
-    OpenMP threads that share a core with another busy process stall each other at every barrier: on a shared
-    2-core machine, 2 threads under load ran 5-8x slower than 1 thread, so never oversubscribe. A core is given
-    up only when others keep at least 0.75 of one busy: with the old rule (0.5), a background of about half a
-    core (the demo's local Prefect server, the loader's spinning thread) dropped the CPU profile to 1 thread
-    for some epochs: 55-60 s each, where the 2-thread epochs around them took 32-36 s. `busy_now`: threads of
-    others runnable right now (`others_running_now`), for when the load average lags behind (a job just started).
-    """
-    cores = len(os.sched_getaffinity(0))
-    others = max(0.0, os.getloadavg()[0] - own_load, busy_now)
-    return max(1, min(cores, cores - int(others + 0.25)))
-
-
-def own_cpu_rate() -> float:
-    """Cores this process kept busy on average since it started (0.0 where Linux's /proc is not there).
-
-    Before the first epoch there is no thread count of our own to subtract, yet the process's start-up work
-    (imports, decoding, validation) is in the 1-minute load average: counted as another's, it cost the demo's
-    first epoch a thread (55-60 s instead of 32-36 s).
-    """
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): start time in ticks
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return time.process_time() / age if age > 1.0 else 0.0
-
-
-LOADAVG = Path("/proc/loadavg")
-
-
-def others_running_now(samples: int = 9, interval_s: float = 0.05) -> float:
-    """Threads runnable right now besides the one asking: the median of a few reads of /proc/loadavg's
-    running count (0.0 where it is not there).
-
-    The 1-minute load average lags: two trainings started together each see only their own start-up in it,
-    and with that subtracted (`own_cpu_rate`) both took both cores: 167 s for a first epoch of 56 s.
-    """
-    counts = []
-    for index in range(samples):
-        try:
-            counts.append(int(LOADAVG.read_text().split()[3].split("/")[0]) - 1)
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        if index + 1 < samples:
-            time.sleep(interval_s)
-    return float(max(0, sorted(counts)[len(counts) // 2]))
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -353,7 +302,7 @@ class Trainer:
                 model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
             )
         self.use_masks = cfg.mask_loss_weight > 0 and hasattr(model, "forward_train")
-        self._threads_running = 0
+        self.others_load: OthersLoad | None = None  # sampled through the epochs when threads adapt (fit)
         self.epoch = 0
         self.best_f1, self.best_loss, self.best_epoch, self.bad_epochs = -1.0, math.inf, 0, 0
         self.history: list[EpochRecord] = []
@@ -429,13 +378,20 @@ class Trainer:
         return True
 
     # -- one epoch
-    def _free_threads(self) -> int:
-        """Compute threads for the next epoch. Our own load: the compute threads of the last epoch and the
-        loader's worker processes; before the first epoch, the CPU this process used so far, and what other
-        processes run right now."""
-        if self._threads_running:
-            return free_cores_threads(self._threads_running + getattr(self.train_loader, "num_workers", 0))
-        return free_cores_threads(own_cpu_rate(), others_running_now())
+    def _set_threads(self, epoch: int) -> None:
+        """Compute threads for the next epoch: the configured count, or the cores other processes left free
+        through the last epoch (before the first, right now)."""
+        others = None
+        if self.cfg.threads:
+            threads = self.cfg.threads
+        else:
+            others = self.others_load.take() if self.others_load else None
+            others = others_runnable_now() if others is None else others
+            threads = free_cores_threads(others)
+        if threads != torch.get_num_threads():
+            busy = "" if others is None else f" (other processes: {others:.1f} threads runnable on average)"
+            log.info("epoch %d: %d compute thread(s)%s", epoch, threads, busy)
+            torch.set_num_threads(threads)
 
     def _reseed_loader(self, epoch: int) -> None:
         """Make each epoch's order and augmentation a function of (seed, epoch), so a resume replays it."""
@@ -453,13 +409,7 @@ class Trainer:
         epoch = self.epoch + 1
         self._reseed_loader(epoch)
         if self.device.type == "cpu":
-            threads = self.cfg.threads or self._free_threads()
-            if threads != torch.get_num_threads():
-                log.info(
-                    "epoch %d: %d compute thread(s) (load average %.1f)", epoch, threads, os.getloadavg()[0]
-                )
-                torch.set_num_threads(threads)
-            self._threads_running = threads
+            self._set_threads(epoch)
         self.model.train()
         total_loss, seen, step_time, wait = 0.0, 0, 0.0, 0.0
         bar = tqdm(
@@ -571,38 +521,43 @@ def fit(
         cfg.epochs,
     )
     spent = sum(r.seconds for r in trainer.history)
-    while trainer.stopped is None and trainer.epoch < cfg.epochs:
-        began = time.perf_counter()
-        train_loss, lr, rate, wait = trainer.train_epoch()
-        trainer.epoch += 1
-        metrics = trainer.validate()
-        if trainer.improved(metrics) or cfg.keep == "last":
-            trainer.best_f1, trainer.best_loss, trainer.best_epoch = (
-                metrics["macro_f1"],
-                metrics["loss"],
-                trainer.epoch,
-            )
-            trainer.bad_epochs = 0
-            if checkpoint_dir is not None:
-                atomic_save(trainer.eval_model.state_dict(), trainer._best())
+    adapt_threads = device.type == "cpu" and not cfg.threads
+    with OthersLoad() if adapt_threads else nullcontext() as others_load:
+        trainer.others_load = others_load
+        while trainer.stopped is None and trainer.epoch < cfg.epochs:
+            began = time.perf_counter()
+            train_loss, lr, rate, wait = trainer.train_epoch()
+            trainer.epoch += 1
+            metrics = trainer.validate()
+            if trainer.improved(metrics) or cfg.keep == "last":
+                trainer.best_f1, trainer.best_loss, trainer.best_epoch = (
+                    metrics["macro_f1"],
+                    metrics["loss"],
+                    trainer.epoch,
+                )
+                trainer.bad_epochs = 0
+                if checkpoint_dir is not None:
+                    atomic_save(trainer.eval_model.state_dict(), trainer._best())
+                else:
+                    best_state = _cpu_state(trainer.eval_model)
             else:
-                best_state = _cpu_state(trainer.eval_model)
-        else:
-            trainer.bad_epochs += 1
-        seconds = time.perf_counter() - began
-        spent += seconds
-        record = EpochRecord(trainer.epoch, train_loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"],
-                             lr, seconds, rate, wait)
-        trainer.history.append(record)
-        if trainer.epoch >= max(cfg.min_epochs, 1) and trainer.bad_epochs >= cfg.patience:
-            trainer.stopped = f"early stop: no better val macro-F1 for {cfg.patience} epochs"
-        elif cfg.max_minutes and spent >= cfg.max_minutes * 60 and trainer.epoch < cfg.epochs:
-            trainer.stopped = f"time budget of {cfg.max_minutes:g} min reached"
-        best = "  *best*" if cfg.keep == "best" and trainer.best_epoch == trainer.epoch else ""
-        log.info("%s%s", record.summary(cfg.epochs), best)
-        trainer.save_checkpoint()
-        for callback in callbacks:
-            callback(record)
+                trainer.bad_epochs += 1
+            seconds = time.perf_counter() - began
+            spent += seconds
+            record = EpochRecord(
+                trainer.epoch, train_loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"], lr, seconds,
+                rate, wait,
+            )
+            trainer.history.append(record)
+            if trainer.epoch >= max(cfg.min_epochs, 1) and trainer.bad_epochs >= cfg.patience:
+                trainer.stopped = f"early stop: no better val macro-F1 for {cfg.patience} epochs"
+            elif cfg.max_minutes and spent >= cfg.max_minutes * 60 and trainer.epoch < cfg.epochs:
+                trainer.stopped = f"time budget of {cfg.max_minutes:g} min reached"
+            best = "  *best*" if cfg.keep == "best" and trainer.best_epoch == trainer.epoch else ""
+            log.info("%s%s", record.summary(cfg.epochs), best)
+            trainer.save_checkpoint()
+            for callback in callbacks:
+                callback(record)
     if checkpoint_dir is not None:
         best_file = trainer._best()
         if not best_file.is_file():

@@ -402,42 +402,76 @@ def test_paste_defect_moves_the_defect_onto_a_normal_background():
     assert 160 <= out[5, 5].mean() <= 200, "away from the defect the pixels are the background's"
 
 
-def test_free_cores_count_our_own_load_as_ours(monkeypatch):
-    """On 2 cores, 2 compute threads + 1 loader worker load the machine ~3: nobody else is there."""
-    from components.training import loop
+def test_a_core_is_given_up_only_to_others_that_keep_most_of_one_busy(monkeypatch):
+    from components.training import cores
 
-    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: {0, 1})
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.6, 2.5, 2.4))
-    assert loop.free_cores_threads(own_load=3) == 2
-    assert loop.free_cores_threads(own_load=2) == 2, "half a core busy elsewhere: keep both"
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.9, 2.5, 2.4))
-    assert loop.free_cores_threads(own_load=3) == 2
-    assert loop.free_cores_threads(own_load=2) == 1, "counting only the compute threads, a worker looks foreign"
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
-    assert loop.free_cores_threads(own_load=3) == 1, "another busy process: one core is left"
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert cores.free_cores_threads(0.0) == 2
+    assert cores.free_cores_threads(0.5) == 2, "half a core busy elsewhere: keep both"
+    assert cores.free_cores_threads(0.8) == 1, "another busy process: one core is left"
+    assert cores.free_cores_threads(3.0) == 1, "never fewer than one thread"
 
 
-def test_before_the_first_epoch_our_own_start_up_counts_as_ours(monkeypatch):
-    """The start-up work of this process is in the load average before any epoch ran: it is not another's."""
-    from components.training import loop
+def test_others_are_the_kernels_runnable_count_minus_our_threads_and_children(tmp_path, monkeypatch):
+    """/proc laid out as Linux does: 4 runnable in all, 3 of them ours (one a loader worker's thread)."""
+    from components.training import cores
 
-    rate = loop.own_cpu_rate()
-    assert 0.0 < rate <= len(os.sched_getaffinity(0)) + 0.5, "read from /proc: this process has used CPU"
-    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _pid: {0, 1})
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (1.6, 1.2, 0.9))
-    assert loop.free_cores_threads() == 1, "counted as another's, one core looks taken"
-    assert loop.free_cores_threads(own_load=1.0) == 2, "our own 1.0 of it leaves 0.6 elsewhere: keep both"
-    assert loop.free_cores_threads(own_load=1.0, busy_now=1) == 1, "another job runs now: the average lags"
+    def task(pid: str, tid: str, state: str, children: str = "") -> None:
+        folder = tmp_path / pid / "task" / tid
+        folder.mkdir(parents=True)
+        (folder / "stat").write_text(f"{tid} (python (main)) {state} 1 1 1 0 -1\n")
+        (folder / "children").write_text(children)
+
+    monkeypatch.setattr(cores, "PROC", tmp_path)
+    (tmp_path / "loadavg").write_text("2.61 2.40 2.02 4/181 4242\n")
+    task("self", "100", "R", "200 ")
+    task("self", "101", "R")
+    task("self", "102", "S")
+    task("200", "200", "R")
+    task("200", "201", "S")
+    assert cores.runnable_threads() == 3
+    assert cores.others_runnable() == 1.0
+    assert cores.others_runnable_now(samples=3, interval_s=0) == 1.0
+    (tmp_path / "loadavg").unlink()
+    assert cores.others_runnable() is None
+    assert cores.others_runnable_now(samples=3, interval_s=0) == 0.0, "no /proc: no evidence of others"
 
 
-def test_others_running_now_reads_the_running_count(tmp_path, monkeypatch):
-    from components.training import loop
+BUSY = "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass"
 
-    loadavg = tmp_path / "loadavg"
-    monkeypatch.setattr(loop, "LOADAVG", loadavg)
-    loadavg.write_text("0.52 0.41 0.30 3/120 4242\n")
-    assert loop.others_running_now(samples=3, interval_s=0) == 2.0, "3 running, one of them the caller"
-    loadavg.write_text("0.52 0.41 0.30 1/120 4242\n")
-    assert loop.others_running_now(samples=3, interval_s=0) == 0.0
-    loadavg.unlink()
-    assert loop.others_running_now(samples=3, interval_s=0) == 0.0, "no /proc: no evidence of others"
+
+def _others_mean(seconds: float = 1.5) -> float:
+    import time
+
+    from components.training.cores import OthersLoad
+
+    with OthersLoad(interval_s=0.05) as load:
+        time.sleep(seconds)
+        mean = load.take()
+    assert mean is not None, "sampled from the real /proc"
+    return mean
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").is_file(), reason="needs Linux's /proc")
+def test_a_busy_process_elsewhere_counts_as_another_and_our_own_busy_child_does_not():
+    """Real processes: one orphaned (not ours, as another job would be) and one child of ours (a loader
+    worker), each spinning on a core for up to 20 s; the sampler sees the first and not the second."""
+    import signal
+    import subprocess
+    import sys
+
+    before = _others_mean()
+    child = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        with_child = _others_mean()
+    finally:
+        child.kill()
+        child.wait()
+    spawn = f"{sys.executable} -c '{BUSY}' >/dev/null 2>&1 & echo $!"
+    orphan = int(subprocess.run(["sh", "-c", spawn], capture_output=True, text=True, check=True).stdout)
+    try:
+        with_orphan = _others_mean()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    assert with_orphan - before >= 0.7, (before, with_orphan)
+    assert with_child - before < 0.5, (before, with_child)
