@@ -36,6 +36,10 @@ from components.training.losses import cell_class_loss, defect_map_loss
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+# Adaptive compute threads are re-checked this often within an epoch, not only between epochs: two trainings
+# started together each read the other as idle (both still starting up) and ran a first epoch of 2+2 threads
+# on 2 cores.
+THREADS_RECHECK_S = 10.0
 
 
 class TrainingDiverged(DefectOpsError):
@@ -303,6 +307,7 @@ class Trainer:
             )
         self.use_masks = cfg.mask_loss_weight > 0 and hasattr(model, "forward_train")
         self.others_load: OthersLoad | None = None  # sampled through the epochs when threads adapt (fit)
+        self._threads_checked = 0.0
         self.epoch = 0
         self.best_f1, self.best_loss, self.best_epoch, self.bad_epochs = -1.0, math.inf, 0, 0
         self.history: list[EpochRecord] = []
@@ -379,8 +384,8 @@ class Trainer:
 
     # -- one epoch
     def _set_threads(self, epoch: int) -> None:
-        """Compute threads for the next epoch: the configured count, or the cores other processes left free
-        through the last epoch (before the first, right now)."""
+        """Compute threads from here on: the configured count, or the cores other processes left free since
+        the last check (re-checked every THREADS_RECHECK_S of training; before the first epoch, right now)."""
         others = None
         if self.cfg.threads:
             threads = self.cfg.threads
@@ -388,6 +393,7 @@ class Trainer:
             others = self.others_load.take() if self.others_load else None
             others = others_runnable_now() if others is None else others
             threads = free_cores_threads(others)
+        self._threads_checked = time.perf_counter()
         if threads != torch.get_num_threads():
             busy = "" if others is None else f" (other processes: {others:.1f} threads runnable on average)"
             log.info("epoch %d: %d compute thread(s)%s", epoch, threads, busy)
@@ -452,6 +458,8 @@ class Trainer:
                 self.ema.update_parameters(self.model)
             value = loss.item()
             tick = time.perf_counter()
+            if self.others_load and tick - self._threads_checked >= THREADS_RECHECK_S:
+                self._set_threads(epoch)
             step_time += tick - ready
             total_loss += value * len(labels)
             seen += len(labels)

@@ -143,3 +143,24 @@ def test_dense_design_trains_on_patches_refits_its_head_and_reloads(
         cells = model.defect_map(x)
     assert logits.shape == (3, 3) and embedding.shape == (3, 64)
     assert cells.shape == (3, 3, 8, 8) and torch.allclose(cells.sum(1), torch.ones(3, 8, 8), atol=1e-5)
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs 2 cores to give one up")
+def test_adaptive_threads_are_rechecked_within_an_epoch(settings, raw_params, tiny_manifest, tmp_path,
+                                                       monkeypatch, caplog):
+    """Another job that starts mid-epoch (here: none right before the first epoch, then 5 runnable threads
+    of others at every read) takes a core at the next re-check, not only at the next epoch."""
+    from components.training import loop
+
+    monkeypatch.setattr(loop, "THREADS_RECHECK_S", 0.0)
+    monkeypatch.setattr(loop, "others_runnable_now", lambda: 0.0)
+    reads = iter([None])  # nothing sampled yet before the first epoch, then 5 others on every read
+    monkeypatch.setattr(loop.OthersLoad, "take", lambda self: next(reads, 5.0))
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="components.training.loop"):
+            _run(settings, raw_params(epochs=1, threads=0, num_workers=0), tiny_manifest, tmp_path / "out")
+    finally:
+        torch.set_num_threads(before)
+    changes = [r.getMessage() for r in caplog.records if "compute thread(s)" in r.getMessage()]
+    assert changes[-1].startswith("epoch 1: 1 compute thread(s) (other processes: 5.0"), changes
