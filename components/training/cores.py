@@ -4,8 +4,10 @@ OpenMP threads that share a core with another busy process stall each other at e
 2-core machine, 2 threads under load ran 5-8x slower than 1 thread, so the loop never oversubscribes. It
 counts what other processes want rather than what they get: the kernel's count of runnable threads
 (/proc/loadavg's fourth field) minus the runnable threads of this process and its children (the loader's
-workers), sampled in the background through each epoch (`OthersLoad`) and read once more right before the
-first one (`others_runnable_now`).
+workers), sampled in the background (`OthersLoad`) and averaged between two checks (the loop checks every
+10 s of training), and read a few times right before the first epoch (`others_runnable_now`). Two trainings
+started together read each other as idle there (both still starting up); the first check 10 s later
+splits the cores between them.
 
 Why not the 1-minute load average minus our own thread count: it also held our own short-lived work (start-
 up, validation, checkpoint writes, an OpenMP thread spinning while the main thread augments), so with nobody
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Self
 
@@ -70,7 +73,7 @@ def others_runnable_now(samples: int = 9, interval_s: float = 0.05) -> float:
             return 0.0
         reads.append(read)
         if index + 1 < samples:
-            threading.Event().wait(interval_s)
+            time.sleep(interval_s)
     return sorted(reads)[len(reads) // 2]
 
 
