@@ -461,6 +461,8 @@ def test_a_busy_process_elsewhere_counts_as_another_and_our_own_busy_child_does_
     import sys
 
     before = _others_mean()
+    if before > len(os.sched_getaffinity(0)) - 1.5:
+        pytest.skip(f"needs a free core: other processes keep {before:.1f} threads runnable")
     child = subprocess.Popen([sys.executable, "-c", BUSY])
     try:
         with_child = _others_mean()
