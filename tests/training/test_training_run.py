@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ def test_dense_design_trains_on_patches_refits_its_head_and_reloads(
     assert cells.shape == (3, 3, 8, 8) and torch.allclose(cells.sum(1), torch.ones(3, 8, 8), atol=1e-5)
 
 
-@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs 2 cores to give one up")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to give one up")
 def test_adaptive_threads_are_rechecked_within_an_epoch(settings, raw_params, tiny_manifest, tmp_path,
                                                        monkeypatch, caplog):
     """Another job that starts mid-epoch (here: none right before the first epoch, then 5 runnable threads
