@@ -266,7 +266,7 @@ def train(
     settings.ensure()
     result = train_and_calibrate(settings, params, profile, resume, out)
     cal = result["calibration"]
-    typer.echo(f"model: {result['model_path']}  (best val macro-F1 {result['best_val_macro_f1']:.3f}, "
+    typer.echo(f"model: {result['model_path']}  (val macro-F1 of the kept epoch {result['best_val_macro_f1']:.3f}, "
                f"{result['seconds']:.0f} s, {result['profile']} profile)")
     typer.echo(f"calibration: temperature {cal['temperature']:.3f}, review threshold {cal['threshold']:.4f} "
                f"(val auto_precision {cal['val_auto_precision']}, review rate {cal['val_review_rate']})")
