@@ -97,7 +97,7 @@ class ProfileParams(_Section):
     keep: Literal["best", "last"] = Field(
         "best",
         description="best: the epoch with the best val macro-F1, stopping early after `patience`; last: the "
-        "final epoch (the dense design, whose head is refit on whole pictures after the loop)",
+        "final epoch, no early stop (the `cpu` profile: on a small val split the best epoch is picked on noise)",
     )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -119,11 +119,11 @@ class ProfileParams(_Section):
     threads: int = Field(
         0,
         ge=0,
-        description="torch compute threads; 0 = auto: the cores not already busy "
-        "(1-minute load average) at the start, at least 1",
+        description="torch compute threads; 0 = auto: the cores other processes leave free, re-checked "
+        "every 10 s of training, at least 1",
     )
     cache_images: bool = Field(True, description="keep decoded images in memory (decode once per run)")
-    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (keeps the best)")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (the kept epoch per `keep`)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ProfileParams:
