@@ -1,0 +1,96 @@
+"""The plant's orchestration path: `prefect deploy --all` from prefect.yaml onto a Prefect server, and a process
+worker running a deployment's flow in the project, as infra/README.md sets it up (no `flow.serve` shortcut)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.serving.conftest import (
+    APPROVED,
+    free_port,
+    make_tiny_model,
+    register_model_file,
+    write_probe_images,
+    write_project,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+POOL = "defectops-process"
+
+
+def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
+    done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, prefect_server) -> None:
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from components.config import Settings
+    from components.registry.tracking import MODEL_NAME, connect
+    from components.serving.deployment import read_record
+
+    # the plant's checkout: the project (params, tracked images) with the repository's flows and prefect.yaml
+    project, home = write_project(tmp_path / "project"), tmp_path / "home"
+    shutil.copytree(REPO_ROOT / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(REPO_ROOT / "prefect.yaml", project / "prefect.yaml")
+    settings = Settings(project=project, home=home).ensure()
+    write_probe_images(settings)
+    version = register_model_file(settings, make_tiny_model(tmp_path / "model.pt"),
+                                  {"gate_status": "passed", **APPROVED})
+    connect(settings).set_registered_model_alias(MODEL_NAME, "champion", version)
+    mlflow.set_tracking_uri(None)  # connect() exported it for this process only
+
+    api = PREFECT_API_URL.value()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "BENTOML_HOME"))}
+    env.update({"PREFECT_API_URL": api, "DEFECTOPS_PROJECT": str(project), "DEFECTOPS_HOME": str(home),
+                "HOME": str(tmp_path / "user-home"), "PYTHONPATH": str(REPO_ROOT),
+                "DEFECTOPS_SERVICE_URL": f"http://127.0.0.1:{free_port()}", "BENTOML_DO_NOT_TRACK": "true"})
+    prefect_cli(["work-pool", "create", POOL, "--type", "process"], env, project)
+    prefect_cli(["--no-prompt", "deploy", "--all"], env, project)
+
+    async def deployments() -> dict[str, object]:
+        async with get_client() as client:
+            found = await client.read_deployments()
+            return {d.name: d for d in found}
+
+    deployed = asyncio.run(deployments())
+    assert set(deployed) == {"monthly-retraining", "daily-drift", "promote-approved"}
+    monthly = deployed["monthly-retraining"]
+    assert monthly.work_pool_name == POOL and monthly.entrypoint == "flows/monthly_flow.py:monthly_retraining"
+    assert [s.schedule.cron for s in monthly.schedules] == ["0 2 1 * *"]
+    assert monthly.schedules[0].schedule.timezone == "Europe/Berlin"
+    assert deployed["daily-drift"].parameters == {"window_days": 30, "trigger_retraining": True, "cooldown_days": 7}
+    started = prefect_cli(["deployment", "run", "promote-approved/promote-approved"], env, project)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
+    assert run_id, started
+    prefect_cli(["worker", "start", "--pool", POOL, "--run-once"], env, project, timeout=300)
+
+    async def flow_run() -> object:
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(run_id.group(1)))
+
+    run = asyncio.run(flow_run())
+    assert run.state.is_completed(), (run.state.type, run.state.message)
+    assert run.deployment_id == deployed["promote-approved"].id
+    record = read_record(settings)
+    assert record is not None and record.model_version == f"{MODEL_NAME}/{version}"
+    assert record.bento and (home / "bentoml" / "bentos" / record.bento.replace(":", "/")).is_dir(), record.bento
+    tags = connect(settings).get_model_version(MODEL_NAME, version).tags
+    mlflow.set_tracking_uri(None)
+    assert tags["deployment_status"] == "serving" and tags["deployed_by"] == "promote-approved flow", tags
