@@ -495,6 +495,11 @@ def _write_comparison(settings: Settings, version: str, markdown: str) -> Path:
 
 def register(settings: Settings, params: Params, train_dir: Path, force: bool = False) -> RegisterResult:
     """Evaluate a trained model on the golden test split, log and register it, gate it, make it `challenger`."""
+    with _permission_named("register a model"):
+        return _register(settings, params, train_dir, force)
+
+
+def _register(settings: Settings, params: Params, train_dir: Path, force: bool) -> RegisterResult:
     import mlflow
 
     from components.data.tracked import dataset_version, tracked_manifest
@@ -592,9 +597,17 @@ def _undo_registration(client: MlflowClient, run_id: str, logged_model_id: str |
         try:
             client.delete_model_version(MODEL_NAME, str(version.version))
             log.warning("registration failed: deleted %s version %s", MODEL_NAME, version.version)
-        except Exception:  # keep the original error; say what is left behind
-            log.exception("registration failed and %s version %s could not be deleted; delete it by hand",
-                          MODEL_NAME, version.version)
+        except Exception:  # keep the original error; make what is left behind inert and say so
+            log.exception("registration failed and %s version %s could not be deleted (deleting needs MANAGE "
+                          "on the model); it is tagged registration=failed and cannot be approved without "
+                          "--force; an MLflow admin can delete it", MODEL_NAME, version.version)
+            try:
+                for key, value in (("registration", "failed"), ("gate_status", "failed"),
+                                   ("approval_status", "not-eligible")):
+                    client.set_model_version_tag(MODEL_NAME, str(version.version), key, value)
+            except Exception:  # noqa: BLE001 - the log line above already says what to do
+                log.warning("could not tag %s version %s as a failed registration either", MODEL_NAME,
+                            version.version)
     if logged_model_id is not None:
         try:
             client.delete_logged_model(logged_model_id)
@@ -632,6 +645,44 @@ def _failed_reasons(tags: dict[str, str]) -> str:
     return "; ".join(reasons) or tags.get("gate_reasons", "") or "no gate result recorded"
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether MLflow refused the call for lack of permission (403 from the basic-auth server)."""
+    return getattr(exc, "error_code", None) == "PERMISSION_DENIED"
+
+
+@contextmanager
+def _permission_named(action: str) -> Iterator[None]:
+    """A refusal by the tracking server's access control, as one line naming the account and the fix."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if not _refused(exc):
+            raise
+        import os
+
+        account = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
+        raise DefectOpsError(f"the MLflow server refused to {action} for the account {account}: it needs EDIT on "
+                             f"the registered model {MODEL_NAME} (infra/README.md, MLflow accounts)") from exc
+
+
+def _remove_challenger(client: MlflowClient, version: str) -> bool:
+    """Take `challenger` off `version`; False when the account may not (MLflow counts it as a deletion: MANAGE)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+        return True
+    except MlflowException as exc:
+        if not _refused(exc):
+            raise
+        log.warning("'%s' stays on version %s: removing an alias needs MANAGE on %s, which this account does not "
+                    "have (EDIT is enough for everything else); the next registration moves it", CHALLENGER,
+                    version, MODEL_NAME)
+        return False
+
+
 def approve(settings: Settings, version: str | int, by: str, note: str | None = None,
             force: bool = False) -> dict[str, Any]:
     """Make a version whose gate passed the champion; `force` (with a note as the reason) overrides the gate."""
@@ -641,7 +692,8 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
     if force and not (note and note.strip()):
         raise UsageError("--force needs --note giving the reason for overriding the gate")
     client = connect(settings)
-    with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+    with _permission_named(f"approve version {version}"), \
+            exclusive(settings.locks_dir, "registry", "a model registration or approval"):
         tags = dict(_get_version(client, version).tags or {})
         aliases = _aliases(client)
         previous = aliases.get(CHAMPION)
@@ -669,12 +721,13 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
         if previous is not None:
             client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
             client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", new_tags["approved_at"])
-        if aliases.get(CHALLENGER) == version:
-            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+        challenger_removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
     _audit(settings, {"action": "approve", "version": version, "by": by, "note": note,
-                      "previous_champion": previous, "forced": force, "gate_status": gate_status})
+                      "previous_champion": previous, "forced": force, "gate_status": gate_status,
+                      "challenger_removed": challenger_removed})
     log.info("version %s is now the champion (was %s), approved by %s", version, previous or "none", by)
-    return {"version": version, "previous_champion": previous, "changed": True, "forced": force}
+    return {"version": version, "previous_champion": previous, "changed": True, "forced": force,
+            "challenger_removed": challenger_removed}
 
 
 def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict[str, Any]:
@@ -683,7 +736,8 @@ def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict
     if not by.strip() or not reason.strip():
         raise UsageError("reject needs --by (who) and --reason (why); both were given empty")
     client = connect(settings)
-    with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+    with _permission_named(f"reject version {version}"), \
+            exclusive(settings.locks_dir, "registry", "a model registration or approval"):
         _get_version(client, version)
         aliases = _aliases(client)
         if aliases.get(CHAMPION) == version:
@@ -692,9 +746,7 @@ def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict
         for key, value in {"rejected_by": by, "rejected_at": _now(), "rejected_reason": _truncate(reason),
                            "approval_status": "rejected"}.items():
             client.set_model_version_tag(MODEL_NAME, version, key, value)
-        removed = aliases.get(CHALLENGER) == version
-        if removed:
-            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+        removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
     _audit(settings, {"action": "reject", "version": version, "by": by, "reason": reason,
                       "challenger_removed": removed})
     log.info("version %s rejected by %s: %s", version, by, reason)

@@ -5,6 +5,8 @@ Run as the admin (MLFLOW_TRACKING_USERNAME/PASSWORD). Idempotent: existing users
 * the pipeline user (PIPELINE_USERNAME): trains and registers; gets EDIT on `defect-classifier`, which the
   registry needs to add versions and tags. EDIT also allows moving an alias: MLflow cannot separate the two,
   which is why serving only pins a champion that carries the approval tags `defectops approve` writes.
+  Removing an alias needs MANAGE (it would also allow granting permissions), so `challenger` stays on an
+  approved or rejected version until the next registration moves it.
 * the serving user (SERVING_USERNAME): reads the pinned version (default_permission READ is enough).
 
 Approvers get their own accounts and EDIT on the model; see infra/README.md.

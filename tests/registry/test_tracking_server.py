@@ -1,0 +1,131 @@
+"""The registry on a real MLflow tracking server, as the plant runs it (infra/docker-compose.yml): the basic-auth
+app, artifacts proxied by the server, the accounts infra/mlflow/create_users.py makes. The pipeline account
+registers and approves, the serving account reads the champion and cannot write."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.registry.conftest import LENIENT_GATE, make_train_dir, params_with_gate
+from tests.serving.conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ADMIN = ("admin", "admin-password-0123")
+PIPELINE = ("pipeline", "pipeline-password-0123")
+SERVING = ("serving", "serving-password-0123")
+
+
+@dataclass
+class TrackingServer:
+    url: str
+    artifacts: Path
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 (sqlite for tracking and accounts), users created."""
+    base = tmp_path_factory.mktemp("mlflow-server")
+    ini = (REPO_ROOT / "infra" / "mlflow" / "basic_auth.ini").read_text()
+    ini = ini.replace("sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{base / 'basic_auth.db'}")
+    (base / "basic_auth.ini").write_text(ini)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"MLFLOW_AUTH_CONFIG_PATH": str(base / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0],
+                "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+                "HOME": str(base / "user-home")})
+    log = base / "server.log"
+    with log.open("ab") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port",
+             str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+             "--artifacts-destination", str(base / "artifacts")],
+            cwd=base, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server not ready after 120 s: " + log.read_text()[-3000:]
+            time.sleep(0.5)
+        users = dict(env, MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME=ADMIN[0],
+                     MLFLOW_TRACKING_PASSWORD=ADMIN[1], PIPELINE_USERNAME=PIPELINE[0], PIPELINE_PASSWORD=PIPELINE[1],
+                     SERVING_USERNAME=SERVING[0], SERVING_PASSWORD=SERVING[1])
+        for _ in range(2):  # idempotent: a second run changes nothing and does not fail
+            made = subprocess.run([sys.executable, str(REPO_ROOT / "infra" / "mlflow" / "create_users.py")],
+                                  env=users, capture_output=True, text=True, timeout=120, check=False)
+            assert made.returncode == 0, made.stdout + made.stderr
+        yield TrackingServer(url, base / "artifacts", log)
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait(10)
+
+
+def _as(monkeypatch: pytest.MonkeyPatch, server: TrackingServer, account: tuple[str, str]):
+    """Settings of the shared tracked project, talking to `server` as `account`."""
+    from components.config import get_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", account[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", account[1])
+    return get_settings()
+
+
+def test_pipeline_registers_and_approves_serving_reads_and_cannot_write(
+        tracking_server: TrackingServer, tracked_project: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.errors import DefectOpsError
+    from components.registry.registry import (
+        approve,
+        audit_trail,
+        list_versions,
+        load_predictor,
+        register,
+        reject,
+    )
+
+    monkeypatch.setenv("DEFECTOPS_PROJECT", str(tracked_project))
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    pipeline = _as(monkeypatch, tracking_server, PIPELINE)
+    gate = params_with_gate(pipeline, **LENIENT_GATE)
+    first = register(pipeline, gate, make_train_dir(tmp_path / "train-1", seed=1))
+    assert first.created and first.gate_passed and first.approval_status == "pending"
+    # EDIT (what create_users.py grants) moves aliases but may not remove one: `challenger` stays, said so
+    assert reject(pipeline, first.version, by="bob", reason="misses the cracks")["challenger_removed"] is False
+    assert {row["version"]: row for row in list_versions(pipeline)}[first.version]["approval_status"] == "rejected"
+    outcome = approve(pipeline, first.version, by="alice", note="the cracks were mislabelled", force=True)
+    assert outcome["changed"] and outcome["challenger_removed"] is False
+    [row] = list_versions(pipeline)
+    assert sorted(row["aliases"]) == ["challenger", "champion"] and row["approval_status"] == "approved"
+    assert [e["action"] for e in audit_trail(pipeline)] == ["register", "reject", "approve"]
+    assert not (tmp_path / "home" / "mlflow").exists(), "nothing may go to the embedded store"
+    assert len(list(tracking_server.artifacts.rglob("MLmodel"))) == 1, "the model's files live with the server"
+
+    serving = _as(monkeypatch, tracking_server, SERVING)
+    predictor = load_predictor(serving, "champion")
+    assert predictor.model_version == f"defect-classifier/{first.version}"
+    with pytest.raises(DefectOpsError, match="refused to register a model for the account serving: it needs EDIT"):
+        register(serving, gate, make_train_dir(tmp_path / "train-3", seed=3))
+    [row] = list_versions(serving)
+    assert row["approval_status"] == "approved", "a refused registration leaves no version behind"
