@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from components.data.tracked import usable_rows
 from components.errors import DefectOpsError, UsageError
 from components.files import write_text_atomic
 from components.locks import exclusive
-from components.registry.tracking import MODEL_NAME, connect
+from components.registry.tracking import EXPERIMENT_NAME, MODEL_NAME, connect
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -660,11 +661,10 @@ def _permission_named(action: str) -> Iterator[None]:
     except MlflowException as exc:
         if not _refused(exc):
             raise
-        import os
-
         account = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
         raise DefectOpsError(f"the MLflow server refused to {action} for the account {account}: it needs EDIT on "
-                             f"the registered model {MODEL_NAME} (infra/README.md, MLflow accounts)") from exc
+                             f"the registered model {MODEL_NAME} and the experiment {EXPERIMENT_NAME} "
+                             "(infra/README.md, MLflow accounts)") from exc
 
 
 def _remove_challenger(client: MlflowClient, version: str) -> bool:
