@@ -94,6 +94,7 @@ def _as(monkeypatch: pytest.MonkeyPatch, server: TrackingServer, account: tuple[
 def test_pipeline_registers_and_approves_serving_reads_and_cannot_write(
         tracking_server: TrackingServer, tracked_project: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.config import load_params
     from components.errors import DefectOpsError
     from components.registry.registry import (
         approve,
@@ -103,6 +104,7 @@ def test_pipeline_registers_and_approves_serving_reads_and_cannot_write(
         register,
         reject,
     )
+    from components.serving.deployment import ensure_deployment, load_served
 
     monkeypatch.setenv("DEFECTOPS_PROJECT", str(tracked_project))
     monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / "home"))
@@ -125,6 +127,10 @@ def test_pipeline_registers_and_approves_serving_reads_and_cannot_write(
     serving = _as(monkeypatch, tracking_server, SERVING)
     predictor = load_predictor(serving, "champion")
     assert predictor.model_version == f"defect-classifier/{first.version}"
+    record, pinned = ensure_deployment(serving, load_params(serving.params_file))  # what `defectops serve` does
+    assert pinned and record.model_uri == f"models:/defect-classifier/{first.version}"
+    engine, _, _ = load_served(serving, record, 1_000_000)  # what the service does at start
+    assert engine.model_version == f"defect-classifier/{first.version}"
     with pytest.raises(DefectOpsError, match="refused to register a model for the account serving: it needs EDIT"):
         register(serving, gate, make_train_dir(tmp_path / "train-3", seed=3))
     [row] = list_versions(serving)
