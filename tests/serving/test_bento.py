@@ -59,16 +59,17 @@ def test_the_bento_holds_the_service_its_code_and_params_and_nothing_else(bento)
 
 
 def test_the_bento_installs_the_versions_the_tests_ran_with() -> None:
-    """infra/requirements-serving.txt (the Bento's environment) against this environment (uv.lock)."""
+    """infra/requirements-serving.txt (the Bento's environment): every package pinned to this environment's
+    (uv.lock's) version, so a Bento built later does not pick up releases nobody tested."""
     mismatched = []
     for line in (REPO_ROOT / "infra" / "requirements-serving.txt").read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         requirement = Requirement(line)
         installed = metadata.version(requirement.name)
-        if not requirement.specifier.contains(installed, prereleases=True):
+        if str(requirement.specifier) != f"=={installed}":
             mismatched.append(f"{requirement} (installed {installed})")
-    assert not mismatched, "serving requirements out of step with uv.lock: " + ", ".join(mismatched)
+    assert not mismatched, "serving requirements not pinned to the uv.lock versions: " + ", ".join(mismatched)
 
 
 def test_the_built_bento_serves_the_pinned_model_on_its_own_code(bento, tiny_model: Path,
