@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import REPO_ROOT
@@ -36,6 +34,8 @@ class TrackingServer:
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
     """`mlflow server --app-name basic-auth` on 127.0.0.1 (sqlite for tracking and accounts), users created."""
+    from components.serving.run import stop_background, wait_until_ready
+
     base = tmp_path_factory.mktemp("mlflow-server")
     ini = (REPO_ROOT / "infra" / "mlflow" / "basic_auth.ini").read_text()
     ini = ini.replace("sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{base / 'basic_auth.db'}")
@@ -54,16 +54,7 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
              "--artifacts-destination", str(base / "artifacts")],
             cwd=base, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not ready after 120 s: " + log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_ready(server, f"{url}/health", log, timeout_s=120)
         users = dict(env, MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME=ADMIN[0],
                      MLFLOW_TRACKING_PASSWORD=ADMIN[1], PIPELINE_USERNAME=PIPELINE[0], PIPELINE_PASSWORD=PIPELINE[1],
                      SERVING_USERNAME=SERVING[0], SERVING_PASSWORD=SERVING[1])
@@ -73,12 +64,7 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
             assert made.returncode == 0, made.stdout + made.stderr
         yield TrackingServer(url, base / "artifacts", log)
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait(10)
+        stop_background(server, timeout_s=20)
 
 
 def _as(monkeypatch: pytest.MonkeyPatch, server: TrackingServer, account: tuple[str, str]):

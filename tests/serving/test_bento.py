@@ -1,4 +1,5 @@
-"""The Bento: `bentoml build` from bentofile.yaml, and the built Bento serving a pinned model on its own code.
+"""The Bento as promotion builds it (`bentoml build` from bentofile.yaml, labelled with the pinned version), and
+the built Bento serving that pinned model on its own code.
 
 The Bento is what a plant deploys (a container built from it), so it must carry every module the service
 imports and the params it reads, and install the package versions the tests ran with.
@@ -6,10 +7,10 @@ imports and the params it reads, and install the package versions the tests ran 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -24,25 +25,44 @@ from tests.serving.conftest import PROBES, free_port, probe_png, serving_env, wr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BENTO = "defect_classifier"
+
+@dataclass
+class Built:
+    """A state root with a pinned tiny model, and the Bento promotion built for that record."""
+
+    home: Path
+    project: Path
+    tag: str
+    folder: Path
 
 
 @pytest.fixture(scope="module")
-def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(BENTOML_HOME, the built Bento's folder) after a real `bentoml build` of this checkout."""
-    store = tmp_path_factory.mktemp("bento-store")
-    env = dict(os.environ, BENTOML_HOME=str(store), BENTOML_DO_NOT_TRACK="true")
-    built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO_ROOT, env=env,
-                           capture_output=True, text=True, timeout=300, check=False)
-    assert built.returncode == 0, built.stdout + built.stderr
-    [folder] = [p for p in (store / "bentos" / BENTO).iterdir() if p.is_dir() and p.name != "latest"]
-    return store, folder
+def bento(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Built:
+    """The tiny model pinned in a fresh state root, then `build_bento` (promotion's own step) for its record."""
+    from components.config import Settings, load_params
+    from components.serving.deployment import pin_deployment
+    from components.serving.promotion import build_bento
+
+    base = tmp_path_factory.mktemp("bento")
+    project, home = write_project(base / "project"), base / "home"
+    model = home / "models" / "model.pt"
+    model.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_model, model)
+    settings = Settings(project=project, home=home)
+    record = pin_deployment(settings, load_params(project / "params.yaml"), str(model), deployed_by="tests",
+                            images=[probe_png(kind) for kind in PROBES] * 4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("BENTOML_HOME", raising=False)  # promotion's default: the Bento store under the state root
+        tag = build_bento(settings, record)
+    name, version = tag.split(":")
+    return Built(home, project, tag, home / "bentoml" / "bentos" / name / version)
 
 
-def test_the_bento_holds_the_service_its_code_and_params_and_nothing_else(bento) -> None:
-    _, folder = bento
+def test_the_bento_holds_the_service_its_code_and_params_and_nothing_else(bento: Built) -> None:
+    folder = bento.folder
     spec = yaml.safe_load((folder / "bento.yaml").read_text())
     assert spec["service"] == "components.serving.service:DefectClassifier"
+    assert spec["labels"]["model_version"].startswith("file:"), spec["labels"]
     [service] = spec["services"]
     assert service["config"]["resources"] == {"gpu": 1}
     routes = {route["route"] for route in spec["schema"]["routes"]}
@@ -72,30 +92,20 @@ def test_the_bento_installs_the_versions_the_tests_ran_with() -> None:
     assert not mismatched, "serving requirements not pinned to the uv.lock versions: " + ", ".join(mismatched)
 
 
-def test_the_built_bento_serves_the_pinned_model_on_its_own_code(bento, tiny_model: Path,
-                                                                tmp_path: Path) -> None:
+def test_the_built_bento_serves_the_pinned_model_on_its_own_code(bento: Built, tmp_path: Path) -> None:
     """`bentoml serve <bento tag>` as in a container: no checkout, no project, only the state root."""
-    from components.config import Settings, load_params
-    from components.serving.deployment import pin_deployment
     from components.serving.run import stop_background, wait_until_ready
 
-    store, folder = bento
-    project, home = write_project(tmp_path / "project"), tmp_path / "home"
-    model = home / "models" / "model.pt"
-    model.parent.mkdir(parents=True)
-    shutil.copyfile(tiny_model, model)
-    pin_deployment(Settings(project=project, home=home), load_params(project / "params.yaml"), str(model),
-                   deployed_by="tests", images=[probe_png(kind) for kind in PROBES] * 4)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = serving_env(project, home)
+    env = serving_env(bento.project, bento.home)
     for name in ("DEFECTOPS_PROJECT", "PYTHONPATH"):  # the Bento's own code and params.yaml, nothing else
         env.pop(name)
-    env["BENTOML_HOME"] = str(store)
+    env["BENTOML_HOME"] = str(bento.home / "bentoml")
     port, output = free_port(), tmp_path / "bento-serve.log"
     with output.open("ab") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", f"{BENTO}:{folder.name}", "--host",
-                                    "127.0.0.1", "--port", str(port)], cwd=elsewhere, env=env, stdout=sink,
+        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", bento.tag, "--host", "127.0.0.1",
+                                    "--port", str(port)], cwd=elsewhere, env=env, stdout=sink,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_ready(process, f"http://127.0.0.1:{port}/readyz", output, timeout_s=180)
@@ -104,6 +114,6 @@ def test_the_built_bento_serves_the_pinned_model_on_its_own_code(bento, tiny_mod
         assert response.status_code == 200, response.text
         assert (response.json()["defect_type"], response.json()["decision"]) == ("dent", "reject")
         workers = psutil.Process(process.pid).children(recursive=True)
-        assert workers and {Path(w.cwd()) for w in workers} == {folder / "src"}, "not run from the Bento's code"
+        assert workers and {Path(w.cwd()) for w in workers} == {bento.folder / "src"}, "not run from the Bento's code"
     finally:
         stop_background(process, timeout_s=15)
