@@ -40,11 +40,18 @@ def evaluate_params(raw: Any) -> EvaluateParams:
 
 
 def label_indices(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    unknown = sorted(set(rows["label"]) - set(classes))
+    """Class indices of the rows' labels; a folder named in another case (`blowhole`) is the model's class."""
+    index = {c: i for i, c in enumerate(classes)}
+    by_case = {c.casefold(): i for i, c in enumerate(classes)}
+    if len(by_case) == len(classes):
+        for label in sorted(set(rows["label"]) - set(classes)):
+            if label.casefold() in by_case:
+                index[label] = by_case[label.casefold()]
+                log.info("data class %r read as the model's class %r", label, classes[index[label]])
+    unknown = sorted(set(rows["label"]) - set(index))
     if unknown:
         raise UsageError(f"the data has classes {unknown} that the model does not know ({classes}); "
                          "evaluate on data of the model's classes")
-    index = {c: i for i, c in enumerate(classes)}
     return np.array([index[label] for label in rows["label"]], dtype=np.int64)
 
 

@@ -129,3 +129,16 @@ def test_group_resampling_widens_intervals_for_correlated_captures() -> None:
     # accuracy of a group resample moves in steps of whole captures
     assert by_group["intervals"]["accuracy"]["low"] * n_groups == pytest.approx(
         round(by_group["intervals"]["accuracy"]["low"] * n_groups), abs=1e-9)
+
+
+def test_labels_in_another_case_are_the_models_classes_and_unknown_ones_are_refused() -> None:
+    import pandas as pd
+
+    from components.evaluation.runner import label_indices
+
+    rows = pd.DataFrame({"label": ["Crack", "NORMAL", "scratch", "crack"]})
+    assert label_indices(rows, ["Crack", "normal", "Scratch"]).tolist() == [CRACK, NORMAL, SCRATCH, CRACK]
+    with pytest.raises(UsageError, match=r"classes \['dent'\] that the model does not know"):
+        label_indices(pd.DataFrame({"label": ["crack", "dent"]}), CLASSES)
+    with pytest.raises(UsageError, match="does not know"):  # two classes differing only in case: no guessing
+        label_indices(pd.DataFrame({"label": ["CRACK"]}), ["crack", "Crack"])
