@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from components.errors import DefectOpsError, ValidationFailed
+from components.errors import DefectOpsError, UsageError, ValidationFailed
 
 app = typer.Typer(
     help="Keep the line's defect classifier trained, validated, approved and served.",
@@ -229,6 +229,21 @@ def data_push() -> None:
         typer.echo(outcome.message)
 
 
+@data_app.command("pull")
+@friendly
+def data_pull() -> None:
+    """Bring the committed dataset version (data.dvc) into data/ from DVC's cache or the remote (a fresh clone)."""
+    from components.data.tracked import dataset_version, restore_data
+
+    settings, _ = _context()
+    version = dataset_version(settings.project_root)
+    if version is None:
+        raise UsageError("no dataset version is committed (no data.dvc); run `defectops data import SOURCE` first")
+    restore_data(settings)
+    count = sum(1 for f in (settings.data_dir / "images").rglob("*") if f.is_file())
+    typer.echo(f"dataset version {version}: {count} images in {settings.data_dir / 'images'}")
+
+
 @data_app.command("status")
 @friendly
 def data_status() -> None:
@@ -246,6 +261,8 @@ def data_status() -> None:
         frame = tracked_manifest(settings, params)
         table = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
         typer.echo(table.to_string())
+    elif dataset_version(settings.project_root):
+        typer.echo(f"{settings.data_dir / 'images'} is absent (a fresh clone?): `defectops data pull` brings it")
 
 
 # ------------------------------------------------------------------ training

@@ -49,9 +49,22 @@ def usable_rows(rows: pd.DataFrame, what: str) -> pd.DataFrame:
 
 
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
-    """Manifest of `data/` with the splits committed in splits.csv."""
+    """Manifest of `data/` with the splits committed in splits.csv; a committed version missing from data/ (a
+    fresh clone) is pulled first."""
     if not (settings.data_dir / "images").is_dir():
-        raise UsageError(
-            f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` (or `dvc pull`) first"
-        )
+        if dataset_version(settings.project_root) is None:
+            raise UsageError(f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` first")
+        restore_data(settings)
     return manifest_of(settings.data_dir, settings, params, read_splits(settings.splits_file), progress)
+
+
+def restore_data(settings: Settings) -> None:
+    """Pull the committed dataset version into data/, under the data lock (never beside an import)."""
+    from components.data.versioning import DatasetRepo
+    from components.locks import exclusive
+
+    settings.ensure()
+    with exclusive(settings.locks_dir, "data", "a dataset import"):
+        log.info("data/ does not hold the committed dataset version %s: pulling it from %s",
+                 dataset_version(settings.project_root), settings.dvc_remote_url)
+        DatasetRepo(settings).restore()

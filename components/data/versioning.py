@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,15 @@ class DatasetRepo:
             Repo.init(str(self.project))
             commit(self.project, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "Initialise DVC")
         remote = self.settings.dvc_remote_url
+        section = {"url": remote}
+        if self.settings.dvc_remote_endpoint:
+            if not remote.startswith("s3://"):
+                raise UsageError(f"DEFECTOPS_DVC_REMOTE_ENDPOINT is set ({self.settings.dvc_remote_endpoint}) but "
+                                 f"the DVC remote {remote} is not an s3:// URL; unset the endpoint or set "
+                                 "DEFECTOPS_DVC_REMOTE to the bucket, e.g. s3://defectops/dvc")
+            section["endpointurl"] = self.settings.dvc_remote_endpoint
         with Repo(str(self.project)) as repo, repo.config.edit("local") as conf:
             conf["core"]["remote"] = REMOTE_NAME
-            section = {"url": remote}
-            if self.settings.dvc_remote_endpoint:
-                section["endpointurl"] = self.settings.dvc_remote_endpoint
             conf["remote"][REMOTE_NAME] = section
 
     def add(self) -> str:
@@ -93,18 +98,39 @@ class DatasetRepo:
             stages = repo.add(str(self.project / "data"))
             return stages[0].outs[0].hash_info.value
 
-    def checkout_or_pull(self) -> bool:
-        """Bring back the committed dataset version into data/ (from the cache, else the remote)."""
+    def restore(self) -> None:
+        """Bring the committed dataset version (data.dvc) into data/: from DVC's cache, else the remote.
+
+        A fresh clone (a Kubernetes training Job's `git_clone`, a colleague's checkout) has data.dvc but no
+        data/; the images come from the configured remote. Raises a one-line UsageError when they cannot.
+        """
         from dvc.repo import Repo
 
+        from components.data.tracked import dataset_version
+
+        self.ensure_initialised()
+        data_dir = self.settings.data_dir
+        was_there = data_dir.exists()
         try:
             with Repo(str(self.project)) as repo:
                 repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME)
+        except Exception as exc:  # DVC raises many types for a missing cache or a dead remote
+            if not was_there:  # a partial checkout must not pass for the dataset
+                shutil.rmtree(data_dir, ignore_errors=True)
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise UsageError(
+                f"the committed dataset version {dataset_version(self.project)} could not be brought into "
+                f"{self.settings.data_dir} from the cache or {self.settings.dvc_remote_url} ({reason}); set "
+                "DEFECTOPS_DVC_REMOTE (and the endpoint and credentials) to the remote it was pushed to"
+            ) from exc
+
+    def checkout_or_pull(self) -> bool:
+        """restore(), but a missing version is only a warning (an import then adds to the images present)."""
+        try:
+            self.restore()
             return True
-        except Exception as exc:  # noqa: BLE001
-            log.warning("the committed dataset version is not available locally or on %s (%s); the new version "
-                        "will hold only the images present now", self.settings.dvc_remote_url,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except UsageError as exc:
+            log.warning("%s; the new version will hold only the images present now", exc)
             return False
 
     def push(self, version: str, commit_id: str | None) -> PushOutcome:

@@ -1,0 +1,110 @@
+"""A fresh clone (a Kubernetes training Job's git_clone, a colleague's checkout) has data.dvc but no data/: the
+committed version comes from the remote, a local folder or S3 (a real S3 protocol server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from components.config import get_settings, load_params
+from components.data.importer import import_data
+from components.data.tracked import dataset_version, tracked_manifest
+from components.errors import UsageError
+from tests.conftest import make_imagefolder
+
+pytestmark = pytest.mark.integration
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _clone(settings, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, remote: str):
+    """Clone the project (code, data.dvc, splits.csv; no data/, no DVC cache) with its own state root."""
+    clone = tmp_path / name
+    root = str(settings.project_root)
+    subprocess.run(["git", "-C", root, "add", "-A"], check=True)  # params.yaml, as a real project has it
+    subprocess.run(["git", "-C", root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project",
+                    "--allow-empty"], check=True)
+    subprocess.run(["git", "clone", "-q", root, str(clone)], check=True)
+    monkeypatch.setenv("DEFECTOPS_PROJECT", str(clone))
+    monkeypatch.setenv("DEFECTOPS_HOME", str(tmp_path / f"{name}-home"))
+    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE", remote)
+    cloned = get_settings()
+    assert not cloned.data_dir.exists() and dataset_version(clone) == dataset_version(settings.project_root)
+    return cloned
+
+
+def test_a_fresh_clone_pulls_the_committed_version_and_a_wrong_remote_is_one_line(
+        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=4)), project,
+                           load_params(project.params_file))
+    assert imported.pushed, imported.push_message
+    original = _digests(project.data_dir / "images")
+    committed = tracked_manifest(project, load_params(project.params_file))
+    splits = sorted(zip(committed["path"], committed["split"]))
+
+    clone = _clone(project, tmp_path, "clone", monkeypatch, project.dvc_remote_url)
+    rows = tracked_manifest(clone, load_params(clone.params_file))  # what train, register and evaluate call
+    assert len(rows) == 12 and sorted(zip(rows["path"], rows["split"])) == splits
+    assert _digests(clone.data_dir / "images") == original
+
+    lost = _clone(project, tmp_path, "lost", monkeypatch, str(tmp_path / "empty-remote"))
+    with pytest.raises(UsageError, match=f"version {imported.version} could not be brought into") as refused:
+        tracked_manifest(lost, load_params(lost.params_file))
+    assert "empty-remote" in str(refused.value) and "\n" not in str(refused.value)
+    assert not lost.data_dir.exists(), "no partial dataset left to train on"
+
+    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UsageError, match="not an s3:// URL"):
+        tracked_manifest(get_settings(), load_params(lost.params_file))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    """An S3-compatible server (moto) on 127.0.0.1 with the bucket `defectops`, configured as infra/ does MinIO."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(endpoint.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "defectops-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "defectops-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE_ENDPOINT", endpoint)
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="defectops")
+    yield s3
+    server.stop()
+
+
+def test_the_s3_remote_takes_a_version_and_gives_it_to_a_fresh_clone(
+        project, s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.cli import app
+
+    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE", "s3://defectops/dvc")
+    settings = get_settings()
+    imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=4)), settings,
+                           load_params(settings.params_file))
+    assert imported.pushed and "s3://defectops/dvc" in imported.push_message, imported.push_message
+    stored = [o["Key"] for o in s3_server.list_objects_v2(Bucket="defectops", Prefix="dvc/")["Contents"]]
+    assert len(stored) == 12 + 1, stored  # every image and the .dir listing
+
+    clone = _clone(settings, tmp_path, "clone", monkeypatch, "s3://defectops/dvc")
+    pulled = CliRunner().invoke(app, ["data", "pull"])
+    assert pulled.exit_code == 0, pulled.output
+    assert f"dataset version {imported.version}: 12 images" in pulled.output
+    assert _digests(clone.data_dir / "images") == _digests(settings.data_dir / "images")
