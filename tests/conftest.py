@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,30 @@ def magnetic_tile() -> Iterator[Path]:
             pytest.fail(message)
         pytest.skip(message)
     yield path
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "defectops-test", "AWS_SECRET_ACCESS_KEY": "defectops-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def s3_server(*buckets: str) -> Iterator[tuple[str, object]]:
+    """An S3 protocol server (moto's) on 127.0.0.1 standing in for infra/'s MinIO: its endpoint and a boto3
+    client (keys S3_KEYS) after making `buckets`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint, client
+    finally:
+        server.stop()

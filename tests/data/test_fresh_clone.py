@@ -4,7 +4,6 @@ committed version comes from the remote, a local folder or S3 (a real S3 protoco
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from components.config import get_settings, load_params
 from components.data.importer import import_data
 from components.data.tracked import dataset_version, tracked_manifest
 from components.errors import UsageError
-from tests.conftest import make_imagefolder
+from tests.conftest import S3_KEYS, make_imagefolder, s3_server
 
 pytestmark = pytest.mark.integration
 
@@ -66,33 +65,18 @@ def test_a_fresh_clone_pulls_the_committed_version_and_a_wrong_remote_is_one_lin
         tracked_manifest(get_settings(), load_params(lost.params_file))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch):
-    """An S3-compatible server (moto) on 127.0.0.1 with the bucket `defectops`, configured as infra/ does MinIO."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    endpoint = f"http://127.0.0.1:{_free_port()}"
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(endpoint.rsplit(":", 1)[1]), verbose=False)
-    server.start()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "defectops-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "defectops-test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("DEFECTOPS_DVC_REMOTE_ENDPOINT", endpoint)
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="defectops")
-    yield s3
-    server.stop()
+def s3(monkeypatch: pytest.MonkeyPatch):
+    """The S3 server with bucket `defectops`, configured as infra/ configures MinIO."""
+    with s3_server("defectops") as (endpoint, client):
+        for key, value in S3_KEYS.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("DEFECTOPS_DVC_REMOTE_ENDPOINT", endpoint)
+        yield client
 
 
 def test_the_s3_remote_takes_a_version_and_gives_it_to_a_fresh_clone(
-        project, s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        project, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from components.cli import app
 
     monkeypatch.setenv("DEFECTOPS_DVC_REMOTE", "s3://defectops/dvc")
@@ -100,7 +84,7 @@ def test_the_s3_remote_takes_a_version_and_gives_it_to_a_fresh_clone(
     imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=4)), settings,
                            load_params(settings.params_file))
     assert imported.pushed and "s3://defectops/dvc" in imported.push_message, imported.push_message
-    stored = [o["Key"] for o in s3_server.list_objects_v2(Bucket="defectops", Prefix="dvc/")["Contents"]]
+    stored = [o["Key"] for o in s3.list_objects_v2(Bucket="defectops", Prefix="dvc/")["Contents"]]
     assert len(stored) == 12 + 1, stored  # every image and the .dir listing
 
     clone = _clone(settings, tmp_path, "clone", monkeypatch, "s3://defectops/dvc")
