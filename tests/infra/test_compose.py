@@ -171,6 +171,17 @@ def test_worker_image_copies_only_what_exists() -> None:
                 assert (REPO_ROOT / source).exists(), f"infra/worker/Dockerfile copies {source}, which is missing"
 
 
+def test_the_project_folder_is_set_by_compose_not_baked_into_the_worker_image(
+        services: dict[str, dict[str, Any]]) -> None:
+    """A Kubernetes training Job (same image) runs in its git clone and finds params.yaml from there; a
+    DEFECTOPS_PROJECT baked into the image would point it at the empty /srv/project instead."""
+    dockerfile = (INFRA / "worker" / "Dockerfile").read_text()
+    assert not re.search(r"^\s*(ENV\s+)?DEFECTOPS_PROJECT=", dockerfile, re.MULTILINE)
+    environment = services["prefect-worker"]["environment"]
+    assert environment["DEFECTOPS_PROJECT"] == "/srv/project"  # prefect.yaml's pull step needs it there
+    assert ("defectops-project", "/srv/project") in mounts(services["prefect-worker"])
+
+
 def test_services_that_talk_share_a_network(services: dict[str, dict[str, Any]]) -> None:
     def networks(name: str) -> set[str]:
         return set(services[name].get("networks", []))  # a list, or a mapping of network names

@@ -27,6 +27,7 @@ from tests.serving.conftest import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 POOL = "defectops-process"
+CLONE_POOL = "defectops-gpu"  # the Kubernetes pool's name; a process pool here
 
 
 def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
@@ -94,3 +95,72 @@ def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, p
     tags = connect(settings).get_model_version(MODEL_NAME, version).tags
     mlflow.set_tracking_uri(None)
     assert tags["deployment_status"] == "serving" and tags["deployed_by"] == "promote-approved flow", tags
+
+
+def test_a_git_clone_deployment_trains_in_a_fresh_clone_that_pulls_its_data(tmp_path: Path, prefect_server) -> None:
+    """The Kubernetes training Job's shape (infra/README.md), on a process worker: the flow run starts in an
+    empty folder with no DEFECTOPS_PROJECT (infra/worker/Dockerfile), prefect.yaml's git_clone pull step clones the
+    project, and the flow validates, trains and registers there, the tracked images pulled from the DVC remote."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from components.config import Settings, load_params
+    from components.data.importer import import_data
+    from components.data.tracked import dataset_version
+    from components.registry.registry import list_versions
+    from components.registry.tracking import MODEL_NAME, connect
+    from tests.conftest import make_imagefolder
+    from tests.integration.test_training_flow import TINY_PROFILE
+
+    remote = tmp_path / "dvc-remote"  # the plant's shared remote (S3 there)
+    origin = write_project(tmp_path / "defectops")  # the plant's git server
+    params = yaml.safe_load((origin / "params.yaml").read_text())
+    params["train"]["profile"] = "tiny"
+    params["train"]["profiles"]["tiny"] = TINY_PROFILE
+    params["evaluate"]["n_boot"] = 50
+    params["evaluate"]["gate"].update(min_macro_f1=0.0, min_defect_detection_rate=0.0, max_false_alarm_rate=1.0)
+    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(REPO_ROOT / "flows", origin / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    (origin / "prefect.yaml").write_text(yaml.safe_dump({
+        "name": "defectops", "prefect-version": "3.8.8", "build": None, "push": None,
+        "deployments": [{"name": "train-on-gpu", "entrypoint": "flows/training_flow.py:train_challenger",
+                         "work_pool": {"name": CLONE_POOL},
+                         "pull": [{"prefect.deployments.steps.git_clone": {"repository": str(origin)}}]}]}))
+    origin_settings = Settings(project=origin, home=tmp_path / "origin-home", dvc_remote=str(remote)).ensure()
+    imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=8)), origin_settings,
+                           load_params(origin_settings.params_file))
+    assert imported.pushed, imported.push_message
+    subprocess.run(["git", "-C", str(origin), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(origin), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m",
+                    "project"], check=True)
+
+    job_dir, job_home = tmp_path / "srv-project", tmp_path / "srv-defectops"  # the Job's WORKDIR and claim
+    job_dir.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "BENTOML_HOME", "DEFECTOPS_"))}
+    env.update({"PREFECT_API_URL": PREFECT_API_URL.value(), "DEFECTOPS_HOME": str(job_home),
+                "DEFECTOPS_DVC_REMOTE": str(remote), "HOME": str(tmp_path / "user-home"),
+                "PYTHONPATH": str(REPO_ROOT)})
+    prefect_cli(["work-pool", "create", CLONE_POOL, "--type", "process"], env, origin)
+    prefect_cli(["--no-prompt", "deploy", "--all"], env, origin)
+    started = prefect_cli(["deployment", "run", "train-challenger/train-on-gpu"], env, origin)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
+    assert run_id, started
+    prefect_cli(["worker", "start", "--pool", CLONE_POOL, "--run-once"], env, job_dir, timeout=600)
+
+    async def flow_run() -> object:
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(run_id.group(1)))
+
+    run = asyncio.run(flow_run())
+    assert run.state.is_completed(), (run.state.type, run.state.message)
+    job = Settings(project=origin, home=job_home)  # the Job's state: its own claim, nothing shared with origin
+    [version] = list_versions(job)
+    assert version["dataset_version"] == dataset_version(origin) == imported.version
+    assert "challenger" in version["aliases"]
+    tags = connect(job).get_model_version(MODEL_NAME, version["version"]).tags
+    head = subprocess.run(["git", "-C", str(origin), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert tags["git_commit"] == head, "trained in a clone of the project's repository"
+    assert not any(job_dir.iterdir()), "the flow run worked in its clone, not in the worker's folder"
