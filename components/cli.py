@@ -214,7 +214,7 @@ def data_synth(
 @data_app.command("push")
 @friendly
 def data_push() -> None:
-    """Push dataset versions whose earlier push failed (remote down)."""
+    """Push dataset versions (and dataset commits, to DEFECTOPS_GIT_REMOTE) whose earlier push failed."""
     from components.data.versioning import DatasetRepo
 
     settings, _ = _context()
@@ -255,8 +255,11 @@ def data_status() -> None:
     settings.ensure()
     typer.echo(f"project: {settings.project_root}\nstate:   {settings.home_dir}")
     typer.echo(f"dataset version: {dataset_version(settings.project_root) or 'none'}")
-    unpushed = DatasetRepo(settings).unpushed_versions()
+    repo = DatasetRepo(settings)
+    unpushed = repo.unpushed_versions()
     typer.echo(f"unpushed versions: {', '.join(unpushed) if unpushed else 'none'}")
+    if (waiting := repo.unpushed_commits()) is not None:
+        typer.echo(f"dataset commits not yet pushed to git remote {waiting}: `defectops data push` retries")
     if (settings.data_dir / "images").is_dir():
         frame = tracked_manifest(settings, params)
         table = frame.groupby(["label", "split"]).size().unstack(fill_value=0)

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     demo_data: str | None = Field(None, description="demo source: folder, archive or URL")
     dvc_remote: str | None = Field(None, description="DVC remote URL; default a folder under home")
     dvc_remote_endpoint: str | None = Field(None, description="S3 endpoint URL, for MinIO")
+    git_remote: str | None = Field(None, description="git remote that dataset commits (data.dvc, splits.csv) are "
+                                   "pushed to after their images, e.g. origin; none: they stay in this checkout")
     service_url: str | None = Field(None, description="the running service promotion swaps and waits for; "
                                     "default http://127.0.0.1:<serve.port>")
     workers: int = Field(0, description="processes for manifest building; 0 = one per CPU core")

@@ -153,16 +153,51 @@ class DatasetRepo:
                 except Exception as exc:  # DVC raises many types for a dead remote  # noqa: BLE001
                     failures[ver] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         self._save_unpushed(pending)
-        if failures:
+        if failures:  # the commit waits too: a shared data.dvc must never name images the remote lacks
             return PushOutcome(False, f"push to {self.settings.dvc_remote_url} failed ({failures[next(iter(failures))]}); "
                                       "the version is kept locally and the next import or `defectops data push` retries")
-        return PushOutcome(True, f"pushed to {self.settings.dvc_remote_url}")
+        pushed = f"pushed to {self.settings.dvc_remote_url}"
+        shared = self.push_commits()
+        return PushOutcome(True, pushed) if shared is None else PushOutcome(shared.pushed, f"{pushed}; {shared.message}")
+
+    def push_commits(self) -> PushOutcome | None:
+        """Push this branch's dataset commits to the git remote `DEFECTOPS_GIT_REMOTE` (None when unset), so a
+        fresh clone (a colleague's, a Kubernetes training Job's) gets the new data.dvc and splits.csv."""
+        remote = self.settings.git_remote
+        if not remote:
+            return None
+        branch = git(self.project, "symbolic-ref", "--quiet", "--short", "HEAD", check=False).stdout.strip()
+        if not branch:
+            self._mark_git_pending(remote)
+            return PushOutcome(False, f"git push to {remote} skipped: HEAD is detached in {self.project}; check out "
+                                      "a branch, then `defectops data push`")
+        result = git(self.project, "push", "--quiet", remote, f"HEAD:refs/heads/{branch}", check=False)
+        if result.returncode == 0:
+            self.git_pending_file.unlink(missing_ok=True)
+            return PushOutcome(True, f"{branch} pushed to git remote {remote}")
+        self._mark_git_pending(remote)
+        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        if any("[rejected]" in line or "non-fast-forward" in line for line in lines):
+            return PushOutcome(False, f"git push to {remote} ({branch}) was rejected: the remote branch has commits "
+                                      f"this checkout lacks; run `git pull --rebase {remote} {branch}` in "
+                                      f"{self.project}, then `defectops data push`")
+        reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1] if lines else "?")
+        return PushOutcome(False, f"git push to {remote} ({branch}) failed ({reason}); the commit is kept locally "
+                                  "and the next import or `defectops data push` retries")
+
+    @property
+    def git_pending_file(self) -> Path:
+        return self.settings.state_dir / "git-unpushed"
+
+    def _mark_git_pending(self, remote: str) -> None:
+        self.git_pending_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.git_pending_file, remote)
 
     def retry_pending(self) -> PushOutcome | None:
-        """Push versions whose push failed earlier; None when there are none."""
+        """Push versions (and dataset commits) whose push failed earlier; None when there are none."""
         pending = self._unpushed()
         if not pending:
-            return None
+            return self.push_commits() if self.git_pending_file.is_file() else None
         from components.data.tracked import dataset_version
 
         current = dataset_version(self.project)
@@ -171,6 +206,10 @@ class DatasetRepo:
 
     def unpushed_versions(self) -> list[str]:
         return list(self._unpushed())
+
+    def unpushed_commits(self) -> str | None:
+        """The git remote that dataset commits are waiting for, if a push to it failed."""
+        return self.git_pending_file.read_text().strip() if self.git_pending_file.is_file() else None
 
     def _unpushed(self) -> dict[str, str | None]:
         if not self.unpushed_file.is_file():
