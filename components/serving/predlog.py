@@ -1,4 +1,8 @@
-"""The production log: one JSON line per prediction in `<prod_log_dir>/<YYYY-MM-DD>.jsonl` (UTC days).
+"""The production log: one JSON line per prediction in `<prod_log_dir>/<YYYY-MM-DD>.<host>.jsonl` (UTC days).
+
+Each host writes its own day file: the service's replicas share the folder (a ReadWriteMany claim in
+Kubernetes, where appends from several nodes to one file are not atomic), and `read_log` merges the files of a
+day in timestamp order.
 
 Lines are appended by one background thread (`BackgroundWriter`), never on the request path: a full queue
 drops the line and counts it rather than slow the line down. A crash can only tear the last line of a file;
@@ -54,14 +58,24 @@ def compact_embedding(embedding: np.ndarray | list[float], dims: int = COMPACT_D
 # ------------------------------------------------------------------ writing
 
 
-def day_file(folder: Path, when: datetime) -> Path:
-    """The log file of the UTC day of `when`."""
-    return folder / f"{when.astimezone(UTC).strftime(_DAY_FORMAT)}.jsonl"
+def day_file(folder: Path, when: datetime, writer: str | None = None) -> Path:
+    """The log file of the UTC day of `when` (of one `writer`, a host, when given)."""
+    day = when.astimezone(UTC).strftime(_DAY_FORMAT)
+    return folder / (f"{day}.{writer}.jsonl" if writer else f"{day}.jsonl")
+
+
+def writer_name() -> str:
+    """This host's name as a file-name part (a Kubernetes pod's name)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-") or "host"
 
 
 def _file_day(path: Path) -> date | None:
+    """The day of a log file (`<day>.jsonl`, `<day>.<writer>.jsonl`) or review-queue folder (`<day>`)."""
     try:
-        return datetime.strptime(path.stem, _DAY_FORMAT).date()
+        return datetime.strptime(path.name.split(".", 1)[0], _DAY_FORMAT).date()
     except ValueError:
         return None
 
@@ -158,9 +172,10 @@ class BackgroundWriter:
 class PredictionLog:
     """Appends prediction records to the day's file through a BackgroundWriter, with retention."""
 
-    def __init__(self, folder: Path, writer: BackgroundWriter, retention_days: int) -> None:
+    def __init__(self, folder: Path, writer: BackgroundWriter, retention_days: int, name: str | None = None) -> None:
         self.folder = folder
         self.writer = writer
+        self.name = name or writer_name()
         self.retention_days = retention_days
         self._pruned_on: date | None = None
 
@@ -173,7 +188,7 @@ class PredictionLog:
         if self._pruned_on != now.date():
             self._pruned_on = now.date()
             prune_days(self.folder, self.retention_days, now.date())
-        append_line(day_file(self.folder, datetime.fromisoformat(record["timestamp"])), record)
+        append_line(day_file(self.folder, datetime.fromisoformat(record["timestamp"]), self.name), record)
 
 
 # ------------------------------------------------------------------ reading
@@ -216,6 +231,7 @@ def read_log(folder: Path, since: datetime | date | str | None = None,
     """Records with since <= timestamp < until (UTC; naive values are UTC), skipping torn or invalid lines."""
     start, end = _as_utc(since), _as_utc(until)
     result = LogRead()
+    stamps: list[datetime] = []
     if not folder.is_dir():
         return result
     for path in sorted(folder.glob("*.jsonl")):
@@ -239,7 +255,11 @@ def read_log(folder: Path, since: datetime | date | str | None = None,
                 continue
             if (start and stamp < start) or (end and stamp >= end):
                 continue
+            stamps.append(stamp)
             result.records.append(record)
+    if len(result.files) > 1:  # several writers (replicas) per day: one timeline
+        order = sorted(range(len(stamps)), key=stamps.__getitem__)
+        result.records = [result.records[i] for i in order]
     if result.skipped:
         log.warning("production log %s: skipped %d torn or invalid lines", folder, result.skipped)
     return result

@@ -23,6 +23,7 @@ from components.serving.predlog import (
     day_file,
     prune_days,
     read_log,
+    writer_name,
 )
 from tests.conftest import REPO_ROOT
 
@@ -54,7 +55,26 @@ def test_background_writer_appends_day_files_and_never_blocks(tmp_path: Path) ->
     assert writer.flush()
     result = read_log(tmp_path)
     assert [r["request_id"] for r in result.records] == [f"r{i}" for i in range(500)] and result.skipped == 0
-    assert result.files == [day_file(tmp_path, datetime.now(UTC))]
+    assert result.files == [day_file(tmp_path, datetime.now(UTC), writer_name())]
+    assert result.files[0].name.endswith(f".{writer_name()}.jsonl"), "each host writes its own day file"
+    writer.close()
+
+
+def test_replicas_sharing_the_folder_write_their_own_files_read_as_one_timeline(tmp_path: Path) -> None:
+    """Pods of the Kubernetes Deployment share the log folder (a ReadWriteMany claim): appends from several
+    nodes to one file are not atomic there, so each writes its own day file."""
+    writer = BackgroundWriter()
+    replicas = [PredictionLog(tmp_path, writer, retention_days=30, name=f"defect-classifier-{n}") for n in "ab"]
+    base = datetime.now(UTC) - timedelta(minutes=5)
+    for i in range(10):
+        assert replicas[i % 2].append(record(i, base + timedelta(seconds=i)))
+    assert writer.flush()
+    result = read_log(tmp_path)
+    assert sorted(p.name.split(".")[1] for p in result.files) == ["defect-classifier-a", "defect-classifier-b"]
+    assert [r["request_id"] for r in result.records] == [f"r{i}" for i in range(10)], "merged in time order"
+    old = datetime.now(UTC) - timedelta(days=40)
+    append_line(day_file(tmp_path, old, "defect-classifier-a"), record(99, old))
+    assert [p.name for p in prune_days(tmp_path, keep_days=30)] == [day_file(tmp_path, old, "defect-classifier-a").name]
     writer.close()
 
 
@@ -80,7 +100,7 @@ log = PredictionLog(folder, writer, retention_days=30)
 for i in range(20):
     log.append({"timestamp": datetime.now(UTC).isoformat(), "request_id": f"r{i}", "decision": "accept"})
 writer.flush()
-with day_file(folder, datetime.now(UTC)).open("ab") as handle:  # a record half written when the crash comes
+with day_file(folder, datetime.now(UTC), log.name).open("ab") as handle:  # half written when the crash comes
     handle.write(b'{"timestamp": "2030-01-01T00:00:00+00:00", "request_id": "torn", "decis')
     handle.flush()
     print("torn", flush=True)
@@ -98,7 +118,7 @@ def test_a_writer_killed_mid_line_leaves_a_torn_line_the_reader_skips(tmp_path: 
     result = read_log(tmp_path)
     assert len(result.records) == 20 and result.skipped == 1
     # the next writer starts a fresh line: its record is not glued to the torn one
-    append_line(day_file(tmp_path, datetime.now(UTC)), record(99))
+    append_line(day_file(tmp_path, datetime.now(UTC), writer_name()), record(99))
     result = read_log(tmp_path)
     assert [r["request_id"] for r in result.records][-1] == "r99" and len(result.records) == 21
     assert result.skipped == 1
