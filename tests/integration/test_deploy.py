@@ -37,6 +37,23 @@ def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float 
     return done.stdout
 
 
+def run_on_worker(deployment: str, pool: str, env: dict[str, str], cwd: Path, worker_cwd: Path,
+                  timeout: float = 300) -> object:
+    """Start a run of `deployment`, let one process worker started in `worker_cwd` execute it; the flow run."""
+    from prefect.client.orchestration import get_client
+
+    started = prefect_cli(["deployment", "run", deployment], env, cwd)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
+    assert run_id, started
+    prefect_cli(["worker", "start", "--pool", pool, "--run-once"], env, worker_cwd, timeout=timeout)
+
+    async def flow_run() -> object:
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(run_id.group(1)))
+
+    return asyncio.run(flow_run())
+
+
 def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, prefect_server) -> None:
     import mlflow
     from prefect.client.orchestration import get_client
@@ -77,16 +94,7 @@ def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, p
     assert [s.schedule.cron for s in monthly.schedules] == ["0 2 1 * *"]
     assert monthly.schedules[0].schedule.timezone == "Europe/Berlin"
     assert deployed["daily-drift"].parameters == {"window_days": 30, "trigger_retraining": True, "cooldown_days": 7}
-    started = prefect_cli(["deployment", "run", "promote-approved/promote-approved"], env, project)
-    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
-    assert run_id, started
-    prefect_cli(["worker", "start", "--pool", POOL, "--run-once"], env, project, timeout=300)
-
-    async def flow_run() -> object:
-        async with get_client() as client:
-            return await client.read_flow_run(UUID(run_id.group(1)))
-
-    run = asyncio.run(flow_run())
+    run = run_on_worker("promote-approved/promote-approved", POOL, env, project, project)
     assert run.state.is_completed(), (run.state.type, run.state.message)
     assert run.deployment_id == deployed["promote-approved"].id
     record = read_record(settings)
@@ -102,7 +110,6 @@ def test_a_git_clone_deployment_trains_in_a_fresh_clone_that_pulls_its_data(tmp_
     empty folder with no DEFECTOPS_PROJECT (infra/worker/Dockerfile), prefect.yaml's git_clone pull step clones the
     project, and the flow validates, trains and registers there, the tracked images pulled from the DVC remote."""
     import yaml
-    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     from components.config import Settings, load_params
@@ -144,16 +151,7 @@ def test_a_git_clone_deployment_trains_in_a_fresh_clone_that_pulls_its_data(tmp_
                 "PYTHONPATH": str(REPO_ROOT)})
     prefect_cli(["work-pool", "create", CLONE_POOL, "--type", "process"], env, origin)
     prefect_cli(["--no-prompt", "deploy", "--all"], env, origin)
-    started = prefect_cli(["deployment", "run", "train-challenger/train-on-gpu"], env, origin)
-    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
-    assert run_id, started
-    prefect_cli(["worker", "start", "--pool", CLONE_POOL, "--run-once"], env, job_dir, timeout=600)
-
-    async def flow_run() -> object:
-        async with get_client() as client:
-            return await client.read_flow_run(UUID(run_id.group(1)))
-
-    run = asyncio.run(flow_run())
+    run = run_on_worker("train-challenger/train-on-gpu", CLONE_POOL, env, origin, job_dir, timeout=600)
     assert run.state.is_completed(), (run.state.type, run.state.message)
     job = Settings(project=origin, home=job_home)  # the Job's state: its own claim, nothing shared with origin
     [version] = list_versions(job)
