@@ -105,60 +105,74 @@ def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, p
     assert tags["deployment_status"] == "serving" and tags["deployed_by"] == "promote-approved flow", tags
 
 
-def test_a_git_clone_deployment_trains_in_a_fresh_clone_that_pulls_its_data(tmp_path: Path, prefect_server) -> None:
+def test_a_git_clone_deployment_of_the_monthly_loop_runs_in_a_fresh_clone(tmp_path: Path, prefect_server) -> None:
     """The Kubernetes training Job's shape (infra/README.md), on a process worker: the flow run starts in an
-    empty folder with no DEFECTOPS_PROJECT (infra/worker/Dockerfile), prefect.yaml's git_clone pull step clones the
-    project, and the flow validates, trains and registers there, the tracked images pulled from the DVC remote."""
+    empty folder with no DEFECTOPS_PROJECT (infra/worker/Dockerfile) and prefect.yaml's git_clone pull step clones
+    the team's repository. The monthly flow then imports the month's images on top of the committed version
+    (pulled from the DVC remote), pushes the images and then the dataset commit (DEFECTOPS_GIT_REMOTE=origin),
+    trains and registers: the next clone sees the new version."""
     import yaml
     from prefect.settings import PREFECT_API_URL
 
     from components.config import Settings, load_params
     from components.data.importer import import_data
-    from components.data.tracked import dataset_version
+    from components.data.versioning import DatasetRepo
     from components.registry.registry import list_versions
     from components.registry.tracking import MODEL_NAME, connect
     from tests.conftest import make_imagefolder
     from tests.integration.test_training_flow import TINY_PROFILE
 
-    remote = tmp_path / "dvc-remote"  # the plant's shared remote (S3 there)
-    origin = write_project(tmp_path / "defectops")  # the plant's git server
-    params = yaml.safe_load((origin / "params.yaml").read_text())
+    def git(folder: Path, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    remote, origin = tmp_path / "dvc-remote", tmp_path / "defectops.git"  # the plant's S3 bucket and git server
+    checkout = write_project(tmp_path / "checkout")  # an engineer's checkout, where the project began
+    params = yaml.safe_load((checkout / "params.yaml").read_text())
     params["train"]["profile"] = "tiny"
     params["train"]["profiles"]["tiny"] = TINY_PROFILE
     params["evaluate"]["n_boot"] = 50
     params["evaluate"]["gate"].update(min_macro_f1=0.0, min_defect_detection_rate=0.0, max_false_alarm_rate=1.0)
-    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(REPO_ROOT / "flows", origin / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    (origin / "prefect.yaml").write_text(yaml.safe_dump({
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(REPO_ROOT / "flows", checkout / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    new_month = make_imagefolder(tmp_path / "new-month", per_class=4, seed=5)
+    (checkout / "prefect.yaml").write_text(yaml.safe_dump({
         "name": "defectops", "prefect-version": "3.8.8", "build": None, "push": None,
-        "deployments": [{"name": "train-on-gpu", "entrypoint": "flows/training_flow.py:train_challenger",
-                         "work_pool": {"name": CLONE_POOL},
+        "deployments": [{"name": "monthly-retraining-gpu", "entrypoint": "flows/monthly_flow.py:monthly_retraining",
+                         "parameters": {"new_data": str(new_month)}, "work_pool": {"name": CLONE_POOL},
                          "pull": [{"prefect.deployments.steps.git_clone": {"repository": str(origin)}}]}]}))
-    origin_settings = Settings(project=origin, home=tmp_path / "origin-home", dvc_remote=str(remote)).ensure()
-    imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=8)), origin_settings,
-                           load_params(origin_settings.params_file))
-    assert imported.pushed, imported.push_message
-    subprocess.run(["git", "-C", str(origin), "add", "-A"], check=True)
-    subprocess.run(["git", "-C", str(origin), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m",
-                    "project"], check=True)
+    engineer = Settings(project=checkout, home=tmp_path / "checkout-home", dvc_remote=str(remote)).ensure()
+    first = import_data(str(make_imagefolder(tmp_path / "batch", per_class=8)), engineer,
+                        load_params(engineer.params_file))
+    assert first.pushed, first.push_message
+    git(checkout, "add", "-A")
+    git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project")
+    subprocess.run(["git", "clone", "-q", "--bare", str(checkout), str(origin)], check=True)
 
     job_dir, job_home = tmp_path / "srv-project", tmp_path / "srv-defectops"  # the Job's WORKDIR and claim
     job_dir.mkdir()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_", "BENTOML_HOME", "DEFECTOPS_"))}
     env.update({"PREFECT_API_URL": PREFECT_API_URL.value(), "DEFECTOPS_HOME": str(job_home),
-                "DEFECTOPS_DVC_REMOTE": str(remote), "HOME": str(tmp_path / "user-home"),
-                "PYTHONPATH": str(REPO_ROOT)})
-    prefect_cli(["work-pool", "create", CLONE_POOL, "--type", "process"], env, origin)
-    prefect_cli(["--no-prompt", "deploy", "--all"], env, origin)
-    run = run_on_worker("train-challenger/train-on-gpu", CLONE_POOL, env, origin, job_dir, timeout=600)
+                "DEFECTOPS_DVC_REMOTE": str(remote), "DEFECTOPS_GIT_REMOTE": "origin",
+                "HOME": str(tmp_path / "user-home"), "PYTHONPATH": str(REPO_ROOT)})
+    prefect_cli(["work-pool", "create", CLONE_POOL, "--type", "process"], env, checkout)
+    prefect_cli(["--no-prompt", "deploy", "--all"], env, checkout)
+    run = run_on_worker("monthly-retraining/monthly-retraining-gpu", CLONE_POOL, env, checkout, job_dir,
+                        timeout=600)
     assert run.state.is_completed(), (run.state.type, run.state.message)
-    job = Settings(project=origin, home=job_home)  # the Job's state: its own claim, nothing shared with origin
-    [version] = list_versions(job)
-    assert version["dataset_version"] == dataset_version(origin) == imported.version
-    assert "challenger" in version["aliases"]
-    tags = connect(job).get_model_version(MODEL_NAME, version["version"]).tags
-    head = subprocess.run(["git", "-C", str(origin), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    assert tags["git_commit"] == head, "trained in a clone of the project's repository"
     assert not any(job_dir.iterdir()), "the flow run worked in its clone, not in the worker's folder"
+
+    pushed = git(origin, "log", "-1", "--format=%H %s", "main")
+    assert pushed.split(" ", 1)[1].startswith("data: version "), "the Job pushed its dataset commit"
+    month_version = pushed.split()[3]
+    assert month_version != first.version and month_version in git(origin, "show", "main:data.dvc")
+    job = Settings(project=checkout, home=job_home)  # the Job's state: its own claim
+    [version] = list_versions(job)
+    assert version["dataset_version"] == month_version and "challenger" in version["aliases"]
+    assert connect(job).get_model_version(MODEL_NAME, version["version"]).tags["git_commit"] == pushed.split()[0]
+
+    subprocess.run(["git", "clone", "-q", str(origin), str(tmp_path / "next-clone")], check=True)
+    next_clone = Settings(project=tmp_path / "next-clone", home=tmp_path / "next-home", dvc_remote=str(remote))
+    DatasetRepo(next_clone.ensure()).restore()  # next month's Job gets this month's images from the remote
+    assert sum(1 for f in (next_clone.data_dir / "images").rglob("*.png")) == 3 * 8 + 3 * 4
