@@ -1,9 +1,14 @@
-"""Process locks under the state root, so two imports (or two monthly runs) never interleave."""
+"""Process locks under the state root, so two imports (or two monthly runs) never interleave.
+
+flock(2); on the NFS claim that Kubernetes Jobs share the Linux client turns it into a POSIX lock the server
+holds, so Jobs on different nodes exclude each other too. The holder is named by process id and host.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +28,11 @@ def exclusive(lock_dir: Path, name: str, what: str) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise ConcurrentRunError(f"{what} is already running (pid {holder}); wait for it to finish") from exc
+        raise ConcurrentRunError(f"{what} is already running ({holder}); wait for it to finish") from exc
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
         yield
     finally:

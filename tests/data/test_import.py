@@ -184,7 +184,11 @@ def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp
 
 def test_two_imports_at_once_refuse(project, tmp_path: Path) -> None:
     project.ensure()
-    with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError):
+    import os
+    import socket
+
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"  # Jobs on other nodes share the lock folder
+    with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError, match=holder):
         _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
 
 
