@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -184,9 +186,6 @@ def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp
 
 def test_two_imports_at_once_refuse(project, tmp_path: Path) -> None:
     project.ensure()
-    import os
-    import socket
-
     holder = f"pid {os.getpid()} on {socket.gethostname()}"  # Jobs on other nodes share the lock folder
     with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError, match=holder):
         _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
