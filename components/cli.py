@@ -231,7 +231,9 @@ def data_push() -> None:
 
 @data_app.command("pull")
 @friendly
-def data_pull() -> None:
+def data_pull(
+    force: Annotated[bool, typer.Option("--force", help="Discard what differs in data/ (local changes).")] = False,
+) -> None:
     """Bring the committed dataset version (data.dvc) into data/ from DVC's cache or the remote (a fresh clone)."""
     from components.data.tracked import dataset_version, restore_data
 
@@ -239,7 +241,7 @@ def data_pull() -> None:
     version = dataset_version(settings.project_root)
     if version is None:
         raise UsageError("no dataset version is committed (no data.dvc); run `defectops data import SOURCE` first")
-    restore_data(settings)
+    restore_data(settings, force=force)
     count = sum(1 for f in (settings.data_dir / "images").rglob("*") if f.is_file())
     typer.echo(f"dataset version {version}: {count} images in {settings.data_dir / 'images'}")
 
@@ -248,7 +250,7 @@ def data_pull() -> None:
 @friendly
 def data_status() -> None:
     """Show the tracked dataset version, its images per class and split, and unpushed versions."""
-    from components.data.tracked import dataset_version, tracked_manifest
+    from components.data.tracked import dataset_version, tracked_manifest, workspace_difference
     from components.data.versioning import DatasetRepo
 
     settings, params = _context()
@@ -260,7 +262,10 @@ def data_status() -> None:
     typer.echo(f"unpushed versions: {', '.join(unpushed) if unpushed else 'none'}")
     if (waiting := repo.unpushed_commits()) is not None:
         typer.echo(f"dataset commits not yet pushed to git remote {waiting}: `defectops data push` retries")
-    if (settings.data_dir / "images").is_dir():
+    if (settings.data_dir / "images").is_dir() and (differs := workspace_difference(settings)):
+        typer.echo(f"{settings.data_dir} does not hold that version ({differs}): `defectops data pull --force` "
+                   "brings it, discarding the changes in data/")
+    elif (settings.data_dir / "images").is_dir():
         frame = tracked_manifest(settings, params)
         table = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
         typer.echo(table.to_string())

@@ -49,22 +49,46 @@ def usable_rows(rows: pd.DataFrame, what: str) -> pd.DataFrame:
 
 
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
-    """Manifest of `data/` with the splits committed in splits.csv; a committed version missing from data/ (a
-    fresh clone) is pulled first."""
+    """Manifest of `data/` with the splits committed in splits.csv.
+
+    data/ must hold the version data.dvc commits, which is what a model records it was trained on: a
+    missing data/ (a fresh clone) is pulled first; a data/ that differs (edited by hand, or a `git pull` that
+    brought a newer data.dvc) is refused, since pulling over it would discard changes.
+    """
+    version = dataset_version(settings.project_root)
     if not (settings.data_dir / "images").is_dir():
-        if dataset_version(settings.project_root) is None:
+        if version is None:
             raise UsageError(f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` first")
         restore_data(settings)
+    elif version is not None and (differs := workspace_difference(settings)):
+        raise UsageError(f"{settings.data_dir} does not hold the committed dataset version {version} ({differs}); "
+                         "`defectops data pull --force` brings it, discarding the changes in data/, and "
+                         "`defectops data import` versions new images")
     return manifest_of(settings.data_dir, settings, params, read_splits(settings.splits_file), progress)
 
 
-def restore_data(settings: Settings) -> None:
-    """Pull the committed dataset version into data/, under the data lock (never beside an import)."""
+def workspace_difference(settings: Settings) -> str | None:
+    """How data/ differs from the version data.dvc commits (DVC's status: modified, not in cache, ...), or
+    None when it holds that version (or the project is no DVC repository)."""
+    if not (settings.project_root / ".dvc").is_dir():
+        return None
+    from dvc.repo import Repo
+
+    with Repo(str(settings.project_root)) as repo:
+        status = repo.status(targets=[str(settings.project_root / "data.dvc")])
+    states = {state for entries in status.values() for entry in entries if isinstance(entry, dict)
+              for state in (entry.get("changed outs") or {}).values()}
+    return ", ".join(sorted(states)) or None
+
+
+def restore_data(settings: Settings, force: bool = False) -> None:
+    """Pull the committed dataset version into data/, under the data lock (never beside an import); `force`
+    discards what differs in data/."""
     from components.data.versioning import DatasetRepo
     from components.locks import exclusive
 
     settings.ensure()
     with exclusive(settings.locks_dir, "data", "a dataset import"):
-        log.info("data/ does not hold the committed dataset version %s: pulling it from %s",
-                 dataset_version(settings.project_root), settings.dvc_remote_url)
-        DatasetRepo(settings).restore()
+        log.info("bringing the committed dataset version %s into %s (from the cache or %s)",
+                 dataset_version(settings.project_root), settings.data_dir, settings.dvc_remote_url)
+        DatasetRepo(settings).restore(force=force)

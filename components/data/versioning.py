@@ -98,7 +98,7 @@ class DatasetRepo:
             stages = repo.add(str(self.project / "data"))
             return stages[0].outs[0].hash_info.value
 
-    def restore(self) -> None:
+    def restore(self, force: bool = False) -> None:
         """Bring the committed dataset version (data.dvc) into data/: from DVC's cache, else the remote.
 
         A fresh clone (a Kubernetes training Job's `git_clone`, a colleague's checkout) has data.dvc but no
@@ -113,7 +113,7 @@ class DatasetRepo:
         was_there = data_dir.exists()
         try:
             with Repo(str(self.project)) as repo:
-                repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME)
+                repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME, force=force)
         except Exception as exc:  # DVC raises many types for a missing cache or a dead remote
             if not was_there:  # a partial checkout must not pass for the dataset
                 shutil.rmtree(data_dir, ignore_errors=True)

@@ -42,6 +42,8 @@ def _clone(settings, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch,
 
 def test_a_fresh_clone_pulls_the_committed_version_and_a_wrong_remote_is_one_line(
         project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.cli import app
+
     imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=4)), project,
                            load_params(project.params_file))
     assert imported.pushed, imported.push_message
@@ -52,6 +54,18 @@ def test_a_fresh_clone_pulls_the_committed_version_and_a_wrong_remote_is_one_lin
     clone = _clone(project, tmp_path, "clone", monkeypatch, project.dvc_remote_url)
     rows = tracked_manifest(clone, load_params(clone.params_file))  # what train, register and evaluate call
     assert len(rows) == 12 and sorted(zip(rows["path"], rows["split"])) == splits
+    assert _digests(clone.data_dir / "images") == original
+
+    # data/ must hold what data.dvc names, or a model would record one version and learn another
+    edited = next((clone.data_dir / "images" / "dent").iterdir())
+    edited.write_bytes(b"edited by hand")
+    with pytest.raises(UsageError, match=f"does not hold the committed dataset version {imported.version} "
+                                         r"\(modified\); `defectops data pull --force`"):
+        tracked_manifest(clone, load_params(clone.params_file))
+    runner = CliRunner()
+    assert "data pull --force" in runner.invoke(app, ["data", "status"]).output
+    pulled = runner.invoke(app, ["data", "pull", "--force"])
+    assert pulled.exit_code == 0 and f"dataset version {imported.version}: 12 images" in pulled.output, pulled.output
     assert _digests(clone.data_dir / "images") == original
 
     lost = _clone(project, tmp_path, "lost", monkeypatch, str(tmp_path / "empty-remote"))

@@ -69,10 +69,12 @@ def test_nan_divergence_registers_nothing(project, tmp_path: Path, prefect_serve
 def test_invalid_data_stops_before_training(project, tmp_path: Path, prefect_server) -> None:
     from prefect.states import StateType
 
+    from components.data.versioning import DatasetRepo
     from flows.training_flow import train_challenger
 
     _tracked_project(project, tmp_path)
     (project.data_dir / "images" / "dent" / "img_000.png").write_bytes(b"")
+    DatasetRepo(project).add()  # the committed version (data.dvc) holds the broken image
     state = train_challenger(out_dir=str(tmp_path / "train"), return_state=True)
     assert state.type == StateType.FAILED and "img_000.png" in state.message
     assert not (tmp_path / "train").exists()
