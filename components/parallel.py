@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 
 def keep_buffers_in_heap() -> None:
@@ -35,3 +36,20 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     """Consecutive slices of at most `size` items."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def image_pool(workers: int, initializer: Callable[..., None] = init_image_worker,
+               initargs: tuple = ()) -> ProcessPoolExecutor:
+    """Worker processes for image work, forked from a clean forkserver rather than from the caller.
+
+    Forking the caller hangs a worker when the caller has run OpenCV's thread pool (decoding, augmentation,
+    serving): the pool's threads do not survive the fork, and the worker's first OpenCV call waits for them.
+    The forkserver is started once per process with the image modules loaded, so a pool still starts fast;
+    what a worker needs from the caller comes through `initargs`.
+    """
+    from multiprocessing import get_context
+
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["components.validation.manifest", "components.data.synth"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer,
+                               initargs=initargs)

@@ -26,9 +26,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from components.errors import UsageError
 from components.files import write_bytes_atomic
-from components.parallel import chunks, init_image_worker
+from components.parallel import chunks, image_pool
 
 log = logging.getLogger(__name__)
 
@@ -592,8 +591,7 @@ def generate(out: Path, count: int, size: int = 128, seed: int = 42, image_forma
                 if bar:
                     bar.update(done)
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"),
-                                     initializer=init_image_worker) as pool:
+            with image_pool(workers) as pool:
                 for future in as_completed([pool.submit(_render_files, job) for job in jobs]):
                     done = future.result()
                     if bar:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +24,7 @@ from components.data.layout import LabelledImage
 from components.data.split import assign_splits, group_keys
 from components.errors import DefectOpsError
 from components.files import replacing
-from components.parallel import chunks, init_image_worker
+from components.parallel import chunks, image_pool, init_image_worker
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +62,13 @@ def inspect_bytes(raw: bytes, max_pixels: int) -> dict:
 
 # contents already in the cache: set before the worker processes fork, so they inherit it
 _KNOWN_CONTENT: frozenset[str] = frozenset()
+
+
+def _init_inspect_worker(known_content: frozenset[str]) -> None:
+    """Initializer of a manifest worker: the image worker's settings and the contents already in the cache."""
+    global _KNOWN_CONTENT
+    init_image_worker()
+    _KNOWN_CONTENT = known_content
 
 
 def _inspect_files(job: tuple[list[str], int]) -> list[dict]:
@@ -143,8 +148,7 @@ def _run_jobs(jobs: list, workers: int, progress: bool, total: int) -> list[list
     if workers <= 1 or len(jobs) <= 2:
         iterator = map(_inspect_files, jobs)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"),
-                                   initializer=init_image_worker)
+        pool = image_pool(workers, _init_inspect_worker, (_KNOWN_CONTENT,))
         iterator = pool.map(_inspect_files, jobs)
     for chunk in iterator:
         results.append(chunk)
