@@ -71,9 +71,19 @@ class Row:
 
 
 def cpu_seconds() -> float:
-    """CPU time used so far by this process and its reaped children (pool workers, subprocesses)."""
+    """CPU time used so far by this process and its reaped children (subprocesses), and by the live children
+    with theirs: the pool workers fork from multiprocessing's forkserver, which outlives them and reaps them."""
+    import psutil
+
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in psutil.Process().children():
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system + c.children_user + c.children_system
+        except psutil.Error:  # ended meanwhile: counted once reaped
+            continue
+    return total
 
 
 def timed(action: Callable[[], Any]) -> tuple[Any, float, float]:

@@ -50,6 +50,6 @@ def image_pool(workers: int, initializer: Callable[..., None] = init_image_worke
     from multiprocessing import get_context
 
     context = get_context("forkserver")
-    context.set_forkserver_preload(["components.validation.manifest", "components.data.synth"])
+    context.set_forkserver_preload(["components.validation.facts", "components.data.synth"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer,
                                initargs=initargs)

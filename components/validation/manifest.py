@@ -10,7 +10,6 @@ renamed image is hashed but not decoded again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -19,17 +18,19 @@ from pathlib import Path
 import pandas as pd
 
 from components.config import GroupingParams, SplitParams
-from components.data.images import decode, image_stats
 from components.data.layout import LabelledImage
 from components.data.split import assign_splits, group_keys
-from components.errors import DefectOpsError
 from components.files import replacing
-from components.parallel import chunks, image_pool, init_image_worker
+from components.parallel import chunks, image_pool
+from components.validation.facts import (
+    FACT_COLUMNS,
+    init_facts_worker,
+    inspect_files,
+    set_known_content,
+)
 
 log = logging.getLogger(__name__)
 
-FACT_COLUMNS = ["width", "height", "mode", "channels", "readable", "error", "brightness", "contrast",
-                "sharpness"]
 MANIFEST_COLUMNS = ["path", "file", "label", "group", "split", "bytes", "sha256", *FACT_COLUMNS, "has_mask"]
 CACHE_FILE = "manifest-cache.parquet"
 _CHUNK = 32
@@ -46,41 +47,6 @@ class _FileKey:
     def of(cls, path: Path) -> _FileKey:
         st = path.stat()
         return cls(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def inspect_bytes(raw: bytes, max_pixels: int) -> dict:
-    """Facts about one image's bytes: size, mode, statistics, or why it is unreadable."""
-    facts: dict = dict.fromkeys(FACT_COLUMNS)
-    try:
-        image = decode(raw, max_pixels)
-        facts.update(width=image.width, height=image.height, mode=image.mode, channels=image.channels,
-                     readable=True, error="", **image_stats(image.pixels))
-    except DefectOpsError as exc:
-        facts.update(readable=False, error=str(exc).removeprefix("upload: "))
-    return facts
-
-
-# contents already in the cache: set before the worker processes fork, so they inherit it
-_KNOWN_CONTENT: frozenset[str] = frozenset()
-
-
-def _init_inspect_worker(known_content: frozenset[str]) -> None:
-    """Initializer of a manifest worker: the image worker's settings and the contents already in the cache."""
-    global _KNOWN_CONTENT
-    init_image_worker()
-    _KNOWN_CONTENT = known_content
-
-
-def _inspect_files(job: tuple[list[str], int]) -> list[dict]:
-    files, max_pixels = job
-    rows = []
-    for file in files:
-        raw = Path(file).read_bytes()
-        row = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
-        if row["sha256"] not in _KNOWN_CONTENT:
-            row.update(inspect_bytes(raw, max_pixels))
-        rows.append(row)
-    return rows
 
 
 class ManifestCache:
@@ -120,13 +86,12 @@ def inspect(files: list[Path], max_pixels: int, cache_dir: Path | None, workers:
             todo.append(i)
     if todo:
         # files whose stat changed are hashed; only unknown contents are decoded
-        global _KNOWN_CONTENT
-        _KNOWN_CONTENT = frozenset(cache.by_sha)
+        known = frozenset(cache.by_sha)
         jobs = [([str(files[i]) for i in chunk], max_pixels) for chunk in chunks(todo, _CHUNK)]
         try:
-            results = _run_jobs(jobs, workers, progress, len(todo))
+            results = _run_jobs(jobs, known, workers, progress, len(todo))
         finally:
-            _KNOWN_CONTENT = frozenset()
+            set_known_content(frozenset())
         for i, row in zip(todo, (r for chunk in results for r in chunk), strict=True):
             if row.get("readable") is None and row["sha256"] in cache.by_sha:
                 row.update(cache.by_sha[row["sha256"]])
@@ -138,7 +103,7 @@ def inspect(files: list[Path], max_pixels: int, cache_dir: Path | None, workers:
     return pd.DataFrame(out, columns=["bytes", "sha256", *FACT_COLUMNS])
 
 
-def _run_jobs(jobs: list, workers: int, progress: bool, total: int) -> list[list[dict]]:
+def _run_jobs(jobs: list, known: frozenset[str], workers: int, progress: bool, total: int) -> list[list[dict]]:
     bar = None
     if progress and total > 200:
         from tqdm import tqdm
@@ -146,10 +111,11 @@ def _run_jobs(jobs: list, workers: int, progress: bool, total: int) -> list[list
         bar = tqdm(total=total, unit="img", desc="manifest", leave=False)
     results = []
     if workers <= 1 or len(jobs) <= 2:
-        iterator = map(_inspect_files, jobs)
+        set_known_content(known)
+        iterator = map(inspect_files, jobs)
     else:
-        pool = image_pool(workers, _init_inspect_worker, (_KNOWN_CONTENT,))
-        iterator = pool.map(_inspect_files, jobs)
+        pool = image_pool(workers, init_facts_worker, (known,))
+        iterator = pool.map(inspect_files, jobs)
     for chunk in iterator:
         results.append(chunk)
         if bar:
