@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,9 +68,6 @@ def day_file(folder: Path, when: datetime, writer: str | None = None) -> Path:
 
 def writer_name() -> str:
     """This host's name as a file-name part (a Kubernetes pod's name)."""
-    import re
-    import socket
-
     return re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-") or "host"
 
 
