@@ -62,6 +62,10 @@ def test_a_fresh_clone_pulls_the_committed_version_and_a_wrong_remote_is_one_lin
     with pytest.raises(UsageError, match=f"does not hold the committed dataset version {imported.version} "
                                          r"\(modified\); `defectops data pull --force`"):
         tracked_manifest(clone, load_params(clone.params_file))
+    with pytest.raises(UsageError, match="does not hold the committed dataset version"):  # nor is it extended
+        import_data(str(make_imagefolder(tmp_path / "more", per_class=4, seed=9)), clone,
+                    load_params(clone.params_file))
+    assert dataset_version(clone.project_root) == imported.version
     runner = CliRunner()
     assert "data pull --force" in runner.invoke(app, ["data", "status"]).output
     pulled = runner.invoke(app, ["data", "pull", "--force"])
