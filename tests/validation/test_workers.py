@@ -4,6 +4,7 @@ serving decodes) used to hang its forked workers at their first OpenCV call, abo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,12 @@ def test_workers_do_not_hang_after_the_caller_used_opencv_threads(tmp_path: Path
     script = tmp_path / "caller.py"
     script.write_text(CALLER)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    caller = subprocess.Popen([sys.executable, str(script), str(listing)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, str(script), str(listing)], env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
+        out, err = caller.communicate(timeout=120)
     except subprocess.TimeoutExpired as exc:
+        os.killpg(caller.pid, signal.SIGKILL)  # the caller and its hung workers
+        caller.communicate()
         raise AssertionError("a manifest worker hung after the caller used OpenCV's thread pool") from exc
-    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+    assert caller.returncode == 0 and "done" in out, err[-2000:]
