@@ -250,7 +250,7 @@ def data_pull(
 @friendly
 def data_status() -> None:
     """Show the tracked dataset version, its images per class and split, and unpushed versions."""
-    from components.data.tracked import dataset_version, tracked_manifest, workspace_difference
+    from components.data.tracked import committed_manifest, dataset_version, workspace_problem
     from components.data.versioning import DatasetRepo
 
     settings, params = _context()
@@ -262,11 +262,10 @@ def data_status() -> None:
     typer.echo(f"unpushed versions: {', '.join(unpushed) if unpushed else 'none'}")
     if (waiting := repo.unpushed_commits()) is not None:
         typer.echo(f"dataset commits not yet pushed to git remote {waiting}: `defectops data push` retries")
-    if (settings.data_dir / "images").is_dir() and (differs := workspace_difference(settings)):
-        typer.echo(f"{settings.data_dir} does not hold that version ({differs}): `defectops data pull --force` "
-                   "brings it, discarding the changes in data/")
+    if (settings.data_dir / "images").is_dir() and (problem := workspace_problem(settings)):
+        typer.echo(problem)
     elif (settings.data_dir / "images").is_dir():
-        frame = tracked_manifest(settings, params)
+        frame = committed_manifest(settings, params)  # checked just above
         table = frame.groupby(["label", "split"]).size().unstack(fill_value=0)
         typer.echo(table.to_string())
     elif dataset_version(settings.project_root):

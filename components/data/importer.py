@@ -23,7 +23,7 @@ from components.config import Params, Settings, cpu_workers
 from components.data.layout import LabelledImage, discover
 from components.data.sources import open_source
 from components.data.split import read_splits, write_splits
-from components.data.tracked import dataset_version, workspace_difference
+from components.data.tracked import dataset_version, workspace_problem
 from components.data.versioning import DatasetRepo, commit
 from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed
 from components.files import replacing, write_text_atomic
@@ -168,9 +168,8 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
         previous = dataset_version(project)
         if previous and not (settings.data_dir / "images").is_dir():
             repo.checkout_or_pull()
-        elif previous and (differs := workspace_difference(settings)):  # a new version must extend the committed one
-            raise UsageError(f"{settings.data_dir} does not hold the committed dataset version {previous} "
-                              f"({differs}); `defectops data pull --force` brings it, then import again")
+        elif problem := workspace_problem(settings):  # a new version must extend the committed one
+            raise UsageError(problem)
         existing: list[LabelledImage] = discover(settings.data_dir)[1] if (settings.data_dir / "images").is_dir() else []
         workers = cpu_workers(settings)
         existing_facts = inspect([i.path for i in existing], params.data.max_image_pixels, settings.cache_dir, workers)

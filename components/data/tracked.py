@@ -55,22 +55,26 @@ def tracked_manifest(settings: Settings, params: Params, progress: bool = False)
     missing data/ (a fresh clone) is pulled first; a data/ that differs (edited by hand, or a `git pull` that
     brought a newer data.dvc) is refused, since pulling over it would discard changes.
     """
-    version = dataset_version(settings.project_root)
     if not (settings.data_dir / "images").is_dir():
-        if version is None:
+        if dataset_version(settings.project_root) is None:
             raise UsageError(f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` first")
         restore_data(settings)
-    elif version is not None and (differs := workspace_difference(settings)):
-        raise UsageError(f"{settings.data_dir} does not hold the committed dataset version {version} ({differs}); "
-                         "`defectops data pull --force` brings it, discarding the changes in data/, and "
-                         "`defectops data import` versions new images")
+    elif problem := workspace_problem(settings):
+        raise UsageError(problem)
+    return committed_manifest(settings, params, progress)
+
+
+def committed_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
+    """Manifest of `data/` with the committed splits, as it is (tracked_manifest checks it first)."""
     return manifest_of(settings.data_dir, settings, params, read_splits(settings.splits_file), progress)
 
 
-def workspace_difference(settings: Settings) -> str | None:
-    """How data/ differs from the version data.dvc commits (DVC's status: modified, not in cache, ...), or
-    None when it holds that version (or the project is no DVC repository)."""
-    if not (settings.project_root / ".dvc").is_dir():
+def workspace_problem(settings: Settings) -> str | None:
+    """One line saying how data/ differs from the version data.dvc commits (DVC's status: modified, not in
+    cache, ...) and how to bring that version; None when data/ holds it, or there is no version or DVC
+    repository to compare with."""
+    version = dataset_version(settings.project_root)
+    if version is None or not (settings.project_root / ".dvc").is_dir():
         return None
     from dvc.repo import Repo
 
@@ -78,7 +82,10 @@ def workspace_difference(settings: Settings) -> str | None:
         status = repo.status(targets=[str(settings.project_root / "data.dvc")])
     states = {state for entries in status.values() for entry in entries if isinstance(entry, dict)
               for state in (entry.get("changed outs") or {}).values()}
-    return ", ".join(sorted(states)) or None
+    if not states:
+        return None
+    return (f"{settings.data_dir} does not hold the committed dataset version {version} ({', '.join(sorted(states))}); "
+            "`defectops data pull --force` brings it, discarding the changes in data/")
 
 
 def restore_data(settings: Settings, force: bool = False) -> None:

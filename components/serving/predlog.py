@@ -230,9 +230,9 @@ def read_log(folder: Path, since: datetime | date | str | None = None,
     """Records with since <= timestamp < until (UTC; naive values are UTC), skipping torn or invalid lines."""
     start, end = _as_utc(since), _as_utc(until)
     result = LogRead()
-    stamps: list[datetime] = []
     if not folder.is_dir():
         return result
+    rows: list[tuple[datetime, dict[str, Any]]] = []
     for path in sorted(folder.glob("*.jsonl")):
         day = _file_day(path)
         if day is None:
@@ -254,11 +254,10 @@ def read_log(folder: Path, since: datetime | date | str | None = None,
                 continue
             if (start and stamp < start) or (end and stamp >= end):
                 continue
-            stamps.append(stamp)
-            result.records.append(record)
-    if len(result.files) > 1:  # several writers (replicas) per day: one timeline
-        order = sorted(range(len(stamps)), key=stamps.__getitem__)
-        result.records = [result.records[i] for i in order]
+            rows.append((stamp, record))
+    if len(result.files) > 1:  # several writers (replicas) per day: one timeline (the sort is stable)
+        rows.sort(key=lambda row: row[0])
+    result.records = [record for _, record in rows]
     if result.skipped:
         log.warning("production log %s: skipped %d torn or invalid lines", folder, result.skipped)
     return result
