@@ -342,7 +342,12 @@ def run_baseline(model_path: str, port: int, max_pixels: int) -> None:
 def ceiling(settings: Any, images: list[tuple[str, bytes]], max_pixels: int, seconds: float,
             rounds: int = 3) -> dict[str, Any]:
     """Images/s of the served engine in this process: forward only at batch sizes 1..16 (median of interleaved
-    rounds, so a burst of other load hits every size alike), and with decode + preprocessing at the best size."""
+    rounds, so a burst of other load hits every size alike), and with decode + preprocessing at the best size.
+
+    An engine with several streams (OpenVINO's throughput streams, which the service's inference threads use
+    side by side) is also measured that way: one thread per stream, each running its own batches of 1..4;
+    the ceiling is the faster of the two ways.
+    """
     import statistics
 
     import cv2
@@ -369,13 +374,43 @@ def ceiling(settings: Any, images: list[tuple[str, bytes]], max_pixels: int, sec
         cpu_ms[batch_size].append((time.process_time() - cpu) * 1000 / count)
         return count / (time.perf_counter() - started)
 
+    def side_by_side(batch_size: int) -> float:
+        """Every stream busy with its own batches of `batch_size`, one thread each."""
+        counts = [0] * engine.streams
+        started, cpu = time.perf_counter(), time.process_time()
+
+        def loop(stream: int) -> None:
+            while time.perf_counter() - started < seconds:
+                engine.forward(batches[batch_size], stream)
+                counts[stream] += batch_size
+
+        threads = [threading.Thread(target=loop, args=(s,)) for s in range(engine.streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        stream_cpu_ms[batch_size].append((time.process_time() - cpu) * 1000 / sum(counts))
+        return sum(counts) / elapsed
+
+    stream_sizes = (1, 2, 4) if engine.streams > 1 else ()
+    stream_cpu_ms: dict[int, list[float]] = {b: [] for b in stream_sizes}
     measured: dict[int, list[float]] = {b: [] for b in sizes}
+    streamed: dict[int, list[float]] = {b: [] for b in stream_sizes}
     for _ in range(rounds):
         for b in sizes:
             measured[b].append(rate(lambda b=b: engine.forward(batches[b]), b))
+        for b in stream_sizes:
+            streamed[b].append(side_by_side(b))
     rows = {b: round(statistics.median(v), 2) for b, v in measured.items()}
+    stream_rows = {b: round(statistics.median(v), 2) for b, v in streamed.items()}
     best = max(rows, key=rows.get)
     forward_cpu_ms = round(statistics.median(cpu_ms[best]), 1)
+    top, how = rows[best], f"batch {best}"
+    if stream_rows and max(stream_rows.values()) > top:
+        per_stream = max(stream_rows, key=stream_rows.get)
+        top, how = stream_rows[per_stream], f"{engine.streams} streams side by side, batch {per_stream} each"
+        forward_cpu_ms = round(statistics.median(stream_cpu_ms[per_stream]), 1)
     cpu_ms[best] = []
     position = [0]
 
@@ -385,7 +420,8 @@ def ceiling(settings: Any, images: list[tuple[str, bytes]], max_pixels: int, sec
         engine.predict(chunk)
 
     e2e = round(statistics.median(rate(end_to_end, best) for _ in range(rounds)), 2)
-    return {"engine": name, "forward_images_per_s": rows, "best_batch_size": best, "best": rows[best],
+    return {"engine": name, "forward_images_per_s": rows, "streams": engine.streams,
+            "side_by_side_images_per_s": stream_rows, "best_batch_size": best, "best": top, "best_how": how,
             "end_to_end_images_per_s": e2e, "precision": str(getattr(engine, "precision", "")),
             "forward_cpu_ms_per_image": forward_cpu_ms,
             "end_to_end_cpu_ms_per_image": round(statistics.median(cpu_ms[best]), 1)}
@@ -509,8 +545,11 @@ def main() -> None:
           "cores = CPU the server's process tree got on average; when other jobs compete for the cores, the "
           "scheduler shares CPU per runnable thread, so compare servers by cpu ms/img as well as by img/s")
     print(f"\nin-process ceiling ({top['engine']}, {top['precision']}): forward-only images/s by batch size "
-          f"{top['forward_images_per_s']}; best {top['best']} at batch {top['best_batch_size']} "
-          f"({top['forward_cpu_ms_per_image']} cpu ms/img); with decode + preprocessing "
+          f"{top['forward_images_per_s']}"
+          + (f", with {top['streams']} streams side by side (batch per stream) {top['side_by_side_images_per_s']}"
+             if top["side_by_side_images_per_s"] else "")
+          + f"; best {top['best']} ({top['best_how']}, {top['forward_cpu_ms_per_image']} cpu ms/img); "
+          f"with decode + preprocessing at batch {top['best_batch_size']} "
           f"{top['end_to_end_images_per_s']} ({top['end_to_end_cpu_ms_per_image']} cpu ms/img)")
     print("service / baseline at the same client count: "
           + ", ".join(f"{phase.removeprefix('closed loop, ')} {ratio:.2f}x" for phase, ratio in per_level.items()))

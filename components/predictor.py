@@ -43,6 +43,8 @@ class Prediction:
 class Predictor:
     """A loaded model with its calibration (temperature) and review threshold."""
 
+    streams = 1  # forward passes that may run at once, each on its own share of the cores (`forward(stream=)`)
+
     def __init__(self, model: Any, meta: dict[str, Any], device: str | None = None, precision: str = "fp32",
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         import torch
@@ -75,8 +77,8 @@ class Predictor:
         pixels = image if isinstance(image, np.ndarray) else decode(image, self.max_pixels).pixels
         return preprocess(pixels, self.image_size, self.normalization)  # the model file's own transform
 
-    def forward(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits and embeddings of a prepared (N, 3, S, S) batch."""
+    def forward(self, batch: Any, stream: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and embeddings of a prepared (N, 3, S, S) batch (one stream here: `stream` is ignored)."""
         import torch
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -91,8 +93,8 @@ class Predictor:
 
         return softmax(logits, self.temperature)
 
-    def predict_tensors(self, batch: Any, with_embedding: bool = False) -> list[Prediction]:
-        logits, embedding = self.forward(batch)
+    def predict_tensors(self, batch: Any, with_embedding: bool = False, stream: int | None = None) -> list[Prediction]:
+        logits, embedding = self.forward(batch, stream)
         probs = self.probabilities(logits)
         decisions = decide(probs, self.classes, self.normal_class, self.threshold)
         top = probs.argmax(axis=1)

@@ -4,7 +4,7 @@
     deployment.py  the deployment record (<state>/deployed.json): the one pinned model version that is served
     engines.py     fast inference paths behind the Predictor (OpenVINO, ONNX Runtime, bf16/fp16 autocast)
     parity.py      parity of a fast path with fp32 PyTorch on real images; the choice of what to serve
-    batching.py    adaptive batching of single images across requests (BentoML's CorkDispatcher)
+    batching.py    adaptive batching of single images across requests (one inference thread per engine stream)
     predlog.py     the production log (background writer, torn-line-safe reader, retention, compact embedding)
     review.py      the review queue and `defectops review import`
     explain.py     Grad-CAM overlays for /explain

@@ -131,6 +131,7 @@ class ExportedPredictor(Predictor):
             self._single = single.create_infer_request()
             count = max(1, int(batched.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
             self._parallel = [batched.create_infer_request() for _ in range(count)]
+            self.streams = count
             self.precision = single.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # e.g. bf16, f32
             self._run = self._run_openvino
         elif engine == "onnxruntime":
@@ -163,11 +164,20 @@ class ExportedPredictor(Predictor):
         logits, embedding = self._session.run(None, {"images": batch})
         return logits, embedding
 
-    def forward(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and embeddings of a prepared (N, 3, S, S) batch, computed by the exported engine."""
+    def forward(self, batch: Any, stream: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and embeddings of a prepared (N, 3, S, S) batch, computed by the exported engine.
+
+        With `stream` (0 .. streams-1, one caller per stream at a time) the batch runs on that stream alone, so
+        callers on different streams compute side by side without waiting for each other; without it, on the
+        whole engine (one image on all cores, a batch split over every stream).
+        """
         array = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
-        with self._lock:
-            logits, embedding = self._run(array)
+        if stream is not None and self.engine == "openvino":
+            result = self._parallel[stream].infer({0: array})
+            logits, embedding = np.asarray(result[0]), np.asarray(result[1])
+        else:
+            with self._lock:
+                logits, embedding = self._run(array)
         return logits.astype(np.float32), embedding.astype(np.float32)
 
 

@@ -18,9 +18,10 @@ class _Section(BaseModel):
 
 
 class BatchingParams(_Section):
-    """Adaptive batching (BentoML's CorkDispatcher) for one kind of device."""
+    """Adaptive batching (components/serving/batching.py) for one kind of device."""
 
-    max_batch_size: int = Field(8, ge=1, le=512, description="most images in one forward pass")
+    max_batch_size: int = Field(8, ge=1, le=512, description="most images in one forward pass (of one engine "
+                                "stream: OpenVINO on CPU runs a batch per stream, side by side)")
     max_latency_ms: int = Field(
         30_000, ge=10, description="a queued image is refused with 503 once it would wait longer; on CPU keep it "
         "well above the compute time of one full batch, or requests get 503 under load")

@@ -78,12 +78,12 @@ class Deployment:
         return self.model_version, self.fast_path, str(self.engine.device), f"{self.record.threshold:.4f}"
 
 
-def _infer(engine: Any, tensors: Sequence[Any]) -> list[Any]:
-    """One forward pass over the tensors of several requests (called by the batcher, in a worker thread)."""
+def _infer(engine: Any, tensors: Sequence[Any], stream: int | None) -> list[Any]:
+    """One forward pass over the tensors of several requests (called by the batcher, in an inference thread)."""
     import torch
 
     started = time.perf_counter()
-    predictions = engine.predict_tensors(torch.stack(list(tensors)), with_embedding=True)
+    predictions = engine.predict_tensors(torch.stack(list(tensors)), with_embedding=True, stream=stream)
     metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
     metrics.BATCH_SIZE.observe(len(tensors))
     return predictions
@@ -97,10 +97,12 @@ def load_deployment(settings: Settings, serve: ServeParams, record: DeploymentRe
 
     engine, reference, fast_path = load_served(settings, record, max_pixels)
     batching = serve.batching_for(str(engine.device))
-    batcher = Batcher(lambda tensors: _infer(engine, tensors), batching.max_batch_size, batching.max_latency_ms)
+    batcher = Batcher(lambda tensors, stream: _infer(engine, tensors, stream), batching.max_batch_size,
+                      batching.max_latency_ms, streams=engine.streams)
     tensor = engine.prepare(np.full((32, 32, 3), 128, dtype=np.uint8))
     for n in sorted({1, 2, batching.max_batch_size}):  # the first request pays no compile or allocation cost
-        engine.forward(torch.stack([tensor] * n))
+        for stream in [None, *(range(engine.streams) if engine.streams > 1 else [])]:
+            engine.forward(torch.stack([tensor] * n), stream)
     return Deployment(record, engine, reference, fast_path, batcher, stamp)
 
 
@@ -115,10 +117,8 @@ def retire(deployment: Deployment, grace_s: float) -> None:
     if loop is None:
         deployment.batcher.shutdown()
         return
-    dispatcher = deployment.batcher._dispatcher
-
     def busy() -> bool:
-        return bool(deployment.requests or dispatcher._queue or dispatcher._sema.is_locked())
+        return bool(deployment.requests or deployment.batcher.pending)
 
     async def drain() -> None:
         deadline = loop.time() + grace_s

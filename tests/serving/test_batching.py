@@ -1,35 +1,124 @@
-"""The adaptive batcher's bound on how long BentoML's CorkDispatcher holds a lone image."""
+"""The adaptive batcher: batches what is queued, one inference thread per engine stream, a latency budget."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+
+import pytest
+from bentoml.exceptions import ServiceUnavailable
 
 from components.serving.batching import Batcher
 
 
-def test_after_a_burst_a_lone_image_is_not_held_for_the_bursts_queueing_time() -> None:
-    batcher = Batcher(lambda items: list(items), max_batch_size=4, max_latency_ms=30_000)
-    optimizer = batcher._dispatcher.optimizer
-    for i in range(60):  # a burst: batches of 1-4 taking 10 ms an image, first requests queued 150 ms
-        optimizer.log_outbound(n=1 + i % 4, wait=0.150, duration=0.010 * (1 + i % 4))
-    optimizer.trigger_refresh()
-    assert 0.009 < optimizer.o_a < 0.011 and optimizer.o_b < 0.001, "BentoML's own fit of the batch cost"
-    assert optimizer.wait <= optimizer.o_a + optimizer.o_b < 0.02, "unbounded, BentoML would hold images 150 ms"
+class Recorder:
+    """An `infer` that doubles its items, taking `seconds` per batch, and notes each call's stream and overlap."""
 
+    def __init__(self, seconds: float = 0.0, fail_on: int | None = None) -> None:
+        self.seconds, self.fail_on = seconds, fail_on
+        self.calls: list[tuple[int | None, int]] = []  # (stream, batch size)
+        self.active = self.most_active = 0
+        self._lock = threading.Lock()
 
-def test_the_batcher_still_batches_what_is_queued() -> None:
-    seen: list[int] = []
-
-    def infer(items):
-        seen.append(len(items))
-        return [item * 2 for item in items]
-
-    async def main() -> list[int]:
-        batcher = Batcher(infer, max_batch_size=4, max_latency_ms=30_000)
+    def __call__(self, items, stream):
+        with self._lock:
+            self.calls.append((stream, len(items)))
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
         try:
-            return list(await asyncio.gather(*(batcher(i) for i in range(12))))
+            time.sleep(self.seconds)
+            if self.fail_on is not None and self.fail_on in items:
+                raise RuntimeError("engine fault")
+            return [item * 2 for item in items]
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def run(batcher: Batcher, coroutine):
+    async def main():
+        try:
+            return await coroutine(batcher)
         finally:
             batcher.shutdown()
 
-    assert asyncio.run(main()) == [i * 2 for i in range(12)]
-    assert sum(seen) == 12 and max(seen) <= 4 and len(seen) < 12, f"batch sizes {seen}"
+    return asyncio.run(main())
+
+
+def test_the_batcher_batches_what_is_queued() -> None:
+    infer = Recorder(seconds=0.02)
+    results = run(Batcher(infer, max_batch_size=4, max_latency_ms=30_000),
+                  lambda b: asyncio.gather(*(b(i) for i in range(12))))
+    assert results == [i * 2 for i in range(12)]
+    sizes = [size for _, size in infer.calls]
+    assert sum(sizes) == 12 and max(sizes) <= 4 and len(sizes) < 12, f"batch sizes {sizes}"
+
+
+def test_a_lone_image_runs_at_once_on_the_whole_engine() -> None:
+    infer = Recorder()
+
+    async def one_at_a_time(batcher):
+        started = time.perf_counter()
+        answers = [await batcher(i) for i in range(5)]
+        return answers, time.perf_counter() - started
+
+    answers, seconds = run(Batcher(infer, max_batch_size=4, max_latency_ms=30_000, streams=2), one_at_a_time)
+    assert answers == [0, 2, 4, 6, 8] and seconds < 0.5, "no image is held back waiting for company"
+    assert infer.calls == [(None, 1)] * 5, "alone, an image may use every stream's cores"
+
+
+def test_under_load_each_stream_computes_its_own_batches_side_by_side() -> None:
+    infer = Recorder(seconds=0.05)
+    results = run(Batcher(infer, max_batch_size=2, max_latency_ms=30_000, streams=2),
+                  lambda b: asyncio.gather(*(b(i) for i in range(16))))
+    assert results == [i * 2 for i in range(16)]
+    assert {stream for stream, _ in infer.calls} >= {0, 1} and infer.most_active == 2
+    assert all(size <= 2 for _, size in infer.calls)
+
+
+def test_images_over_the_latency_budget_get_503_and_the_rest_are_answered() -> None:
+    infer = Recorder(seconds=0.1)
+
+    async def burst(batcher):
+        await batcher(0)  # one batch teaches the batcher what a batch costs
+        return await asyncio.gather(*(batcher(i) for i in range(1, 9)), return_exceptions=True)
+
+    outcomes = run(Batcher(infer, max_batch_size=1, max_latency_ms=250), burst)
+    refused = [o for o in outcomes if isinstance(o, ServiceUnavailable)]
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert refused and answered, outcomes
+    assert "latency budget" in str(refused[0]) and "max_latency_ms" in str(refused[0])
+    assert len(answered) <= 3, "with 100 ms a batch, a 250 ms budget admits two or three queued images"
+
+
+def test_an_engine_error_reaches_every_image_of_its_batch_and_the_next_batch_is_served() -> None:
+    infer = Recorder(seconds=0.02, fail_on=3)
+
+    async def scenario(batcher):
+        first = await asyncio.gather(*(batcher(i) for i in range(4)), return_exceptions=True)
+        return first, await batcher(5)
+
+    first, after = run(Batcher(infer, max_batch_size=4, max_latency_ms=30_000), scenario)
+    failed = [o for o in first if isinstance(o, RuntimeError)]
+    assert failed and all("engine fault" in str(o) for o in failed) and after == 10
+
+
+def test_shutdown_refuses_queued_and_new_images_and_stops_the_threads() -> None:
+    infer = Recorder(seconds=0.2)
+    batcher = Batcher(infer, max_batch_size=1, max_latency_ms=30_000, streams=2)
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(batcher(i)) for i in range(6)]
+        await asyncio.sleep(0.05)  # two computing, four queued
+        await asyncio.to_thread(batcher.shutdown)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(ServiceUnavailable, match="retired"):
+            await batcher(9)
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert sum(isinstance(o, ServiceUnavailable) for o in outcomes) == 4
+    assert sorted(o for o in outcomes if isinstance(o, int)) == [0, 2], "the running batches finish"
+    time.sleep(0.1)
+    assert batcher.stopped and batcher.pending == 0

@@ -118,3 +118,31 @@ def test_the_dense_design_exports_with_parity_and_explains(probe_images, tmp_pat
     tensor = reference.prepare(probe_images[0])
     heatmap = GradCamExplainer(model, torch.device("cpu")).heatmap(tensor, target=1)
     assert heatmap.shape == (64, 64) and 0 <= heatmap.min() and heatmap.max() <= 1
+
+
+def test_openvino_streams_compute_side_by_side_with_the_same_answers(reference: Predictor, probe_images,
+                                                                    onnx_cache: Path) -> None:
+    """The batcher runs one batch per OpenVINO stream from its own thread: same figures as the whole engine."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    engine = build_engine(reference, "openvino", onnx_cache)
+    batch = torch.stack([engine.prepare(raw) for raw in probe_images[:4]])
+    whole_logits, whole_embedding = engine.forward(batch)
+    assert engine.streams >= 1
+    answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def on_stream(stream: int) -> None:
+        for _ in range(3):
+            answers[stream] = engine.forward(batch, stream)
+
+    threads = [threading.Thread(target=on_stream, args=(s,)) for s in range(engine.streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers) == list(range(engine.streams))
+    for logits, embedding in answers.values():
+        assert np.allclose(logits, whole_logits, atol=1e-5) and np.allclose(embedding, whole_embedding, atol=1e-5)

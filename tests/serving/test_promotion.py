@@ -225,16 +225,17 @@ def test_a_swap_while_a_request_is_still_decoding_answers_it_on_the_old_model() 
                               threshold=0.8, fast_path="fp32", deployed_at="2026-11-23T08:00:00+00:00")
 
     async def scenario() -> None:
-        batcher = Batcher(lambda items: [2 * item for item in items], max_batch_size=4, max_latency_ms=30000)
-        assert await batcher(1) == 2  # it has served before: its dispatcher task runs
+        batcher = Batcher(lambda items, _stream: [2 * item for item in items], max_batch_size=4,
+                          max_latency_ms=30000)
+        assert await batcher(1) == 2  # it has served before
         old = Deployment(record, engine=None, reference=None, fast_path="fp32", batcher=batcher, stamp=None)
         with old.serving() as held:
             await asyncio.to_thread(retire, old, 10.0)  # the watcher thread swaps ...
             await asyncio.sleep(0.3)  # ... and the drain looks while the request is still decoding
             assert await asyncio.wait_for(held.batcher(21), 5) == 42
-            assert not batcher._dispatcher._controller.done()
+            assert not batcher.stopped
         await asyncio.sleep(0.3)
-        assert batcher._dispatcher._controller.done()  # retired once nothing holds it
+        assert batcher.stopped  # retired once nothing holds it
 
     asyncio.run(scenario())
 
