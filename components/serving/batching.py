@@ -77,7 +77,8 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._running = [0] * self.streams  # images each thread is computing now
-        self._closed = False
+        self._alive = self.streams
+        self._closed: str | None = None  # why new images are refused, once they are
         self._seconds_per_batch: float | None = None  # moving average of a full batch's compute time on one stream
         self._threads = [threading.Thread(target=self._work, args=(i,), name=f"inference-{i}", daemon=True)
                          for i in range(self.streams)]
@@ -91,7 +92,7 @@ class Batcher:
         job = _Job(item, loop.create_future(), loop, time.perf_counter())
         with self._ready:
             if self._closed:
-                raise self._unavailable("this model version was retired while the request was queued; retry")
+                raise self._unavailable(self._closed)
             if self._expected_wait(len(self._queue) + 1) > self.max_latency_ms / 1000:
                 raise self._overloaded()
             self._queue.append(job)
@@ -106,21 +107,36 @@ class Batcher:
 
     @property
     def stopped(self) -> bool:
-        return not any(thread.is_alive() for thread in self._threads)
+        """No inference thread runs any more (shut down, or every one died)."""
+        with self._ready:
+            return self._alive == 0
 
     def shutdown(self) -> None:
         """Refuse new images, fail the queued ones with 503, and let the threads end after their current batch."""
+        self._close("this model version was retired while the request was queued; retry")
+
+    def _close(self, reason: str) -> None:
         with self._ready:
-            self._closed = True
+            self._closed = self._closed or reason
             dropped, self._queue = list(self._queue), deque()
             self._ready.notify_all()
         for job in dropped:
-            _answer(job, error=self._unavailable("this model version was retired while the request was queued; "
-                                                 "retry"))
+            _answer(job, error=self._unavailable(reason))
 
     # ------------------------------------------------------------ inference threads
 
     def _work(self, stream: int) -> None:
+        try:
+            self._serve(stream)
+        finally:
+            with self._ready:
+                self._alive -= 1
+                last = self._alive == 0 and not self._closed
+            if last:  # nothing would ever answer what is queued: refuse it, and readiness fails (service.py)
+                log.critical("every inference thread has stopped; the service must be restarted")
+                self._close("the inference threads stopped (see the service log); restart the service")
+
+    def _serve(self, stream: int) -> None:
         while True:
             with self._ready:
                 while not self._queue and not self._closed:
@@ -157,10 +173,12 @@ class Batcher:
             outputs = list(self.infer([job.item for job in jobs], stream))
             if len(outputs) != len(jobs):
                 raise RuntimeError(f"infer returned {len(outputs)} outputs for {len(jobs)} inputs")
-        except Exception as exc:  # every caller of this batch gets the error
+        except BaseException as exc:  # every caller of this batch gets the error
             log.exception("inference failed for a batch of %d", len(jobs))
             for job in jobs:
-                _answer(job, error=exc)
+                _answer(job, error=exc if isinstance(exc, Exception) else RuntimeError(f"inference stopped: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise  # the thread ends (SystemExit and the like)
             return
         if stream is not None or self.streams == 1:
             self._learn(len(jobs), time.perf_counter() - started)

@@ -374,7 +374,7 @@ class DefectClassifier:
     # ------------------------------------------------------------ lifecycle
 
     def __is_ready__(self) -> bool:
-        return self.writer.alive
+        return self.writer.alive and not self.deployment.batcher.stopped
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

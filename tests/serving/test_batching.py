@@ -122,3 +122,28 @@ def test_shutdown_refuses_queued_and_new_images_and_stops_the_threads() -> None:
     assert sorted(o for o in outcomes if isinstance(o, int)) == [0, 2], "the running batches finish"
     time.sleep(0.1)
     assert batcher.stopped and batcher.pending == 0
+
+
+class _Fatal(BaseException):
+    """Not an Exception: ends the inference thread that meets it (as SystemExit would)."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies: the point
+def test_when_the_inference_threads_die_nothing_hangs_and_the_batcher_says_so(caplog) -> None:
+    def infer(items, stream):
+        time.sleep(0.1)
+        raise _Fatal("out of the blue")
+
+    batcher = Batcher(infer, max_batch_size=1, max_latency_ms=30_000)
+
+    async def scenario():
+        outcomes = await asyncio.wait_for(asyncio.gather(*(batcher(i) for i in range(3)), return_exceptions=True), 5)
+        with pytest.raises(ServiceUnavailable, match="restart the service"):
+            await batcher(9)
+        return outcomes
+
+    first, *queued = asyncio.run(scenario())
+    assert isinstance(first, RuntimeError) and "inference stopped" in str(first)
+    assert all(isinstance(o, ServiceUnavailable) and "inference threads stopped" in str(o) for o in queued), queued
+    assert batcher.stopped, "the service's readiness check reads this"
+    assert "must be restarted" in caplog.text
