@@ -373,6 +373,10 @@ class DefectClassifier:
 
     # ------------------------------------------------------------ lifecycle
 
+    def __is_alive__(self) -> bool:
+        """False once every inference thread has died, which only a restart mends (Kubernetes' liveness probe)."""
+        return not self.deployment.batcher.stopped
+
     def __is_ready__(self) -> bool:
         return self.writer.alive and not self.deployment.batcher.stopped
 
