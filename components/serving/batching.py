@@ -79,7 +79,7 @@ class Batcher:
         self._running = [0] * self.streams  # images each thread is computing now
         self._alive = self.streams
         self._closed: str | None = None  # why new images are refused, once they are
-        self._seconds_per_batch: float | None = None  # moving average of a full batch's compute time on one stream
+        self._seconds_per_batch: float | None = None  # moving average of a batch's compute time on one stream
         self._threads = [threading.Thread(target=self._work, args=(i,), name=f"inference-{i}", daemon=True)
                          for i in range(self.streams)]
         for thread in self._threads:
@@ -147,8 +147,8 @@ class Batcher:
                 alone = len(jobs) == 1 and not any(self._running)
                 self._running[stream] = len(jobs)
             try:
-                if jobs:
-                    self._run(jobs, None if alone or self.streams == 1 else stream)
+                if jobs and not self._run(jobs, None if alone or self.streams == 1 else stream):
+                    return  # SystemExit or the like: this thread ends
             finally:
                 with self._ready:
                     self._running[stream] = 0
@@ -167,7 +167,8 @@ class Batcher:
             jobs.append(job)
         return jobs
 
-    def _run(self, jobs: list[_Job], stream: int | None) -> None:
+    def _run(self, jobs: list[_Job], stream: int | None) -> bool:
+        """Compute one batch and answer its jobs; False when the thread must end."""
         started = time.perf_counter()
         try:
             outputs = list(self.infer([job.item for job in jobs], stream))
@@ -177,20 +178,24 @@ class Batcher:
             log.exception("inference failed for a batch of %d", len(jobs))
             for job in jobs:
                 _answer(job, error=exc if isinstance(exc, Exception) else RuntimeError(f"inference stopped: {exc!r}"))
-            if not isinstance(exc, Exception):
-                raise  # the thread ends (SystemExit and the like)
-            return
+            return isinstance(exc, Exception)
         if stream is not None or self.streams == 1:
-            self._learn(len(jobs), time.perf_counter() - started)
+            self._learn(time.perf_counter() - started)
         for job, output in zip(jobs, outputs, strict=True):
             _answer(job, output)
+        return True
 
     # ------------------------------------------------------------ latency budget
 
-    def _learn(self, size: int, seconds: float) -> None:
-        full = seconds * self.max_batch_size / size  # an upper bound: smaller batches cost more per image
+    def _learn(self, seconds: float) -> None:
+        """Track how long a batch takes, whatever its size.
+
+        At low load batches are small, so this under-estimates a full batch: images are admitted rather than
+        refused early (a GPU runs 32 images in little more than the time of one), and `_take` still refuses any
+        that then waited past the budget. Under load batches are full and the estimate is right.
+        """
         previous = self._seconds_per_batch
-        self._seconds_per_batch = full if previous is None else 0.8 * previous + 0.2 * full
+        self._seconds_per_batch = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def _expected_wait(self, queued: int) -> float:
         """Seconds until the `queued`-th queued image would be answered: the batches ahead of it, then its own."""

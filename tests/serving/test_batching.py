@@ -92,6 +92,17 @@ def test_images_over_the_latency_budget_get_503_and_the_rest_are_answered() -> N
     assert len(answered) <= 3, "with 100 ms a batch, a 250 ms budget admits two or three queued images"
 
 
+def test_a_full_batch_after_lone_images_is_not_refused_on_their_timing() -> None:
+    infer = Recorder(seconds=0.1)  # as on a GPU: a batch of 32 takes about as long as one image
+
+    async def burst(batcher):
+        await batcher(0)  # lone images teach the batcher 0.1 s a batch
+        return await asyncio.gather(*(batcher(i) for i in range(32)), return_exceptions=True)
+
+    outcomes = run(Batcher(infer, max_batch_size=32, max_latency_ms=250), burst)
+    assert outcomes == [i * 2 for i in range(32)], "a /predict_batch of 32 fits the 250 ms budget"
+
+
 def test_an_engine_error_reaches_every_image_of_its_batch_and_the_next_batch_is_served() -> None:
     infer = Recorder(seconds=0.02, fail_on=3)
 
@@ -128,7 +139,6 @@ class _Fatal(BaseException):
     """Not an Exception: ends the inference thread that meets it (as SystemExit would)."""
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies: the point
 def test_when_the_inference_threads_die_nothing_hangs_and_the_batcher_says_so(caplog) -> None:
     def infer(items, stream):
         time.sleep(0.1)
