@@ -423,6 +423,9 @@ def ceiling(settings: Any, images: list[tuple[str, bytes]], max_pixels: int, sec
         cpu_ms[batch_size].append((time.process_time() - cpu) * 1000 / count)
         return count / (time.perf_counter() - started)
 
+    stream_sizes = (1, 2, 4) if engine.streams > 1 else ()
+    stream_cpu_ms: dict[int, list[float]] = {b: [] for b in stream_sizes}
+
     def side_by_side(batch_size: int) -> float:
         """Every stream busy with its own batches of `batch_size`, one thread each."""
         counts = [0] * engine.streams
@@ -442,8 +445,6 @@ def ceiling(settings: Any, images: list[tuple[str, bytes]], max_pixels: int, sec
         stream_cpu_ms[batch_size].append((time.process_time() - cpu) * 1000 / sum(counts))
         return sum(counts) / elapsed
 
-    stream_sizes = (1, 2, 4) if engine.streams > 1 else ()
-    stream_cpu_ms: dict[int, list[float]] = {b: [] for b in stream_sizes}
     measured: dict[int, list[float]] = {b: [] for b in sizes}
     streamed: dict[int, list[float]] = {b: [] for b in stream_sizes}
     for _ in range(rounds):

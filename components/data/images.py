@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -47,6 +48,12 @@ class DecodedImage:
     def gray(self) -> np.ndarray | None:
         """The single channel of a grayscale original (None for a colour one)."""
         return self.pixels if self.pixels.ndim == 2 else None
+
+    def facts(self) -> dict[str, Any]:
+        """What the manifest records and the service logs about an image: size, original mode and channels, and
+        the statistics (one definition, so production images compare with the training reference)."""
+        return {"width": self.width, "height": self.height, "mode": self.mode, "channels": self.channels,
+                **image_stats(self.pixels)}
 
     @cached_property
     def rgb(self) -> np.ndarray:

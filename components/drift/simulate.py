@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from components.data.images import image_stats
+from components.data.images import DecodedImage
 from components.drift.reference import model_version_of
 from components.serving.predlog import append_line, compact_embedding, day_file
 
@@ -30,8 +30,7 @@ def lighting_change(rgb: np.ndarray, gain: float = 1.0, offset: float = 0.0, con
 
 def image_facts(rgb: np.ndarray) -> dict[str, Any]:
     """The image facts the service logs for a decoded RGB image."""
-    return {"width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "mode": "RGB", "channels": 3,
-            **image_stats(rgb)}
+    return DecodedImage(rgb, width=int(rgb.shape[1]), height=int(rgb.shape[0]), mode="RGB", channels=3).facts()
 
 
 def log_records(predictor: Any, images: Sequence[np.ndarray], stamps: Sequence[datetime],

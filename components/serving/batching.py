@@ -80,10 +80,8 @@ class Batcher:
         self._alive = self.streams
         self._closed: str | None = None  # why new images are refused, once they are
         self._seconds_per_batch: float | None = None  # moving average of a batch's compute time on one stream
-        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"inference-{i}", daemon=True)
-                         for i in range(self.streams)]
-        for thread in self._threads:
-            thread.start()
+        for i in range(self.streams):
+            threading.Thread(target=self._work, args=(i,), name=f"inference-{i}", daemon=True).start()
 
     # ------------------------------------------------------------ request side (event loop)
 

@@ -220,11 +220,10 @@ class DefectClassifier:
 
     def _prepare(self, raw: bytes, deployment: Any = None) -> tuple[Any, dict[str, Any], Any]:
         """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model."""
-        from components.data.images import decode, image_stats
+        from components.data.images import decode
 
         decoded = decode(raw, self.max_pixels)
-        facts = {"width": decoded.width, "height": decoded.height, "mode": decoded.mode,
-                 "channels": decoded.channels, "bytes": len(raw), **image_stats(decoded.pixels)}
+        facts = {**decoded.facts(), "bytes": len(raw)}
         return decoded, facts, (deployment or self.deployment).engine.prepare(decoded.pixels)
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from components.data.images import decode, image_stats
+from components.data.images import decode
 from components.errors import DefectOpsError
 from components.parallel import init_image_worker
 
@@ -36,8 +36,7 @@ def inspect_bytes(raw: bytes, max_pixels: int) -> dict:
     facts: dict = dict.fromkeys(FACT_COLUMNS)
     try:
         image = decode(raw, max_pixels)
-        facts.update(width=image.width, height=image.height, mode=image.mode, channels=image.channels,
-                     readable=True, error="", **image_stats(image.pixels))
+        facts.update(readable=True, error="", **image.facts())
     except DefectOpsError as exc:
         facts.update(readable=False, error=str(exc).removeprefix("upload: "))
     return facts
