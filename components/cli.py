@@ -550,7 +550,8 @@ def _promotion_lines(result: Any) -> list[str]:
     if not result.changed:
         return [(f"{result.model_version} is already the deployed version ({result.service} at "
                  f"{result.service_url}); nothing changed")]
-    service = {"swapped": f"the service at {result.service_url} now serves it (hot swap, no restart)",
+    replicas = f"{result.replicas} replica{'s' if result.replicas != 1 else ''}"
+    service = {"swapped": f"the service now serves it on {replicas} (hot swap, no restart; {result.service_url})",
                "not running": (f"no service answers at {result.service_url}: it serves this version when "
                                "started (`defectops serve`)")}[result.service]
     deployed = (f"deployed {result.model_version} on {result.fast_path} (was {result.previous or 'nothing'}) in "

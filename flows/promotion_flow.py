@@ -35,7 +35,8 @@ def deployment_markdown(result: dict) -> str:
         f"# Deployed `{result['model_version']}`", "",
         f"* replaced: {result['previous'] or 'nothing'}",
         f"* engine: {result['fast_path']}; Bento: `{result['bento'] or 'not built'}`",
-        f"* service at {result['service_url']}: {result['service']}",
+        f"* service at {result['service_url']}: {result['service']}"
+        + (f" on {result['replicas']} replica(s)" if result.get("replicas") else ""),
         f"* took {result['seconds']:.0f} s", "",
         "To go back: `defectops rollback --by <your name> --reason \"...\"`",
     ])

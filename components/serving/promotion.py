@@ -9,9 +9,10 @@
 4. build the Bento, labelled with the version (what a plant deploys as a container);
 5. rewrite the deployment record atomically: the running service hot-swaps onto it (components/serving/reload.py),
    a restarted one starts on it, so a service killed at any point comes back on a consistent version;
-6. wait until the service reports the new version on /metrics. If it refuses the model, the previous record is
-   put back and promotion fails: the service never stopped serving the old model. If no service is running,
-   the record stands and the next start serves it;
+6. wait until every running replica of the service reports the new version (their status files, see
+   components/serving/replicas.py; a service that keeps none is asked on /metrics). If one refuses the model,
+   the previous record is put back and promotion fails: the old model never stopped serving, and replicas that
+   had swapped swap back. If no service is running, the record stands and the next start serves it;
 7. tag the version deployed (who, when, engine, Bento) and the one it replaces retired; an audit line.
 
 `rollback` moves `champion` back to the version deployed before (tags + audit line, like an approval) and
@@ -41,6 +42,7 @@ from components.serving.deployment import (
     write_record,
 )
 from components.serving.params import serve_params
+from components.serving.replicas import replicas, stale_after
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class PromotionResult:
     bento: str | None = None
     fast_path: str = ""
     seconds: float = 0.0
+    replicas: int = 0  # replicas that reported the swap
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -94,21 +97,39 @@ def service_state(url: str) -> dict[str, Any] | None:
     return {"serving": serving, "reload_failures": failures}
 
 
-def wait_for_service(url: str, version: str, timeout_s: float, failures_before: float) -> str:
-    """'swapped' once the service serves `version` alone; 'down' when it is (or goes) away; else PromotionFailed."""
+def wait_for_service(settings: Settings, url: str, record: DeploymentRecord, timeout_s: float,
+                     failures_before: float, poll_s: float) -> tuple[str, int]:
+    """('swapped', replicas) once every live replica serves `record`; ('down', 0) when none runs (or all go away);
+    else PromotionFailed: a replica refused the record, or one still serves another version after `timeout_s`.
+
+    Replicas are known from their status files (components/serving/replicas.py). With none, the service at `url`
+    is asked through /metrics, as a single replica that keeps no status file would be.
+    """
+    version = record.model_version
     deadline = time.monotonic() + timeout_s
     while True:
-        state = service_state(url)
-        if state is None:
-            return "down"
-        if state["serving"] == [version]:
-            return "swapped"
-        if state["reload_failures"] > failures_before:
-            raise PromotionFailed(f"the service at {url} could not load {version} (see its log); it kept serving "
-                                  f"{', '.join(state['serving']) or '?'}")
+        live, _ = replicas(settings, stale_after(poll_s))
+        if live:
+            for replica in live:
+                if replica.refused == record.deployed_at:
+                    raise PromotionFailed(f"replica {replica.replica} could not load {version} "
+                                          f"({replica.refused_error}); it kept serving {replica.model_version}")
+            behind = [r for r in live if (r.model_version, r.record) != (version, record.deployed_at)]
+            if not behind:
+                return "swapped", len(live)
+            waiting = ", ".join(f"replica {r.replica} still serves {r.model_version}" for r in behind)
+        else:
+            state = service_state(url)
+            if state is None:
+                return "down", 0
+            if state["serving"] == [version]:
+                return "swapped", 1
+            if state["reload_failures"] > failures_before:
+                raise PromotionFailed(f"the service at {url} could not load {version} (see its log); it kept "
+                                      f"serving {', '.join(state['serving']) or '?'}")
+            waiting = f"the service at {url} still serves {', '.join(state['serving']) or '?'}"
         if time.monotonic() > deadline:
-            raise PromotionFailed(f"the service at {url} still serves {', '.join(state['serving']) or '?'} "
-                                  f"{timeout_s:.0f} s after the record named {version} (serve."
+            raise PromotionFailed(f"{waiting} {timeout_s:.0f} s after the record named {version} (serve."
                                   "promotion_timeout_seconds); see its log")
         time.sleep(0.5)
 
@@ -173,8 +194,10 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
         failures_before = state["reload_failures"] if state else 0.0
         write_record(settings, record)
         log.info("deployment record %s now names %s (%s)", record_path(settings), target, record.fast_path)
+        serve = serve_params(params)
         try:
-            outcome = wait_for_service(url, target, serve_params(params).promotion_timeout_seconds, failures_before)
+            outcome, replica_count = wait_for_service(settings, url, record, serve.promotion_timeout_seconds,
+                                                      failures_before, serve.reload_poll_seconds)
         except PromotionFailed as exc:
             _restore(settings, current)
             raise PromotionFailed(f"{exc}; the deployment record is back on "
@@ -186,7 +209,7 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
         details = {"fast_path": record.fast_path, "bento": bento_tag, "service": service, "service_url": url}
         record_deployment(settings, number, by, details, _number(current.model_version if current else None))
     return PromotionResult(target, current.model_version if current else None, True, service, url, bento_tag,
-                           record.fast_path, time.monotonic() - started)
+                           record.fast_path, time.monotonic() - started, replica_count)
 
 
 def _restore(settings: Settings, previous: DeploymentRecord | None) -> None:

@@ -26,6 +26,7 @@ from components.serving import metrics
 from components.serving.batching import Batcher
 from components.serving.deployment import DeploymentRecord, load_served, read_record_file
 from components.serving.params import ServeParams
+from components.serving.replicas import ReplicaReport
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,15 @@ class RecordWatcher:
     """A daemon thread that calls `load` for each new deployment record and hands the result to `swap`."""
 
     def __init__(self, path: Path, current: Deployment, load: Callable[[DeploymentRecord, Stamp | None], Deployment],
-                 swap: Callable[[Deployment], None], poll_s: float) -> None:
+                 swap: Callable[[Deployment], None], poll_s: float, report: ReplicaReport | None = None) -> None:
         self.path, self.current, self.load, self.swap, self.poll_s = path, current, load, swap, poll_s
+        self.report = report  # this replica's status file (components/serving/replicas.py), kept current
         self.seen = current.stamp
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deployment-record-watcher", daemon=True)
 
     def start(self) -> RecordWatcher:
+        self._report_serving()
         self._thread.start()
         return self
 
@@ -159,25 +162,38 @@ class RecordWatcher:
         if stamp is None or stamp == self.seen:
             return  # unchanged, or deleted: keep serving what was loaded
         self.seen = stamp
+        record = None
         try:
             record = read_record_file(self.path)
             served = self.current.record
             if (record.model_uri, record.fast_path, record.threshold) == (served.model_uri, served.fast_path,
                                                                            served.threshold):
                 self.current.record, self.current.stamp = record, stamp
+                self._report_serving()
                 return
             log.info("deployment record changed: loading %s (%s) beside %s", record.model_version,
                      record.fast_path, served.model_version)
+            if self.report:
+                self.report.loading(record.deployed_at)
             started = time.perf_counter()
             loaded = self.load(record, stamp)
         except Exception as exc:  # noqa: BLE001 - whatever breaks, the old model keeps serving
             metrics.MODEL_RELOADS.labels("failed").inc()
             log.error("deployment record %s not loaded, still serving %s: %s", self.path,
                       self.current.model_version, exc)
+            if self.report:
+                self.report.refused(record and record.deployed_at, record and record.model_version, str(exc))
             return
         previous, self.current = self.current, loaded
         self.swap(loaded)
+        self._report_serving()
         metrics.MODEL_RELOADS.labels("swapped").inc()
         log.info("now serving %s (%s on %s; loaded in %.1f s); %s retires once its queue is empty",
                  loaded.model_version, loaded.fast_path, loaded.engine.device, time.perf_counter() - started,
                  previous.model_version)
+
+    def _report_serving(self) -> None:
+        if self.report:
+            served = self.current
+            self.report.serving(served.model_version, served.fast_path, str(served.engine.device),
+                                served.record.deployed_at)

@@ -26,6 +26,20 @@ def bentoml_command(port: int, host: str) -> list[str]:
             "--working-dir", str(PACKAGE_ROOT)]
 
 
+def runtime_home(port: int) -> Path:
+    """BENTOML_HOME of one serving replica: a local folder of its own, never the shared state root.
+
+    `bentoml serve` empties `$BENTOML_HOME/prometheus_multiproc_dir` when it starts, and every worker keeps its
+    metric values in files there, which `/metrics` adds up. Replicas sharing that folder (on the state volume of
+    Kubernetes pods, or two services on one machine) would wipe each other's metrics at each start and report
+    each other's values: `served_model_info` would name another replica's model. The service needs nothing
+    else from BentoML's home (it loads models from MLflow; request uploads are spooled there, locally too).
+    """
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"defectops-serve-{os.getuid()}-{port}"
+
+
 def describe(record: DeploymentRecord) -> str:
     """One line on what is deployed and why its engine was chosen."""
     parity = record.parity or {}
@@ -43,8 +57,8 @@ def prepare_and_serve(settings: Settings, params: Params, port: int | None, host
     echo(("pinned " if created else "deployed: ") + describe(record))
     echo(f"record: {record_path(settings)} (moving the champion alias does not change what is served)")
     port = port or serve_params(params).port
-    env = dict(os.environ, DEFECTOPS_PROJECT=str(settings.project_root), DEFECTOPS_HOME=str(settings.home_dir))
-    env.setdefault("BENTOML_HOME", str(settings.home_dir / "bentoml"))
+    env = dict(os.environ, DEFECTOPS_PROJECT=str(settings.project_root), DEFECTOPS_HOME=str(settings.home_dir),
+               BENTOML_HOME=str(runtime_home(port)))
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     command = bentoml_command(port, host)
     echo(f"serving on http://{host}:{port}  (POST /predict, /predict_batch, /explain; GET /readyz, /metrics)")

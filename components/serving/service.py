@@ -173,6 +173,7 @@ class DefectClassifier:
         from components.serving.params import load_serve_params
         from components.serving.predlog import BackgroundWriter, PredictionLog
         from components.serving.reload import RecordWatcher, file_stamp, load_deployment
+        from components.serving.replicas import ReplicaReport
         from components.serving.review import ReviewQueue
 
         cv2.setNumThreads(1)  # preprocessing runs in request threads; the engine owns the cores
@@ -200,7 +201,10 @@ class DefectClassifier:
         self._explainers: dict[str, Any] = {}
         metrics.SERVED_MODEL.labels(*self.deployment.labels).set(1)
         self._prepare(_GREY_PNG)  # the decode path's imports, before the first request
-        self.watcher = RecordWatcher(path, self.deployment, load, self._swap, self.params.reload_poll_seconds).start()
+        self.replica = ReplicaReport(settings, self.params.reload_poll_seconds)  # promotion waits for every replica
+        self.watcher = RecordWatcher(path, self.deployment, load, self._swap, self.params.reload_poll_seconds,
+                                     self.replica).start()
+        self.replica.start()
         batcher = self.deployment.batcher
         log.info("serving %s (%s on %s, threshold %.4f, batches up to %d, max latency %d ms)",
                  self.deployment.model_version, self.deployment.fast_path, self.deployment.engine.device,
@@ -381,7 +385,8 @@ class DefectClassifier:
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        """Write what is queued before the process ends."""
+        """Write what is queued before the process ends; promotion stops waiting for this replica."""
+        self.replica.stop()
         self.watcher.stop()
         self.deployment.batcher.shutdown()
         self.writer.close()

@@ -17,6 +17,7 @@ from components.registry.registry import approve, audit_trail
 from components.registry.tracking import MODEL_NAME, connect
 from components.serving.deployment import NotApproved, read_record, record_path
 from components.serving.promotion import promote, rollback, service_state
+from components.serving.replicas import replicas
 from tests.serving.conftest import (
     PROBES,
     free_port,
@@ -99,11 +100,18 @@ def test_promotion_under_load_drops_nothing_and_rollback_goes_back(plant: Settin
     assert service_state(server.url)["serving"] == [f"{MODEL_NAME}/{first}"]
     second = _candidate(plant, tmp_path, seed=1)
     approve(plant, second, by="qa", note="better on scratches")
-
-    with Load(server.url) as load:
-        time.sleep(2)
-        result = promote(plant, params, by="tests", url=server.url)
-        time.sleep(2)
+    replica = start_server(plant.project_root, plant.home_dir, free_port())  # a second replica, same state root
+    try:
+        with Load(server.url) as load:
+            time.sleep(2)
+            result = promote(plant, params, by="tests", url=server.url)
+            time.sleep(2)
+        assert result.replicas == 2, "promotion waits for every replica, not the one behind the URL"
+        assert service_state(replica.url)["serving"] == [f"{MODEL_NAME}/{second}"]
+    finally:
+        stop_server(replica)
+    live, _ = replicas(plant, stale_after_s=60)
+    assert len(live) == 1, "a replica that stops removes its status file"
     answers = load.results
     assert result.changed and result.service == "swapped" and result.previous == f"{MODEL_NAME}/{first}"
     assert result.bento and result.bento.startswith(f"defect_classifier:v{second}-")
