@@ -66,6 +66,7 @@ class ReplicaReport:
         self.interval_s = interval_s
         self._status: ReplicaStatus | None = None
         self._host, self._started = host, _now()
+        self._failing = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replica-heartbeat", daemon=True)
@@ -100,8 +101,12 @@ class ReplicaReport:
             text = self._status.model_dump_json(indent=2) + "\n"
             try:
                 write_text_atomic(self.path, text)
+                self._failing = False
             except OSError as exc:  # a full or read-only state volume must not take the service down
-                log.warning("replica status %s not written: %s", self.path, exc)
+                if not self._failing:  # once, not at every heartbeat
+                    log.warning("replica status %s not written (promotion cannot see this replica): %s",
+                                self.path, exc)
+                self._failing = True
 
     def start(self) -> ReplicaReport:
         self._thread.start()
