@@ -7,7 +7,8 @@ Run on demand (never a test; each split is a whole training run):
 Each seed makes its own stratified split by capture group (the same rule as `splits.csv`; seed 42 with the
 default params reproduces the committed split). For each: `run_training` on its train split (early stopping /
 head refit on val), the review rule calibrated on val (temperature + threshold, as `defectops train`), then
-every figure of `defectops evaluate` on its test split, with 95% intervals over capture groups. The test
+every figure of `defectops evaluate` on its test split, with 95% intervals over capture groups (and, to tell
+under- from over-fitting, macro-F1 and recall on its own training split). The test
 split of one seed holds only a few captures of the rare classes (Fray: 1-2 spots), so read the spread across
 seeds, not one number. Targets (issue #3): macro-F1 >= 0.85, defect detection >= 97% at <= 3% false alarms,
 escapes < 0.5% with <= 15% sent to review.
@@ -50,8 +51,12 @@ def _one_split(settings, params, manifest, seed: int, profile: str | None, out_d
     store_calibration(result.model_path, calibration)
     predictor = Predictor.from_file(result.model_path, device="cpu")
     report = evaluate_rows(predictor, frame[frame["split"] == "test"].reset_index(drop=True), ev)
+    # how well the model fits its own training pictures (eval transform): tells under- from over-fitting
+    fit = evaluate_rows(predictor, frame[frame["split"] == "train"].reset_index(drop=True), ev)
+    train_fit = {"macro_f1": fit["macro_f1"],
+                 "recall": {c: v.get("recall") for c, v in (fit.get("per_class") or {}).items()}}
     return {"seed": seed, "train_minutes": round(minutes, 1), "val_macro_f1": result.metrics["best_val_macro_f1"],
-            "calibration": calibration, "report": report}
+            "calibration": calibration, "report": report, "train_fit": train_fit}
 
 
 def _cell(report: dict, key: str) -> str:
@@ -94,6 +99,9 @@ def main() -> None:
         per_class = r["report"].get("per_class") or {}
         print("      recall: " + ", ".join(f"{c} {v.get('recall', 0):.2f} (n={v.get('support')})"
                                          for c, v in per_class.items()))
+        fit = r["train_fit"]
+        print(f"      its own training split: macro-F1 {fit['macro_f1']:.3f}, recall "
+              + ", ".join(f"{c} {v:.2f}" for c, v in fit["recall"].items() if v is not None))
 
 
 if __name__ == "__main__":
