@@ -374,6 +374,14 @@ def _figure(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _echo_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """Rows under a header, in columns as wide as their widest cell."""
+    table = [header, *rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
 @app.command()
 @friendly
 def register(
@@ -468,15 +476,12 @@ def models(
         return
     header = ("version", "aliases", "created (UTC)", "dataset", "gate", "approval", "macro_f1", "detect",
               "escape", "review")
-    table = [header] + [
+    _echo_table(header, [
         (r["version"], ",".join(r["aliases"]) or "-", r["created"].replace("+00:00", "").replace("T", " "),
          (r["dataset_version"] or "-")[:8], r["gate_status"] or "-", r["approval_status"] or "-",
          _figure(r["macro_f1"]), _figure(r["defect_detection_rate"]), _figure(r["escape_rate"]),
          _figure(r["review_rate"]))
-        for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    for row in table:
-        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        for r in rows])
 
 
 @app.command()
@@ -557,6 +562,35 @@ def _promotion_lines(result: Any) -> list[str]:
     deployed = (f"deployed {result.model_version} on {result.fast_path} (was {result.previous or 'nothing'}) in "
                 f"{result.seconds:.0f} s; bento {result.bento or 'not built (--no-bento)'}")
     return [deployed, f"  {service}"]
+
+
+@app.command()
+@friendly
+def replicas(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the replicas' status files as JSON.")] = False,
+) -> None:
+    """The service replicas on this state root: what each serves, is loading or refused, and its heartbeat."""
+    from datetime import UTC, datetime
+
+    from components.serving.params import serve_params
+    from components.serving.replicas import FOLDER, stale_after
+    from components.serving.replicas import replicas as reported
+
+    settings, params = _context()
+    live, gone = reported(settings, stale_after(serve_params(params).reload_poll_seconds))
+    if json_out:
+        typer.echo(json.dumps({"live": [r.model_dump() for r in live], "gone": [r.model_dump() for r in gone]},
+                              indent=2))
+        return
+    if not live and not gone:
+        typer.echo(f"no service replica has reported in {settings.state_dir / FOLDER}; start one with "
+                   "`defectops serve`")
+        return
+    now = datetime.now(UTC)
+    _echo_table(("replica", "state", "serves", "engine", "device", "heartbeat", "loading", "last refused"), [
+        (r.replica, state, r.model_version, r.fast_path, r.device, f"{r.age(now).total_seconds():.0f} s ago",
+         r.loading or "-", f"{r.refused_version or r.refused}: {r.refused_error}" if r.refused else "-")
+        for state, group in (("live", live), ("gone", gone)) for r in group])
 
 
 @app.command()

@@ -141,3 +141,26 @@ def test_the_watcher_reports_loading_refusal_and_swap(tmp_path: Path) -> None:
     status = json.loads(report.path.read_text())
     assert (status["model_version"], status["record"]) == (NEW.model_version, newer.deployed_at)
     report.stop()
+
+
+def test_the_replicas_command_lists_live_and_gone_replicas(plant: Settings) -> None:
+    from typer.testing import CliRunner
+
+    from components.cli import app
+
+    runner = CliRunner()
+    empty = runner.invoke(app, ["replicas"])
+    assert empty.exit_code == 0 and "no service replica has reported" in empty.output
+    _status_file(plant, "node-a-7", NEW.model_version, NEW.deployed_at)
+    _status_file(plant, "node-b-7", OLD.model_version, OLD.deployed_at, refused=NEW.deployed_at,
+                 refused_version=NEW.model_version, refused_error="CUDA out of memory")
+    _status_file(plant, "node-c-7", OLD.model_version, OLD.deployed_at, age_s=3600)
+    listed = runner.invoke(app, ["replicas"])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line for line in listed.output.splitlines()[1:]}
+    assert set(rows) == {"node-a-7", "node-b-7", "node-c-7"}
+    assert " live " in rows["node-a-7"] and NEW.model_version in rows["node-a-7"]
+    assert "defect-classifier/2: CUDA out of memory" in rows["node-b-7"] and " gone " in rows["node-c-7"]
+    as_json = json.loads(runner.invoke(app, ["replicas", "--json"]).output)
+    assert [r["replica"] for r in as_json["live"]] == ["node-a-7", "node-b-7"]
+    assert [r["replica"] for r in as_json["gone"]] == ["node-c-7"]
