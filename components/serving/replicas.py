@@ -58,7 +58,7 @@ def _now() -> str:
 
 
 class ReplicaReport:
-    """The status file of this process, kept current by `update` and rewritten by a heartbeat thread."""
+    """The status file of this process: `serving`, `loading` and `refused` change it, a heartbeat thread rewrites it."""
 
     def __init__(self, settings: Settings, interval_s: float) -> None:
         host = socket.gethostname()
