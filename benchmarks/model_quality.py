@@ -46,10 +46,10 @@ def _one_split(settings, params, manifest, seed: int, profile: str | None, out_d
     result = run_training(settings, params, profile=profile, out_dir=out_dir, manifest=frame, progress=False)
     minutes = (time.perf_counter() - started) / 60
     ev = evaluate_params(params)
-    predictor = Predictor.from_file(result.model_path, device="cpu")
+    predictor = Predictor.from_file(result.model_path)
     calibration = calibrate(predictor, frame[frame["split"] == "val"], ev)
     store_calibration(result.model_path, calibration)
-    predictor = Predictor.from_file(result.model_path, device="cpu")
+    predictor = Predictor.from_file(result.model_path)
     report = evaluate_rows(predictor, frame[frame["split"] == "test"].reset_index(drop=True), ev)
     # how well the model fits its own training pictures (eval transform): tells under- from over-fitting
     fit = evaluate_rows(predictor, frame[frame["split"] == "train"].reset_index(drop=True), ev)

@@ -93,7 +93,8 @@ def main() -> None:
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     first = pin_deployment(settings, params, str(models[0]), "benchmark", images=raws)
     env = dict(os.environ, DEFECTOPS_PROJECT=str(ROOT), DEFECTOPS_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               BENTOML_DO_NOT_TRACK="true", HOME=str(home / "user-home"), PYTHONPATH=str(ROOT))
+               BENTOML_DO_NOT_TRACK="true", HOME=str(home / "user-home"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = start([sys.executable, "-m", "bentoml", "serve", "components.serving.service:DefectClassifier",

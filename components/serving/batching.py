@@ -17,7 +17,8 @@ The threads start the next batch themselves, not the event loop: with BentoML's 
 batch could only start once the event loop had finished answering the last one (the responses, the log
 lines and the next requests' parsing all run there), which left the engine idle for a median 9 ms between
 batches of 94 ms in `benchmarks/serve_load.py` (busy 91% of the time; README "Figures"). An image that would
-wait longer than `max_latency_ms` is refused with 503, as BentoML's own dispatcher does.
+wait longer than `max_latency_ms` is refused with 503, as BentoML's own dispatcher does; an idle engine
+refuses nothing.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ class Batcher:
         with self._ready:
             if self._closed:
                 raise self._unavailable(self._closed)
-            if self._expected_wait(len(self._queue) + 1) > self.max_latency_ms / 1000:
+            # an idle engine takes the image at once, whatever the estimate says: refusing it would leave the
+            # estimate (only batches update it) stuck above the budget after one slow batch, refusing for ever
+            busy = bool(self._queue) or any(self._running)
+            if busy and self._expected_wait(len(self._queue) + 1) > self.max_latency_ms / 1000:
                 raise self._overloaded()
             self._queue.append(job)
             self._ready.notify()
@@ -144,12 +148,8 @@ class Batcher:
                 jobs = self._take()
                 alone = len(jobs) == 1 and not any(self._running)
                 self._running[stream] = len(jobs)
-            try:
-                if jobs and not self._run(jobs, None if alone or self.streams == 1 else stream):
-                    return  # SystemExit or the like: this thread ends
-            finally:
-                with self._ready:
-                    self._running[stream] = 0
+            if jobs and not self._run(jobs, None if alone or self.streams == 1 else stream, stream):
+                return  # SystemExit or the like: this thread ends
 
     def _take(self) -> list[_Job]:
         """Up to max_batch_size queued jobs still wanted; those queued past the latency budget get 503."""
@@ -165,20 +165,31 @@ class Batcher:
             jobs.append(job)
         return jobs
 
-    def _run(self, jobs: list[_Job], stream: int | None) -> bool:
-        """Compute one batch and answer its jobs; False when the thread must end."""
+    def _run(self, jobs: list[_Job], stream: int | None, thread: int) -> bool:
+        """Compute one batch on `stream` and answer its jobs; False when the thread must end.
+
+        Inference thread `thread` counts as idle again before the answers go out, so a caller's next image
+        finds it so.
+        """
         started = time.perf_counter()
+        outputs: list[Any] = []
+        error: BaseException | None = None
         try:
             outputs = list(self.infer([job.item for job in jobs], stream))
             if len(outputs) != len(jobs):
                 raise RuntimeError(f"infer returned {len(outputs)} outputs for {len(jobs)} inputs")
         except BaseException as exc:  # every caller of this batch gets the error
             log.exception("inference failed for a batch of %d", len(jobs))
+            error = exc
+        with self._ready:
+            self._running[thread] = 0
+            if error is None and (stream is not None or self.streams == 1):
+                self._learn(time.perf_counter() - started)
+        if error is not None:
+            failure = error if isinstance(error, Exception) else RuntimeError(f"inference stopped: {error!r}")
             for job in jobs:
-                _answer(job, error=exc if isinstance(exc, Exception) else RuntimeError(f"inference stopped: {exc!r}"))
-            return isinstance(exc, Exception)
-        if stream is not None or self.streams == 1:
-            self._learn(time.perf_counter() - started)
+                _answer(job, error=failure)
+            return isinstance(error, Exception)
         for job, output in zip(jobs, outputs, strict=True):
             _answer(job, output)
         return True

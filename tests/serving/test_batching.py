@@ -103,6 +103,23 @@ def test_a_full_batch_after_lone_images_is_not_refused_on_their_timing() -> None
     assert outcomes == [i * 2 for i in range(32)], "a /predict_batch of 32 fits the 250 ms budget"
 
 
+def test_one_batch_slower_than_the_budget_does_not_refuse_every_later_image() -> None:
+    """Seen on a GPU: the first batch of a new size took longer than the 500 ms budget (cuDNN picking its
+    kernels), the estimate stayed above the budget, and with only batches updating it, every later image got 503."""
+    infer = Recorder()
+    infer.seconds = 0.4
+
+    async def slow_then_fast(batcher):
+        await batcher(0)  # one slow batch: the estimate is now 0.4 s a batch, over the 250 ms budget
+        infer.seconds = 0.0
+        answers = [await batcher(i) for i in range(1, 20)]  # lone images, one after another
+        return answers, batcher._seconds_per_batch
+
+    answers, estimate = run(Batcher(infer, max_batch_size=4, max_latency_ms=250), slow_then_fast)
+    assert answers == [i * 2 for i in range(1, 20)], "an idle engine takes the image"
+    assert estimate < 0.05, "the fast batches brought the estimate back down"
+
+
 def test_an_engine_error_reaches_every_image_of_its_batch_and_the_next_batch_is_served() -> None:
     infer = Recorder(seconds=0.02, fail_on=3)
 
