@@ -305,6 +305,7 @@ class Trainer:
             self.ema = AveragedModel(
                 model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
             )
+            warn_slow_ema(cfg.ema_decay, cfg.epochs, steps)
         self.use_masks = cfg.mask_loss_weight > 0 and hasattr(model, "forward_train")
         self.others_load: OthersLoad | None = None  # sampled through the epochs when threads adapt (fit)
         self._threads_checked = 0.0
@@ -493,6 +494,31 @@ class Trainer:
         """Better macro-F1, or equal macro-F1 with a lower validation loss."""
         f1, loss = metrics["macro_f1"], metrics["loss"]
         return f1 > self.best_f1 + 1e-9 or (abs(f1 - self.best_f1) <= 1e-9 and loss < self.best_loss)
+
+
+EMA_MAX_START_SHARE = 0.01  # of the first step's weights, left in the average at the end of a run
+
+
+def ema_start_share(decay: float, steps: int) -> float:
+    """Share of the first step's weights still in the exponential average after `steps` updates (the first
+    update copies the model)."""
+    return decay ** max(0, steps - 1)
+
+
+def warn_slow_ema(decay: float, epochs: int, steps_per_epoch: int) -> None:
+    """Warn when the average would still carry much of the (near-initial) first weights after the whole run.
+
+    Seen on a GPU: the gpu profile's 0.999 over 60 epochs of 24 steps kept 24% of the first step's weights,
+    and the averaged model, the one validated and kept, answered `normal` for every image.
+    """
+    steps = epochs * steps_per_epoch
+    share = ema_start_share(decay, steps)
+    if share > EMA_MAX_START_SHARE:
+        log.warning(
+            "ema_decay %g is too slow for %d steps (%d epochs of %d): the averaged weights, which are validated "
+            "and kept, would still hold %.0f%% of the first step's; use at most %.4f (train.profiles.*.ema_decay)",
+            decay, steps, epochs, steps_per_epoch, 100 * share, EMA_MAX_START_SHARE ** (1 / max(1, steps - 1)),
+        )
 
 
 def fit(

@@ -477,3 +477,21 @@ def test_a_busy_process_elsewhere_counts_as_another_and_our_own_busy_child_does_
         os.kill(orphan, signal.SIGKILL)
     assert with_orphan - before >= 0.7, (before, with_orphan)
     assert with_child - before < 0.5, (before, with_child)
+
+
+def test_every_committed_profile_averages_over_a_few_epochs_not_the_whole_run() -> None:
+    """The gpu profile once had ema_decay 0.999: over its 60 epochs of 24 steps on the committed split the average
+    kept 24% of the first step's weights, and on a GPU its model called every image normal."""
+    from components.config import PACKAGE_ROOT, load_params
+    from components.training.loop import EMA_MAX_START_SHARE, ema_start_share
+
+    assert ema_start_share(0.999, 1440) > 0.2 and ema_start_share(0.99, 1440) < 1e-5
+    train_images = sum(line.endswith(",train") for line in (PACKAGE_ROOT / "splits.csv").read_text().splitlines())
+    profiles = train_params(load_params(PACKAGE_ROOT / "params.yaml")).profiles
+    checked = 0
+    for name, profile in profiles.items():
+        if profile.ema_decay:
+            steps = profile.epochs * (train_images // profile.batch_size)
+            assert ema_start_share(profile.ema_decay, steps) <= EMA_MAX_START_SHARE, name
+            checked += 1
+    assert checked >= 2, "the gpu and cpu profiles both average their weights"

@@ -91,16 +91,19 @@ def test_nan_loss_raises_training_diverged_and_writes_no_model(settings, raw_par
     assert not (out / "model.pt").exists()
 
 
-def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_path):
+def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_path, caplog):
     # in-process: no loader workers (a process that ran a Prefect flow cannot fork them; the flows run
     # `defectops train` in a subprocess, and tests/integration/test_training_flow.py covers workers there)
-    result = _run(
-        settings,
-        raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=0, loss="ce", ema_decay=0.9),
-        tiny_manifest,
-        tmp_path / "out",
-    )
+    with caplog.at_level(logging.WARNING, logger="components.training.loop"):
+        result = _run(
+            settings,
+            raw_params(epochs=1, precision="bf16", channels_last=True, num_workers=0, loss="ce", ema_decay=0.9),
+            tiny_manifest,
+            tmp_path / "out",
+        )
     assert result.metrics["precision"] == "bf16" and result.model_path.is_file()
+    # one epoch of a few steps is far too short for a 0.9 average: the run says so
+    assert any("ema_decay 0.9 is too slow" in r.getMessage() for r in caplog.records)
 
 
 def test_mask_head_and_per_image_normalisation_train_and_reload(
