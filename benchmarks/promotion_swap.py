@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_load import free_port, real_jpegs, start, stop, untrained_model
+from benchmarks.serve_load import free_port, real_jpegs, server_env, start, stop, untrained_model
 
 
 def steady_load(url: str, images: list[tuple[str, bytes]], rate: float, seconds: float,
@@ -92,9 +92,7 @@ def main() -> None:
     print(f"{args.arch} at {args.image_size} px; load average before: "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     first = pin_deployment(settings, params, str(models[0]), "benchmark", images=raws)
-    env = dict(os.environ, DEFECTOPS_PROJECT=str(ROOT), DEFECTOPS_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               BENTOML_DO_NOT_TRACK="true", HOME=str(home / "user-home"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = server_env(home)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = start([sys.executable, "-m", "bentoml", "serve", "components.serving.service:DefectClassifier",

@@ -125,6 +125,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_env(home: Path) -> dict[str, str]:
+    """The environment of a server under the throw-away state root `home` (the caller's PYTHONPATH kept after
+    the project's: carried packages stay importable)."""
+    return dict(os.environ, DEFECTOPS_PROJECT=str(ROOT), DEFECTOPS_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
+                BENTOML_DO_NOT_TRACK="true", HOME=str(home / "user-home"),
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def start(command: list[str], env: dict[str, str], url: str, ready_path: str, log_file: Path,
           timeout: float = 300) -> subprocess.Popen:
     """Start a server in its own session and wait until `ready_path` answers 200."""
@@ -552,9 +560,7 @@ def main() -> None:
           f"{record.fast_path_reason}", flush=True)
     batching = serve_params(params).batching_for(record.device)
 
-    env = dict(os.environ, DEFECTOPS_PROJECT=str(ROOT), DEFECTOPS_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               BENTOML_DO_NOT_TRACK="true", HOME=str(home / "user-home"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = server_env(home)
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         port = free_port()

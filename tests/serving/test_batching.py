@@ -104,8 +104,8 @@ def test_a_full_batch_after_lone_images_is_not_refused_on_their_timing() -> None
 
 
 def test_one_batch_slower_than_the_budget_does_not_refuse_every_later_image() -> None:
-    """Seen on a GPU: the first batch of a new size took longer than the 500 ms budget (cuDNN picking its
-    kernels), the estimate stayed above the budget, and with only batches updating it, every later image got 503."""
+    """Seen on a GPU: a batch took longer than the 500 ms budget (with cuDNN's autotuner on), the estimate stayed
+    above the budget, and with only batches updating it, every later image got 503."""
     infer = Recorder()
     infer.seconds = 0.4
 
