@@ -4,12 +4,12 @@ Run on demand (never a test; each split is a whole training run):
 
     .venv/bin/python benchmarks/model_quality.py [--profile cpu] [--seeds 42,7] [--data DIR] [--out DIR]
 
-Each seed makes its own stratified split by capture group (the same rule as `splits.csv`; seed 42 with the
-default params reproduces the committed split). For each: `run_training` on its train split (early stopping /
-head refit on val), the review rule calibrated on val (temperature + threshold, as `defectops train`), then
-every figure of `defectops evaluate` on its test split, with 95% intervals over capture groups (and, to tell
-under- from over-fitting, macro-F1 and recall on its own training split). The test
-split of one seed holds only a few captures of the rare classes (Fray: 1-2 spots), so read the spread across
+Each seed makes its own stratified split by capture group (the same rule as `splits.csv`); seed 42 (params'
+`base.seed`) is the committed split: `splits.csv` wherever it lists the image. For each: `run_training` on its
+train split (early stopping / head refit on val), the review rule calibrated on val (temperature + threshold, as
+`defectops train`), then every figure of `defectops evaluate` on its test split, with 95% intervals over capture
+groups (and, to tell under- from over-fitting, macro-F1 and recall on its own training split). The test split
+of one seed holds only a few captures of the rare classes (Fray: 1-2 spots), so read the spread across
 seeds, not one number. Targets (issue #3): macro-F1 >= 0.85, defect detection >= 97% at <= 3% false alarms,
 escapes < 0.5% with <= 15% sent to review.
 """
@@ -34,14 +34,15 @@ FIGURES = ("macro_f1", "accuracy", "defect_detection_rate", "false_alarm_rate", 
 
 
 def _one_split(settings, params, manifest, seed: int, profile: str | None, out_dir: Path) -> dict:
-    from components.data.split import assign_splits
+    from components.data.split import assign_splits, read_splits
     from components.evaluation.runner import calibrate, evaluate_params, evaluate_rows
     from components.predictor import Predictor
     from components.training.calibrate import store_calibration
     from components.training.train import run_training
 
     frame = manifest.copy()
-    frame["split"] = assign_splits(frame, params.data.split, seed)
+    committed = read_splits(settings.splits_file) if seed == params.base.seed else None
+    frame["split"] = assign_splits(frame, params.data.split, seed, committed)
     started = time.perf_counter()
     result = run_training(settings, params, profile=profile, out_dir=out_dir, manifest=frame, progress=False)
     minutes = (time.perf_counter() - started) / 60
@@ -56,6 +57,7 @@ def _one_split(settings, params, manifest, seed: int, profile: str | None, out_d
     train_fit = {"macro_f1": fit["macro_f1"],
                  "recall": {c: v.get("recall") for c, v in (fit.get("per_class") or {}).items()}}
     return {"seed": seed, "train_minutes": round(minutes, 1), "val_macro_f1": result.metrics["best_val_macro_f1"],
+            "epochs": result.metrics["epochs"], "stopped": result.metrics["stopped"],
             "calibration": calibration, "report": report, "train_fit": train_fit}
 
 
@@ -74,6 +76,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,7", help="split seeds, comma-separated")
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: Magnetic Tile)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the models and results.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key for this run, e.g. train.profiles.cpu.epochs=150 "
+                             "(repeatable; the value is read as YAML)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -83,7 +88,7 @@ def main() -> None:
     from components.data.tracked import manifest_of
 
     settings = get_settings()
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", args.set)
     data = args.data or magnetic_tile_folder(settings)
     out = args.out or Path(tempfile.mkdtemp(prefix="model-quality-"))
     manifest = manifest_of(data, settings, params)
@@ -91,7 +96,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         results.append(_one_split(settings, params, manifest, seed, args.profile, out / f"seed-{seed}"))
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"\nprofile {args.profile or 'auto'} on {data}; models and results.json in {out}")
+    print(f"\nprofile {args.profile or 'auto'}{''.join(f' --set {a}' for a in args.set)} on {data}; "
+          f"models and results.json in {out}")
     print("seed  minutes  val F1  " + "  ".join(f"{k:>22}" for k in FIGURES))
     for r in results:
         print(f"{r['seed']:>4}  {r['train_minutes']:>7}  {r['val_macro_f1']:.3f}  "
@@ -99,6 +105,8 @@ def main() -> None:
         per_class = r["report"].get("per_class") or {}
         print("      recall: " + ", ".join(f"{c} {v.get('recall', 0):.2f} (n={v.get('support')})"
                                          for c, v in per_class.items()))
+        if r["stopped"] != "max epochs":
+            print(f"      stopped after {r['epochs']} epochs: {r['stopped']}")
         fit = r["train_fit"]
         print(f"      its own training split: macro-F1 {fit['macro_f1']:.3f}, recall "
               + ", ".join(f"{c} {v:.2f}" for c, v in fit["recall"].items() if v is not None))

@@ -6,6 +6,7 @@ Nothing here touches the disk at import time: `get_settings()` resolves paths, `
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -140,6 +141,10 @@ class GroupingParams(_Section):
     pattern: str | None = Field(None, description="regex on the file stem; its first group is the group key")
     number_pattern: str = Field(r"num_(\d+)", description="capture_gap: regex whose first group is the capture number")
     max_gap: int = Field(300, description="capture_gap: a new capture starts where the number jumps by more")
+    exposure_pattern: str | None = Field(
+        None, description="capture_gap: regex whose first group is the exposure index (e.g. 'exp(\\d+)_'); with "
+        "it, a jump up to max_gap_rising still continues the capture while the exposure index rises")
+    max_gap_rising: int = Field(600, description="capture_gap with exposure_pattern: see there")
 
     @model_validator(mode="after")
     def _pattern_given(self) -> GroupingParams:
@@ -230,19 +235,42 @@ class Params(_Section):
         return self.datasets[self.data.dataset]
 
 
-def load_params(path: Path | None = None) -> Params:
-    """Read and validate params.yaml; a bad file is a usage error naming the key."""
+def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Params:
+    """Read and validate params.yaml, with `dotted.key=value` overrides applied; a bad file is a usage error
+    naming the key."""
     path = path or get_settings().params_file
     if not path.is_file():
         raise UsageError(f"{path}: params file not found; run from the project or set DEFECTOPS_PROJECT")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        return Params.model_validate(raw)
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+    for assignment in overrides:
+        override_param(raw, assignment)
+    try:
+        return Params.model_validate(raw)
     except ValueError as exc:
         first = str(exc).splitlines()
         raise UsageError(f"{path}: invalid params: {' '.join(first[1:3]) or first[0]}") from exc
+
+
+def override_param(raw: dict, assignment: str) -> None:
+    """Set one `dotted.key=value` in a params dict, the value read as YAML (as `dvc exp run -S` does): e.g.
+    `train.profiles.cpu.epochs=150` or `augment.affine_scale=[0.6, 1.25]`. The sections must exist."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"override {assignment!r}: write KEY=VALUE, e.g. train.profiles.cpu.epochs=60")
+    *sections, leaf = key.strip().split(".")
+    node = raw
+    for depth, name in enumerate(sections):
+        node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise UsageError(f"override {assignment!r}: {'.'.join(sections[:depth + 1])} is not a section of "
+                             "params.yaml; check the key")
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"override {assignment!r}: the value is not valid YAML ({exc})") from exc
 
 
 def cpu_workers(settings: Settings) -> int:
