@@ -42,20 +42,24 @@ def group_keys(paths: list[str], labels: list[str], rule: GroupingParams) -> lis
                         else path)
         return keys
     number = re.compile(rule.number_pattern)
+    exposure = re.compile(rule.exposure_pattern) if rule.exposure_pattern else None
     keys = list(paths)
-    by_label: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    by_label: dict[str, list[tuple[int, int, int | None]]] = defaultdict(list)
     for index, (path, label) in enumerate(zip(paths, labels, strict=True)):
         match = number.search(_stem(path))
         if match:
-            by_label[label].append((int(match.group(1)), index))
+            found = exposure.search(_stem(path)) if exposure else None
+            by_label[label].append((int(match.group(1)), index, int(found.group(1)) if found else None))
     for label, numbered in by_label.items():
         numbered.sort()
-        start, previous = None, None
-        for n, index in numbered:
-            if previous is None or n - previous > rule.max_gap:
+        start, previous, previous_exposure = None, None, None
+        for n, index, exp in numbered:
+            # a spot's exposures come in rising order: a longer pause between two of them is still one spot
+            rising = exp is not None and previous_exposure is not None and exp > previous_exposure
+            if previous is None or n - previous > (rule.max_gap_rising if rising else rule.max_gap):
                 start = n
             keys[index] = f"{label}/capture-{start}"
-            previous = n
+            previous, previous_exposure = n, exp
     return keys
 
 
@@ -96,7 +100,21 @@ def assign_splits(frame: pd.DataFrame, fractions: SplitParams, seed: int,
             for i in fresh[group]:
                 split[i] = chosen
             have[chosen] += len(fresh[group])
+    _warn_split_groups(groups, split)
     return pd.Series(split, index=frame.index, dtype=object)
+
+
+def _warn_split_groups(groups: list[str], split: list[str | None]) -> None:
+    """Committed splits are never moved, so a group that the grouping rule joined after its images were split
+    (a rule change) can sit in two splits: the same spot trained on and scored. Say so, with the fix."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for group, s in zip(groups, split, strict=True):
+        seen[group].add(str(s))
+    crossing = sorted(g for g, s in seen.items() if len(s) > 1)
+    if crossing:
+        log.warning("%d capture group(s) span two splits in splits.csv, e.g. %s (%s): one spot is trained on and "
+                    "scored; move their images into one split in splits.csv and commit it", len(crossing),
+                    crossing[0], ", ".join(sorted(seen[crossing[0]])))
 
 
 def read_splits(path: Path) -> dict[str, str]:

@@ -64,3 +64,28 @@ def test_deterministic_and_stable_when_images_are_added() -> None:
     joined = grown.set_index("path").loc["images/Free/exp0_num_5.jpg", "split"]
     assert joined == first.set_index("path").loc[paths[0], "split"], "a new exposure joins its capture's split"
     assert (grown.groupby("group")["split"].nunique() == 1).all()
+
+
+def test_a_longer_pause_within_rising_exposures_is_still_one_spot() -> None:
+    # one Fray spot of the real data: exposures 1-3, a pause of 325, exposures 4-6; then exp1 430 later: a new spot
+    numbers = {1: 136254, 2: 136286, 3: 136351, 4: 136676, 5: 136716, 6: 136770}
+    paths = [f"images/Fray/exp{e}_num_{n}.jpg" for e, n in numbers.items()] + ["images/Fray/exp1_num_137200.jpg"]
+    labels = ["Fray"] * len(paths)
+    plain = group_keys(paths, labels, GroupingParams(rule="capture_gap", max_gap=300))
+    assert len(set(plain[:6])) == 2, "the gap rule alone cuts the spot in two"
+    aware = GroupingParams(rule="capture_gap", max_gap=300, exposure_pattern=r"exp(\d+)_", max_gap_rising=600)
+    keys = group_keys(paths, labels, aware)
+    assert set(keys[:6]) == {"Fray/capture-136254"} and keys[6] != keys[0], "exp1 after exp6 is a new spot"
+    # without rising exposures, the plain gap still separates: a pause of 325 before a lower exposure index
+    falling = ["images/Fray/exp4_num_1000.jpg", "images/Fray/exp2_num_1325.jpg"]
+    assert len(set(group_keys(falling, ["Fray"] * 2, aware))) == 2
+
+
+def test_a_group_joined_after_its_images_were_split_is_reported(caplog) -> None:
+    paths, labels = _magnetic_like(1, "Fray")
+    frame = _frame(paths, labels, GroupingParams(rule="capture_gap"))
+    previous = {p: ("train" if i < 3 else "val") for i, p in enumerate(paths)}
+    with caplog.at_level("WARNING", logger="components.data.split"):
+        split = assign_splits(frame, FRACTIONS, seed=1, previous=previous)
+    assert split.tolist() == [previous[p] for p in paths], "committed splits are never moved"
+    assert "1 capture group(s) span two splits" in caplog.text and "Fray/capture-20" in caplog.text
