@@ -46,9 +46,10 @@ def group_keys(paths: list[str], labels: list[str], rule: GroupingParams) -> lis
     keys = list(paths)
     by_label: dict[str, list[tuple[int, int, int | None]]] = defaultdict(list)
     for index, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        match = number.search(_stem(path))
+        stem = _stem(path)
+        match = number.search(stem)
         if match:
-            found = exposure.search(_stem(path)) if exposure else None
+            found = exposure.search(stem) if exposure else None
             by_label[label].append((int(match.group(1)), index, int(found.group(1)) if found else None))
     for label, numbered in by_label.items():
         numbered.sort()
@@ -100,21 +101,19 @@ def assign_splits(frame: pd.DataFrame, fractions: SplitParams, seed: int,
             for i in fresh[group]:
                 split[i] = chosen
             have[chosen] += len(fresh[group])
-    _warn_split_groups(groups, split)
+    _warn_split_groups(members, split)
     return pd.Series(split, index=frame.index, dtype=object)
 
 
-def _warn_split_groups(groups: list[str], split: list[str | None]) -> None:
+def _warn_split_groups(members: dict[str, list[int]], split: list[str | None]) -> None:
     """Committed splits are never moved, so a group that the grouping rule joined after its images were split
     (a rule change) can sit in two splits: the same spot trained on and scored. Say so, with the fix."""
-    seen: dict[str, set[str]] = defaultdict(set)
-    for group, s in zip(groups, split, strict=True):
-        seen[group].add(str(s))
-    crossing = sorted(g for g, s in seen.items() if len(s) > 1)
+    spans = {group: sorted({str(split[i]) for i in rows}) for group, rows in members.items()}
+    crossing = sorted(group for group, splits in spans.items() if len(splits) > 1)
     if crossing:
         log.warning("%d capture group(s) span two splits in splits.csv, e.g. %s (%s): one spot is trained on and "
                     "scored; move their images into one split in splits.csv and commit it", len(crossing),
-                    crossing[0], ", ".join(sorted(seen[crossing[0]])))
+                    crossing[0], ", ".join(spans[crossing[0]]))
 
 
 def read_splits(path: Path) -> dict[str, str]:
