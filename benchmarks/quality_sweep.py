@@ -77,13 +77,14 @@ def _table(cells: list[dict], variants: list[str], seeds: list[int]) -> list[str
         text = []
         for s in seeds:
             c = row.get(s, {})
-            mark = "*" if c.get("stopped", "max epochs") != "max epochs" else " "
+            stopped = c.get("stopped", "max epochs")
+            mark = "*" if stopped.startswith("time budget") else "e" if stopped.startswith("early stop") else " "
             text.append(f"{c['test']:.3f} ({c['val']:.2f}){mark}" if "test" in c else c.get("failed", c.get(
                 "skipped", "-"))[:14])
         mean = f"{sum(c['test'] for c in done) / len(done):.3f}" if done else "-"
         fit = f"{sum(c['fit'] for c in done) / len(done):.3f}" if done else "-"
         lines.append(name.ljust(24) + "".join(t.rjust(16) for t in text) + f"   {mean:>9}  {fit:>8}")
-    lines.append("test macro-F1 (val); * = stopped by the deadline before its schedule ended")
+    lines.append("test macro-F1 (val); * = stopped by the deadline before its schedule ended, e = early stop")
     return lines
 
 

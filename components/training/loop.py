@@ -16,8 +16,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ CHECKPOINT_FORMAT = 1
 # started together each read the other as idle (both still starting up) and ran a first epoch of 2+2 threads
 # on 2 cores.
 THREADS_RECHECK_S = 10.0
+# torch's warning for a kernel without a deterministic implementation (warn_only=True), e.g. a CUDA backward
+NONDETERMINISTIC = "does not have a deterministic implementation"
 
 
 class TrainingDiverged(DefectOpsError):
@@ -171,6 +174,28 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+
+
+@contextmanager
+def nondeterminism_logged_once(seen: set[str]) -> Iterator[None]:
+    """Log each of torch's "no deterministic implementation" warnings once a run; pass other warnings on.
+
+    Left to Python they repeat every epoch: its memory of warnings already shown is cleared whenever anything
+    changes the warning filters, which libraries in the loop do. `seen` holds the messages already logged.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield
+    finally:
+        for w in caught:
+            text = str(w.message)
+            if NONDETERMINISTIC not in text:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif text not in seen:
+                seen.add(text)
+                log.warning("%s (logged once a run)", text.split(", but you set")[0])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -313,6 +338,7 @@ class Trainer:
         self.best_f1, self.best_loss, self.best_epoch, self.bad_epochs = -1.0, math.inf, 0, 0
         self.history: list[EpochRecord] = []
         self.stopped: str | None = None
+        self.nondeterministic: set[str] = set()  # torch's warnings of that kind already logged
 
     @property
     def eval_model(self) -> nn.Module:
@@ -560,7 +586,8 @@ def fit(
         trainer.others_load = others_load
         while trainer.stopped is None and trainer.epoch < cfg.epochs:
             began = time.perf_counter()
-            train_loss, lr, rate, wait = trainer.train_epoch()
+            with nondeterminism_logged_once(trainer.nondeterministic):
+                train_loss, lr, rate, wait = trainer.train_epoch()
             trainer.epoch += 1
             metrics = trainer.validate()
             if trainer.improved(metrics) or cfg.keep == "last":

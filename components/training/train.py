@@ -314,9 +314,15 @@ def _refit_head(model: Classifier, result: FitResult, train_rows: pd.DataFrame, 
 def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
                   allow_download: bool = False) -> tuple[Classifier, str]:
     """The profile's network (and which weights initialised it); seed torch first for a reproducible init."""
-    return build_model(prof.arch, num_classes, prof.dropout, prof.hidden, prof.attention, prof.freeze_stages,
-                       weights, allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate,
-                       design=prof.design, dense_stage=prof.dense_stage, width=prof.width)
+    model, weights_used = build_model(
+        prof.arch, num_classes, prof.dropout, prof.hidden, prof.attention, prof.freeze_stages, weights,
+        allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate, design=prof.design,
+        dense_stage=prof.dense_stage, width=prof.width)
+    if weights_used.startswith("random-init (ImageNet"):
+        log.warning("this profile (%s, lr %g) is set up to fine-tune ImageNet weights; from random initialisation "
+                    "it trained worse models than the `cpu` profile on the same GPU (docs/model-quality.md): "
+                    "provide the weights, or train with --profile cpu", prof.arch, prof.lr)
+    return model, weights_used
 
 
 def profile_loss(prof: ProfileParams, counts: Sequence[int]) -> torch.nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from PIL import Image
 
 from components.errors import UsageError
 from components.training.data import EMPTY_MASK, ManifestDataset, balanced_sampler
-from components.training.loop import warmup_cosine
+from components.training.loop import NONDETERMINISTIC, nondeterminism_logged_once, warmup_cosine
 from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
+from components.training.train import profile_model
 from components.training.transforms import eval_transform, train_transform
 
 
@@ -163,6 +165,17 @@ def test_offline_imagenet_weights_warn_and_fall_back_to_random_init(tmp_path, mo
     assert "training from random initialisation" in caplog.text
 
 
+def test_a_profile_meant_for_imagenet_weights_points_to_the_cpu_profile_without_them(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    prof = train_params({"train": {"profiles": {"p": {"arch": "resnet18", "weights": "imagenet"}}}}).profiles["p"]
+    with caplog.at_level(logging.WARNING):
+        profile_model(prof, 3, prof.weights)
+    assert "train with --profile cpu" in caplog.text
+    caplog.clear()
+    profile_model(prof, 3, None)
+    assert "--profile cpu" not in caplog.text
+
+
 def test_imagenet_weights_come_from_the_torchvision_cache(tmp_path, monkeypatch):
     import torchvision
 
@@ -255,6 +268,25 @@ def test_warmup_cosine_schedule():
     factor = warmup_cosine(total_steps=100, warmup_steps=10)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0) and factor(100) == pytest.approx(0.01)
+
+
+def test_nondeterministic_kernel_warnings_are_logged_once_a_run_and_others_pass(caplog):
+    message = f"adaptive_max_pool2d_backward_cuda {NONDETERMINISTIC}, but you set 'warn_only=True'"
+    seen: set[str] = set()
+
+    def epoch() -> None:
+        with nondeterminism_logged_once(seen):
+            warnings.resetwarnings()  # what a library in the loop may do: Python forgets what it showed
+            for _step in range(4):
+                warnings.warn(message, UserWarning, stacklevel=1)
+            warnings.warn("other", DeprecationWarning, stacklevel=1)
+
+    with caplog.at_level(logging.WARNING, logger="components.training.loop"):
+        for _epoch in range(3):
+            with pytest.warns(DeprecationWarning, match="other"):
+                epoch()
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"adaptive_max_pool2d_backward_cuda {NONDETERMINISTIC} (logged once a run)"]
 
 
 def test_bad_train_params_name_the_key(raw_params):
