@@ -320,8 +320,9 @@ def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
         dense_stage=prof.dense_stage, width=prof.width)
     if weights_used.startswith("random-init (ImageNet"):
         log.warning("this profile (%s, lr %g) is set up to fine-tune ImageNet weights; from random initialisation "
-                    "it trained worse models than the `cpu` profile on the same GPU (docs/model-quality.md): "
-                    "provide the weights, or train with --profile cpu", prof.arch, prof.lr)
+                    "the `gpu` profile trained worse models than the `cpu` profile on the same GPU "
+                    "(docs/model-quality.md): provide the weights, or train with a profile made for random "
+                    "initialisation (--profile cpu)", prof.arch, prof.lr)
     return model, weights_used
 
 

@@ -170,7 +170,7 @@ def test_a_profile_meant_for_imagenet_weights_points_to_the_cpu_profile_without_
     prof = train_params({"train": {"profiles": {"p": {"arch": "resnet18", "weights": "imagenet"}}}}).profiles["p"]
     with caplog.at_level(logging.WARNING):
         profile_model(prof, 3, prof.weights)
-    assert "train with --profile cpu" in caplog.text
+    assert "(--profile cpu)" in caplog.text
     caplog.clear()
     profile_model(prof, 3, None)
     assert "--profile cpu" not in caplog.text
