@@ -685,7 +685,11 @@ def _remove_challenger(client: MlflowClient, version: str) -> bool:
 
 def approve(settings: Settings, version: str | int, by: str, note: str | None = None,
             force: bool = False) -> dict[str, Any]:
-    """Make a version whose gate passed the champion; `force` (with a note as the reason) overrides the gate."""
+    """Make a version whose gate passed the champion; `force` (with a note as the reason) overrides the gate.
+
+    A version a person already made champion in the MLflow UI gets the approval recorded (tags, audit line),
+    which promotion requires; the alias stays where the click put it.
+    """
     version = parse_version(version)
     if not by.strip():
         raise UsageError("--by is empty; say who approves (name or e-mail)")
@@ -697,8 +701,10 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
         tags = dict(_get_version(client, version).tags or {})
         aliases = _aliases(client)
         previous = aliases.get(CHAMPION)
-        if previous == version:
-            log.info("version %s is already the champion; nothing to do", version)
+        # the alias moved in the MLflow UI already: record the approval, since that click left no tags
+        moved_in_ui = previous == version
+        if moved_in_ui and approval_problem(tags) is None:
+            log.info("version %s is already the approved champion; nothing to do", version)
             return {"version": version, "previous_champion": previous, "changed": False}
         gate_status, approval = tags.get("gate_status"), tags.get("approval_status")
         if not force and gate_status != "passed":
@@ -708,23 +714,26 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
             raise DefectOpsError(f"version {version} was rejected by {tags.get('rejected_by', '?')} "
                                  f"({tags.get('rejected_reason', '')}); register a new model, or approve with "
                                  "--force and a --note")
+        if moved_in_ui:  # MLflow keeps no history of alias moves: which version the click replaced is lost
+            previous = "unknown (alias moved in the MLflow UI)"
         new_tags = {"approved_by": by, "approved_at": _now(), "approval_note": _truncate(note or ""),
                     "previous_champion": previous or "none", "approval_forced": str(force).lower(),
                     "approval_status": "approved"}
         for key, value in new_tags.items():
             client.set_model_version_tag(MODEL_NAME, version, key, value)
         try:
-            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+            if not moved_in_ui:
+                client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
         except BaseException:
             client.set_model_version_tag(MODEL_NAME, version, "approval_status", approval or "pending")
             raise
-        if previous is not None:
+        if previous is not None and not moved_in_ui:
             client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
             client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", new_tags["approved_at"])
         challenger_removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
     _audit(settings, {"action": "approve", "version": version, "by": by, "note": note,
                       "previous_champion": previous, "forced": force, "gate_status": gate_status,
-                      "challenger_removed": challenger_removed})
+                      "challenger_removed": challenger_removed, "alias_moved_in_ui": moved_in_ui})
     log.info("version %s is now the champion (was %s), approved by %s", version, previous or "none", by)
     return {"version": version, "previous_champion": previous, "changed": True, "forced": force,
             "challenger_removed": challenger_removed}

@@ -194,6 +194,23 @@ def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
         ("approve", "3")]
 
 
+def test_approve_records_a_champion_made_in_the_mlflow_ui(registry_project, tmp_path: Path) -> None:
+    from components.registry.registry import approval_problem, approve, audit_trail, register
+
+    settings = registry_project
+    version = register(settings, params_with_gate(settings, **LENIENT_GATE), make_train_dir(tmp_path / "m")).version
+    _client(settings).set_registered_model_alias(NAME, "champion", version)  # what the UI's alias click does
+    assert approval_problem(_client(settings).get_model_version(NAME, version).tags) == "its approval_status is 'pending'"
+
+    outcome = approve(settings, version, by="dana", note="moved it in the UI")
+    assert outcome["changed"] and _aliases(settings)["champion"] == version
+    tags = _client(settings).get_model_version(NAME, version).tags
+    assert approval_problem(tags) is None and tags["approved_by"] == "dana"
+    assert tags["previous_champion"] == "unknown (alias moved in the MLflow UI)"
+    assert audit_trail(settings)[-1]["alias_moved_in_ui"] is True
+    assert not approve(settings, version, by="dana")["changed"]
+
+
 def test_unreachable_tracking_server_registers_nothing(registry_project, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from components.cli import app
