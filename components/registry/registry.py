@@ -721,15 +721,15 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
                     "approval_status": "approved"}
         for key, value in new_tags.items():
             client.set_model_version_tag(MODEL_NAME, version, key, value)
-        try:
-            if not moved_in_ui:
+        if not moved_in_ui:
+            try:
                 client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-        except BaseException:
-            client.set_model_version_tag(MODEL_NAME, version, "approval_status", approval or "pending")
-            raise
-        if previous is not None and not moved_in_ui:
-            client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
-            client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", new_tags["approved_at"])
+            except BaseException:
+                client.set_model_version_tag(MODEL_NAME, version, "approval_status", approval or "pending")
+                raise
+            if previous is not None:
+                client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
+                client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", new_tags["approved_at"])
         challenger_removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
     _audit(settings, {"action": "approve", "version": version, "by": by, "note": note,
                       "previous_champion": previous, "forced": force, "gate_status": gate_status,

@@ -338,7 +338,6 @@ class Trainer:
         self.best_f1, self.best_loss, self.best_epoch, self.bad_epochs = -1.0, math.inf, 0, 0
         self.history: list[EpochRecord] = []
         self.stopped: str | None = None
-        self.nondeterministic: set[str] = set()  # torch's warnings of that kind already logged
 
     @property
     def eval_model(self) -> nn.Module:
@@ -582,11 +581,12 @@ def fit(
     )
     spent = sum(r.seconds for r in trainer.history)
     adapt_threads = device.type == "cpu" and not cfg.threads
+    nondeterministic_logged: set[str] = set()
     with OthersLoad() if adapt_threads else nullcontext() as others_load:
         trainer.others_load = others_load
         while trainer.stopped is None and trainer.epoch < cfg.epochs:
             began = time.perf_counter()
-            with nondeterminism_logged_once(trainer.nondeterministic):
+            with nondeterminism_logged_once(nondeterministic_logged):
                 train_loss, lr, rate, wait = trainer.train_epoch()
             trainer.epoch += 1
             metrics = trainer.validate()
