@@ -73,7 +73,7 @@ def exported_metrics() -> set[str]:
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """promtool on PATH, else the one the Makefile unpacks into .tools/bin."""
+    """promtool on PATH (the Makefile's `tools` target installs it there), else one placed in .tools/bin."""
     local = REPO_ROOT / ".tools" / "bin" / "promtool"
     found = shutil.which("promtool") or (str(local) if os.access(local, os.X_OK) else None)
     return required_tool(found, "promtool not found: install Debian's `prometheus` package "
