@@ -202,8 +202,9 @@ class ManifestDataset(Dataset):
 
 
 def _three_channel_tensor(image: torch.Tensor) -> torch.Tensor:
-    """A transformed (1, S, S) grayscale tensor copied to the (3, S, S) the networks take; (3, S, S) as it is."""
-    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+    """A transformed (1, S, S) grayscale tensor copied to the (3, S, S) the networks take; (3, S, S) made
+    contiguous (ToTensorV2 returns a channels-first view of a channels-last array)."""
+    return (image.expand(3, -1, -1) if image.shape[0] == 1 else image).contiguous()
 
 
 def patch_crop(mask: np.ndarray, size: int, focus: float, rng: np.random.Generator) -> tuple[int, int]:

@@ -86,8 +86,10 @@ class ProfileParams(_Section):
     mask_gate: bool = Field(False, description="gate the last feature map with the predicted defect map")
     mask_loss_weight: float = Field(0.5, ge=0, description="weight of the defect-map loss (with mask_head)")
     mask_pos_weight: float = Field(5.0, gt=0, description="BCE weight of defect cells in the defect map")
-    normalize: Literal["imagenet", "per_image"] = Field(
-        "imagenet", description="input scaling: ImageNet mean/std, or each image to zero mean and unit std"
+    normalize: Literal["imagenet", "per_image", "detail_bands"] = Field(
+        "imagenet",
+        description="input scaling: ImageNet mean/std; each image to zero mean and unit std; or detail_bands, "
+        "the grey image standardised plus its fine and mid-scale detail as the other two channels",
     )
     freeze_stages: int = Field(0, ge=0, le=5, description="0 = train all; 1 = stem; 2..5 = stem + layer1..4")
     batch_size: int = Field(32, ge=1)

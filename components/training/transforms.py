@@ -21,7 +21,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-Normalization = Literal["imagenet", "per_image"]
+Normalization = Literal["imagenet", "per_image", "detail_bands"]
+NORMALIZATIONS = ("imagenet", "per_image", "detail_bands")
+DETAIL_SIGMAS = (1.5, 8.0)  # px of the model's input: fine detail (cracks, frayed edges), mid-scale (blowholes)
 
 
 def standardize(image: np.ndarray, **_: object) -> np.ndarray:
@@ -30,15 +32,39 @@ def standardize(image: np.ndarray, **_: object) -> np.ndarray:
     return (image - image.mean()) / (image.std() + 1e-4)
 
 
+def detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
+    """One grey picture -> (H, W, 3) float32: the picture standardised, and its detail at two scales.
+
+    The detail bands are the picture minus its Gaussian blur (sigmas `DETAIL_SIGMAS`), each standardised:
+    local dents and lines stand out, lighting gradients and the tile's overall shade drop out. A grayscale
+    camera's picture otherwise fills the three input channels with three copies of itself. A colour picture
+    is turned grey (the channel mean) first.
+    """
+    import cv2
+
+    gray = image.astype(np.float32)
+    if gray.ndim == 3:
+        gray = gray.mean(axis=2) if gray.shape[2] > 1 else gray[:, :, 0]
+    bands = [standardize(gray)]
+    bands += [standardize(gray - cv2.GaussianBlur(gray, (0, 0), sigma)) for sigma in DETAIL_SIGMAS]
+    return np.stack(bands, axis=2)
+
+
+def _unknown(normalize: str) -> ValueError:
+    return ValueError(f"unknown normalization {normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
+
+
 def _finish(normalize: Normalization) -> list:
     import albumentations as A
 
     if normalize == "per_image":
         scale = A.Lambda(image=standardize, name="standardize", p=1.0)
+    elif normalize == "detail_bands":
+        scale = A.Lambda(image=detail_bands, name="detail_bands", p=1.0)
     elif normalize == "imagenet":
         scale = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
-        raise ValueError(f"unknown normalization {normalize!r}; use 'imagenet' or 'per_image'")
+        raise _unknown(normalize)
     return [scale, A.ToTensorV2()]
 
 
@@ -118,6 +144,8 @@ def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization
     import cv2
 
     small = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    if normalize == "detail_bands":
+        return np.ascontiguousarray(detail_bands(small).transpose(2, 0, 1))
     if normalize == "per_image":
         scaled = standardize(small)[None]
         return np.ascontiguousarray(np.broadcast_to(scaled, (3, image_size, image_size)))
@@ -125,7 +153,7 @@ def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization
         mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
         std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
         return ((small.astype(np.float32) / np.float32(255.0))[None] - mean) / std
-    raise ValueError(f"unknown normalization {normalize!r}; use 'imagenet' or 'per_image'")
+    raise _unknown(normalize)
 
 
 def model_transform(meta: dict) -> A.Compose:

@@ -19,7 +19,7 @@ from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
-from components.training.transforms import eval_transform, train_transform
+from components.training.transforms import detail_bands, eval_transform, train_transform
 
 
 @pytest.mark.parametrize("attention", [False, True])
@@ -218,6 +218,25 @@ def test_transforms_map_uint8_rgb_to_normalised_chw_tensor():
     assert torch.equal(eval_transform(64)(image=rgb)["image"], eval_transform(64)(image=rgb)["image"])
 
 
+def test_detail_bands_keep_a_small_dark_spot_and_drop_the_lighting_gradient():
+    """The picture's own band carries the gradient; the detail bands carry the spot, not the gradient."""
+    ramp = np.tile(np.linspace(40, 200, 96, dtype=np.float32), (96, 1))
+    picture = ramp.copy()
+    picture[60:64, 30:34] -= 60  # a blowhole-sized dark spot
+    bands = detail_bands(picture.astype(np.uint8))
+    assert bands.shape == (96, 96, 3) and bands.dtype == np.float32
+    assert np.allclose(bands.reshape(-1, 3).mean(axis=0), 0, atol=1e-4)
+    assert np.allclose(bands.reshape(-1, 3).std(axis=0), 1, atol=1e-3)
+    assert np.corrcoef(bands[..., 0].ravel(), ramp.ravel())[0, 1] > 0.9
+    spot, above = (slice(60, 64), slice(30, 34)), (slice(24, 48), slice(24, 72))  # above: gradient only
+    depth = [-float(bands[..., band][spot].min()) for band in range(3)]
+    spread = [float(np.ptp(bands[..., band][above])) for band in range(3)]
+    for band in (1, 2):
+        assert depth[band] > 20 * spread[band], f"band {band}: the spot stands out, the gradient is gone"
+    colour = np.repeat(picture.astype(np.uint8)[:, :, None], 3, axis=2)
+    assert np.allclose(detail_bands(colour), bands, atol=1e-5), "a colour picture is taken grey"
+
+
 def test_dataset_reads_grey_and_colour_files_and_augments_reproducibly(tmp_path):
     grey, colour, rgba = tmp_path / "g.png", tmp_path / "c.jpg", tmp_path / "a.png"
     noise = np.random.default_rng(1).integers(0, 256, (40, 50), dtype=np.uint8)
@@ -349,7 +368,8 @@ def test_masks_follow_the_image_through_augmentation(tmp_path):
     assert data[1][2].sum() == 0 and data[1][3] == 1.0 and data[2][3] == 0.0
 
 
-def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(tmp_path):
+@pytest.mark.parametrize("normalize", ["per_image", "detail_bands"])
+def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(tmp_path, normalize):
     """A grayscale picture goes through augmentation (paste included) in one channel and comes out as the same
     (3, S, S) tensor as the same picture stored as RGB."""
     rng = np.random.default_rng(5)
@@ -367,7 +387,7 @@ def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(
             Image.fromarray(grey, "L").convert(mode).save(paths[-1])
     items = {}
     for mode, paths in files.items():
-        data = ManifestDataset(paths, [1, 1, 1, 1, 0, 0], train_transform(AugmentParams(), 40, "per_image"),
+        data = ManifestDataset(paths, [1, 1, 1, 1, 0, 0], train_transform(AugmentParams(), 40, normalize),
                                seed=7, cache=True, masks=masks, paste=1.0, normal_target=0, keep_defect=0.5)
         assert data.pixels(0).ndim == (2 if mode == "L" else 3)
         items[mode] = [data[i] for i in range(len(data))]
