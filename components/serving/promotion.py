@@ -26,8 +26,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from components.config import PACKAGE_ROOT, Params, Settings
@@ -134,6 +137,48 @@ def wait_for_service(settings: Settings, url: str, record: DeploymentRecord, tim
         time.sleep(0.5)
 
 
+def _hidden_part(path: Path) -> str | None:
+    """The first folder of `path` whose name starts with '.', if any."""
+    return next((part for part in path.resolve().parts if part.startswith(".")), None)
+
+
+@contextmanager
+def build_context(root: Path) -> Iterator[Path]:
+    """The folder `bentoml build` runs in: the project itself, or a copy of what bentofile.yaml takes from it.
+
+    bentoml build refuses any build file whose absolute path has a folder starting with '.' ("Accessing hidden
+    files is not allowed"), so a project cloned under, say, ~/.local/src could never be promoted. There the
+    files the Bento takes (bentofile.yaml, its `include` patterns, its requirements file) are copied to a
+    temporary folder first; the Bento is the same.
+    """
+    if _hidden_part(root) is None:
+        yield root
+        return
+    import shutil
+    import tempfile
+
+    import yaml
+
+    spec = yaml.safe_load((root / "bentofile.yaml").read_text())
+    wanted = [root / "bentofile.yaml", root / spec["python"]["requirements_txt"]]
+    wanted += [file for pattern in spec.get("include", []) for file in sorted(root.glob(pattern.lstrip("/")))
+               if file.is_file() and "__pycache__" not in file.parts]
+    with tempfile.TemporaryDirectory(prefix="defectops-bento-") as folder:
+        staged = Path(folder)
+        hidden = _hidden_part(staged)
+        if hidden is not None:
+            raise DefectOpsError(f"bentoml build refuses paths with a folder starting with '.' ({hidden} in "
+                                 f"{root} and in the temp folder {staged}); set TMPDIR to a folder without one "
+                                 "and promote again")
+        for file in wanted:
+            target = staged / file.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+        log.info("the project's path has a hidden folder (%s), which bentoml build refuses: building from a "
+                 "copy of the Bento's files in %s", _hidden_part(root), staged)
+        yield staged
+
+
 def build_bento(settings: Settings, record: DeploymentRecord) -> str:
     """`bentoml build` of the service, labelled with the pinned version; returns the Bento tag."""
     number = record.model_version.rsplit("/", 1)[-1]
@@ -141,11 +186,12 @@ def build_bento(settings: Settings, record: DeploymentRecord) -> str:
     version = f"v{number}-{stamp}" if number.isdigit() else f"file-{stamp}"
     labels = {"model_version": record.model_version, "model_uri": record.model_uri, "fast_path": record.fast_path,
               "threshold": f"{record.threshold:.4f}"}
-    command = [sys.executable, "-m", "bentoml", "build", str(PACKAGE_ROOT), "--version", version, "-o", "tag",
-               *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]]
-    done = subprocess.run(command, check=False, cwd=PACKAGE_ROOT, capture_output=True, text=True,
-                          env={"BENTOML_HOME": str(settings.home_dir / "bentoml"), **os.environ,
-                               "BENTOML_DO_NOT_TRACK": "true"})
+    with build_context(PACKAGE_ROOT) as context:
+        command = [sys.executable, "-m", "bentoml", "build", str(context), "--version", version, "-o", "tag",
+                   *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]]
+        done = subprocess.run(command, check=False, cwd=context, capture_output=True, text=True,
+                              env={"BENTOML_HOME": str(settings.home_dir / "bentoml"), **os.environ,
+                                   "BENTOML_DO_NOT_TRACK": "true"})
     tags = [line.removeprefix("__tag__:") for line in done.stdout.splitlines() if line.startswith("__tag__:")]
     if done.returncode != 0 or not tags:
         detail = (done.stderr or done.stdout).strip().splitlines()

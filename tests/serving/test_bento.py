@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -34,6 +35,7 @@ class Built:
     project: Path
     tag: str
     folder: Path
+    record: Any
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,34 @@ def bento(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Built:
         mp.delenv("BENTOML_HOME", raising=False)  # promotion's default: the Bento store under the state root
         tag = build_bento(settings, record)
     name, version = tag.split(":")
-    return Built(home, project, tag, home / "bentoml" / "bentos" / name / version)
+    return Built(home, project, tag, home / "bentoml" / "bentos" / name / version, record)
+
+
+def _files(folder: Path) -> set[Path]:
+    return {path.relative_to(folder) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_checkout_under_a_hidden_folder_builds_the_same_bento(bento: Built, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bentoml build` refuses any path with a folder starting with '.'; promotion builds from a copy there."""
+    from components.config import Settings
+    from components.serving import promotion
+
+    checkout = tmp_path / ".plant" / "defectops"
+    shutil.copytree(REPO_ROOT / "components", checkout / "components",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("bentofile.yaml", "params.yaml", "infra/requirements-serving.txt", "README.md"):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO_ROOT / name, checkout / name)
+    monkeypatch.setattr(promotion, "PACKAGE_ROOT", checkout)
+    monkeypatch.delenv("BENTOML_HOME", raising=False)
+    tag = promotion.build_bento(Settings(project=bento.project, home=bento.home), bento.record)
+    name, version = tag.split(":")
+    folder = bento.home / "bentoml" / "bentos" / name / version
+    assert tag != bento.tag and _files(folder / "src") == _files(bento.folder / "src")
+    assert not (folder / "src" / "README.md").exists(), "only what bentofile.yaml includes"
+    labels = yaml.safe_load((folder / "bento.yaml").read_text())["labels"]
+    assert labels == yaml.safe_load((bento.folder / "bento.yaml").read_text())["labels"]
 
 
 def test_the_bento_holds_the_service_its_code_and_params_and_nothing_else(bento: Built) -> None:
@@ -71,8 +100,7 @@ def test_the_bento_holds_the_service_its_code_and_params_and_nothing_else(bento:
     modules = {path.relative_to(REPO_ROOT) for path in (REPO_ROOT / "components").rglob("*.py")}
     assert modules and not {m for m in modules if not (src / m).is_file()}, "modules missing from the Bento"
     assert (src / "params.yaml").read_text() == (REPO_ROOT / "params.yaml").read_text()
-    for left_out in ("tests", "data", ".defectops", "flows", "benchmarks"):
-        assert not (src / left_out).exists(), left_out
+    assert {path.name for path in src.iterdir()} == {"bentofile.yaml", "components", "params.yaml"}
     assert not list(src.rglob("__pycache__"))
     requirements = (folder / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0" in requirements and "bentoml==" in requirements
