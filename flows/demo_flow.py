@@ -80,8 +80,11 @@ def _drift(settings: Settings, params: Params, since: datetime, until: datetime)
 
     check = run_drift_check(settings, params, since=since.isoformat(), until=until.isoformat())
     s = check.summary
+    reasons = [f"columns: {', '.join(s['drifted_columns'])}"] if s.get("drifted_columns") else []
+    if (s.get("embedding_drift") or {}).get("drifted"):
+        reasons.append("embeddings")
     return {"drift": check.drift, "n": s["n_current"], "drifted_columns": s.get("drifted_columns") or [],
-            "report_dir": str(check.report_dir)}
+            "reasons": reasons, "report_dir": str(check.report_dir)}
 
 
 def _wait_for_log(settings: Settings, since: datetime, expected: int, timeout_s: float = 30.0) -> None:
@@ -148,7 +151,7 @@ def run_demo(settings: Settings, params_file: Path, source: str, profile: str | 
         drift_shifted = _drift(settings, params, shifted_from, until)
         for name, outcome in (("clean", drift_clean), ("shifted", drift_shifted)):
             echo(f"      {name}: {'DRIFT' if outcome['drift'] else 'no drift'} over {outcome['n']} predictions "
-                 f"({', '.join(outcome['drifted_columns']) or 'no drifted columns'})")
+                 f"({'; '.join(outcome['reasons']) or 'nothing drifted'})")
     finally:
         if not keep_serving:
             echo("[7/7] stopping the service (--keep-serving leaves it running)")
