@@ -151,7 +151,8 @@ def build_context(root: Path) -> Iterator[Path]:
     files the Bento takes (bentofile.yaml, its `include` patterns, its requirements file) are copied to a
     temporary folder first; the Bento is the same.
     """
-    if _hidden_part(root) is None:
+    hidden_root = _hidden_part(root)
+    if hidden_root is None:
         yield root
         return
     import shutil
@@ -167,15 +168,15 @@ def build_context(root: Path) -> Iterator[Path]:
         staged = Path(folder)
         hidden = _hidden_part(staged)
         if hidden is not None:
-            raise DefectOpsError(f"bentoml build refuses paths with a folder starting with '.' ({hidden} in "
-                                 f"{root} and in the temp folder {staged}); set TMPDIR to a folder without one "
-                                 "and promote again")
+            raise DefectOpsError(f"bentoml build refuses paths with a folder starting with '.' ({hidden_root} in "
+                                 f"{root}, {hidden} in the temp folder {staged}); set TMPDIR to a folder without "
+                                 "one and promote again")
         for file in wanted:
             target = staged / file.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
         log.info("the project's path has a hidden folder (%s), which bentoml build refuses: building from a "
-                 "copy of the Bento's files in %s", _hidden_part(root), staged)
+                 "copy of the Bento's files in %s", hidden_root, staged)
         yield staged
 
 

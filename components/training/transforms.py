@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
@@ -22,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 Normalization = Literal["imagenet", "per_image", "detail_bands"]
-NORMALIZATIONS = ("imagenet", "per_image", "detail_bands")
+NORMALIZATIONS = get_args(Normalization)
 DETAIL_SIGMAS = (1.5, 8.0)  # px of the model's input: fine detail (cracks, frayed edges), mid-scale (blowholes)
 
 
