@@ -66,6 +66,10 @@ def drift_project(project, part_images: Path, monkeypatch: pytest.MonkeyPatch):
     (project.project_root / "data.dvc").write_text(yaml.safe_dump(
         {"outs": [{"md5": "0123456789abcdef0123456789abcdef.dir", "path": "data"}]}))
     (project.project_root / "pyproject.toml").write_text("[project]\nname = 'plant'\n")
+    params_file = project.project_root / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["drift"]["embedding"]["enabled"] = True  # the check under test, whatever the committed default
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.setenv("DEFECTOPS_WORKERS", "1")
     return project
 
