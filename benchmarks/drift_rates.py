@@ -2,7 +2,7 @@
 
 The reference is built exactly as `defectops drift` builds it (train+val image statistics, the model's answers
 on val). Production windows are sampled from the held-out test images: clean ones as they are, shifted ones
-under a lighting change (components.drift.simulate.lighting_change), each turned into production-log records
+under a camera change (lighting, focus, noise: components.drift.simulate), each turned into production-log records
 by the same model, and compared with `components.drift.detect.compare` under the `drift` params.
 Every embedding drift method is also scored on the same windows, to choose `drift.embedding`.
 
@@ -25,22 +25,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHIFTS: dict[str, dict[str, float]] = {  # lighting changes: gain/offset on brightness, contrast about the mean
-    "darker": {"gain": 0.7},
-    "brighter": {"gain": 1.3},
-    "low-contrast": {"contrast": 0.6},
-    "dim-and-flat": {"gain": 0.8, "contrast": 0.8},
-    "mild-darker": {"gain": 0.85},
-    "lamp-offset": {"offset": 30.0},
+SHIFTS: dict[str, tuple[str, dict[str, float]]] = {  # camera changes: components.drift.simulate function, args
+    "darker": ("lighting_change", {"gain": 0.7}),
+    "brighter": ("lighting_change", {"gain": 1.3}),
+    "low-contrast": ("lighting_change", {"contrast": 0.6}),
+    "dim-and-flat": ("lighting_change", {"gain": 0.8, "contrast": 0.8}),
+    "mild-darker": ("lighting_change", {"gain": 0.85}),
+    "lamp-offset": ("lighting_change", {"offset": 30.0}),
+    "blurred": ("focus_loss", {"sigma": 1.5}),
+    "noisy": ("sensor_noise", {"std": 8.0}),
 }
-EMBEDDING_METHODS: dict[str, dict[str, Any]] = {
+EMBEDDING_METHODS: dict[str, dict[str, Any]] = {  # bootstrap nulls over capture groups unless "image"
     "model(0.55)": {"method": "model"},
-    "model(0.60)": {"method": "model", "threshold": 0.6},
-    "model(bootstrap 0.95)": {"method": "model", "bootstrap": True},
-    "model(bootstrap 0.99)": {"method": "model", "bootstrap": True, "quantile_probability": 0.99},
+    "model(image bootstrap 0.95)": {"method": "model", "bootstrap": True, "bootstrap_unit": "image"},
+    "model(group bootstrap 0.95)": {"method": "model", "bootstrap": True},
     "distance(0.2)": {"method": "distance"},
-    "distance(bootstrap 0.95)": {"method": "distance", "bootstrap": True},
-    "distance(bootstrap 0.99)": {"method": "distance", "bootstrap": True, "quantile_probability": 0.99},
+    "distance(image bootstrap 0.95)": {"method": "distance", "bootstrap": True, "bootstrap_unit": "image"},
+    "distance(group bootstrap 0.95)": {"method": "distance", "bootstrap": True},
+    "distance(group bootstrap 0.99)": {"method": "distance", "bootstrap": True, "quantile_probability": 0.99},
     "ratio(0.2)": {"method": "ratio"},
 }
 
@@ -59,6 +61,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--num-threshold", type=float, default=None, help="override drift.num_threshold")
     parser.add_argument("--cat-threshold", type=float, default=None, help="override drift.cat_threshold")
     parser.add_argument("--drift-share", type=float, default=None, help="override drift.drift_share")
+    parser.add_argument("--embedding", choices=["on", "off"], default=None,
+                        help="override drift.embedding.enabled")
     parser.add_argument("--no-alternatives", action="store_true", help="skip scoring every embedding method")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     return parser.parse_args()
@@ -68,23 +72,27 @@ def _drift_params(args: argparse.Namespace, params: Any) -> Any:
     from components.drift.params import drift_params
 
     drift = drift_params(params)
-    overrides = {"num_method": args.num_method, "num_threshold": args.num_threshold,
-                 "cat_threshold": args.cat_threshold, "drift_share": args.drift_share}
+    overrides: dict[str, Any] = {"num_method": args.num_method, "num_threshold": args.num_threshold,
+                                 "cat_threshold": args.cat_threshold, "drift_share": args.drift_share}
+    if args.embedding:
+        overrides["embedding"] = drift.embedding.model_copy(update={"enabled": args.embedding == "on"})
     return drift.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
 def _pool_records(predictor: Any, files: list[str], shifts: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Production-log records of the pool images, clean and under each lighting change (one pass each)."""
+    """Production-log records of the pool images, clean and under each camera change (one pass each)."""
     from datetime import UTC, datetime
 
     from components.data.images import decode
-    from components.drift.simulate import lighting_change, log_records
+    from components.drift import simulate
 
     rgbs = [decode(Path(f)).rgb for f in files]
     stamps = [datetime(2025, 1, 1, tzinfo=UTC)] * len(rgbs)
-    pools = {"clean": log_records(predictor, rgbs, stamps)}
+    pools = {"clean": simulate.log_records(predictor, rgbs, stamps)}
     for name in shifts:
-        pools[name] = log_records(predictor, [lighting_change(rgb, **SHIFTS[name]) for rgb in rgbs], stamps)
+        function, options = SHIFTS[name]
+        change = getattr(simulate, function)
+        pools[name] = simulate.log_records(predictor, [change(rgb, **options) for rgb in rgbs], stamps)
     return pools
 
 
@@ -108,10 +116,12 @@ def main() -> None:
     pools = _pool_records(predictor, pool["file"].astype(str).tolist(), shifts)
     setup_s = time.perf_counter() - began
     version = model_version_of(predictor)
-    ref_emb = reference.loc[reference["predicted_class"].notna(), embedding_columns()].reset_index(drop=True)
+    predicted = reference[reference["predicted_class"].notna()].reset_index(drop=True)
+    ref_emb, ref_groups = predicted[embedding_columns()], predicted["group"]
     alternatives = {} if args.no_alternatives else {
         name: drift.model_copy(update={"embedding": EmbeddingDriftParams(**{
-            **drift.embedding.model_dump(exclude={"method", "threshold", "bootstrap", "quantile_probability"}),
+            **drift.embedding.model_dump(exclude={"method", "threshold", "bootstrap", "quantile_probability",
+                                                  "bootstrap_unit"}),
             **spec})}) for name, spec in EMBEDDING_METHODS.items()}
     print(f"model {version}; reference {len(reference)} images ({int(reference['predicted_class'].notna().sum())} "
           f"predicted); pool {len(pool)} test images; {args.windows} windows per variant; setup {setup_s:.0f} s")
@@ -120,7 +130,7 @@ def main() -> None:
           f"embedding {drift.embedding.model_dump(exclude={'enabled'})}")
     everything = {}
     for size in [int(v) for v in str(args.window_size).split(",")]:
-        results = _run_windows(pools, reference, ref_emb, drift, alternatives, version, size, args)
+        results = _run_windows(pools, reference, (ref_emb, ref_groups), drift, alternatives, version, size, args)
         _print(results, shifts, size, drift, args.windows)
         everything[size] = {v: {**o, "columns": dict(o["columns"]), "alternatives": dict(o["alternatives"])}
                             for v, o in results.items()}
@@ -128,12 +138,17 @@ def main() -> None:
         args.json.write_text(json.dumps(everything, indent=2, default=float))
 
 
-def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, ref_emb: Any, drift: Any,
+def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddings: tuple[Any, Any], drift: Any,
                  alternatives: dict[str, Any], version: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Compare `args.windows` random windows of `size` records of every variant with the reference."""
+    """Compare `args.windows` random windows of `size` records of every variant with the reference.
+
+    `embeddings` are the reference's embeddings and their capture groups, for the alternative embedding methods.
+    """
     from components.drift.current import current_frame
     from components.drift.detect import compare, embedding_drift
     from components.drift.reference import embedding_columns
+
+    ref_emb, ref_groups = embeddings
 
     rng = np.random.default_rng(args.seed)
     results: dict[str, Any] = {}
@@ -160,7 +175,7 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, ref_emb
                                        "embedding_drifted": bool(emb.get("drifted"))})
             cur_emb = frame[embedding_columns()].dropna()
             for name, alternative in alternatives.items():
-                outcome["alternatives"][name] += embedding_drift(ref_emb, cur_emb, alternative)["drifted"]
+                outcome["alternatives"][name] += embedding_drift(ref_emb, cur_emb, alternative, ref_groups)["drifted"]
         results[variant] = outcome
     return results
 

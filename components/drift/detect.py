@@ -8,6 +8,9 @@ Rule: **drift = dataset drift OR embedding drift**, where
   embeddings (the EmbeddingsDrift metric would also run a slow t-SNE for its plot), on a seeded sample of at most
   `drift.embedding.max_current` current embeddings: Evidently's bootstrap draws samples sized by the ratio of the
   two sets, so a month of records against ~160 reference embeddings would otherwise lose almost all its power.
+  With `drift.embedding.bootstrap`, the null is by default built over capture groups (`group_null`), not over
+  single images as Evidently's own bootstrap does: the reference holds several exposures of each spot, and new
+  spots differ from the reference's spots by more than its images differ from each other.
 Predictions and embeddings are compared only for production records of the reference's model version (another
 model's embeddings live in another space); image statistics use every record.
 Fewer than `drift.min_current` records is "not enough production data": reported, never drift.
@@ -19,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from components.drift.params import CATEGORICAL_COLUMNS, PREDICTION_COLUMNS, DriftParams
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 RULE = "drift = dataset_drift OR embedding_drift.drifted"
 NOT_ENOUGH = "not_enough_data"
 MIN_REFERENCE_EMBEDDINGS = 10
+MIN_REFERENCE_GROUPS = 4  # fewer hold too little spread between spots to resample
+N_BOOTSTRAP = 100  # draws of the null, as Evidently's own bootstrap
 
 
 @dataclass
@@ -90,17 +96,60 @@ def embedding_method(params: DriftParams) -> Any:
     return kind(**options)
 
 
-def embedding_drift(reference_emb: pd.DataFrame, current_emb: pd.DataFrame, params: DriftParams) -> dict[str, Any]:
-    """Embedding drift by the configured method: {method, score, threshold, drifted}."""
-    method = embedding_method(params)
+def by_group(params: DriftParams) -> bool:
+    """Whether the embedding check's null is built over capture groups (`group_null`)."""
+    return params.embedding.bootstrap and params.embedding.bootstrap_unit == "capture_group"
+
+
+def group_null(method: Any, reference_emb: pd.DataFrame, groups: pd.Series, n_current: int,
+               quantile: float, n_draws: int = N_BOOTSTRAP) -> float:
+    """The `quantile` of the method's score between two resamples of the reference, drawn by capture group.
+
+    Each draw resamples the reference's capture groups with replacement twice, whole groups at a time: once to
+    the reference's size, once to the window's, and scores the method between the two. So the null holds both
+    samples' spread between spots, as a window of new parts compared with the reference does. (Evidently's own
+    bootstrap resamples single images, and from two parts of the reference only.)
+    """
+    reference_emb = reference_emb.reset_index(drop=True)
+    members = [np.flatnonzero(groups.to_numpy() == g) for g in pd.unique(groups)]
+    rng = np.random.default_rng(0)
+
+    def resample(size: int) -> pd.DataFrame:
+        picked: list[np.ndarray] = []
+        while sum(len(m) for m in picked) < size:
+            picked.append(members[rng.integers(len(members))])
+        return reference_emb.iloc[np.concatenate(picked)].reset_index(drop=True)
+
+    scores = [float(method(resample(n_current), resample(len(reference_emb)))[0]) for _ in range(n_draws)]
+    return float(np.quantile(scores, quantile))
+
+
+def embedding_drift(reference_emb: pd.DataFrame, current_emb: pd.DataFrame, params: DriftParams,
+                    groups: pd.Series | None = None) -> dict[str, Any]:
+    """Embedding drift by the configured method: {method, score, threshold, drifted}.
+
+    `groups` are the reference rows' capture groups (each row its own group when None), for the capture-group
+    null of `group_null`.
+    """
+    spec = params.embedding
+    method = embedding_method(params.model_copy(update={"embedding": spec.model_copy(update={"bootstrap": False})})
+                              if by_group(params) else params)
     n_window = len(current_emb)
-    limit = params.embedding.max_current
+    limit = spec.max_current
     if limit and n_window > limit:
         current_emb = current_emb.sample(limit, random_state=0)
+    reference_emb = reference_emb.reset_index(drop=True)
     # the methods add a column to their inputs: give them copies
-    score, drifted, name = method(current_emb.reset_index(drop=True).copy(), reference_emb.reset_index(drop=True))
-    threshold = None if params.embedding.bootstrap else getattr(method, "threshold", None)
-    return {"method": name, "score": float(score), "threshold": threshold, "bootstrap": params.embedding.bootstrap,
+    score, drifted, name = method(current_emb.reset_index(drop=True).copy(), reference_emb.copy())
+    threshold = None if spec.bootstrap else getattr(method, "threshold", None)
+    n_groups = None
+    if by_group(params):
+        groups = pd.Series(range(len(reference_emb))) if groups is None else groups.reset_index(drop=True)
+        n_groups = int(groups.nunique())
+        threshold = group_null(method, reference_emb, groups, len(current_emb), spec.quantile_probability)
+        drifted = score > threshold
+    return {"method": name, "score": float(score), "threshold": threshold, "bootstrap": spec.bootstrap,
+            "bootstrap_unit": spec.bootstrap_unit if spec.bootstrap else None, "n_reference_groups": n_groups,
             "drifted": bool(drifted), "n_reference": len(reference_emb), "n_current": len(current_emb),
             "n_window": n_window}
 
@@ -180,7 +229,9 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
                                "check the log format or drift.columns", **counts, notes=notes)
     snapshot = data_drift_report(reference, current, columns, params)
     summary = snapshot_summary(snapshot)
-    ref_emb = reference.loc[reference["predicted_class"].notna(), embedding_columns()].dropna().astype("float64")
+    ref_rows = reference.loc[reference["predicted_class"].notna()].dropna(subset=embedding_columns())
+    ref_emb = ref_rows[embedding_columns()].astype("float64")
+    ref_groups = ref_rows["group"] if "group" in ref_rows else pd.Series(range(len(ref_rows)), index=ref_rows.index)
     cur_emb = current.loc[same_model, embedding_columns()].dropna().astype("float64")
     if not params.embedding.enabled:
         embedding = None
@@ -188,8 +239,13 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
         embedding = None
         notes.append(f"embedding drift not computed: {len(cur_emb)} current and {len(ref_emb)} reference "
                      "embeddings")
+    elif (n_groups := ref_groups.nunique()) < MIN_REFERENCE_GROUPS and by_group(params):
+        embedding = None
+        notes.append(f"embedding drift not computed: the reference's {len(ref_emb)} embeddings come from "
+                     f"{n_groups} capture groups, at least {MIN_REFERENCE_GROUPS} needed for the capture-group null "
+                     "(drift.embedding.bootstrap_unit)")
     else:
-        embedding = embedding_drift(ref_emb.reset_index(drop=True), cur_emb, params)
+        embedding = embedding_drift(ref_emb, cur_emb, params, ref_groups)
     drift = bool(summary["dataset_drift"] or (embedding and embedding["drifted"]))
     for note in notes:
         log.warning(note)

@@ -29,6 +29,10 @@ class EmbeddingDriftParams(_Section):
                                     "when null: model 0.55, distance 0.2, ratio 0.2, mmd 0.015)")
     bootstrap: bool = Field(False, description="model/distance/mmd: compare against a bootstrap null instead of "
                             "the fixed threshold")
+    bootstrap_unit: Literal["capture_group", "image"] = Field(
+        "capture_group", description="capture_group = split the reference's capture groups in two, so the null "
+        "holds the spread between spots; image = Evidently's own bootstrap over single images (with several "
+        "exposures of a spot in the reference it takes any new spots for drift)")
     quantile_probability: float = Field(0.95, gt=0, lt=1, description="bootstrap: the null quantile to pass")
     pca_components: int | None = Field(None, ge=1, description="reduce the embeddings first (null = no)")
     max_current: int | None = Field(150, ge=10, description="compare a seeded sample of at most this many "

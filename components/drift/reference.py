@@ -5,7 +5,8 @@ rows of `drift.reference_splits` (train + val): the manifest computes them with
 `components.data.images.image_stats`, as the service does for every production image. The model's predicted
 class, confidence and compact embedding (`components.serving.predlog.compact_embedding`, the production log's
 own projection) are added for the `drift.prediction_split` rows (val) only: the model has not trained on them,
-so their confidence and embeddings look like production's; train rows leave those columns empty.
+so their confidence and embeddings look like production's; train rows leave those columns empty. Each row
+keeps its capture group, for the embedding check's capture-group null (`components.drift.detect.group_null`).
 
 Building it runs the model, so it is cached per (dataset version, model version) as Parquet under
 `<reports>/drift/reference/`; the daily check then only reads it.
@@ -33,7 +34,7 @@ from components.serving.predlog import COMPACT_DIMS, compact_embedding
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FORMAT = 1  # bump when the reference's columns or their meaning change
+REFERENCE_FORMAT = 2  # bump when the reference's columns or their meaning change
 EMBEDDING_PREFIX = "emb_"
 
 
@@ -93,7 +94,7 @@ def build_reference(manifest: pd.DataFrame, predictor: Any, params: DriftParams)
     if rows.empty:
         raise UsageError(f"the dataset has no readable images in splits {params.reference_splits}; import data "
                          "first or fix drift.reference_splits")
-    frame = rows[["path", "split", *IMAGE_COLUMNS]].reset_index(drop=True)
+    frame = rows[["path", "split", *(["group"] if "group" in rows else []), *IMAGE_COLUMNS]].reset_index(drop=True)
     frame[list(IMAGE_COLUMNS)] = frame[list(IMAGE_COLUMNS)].astype("float64")
     held_out = frame.index[frame["split"] == params.prediction_split]
     if len(held_out) == 0:

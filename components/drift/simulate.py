@@ -1,4 +1,4 @@
-"""Production-log records made from images, field for field as the service writes them, and a lighting change.
+"""Production-log records made from images, field for field as the service writes them, and camera changes.
 
 For the drift benchmark, the tests and demos: they need a production log without running the service.
 The record layout follows `components.serving.service.DefectClassifier._record`.
@@ -26,6 +26,23 @@ def lighting_change(rgb: np.ndarray, gain: float = 1.0, offset: float = 0.0, con
     mean = float(pixels.mean())
     pixels = ((pixels - mean) * contrast + mean) * gain + offset
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def focus_loss(rgb: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    """The image out of focus: a Gaussian blur of `sigma` pixels."""
+    import cv2
+
+    return cv2.GaussianBlur(rgb, (0, 0), sigma)
+
+
+def sensor_noise(rgb: np.ndarray, std: float = 8.0, seed: int | None = None) -> np.ndarray:
+    """The image with Gaussian sensor noise of `std` grey levels (the same on every channel).
+
+    The noise is seeded by the image's pixel sum unless `seed` is given: repeatable, and not one pattern for all.
+    """
+    rng = np.random.default_rng(int(rgb.sum(dtype=np.int64)) if seed is None else seed)
+    noise = rng.normal(0.0, std, rgb.shape[:2])[:, :, None]
+    return np.clip(np.rint(rgb.astype(np.float32) + noise), 0, 255).astype(np.uint8)
 
 
 def image_facts(rgb: np.ndarray) -> dict[str, Any]:

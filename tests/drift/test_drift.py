@@ -43,6 +43,8 @@ def test_clean_window_is_quiet_and_writes_every_report(drift_project, drift_mode
     assert set(summary["columns"]) == {"brightness", "contrast", "sharpness", "width", "height",
                                        "predicted_class", "confidence"}
     assert summary["embedding_drift"]["drifted"] is False
+    assert summary["embedding_drift"]["bootstrap_unit"] == "capture_group"
+    assert summary["embedding_drift"]["n_reference_groups"] == summary["n_reference_predictions"]  # one per image
     assert summary["reference"]["cached"] is False
     folder = Path(summary["report_dir"])
     assert folder.parent == settings.reports_dir / "drift"
@@ -140,27 +142,30 @@ def test_mlflow_logging_and_prefect_markdown(project, tmp_path: Path) -> None:
     assert (folder / "drift.html").resolve().as_uri() in markdown
 
 
+def log_frame(rng, n: int, predicted: int):
+    """n records of image statistics; the first `predicted` also carry an answer and an embedding."""
+    import pandas as pd
+
+    from components.drift.reference import embedding_columns
+
+    stats = {"brightness": rng.normal(120, 25, n), "contrast": rng.normal(30, 8, n),
+             "sharpness": rng.normal(600, 150, n), "width": rng.normal(300, 40, n),
+             "height": rng.normal(320, 30, n), "confidence": rng.uniform(0.5, 1, n),
+             "predicted_class": rng.choice(["dent", "normal"], n).astype(object)}
+    out = pd.concat([pd.DataFrame(stats), pd.DataFrame(rng.normal(0, 1, (n, 32)), columns=embedding_columns())],
+                    axis=1)
+    out.loc[predicted:, ["predicted_class", "confidence", *embedding_columns()]] = None
+    return out
+
+
 def test_predictions_of_another_model_are_left_out() -> None:
     import numpy as np
-    import pandas as pd
 
     from components.drift.detect import compare
     from components.drift.params import DriftParams
-    from components.drift.reference import embedding_columns
 
     rng = np.random.default_rng(0)
-
-    def frame(n: int, predicted: int) -> pd.DataFrame:
-        stats = {"brightness": rng.normal(120, 25, n), "contrast": rng.normal(30, 8, n),
-                 "sharpness": rng.normal(600, 150, n), "width": rng.normal(300, 40, n),
-                 "height": rng.normal(320, 30, n), "confidence": rng.uniform(0.5, 1, n),
-                 "predicted_class": rng.choice(["dent", "normal"], n).astype(object)}
-        out = pd.concat([pd.DataFrame(stats), pd.DataFrame(rng.normal(0, 1, (n, 32)), columns=embedding_columns())],
-                        axis=1)
-        out.loc[predicted:, ["predicted_class", "confidence", *embedding_columns()]] = None
-        return out
-
-    reference, current = frame(400, 200), frame(120, 120)
+    reference, current = log_frame(rng, 400, 200), log_frame(rng, 120, 120)
     current["model_version"] = ["defect-classifier/2"] * 40 + ["defect-classifier/3"] * 80
 
     summary = compare(reference, current, DriftParams(), "defect-classifier/3").summary
@@ -168,3 +173,53 @@ def test_predictions_of_another_model_are_left_out() -> None:
     assert summary["status"] == "no_drift" and summary["n_current"] == 120 and summary["n_current_model"] == 80
     assert summary["embedding_drift"]["n_window"] == 80
     assert "40 records come from other model versions (defect-classifier/2)" in summary["notes"][0]
+
+
+def test_a_reference_of_too_few_spots_has_no_embedding_null() -> None:
+    import numpy as np
+
+    from components.drift.detect import compare
+    from components.drift.params import DriftParams
+
+    rng = np.random.default_rng(0)
+    reference, current = log_frame(rng, 400, 200), log_frame(rng, 120, 120)
+    reference["group"] = ["spot-1", "spot-2"] * 200  # the reference's 200 answers come from two spots only
+
+    summary = compare(reference, current, DriftParams(embedding={"bootstrap": True}), None).summary
+
+    assert summary["status"] == "no_drift" and summary["embedding_drift"] is None
+    assert any("come from 2 capture groups, at least 4 needed" in note for note in summary["notes"]), summary["notes"]
+
+
+def test_the_embedding_null_spans_capture_groups() -> None:
+    """Spots differ more than exposures of one spot do: new spots are not drift, all of them shifted is."""
+    import numpy as np
+    import pandas as pd
+
+    from components.drift.detect import embedding_drift
+    from components.drift.params import DriftParams
+    from components.drift.reference import embedding_columns
+
+    rng = np.random.default_rng(1)
+
+    def spots(n: int, shift: float = 0.0) -> pd.DataFrame:
+        """Four exposures each of n spots: a spot's own place in the embedding, plus a little per exposure."""
+        centres = rng.normal(0, 1, (n, 32)) + shift
+        return pd.DataFrame(np.repeat(centres, 4, axis=0) + rng.normal(0, 0.2, (4 * n, 32)),
+                            columns=embedding_columns())
+
+    groups = pd.Series(np.repeat(np.arange(40), 4))
+    by_group = DriftParams(embedding={"method": "distance", "bootstrap": True})
+    by_image = DriftParams(embedding={"method": "distance", "bootstrap": True, "bootstrap_unit": "image"})
+    flagged = {"new spots": 0, "new spots, image null": 0, "shifted spots": 0}
+    for _ in range(20):  # each trial: a reference of 40 spots, a window of 30 other spots
+        reference, new_spots, shifted = spots(40), spots(30), spots(30, shift=0.5)
+        verdict = embedding_drift(reference, new_spots, by_group, groups)
+        assert verdict["n_reference_groups"] == 40 and verdict["bootstrap_unit"] == "capture_group"
+        flagged["new spots"] += verdict["drifted"]
+        flagged["new spots, image null"] += embedding_drift(reference, new_spots, by_image, groups)["drifted"]
+        flagged["shifted spots"] += embedding_drift(reference, shifted, by_group, groups)["drifted"]
+
+    # a 95% null: about one trial in twenty; Evidently's image bootstrap calls new spots drift nearly always
+    assert flagged["new spots"] <= 3 and flagged["new spots, image null"] >= 17, flagged
+    assert flagged["shifted spots"] == 20, flagged
