@@ -30,8 +30,8 @@ class EmbeddingDriftParams(_Section):
     bootstrap: bool = Field(False, description="model/distance/mmd: compare against a bootstrap null instead of "
                             "the fixed threshold")
     bootstrap_unit: Literal["capture_group", "image"] = Field(
-        "capture_group", description="capture_group = split the reference's capture groups in two, so the null "
-        "holds the spread between spots; image = Evidently's own bootstrap over single images (with several "
+        "capture_group", description="capture_group = resample the reference's capture groups whole, so the "
+        "null holds the spread between spots; image = Evidently's own bootstrap over single images (with several "
         "exposures of a spot in the reference it takes any new spots for drift)")
     quantile_probability: float = Field(0.95, gt=0, lt=1, description="bootstrap: the null quantile to pass")
     pca_components: int | None = Field(None, ge=1, description="reduce the embeddings first (null = no)")
