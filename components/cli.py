@@ -653,7 +653,7 @@ def drift(
                                                                                "again.")] = False,
 ) -> None:
     """Compare a production-log window with the training reference: exit 0 no drift, 3 drift, 1/2 errors."""
-    from components.drift.check import run_drift_check
+    from components.drift.check import describe_embedding, run_drift_check
 
     for name in DRIFT_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -672,8 +672,8 @@ def drift(
                    f"{len(s['columns'])} columns, share {s['drift_share']:.2f}, threshold "
                    f"{s['drift_share_threshold']}); drifted: {', '.join(s['drifted_columns']) or 'none'}")
         emb = s["embedding_drift"]
-        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({emb['method']}, score "
-                                             f"{emb['score']:.3f})" if emb else "not computed"))
+        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb)})"
+                                             if emb else "not computed"))
         typer.echo(("DRIFT DETECTED" if check.drift else "no drift") + f" ({s['rule']})")
     typer.echo(f"reports: {check.report_dir}")
     if json_out:

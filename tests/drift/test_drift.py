@@ -56,6 +56,7 @@ def test_clean_window_is_quiet_and_writes_every_report(drift_project, drift_mode
                                                       "throughput.png", "latency.png"}
     assert summary["quality"]["n_predictions"] == len(records)
     assert "no drift" in output and "1 torn/invalid log lines skipped" in output
+    assert f"bootstrap null over {summary['n_reference_predictions']} capture groups)" in output
 
 
 @pytest.mark.slow
@@ -139,6 +140,7 @@ def test_mlflow_logging_and_prefect_markdown(project, tmp_path: Path) -> None:
     assert {"summary.json", "drift.html"} <= names
     markdown = artifact_markdown(summary)
     assert "DRIFT DETECTED" in markdown and "| brightness | wasserstein | 1.200 |" in markdown
+    assert "Embedding drift: **drifted** (distance, score 0.900)" in markdown
     assert (folder / "drift.html").resolve().as_uri() in markdown
 
 
