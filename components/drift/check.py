@@ -175,7 +175,7 @@ def log_to_mlflow(summary_dir: Path, settings: Settings) -> str | None:
 
 
 def describe_embedding(emb: dict[str, Any]) -> str:
-    """'distance, score 0.829 against 1.042 (95% of a null over 27 capture groups)' from an embedding verdict."""
+    """'distance, score 0.829 against 1.042 (a bootstrap null over 27 capture groups)' from an embedding verdict."""
     text = f"{emb['method']}, score {emb['score']:.3f}"
     if emb.get("threshold") is not None:
         text += f" against {emb['threshold']:.3f}"
