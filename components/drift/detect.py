@@ -116,8 +116,10 @@ def group_null(method: Any, reference_emb: pd.DataFrame, groups: pd.Series, n_cu
 
     def resample(size: int) -> pd.DataFrame:
         picked: list[np.ndarray] = []
-        while sum(len(m) for m in picked) < size:
+        taken = 0
+        while taken < size:
             picked.append(members[rng.integers(len(members))])
+            taken += len(picked[-1])
         return reference_emb.iloc[np.concatenate(picked)].reset_index(drop=True)
 
     scores = [float(method(resample(n_current), resample(len(reference_emb)))[0]) for _ in range(n_draws)]
@@ -125,15 +127,15 @@ def group_null(method: Any, reference_emb: pd.DataFrame, groups: pd.Series, n_cu
 
 
 def embedding_drift(reference_emb: pd.DataFrame, current_emb: pd.DataFrame, params: DriftParams,
-                    groups: pd.Series | None = None) -> dict[str, Any]:
+                    groups: pd.Series) -> dict[str, Any]:
     """Embedding drift by the configured method: {method, score, threshold, drifted}.
 
-    `groups` are the reference rows' capture groups (each row its own group when None), for the capture-group
-    null of `group_null`.
+    `groups` are the reference rows' capture groups, for the capture-group null of `group_null`.
     """
     spec = params.embedding
+    grouped = by_group(params)
     method = embedding_method(params.model_copy(update={"embedding": spec.model_copy(update={"bootstrap": False})})
-                              if by_group(params) else params)
+                              if grouped else params)
     n_window = len(current_emb)
     limit = spec.max_current
     if limit and n_window > limit:
@@ -143,8 +145,8 @@ def embedding_drift(reference_emb: pd.DataFrame, current_emb: pd.DataFrame, para
     score, drifted, name = method(current_emb.reset_index(drop=True).copy(), reference_emb.copy())
     threshold = None if spec.bootstrap else getattr(method, "threshold", None)
     n_groups = None
-    if by_group(params):
-        groups = pd.Series(range(len(reference_emb))) if groups is None else groups.reset_index(drop=True)
+    if grouped:
+        groups = groups.reset_index(drop=True)
         n_groups = int(groups.nunique())
         threshold = group_null(method, reference_emb, groups, len(current_emb), spec.quantile_probability)
         drifted = score > threshold
