@@ -8,6 +8,7 @@ Every embedding drift method is also scored on the same windows, to choose `drif
 
     .venv/bin/python benchmarks/drift_rates.py --model champion            # the tracked dataset
     .venv/bin/python benchmarks/drift_rates.py --model path/to/model.pt --data ../shared/datasets/magnetic-tile
+    .venv/bin/python benchmarks/drift_rates.py --model RUN/seed-7/model.pt --data ... --split-seed 7   # another split
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _arguments() -> argparse.Namespace:
                         "each size on the same reference and predictions")
     parser.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma list of {list(SHIFTS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=None, help="make the grouped split with this seed, as "
+                        "benchmarks/model_quality.py --seeds does (for a model trained on that split); default: "
+                        "the committed split")
     parser.add_argument("--num-method", default=None, help="override drift.num_method")
     parser.add_argument("--num-threshold", type=float, default=None, help="override drift.num_threshold")
     parser.add_argument("--cat-threshold", type=float, default=None, help="override drift.cat_threshold")
@@ -111,6 +115,9 @@ def main() -> None:
     began = time.perf_counter()
     predictor = load_predictor(settings, args.model)
     manifest = manifest_of(Path(args.data), settings, params) if args.data else tracked_manifest(settings, params)
+    if args.split_seed is not None and args.split_seed != params.base.seed:
+        from components.data.split import assign_splits
+        manifest = manifest.assign(split=assign_splits(manifest, params.data.split, args.split_seed, None))
     reference = build_reference(manifest, predictor, drift)
     pool = manifest[(manifest["split"] == "test") & (manifest["readable"] == True)]
     pools = _pool_records(predictor, pool["file"].astype(str).tolist(), shifts)
