@@ -65,6 +65,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--num-threshold", type=float, default=None, help="override drift.num_threshold")
     parser.add_argument("--cat-threshold", type=float, default=None, help="override drift.cat_threshold")
     parser.add_argument("--drift-share", type=float, default=None, help="override drift.drift_share")
+    parser.add_argument("--no-column-alarm", action="store_true", help="drift.column_alarm_factor off")
     parser.add_argument("--embedding", choices=["on", "off"], default=None,
                         help="override drift.embedding.enabled")
     parser.add_argument("--no-alternatives", action="store_true", help="skip scoring every embedding method")
@@ -78,6 +79,8 @@ def _drift_params(args: argparse.Namespace, params: Any) -> Any:
     drift = drift_params(params)
     overrides: dict[str, Any] = {"num_method": args.num_method, "num_threshold": args.num_threshold,
                                  "cat_threshold": args.cat_threshold, "drift_share": args.drift_share}
+    if args.no_column_alarm:
+        drift = drift.model_copy(update={"column_alarm_factor": None})
     if args.embedding:
         overrides["embedding"] = drift.embedding.model_copy(update={"enabled": args.embedding == "on"})
     return drift.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -134,6 +137,7 @@ def main() -> None:
           f"predicted); pool {len(pool)} test images; {args.windows} windows per variant; setup {setup_s:.0f} s")
     print(f"params: num {drift.num_method} >= {drift.num_threshold}, cat {drift.cat_method} >= {drift.cat_threshold}, "
           f"per column {drift.per_column_threshold or '-'}, drift_share {drift.drift_share}, "
+          f"column alarm {drift.column_alarm_factor}x, "
           f"embedding {drift.embedding.model_dump(exclude={'enabled'})}")
     everything = {}
     for size in [int(v) for v in str(args.window_size).split(",")]:
@@ -160,7 +164,7 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
     rng = np.random.default_rng(args.seed)
     results: dict[str, Any] = {}
     for variant, records in pools.items():
-        outcome: dict[str, Any] = {"overall": 0, "dataset": 0, "embedding": 0, "columns": Counter(),
+        outcome: dict[str, Any] = {"overall": 0, "dataset": 0, "alarm": 0, "embedding": 0, "columns": Counter(),
                                    "alternatives": Counter(), "drift_share": [], "embedding_score": [],
                                    "scores": {}, "seconds": [], "windows": []}
         for _ in range(args.windows):
@@ -171,6 +175,7 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
             outcome["seconds"].append(time.perf_counter() - started)
             outcome["overall"] += summary["drift"]
             outcome["dataset"] += summary["dataset_drift"]
+            outcome["alarm"] += bool(summary["column_alarm"])
             emb = summary["embedding_drift"] or {}
             outcome["embedding"] += bool(emb.get("drifted"))
             outcome["columns"].update(summary["drifted_columns"])
@@ -188,7 +193,8 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
 
 
 def _sweep(results: dict[str, Any], shifts: list[str], drift: Any, n: int) -> None:
-    """What-if: the overall rates under other numerical thresholds and drift shares, from the same scores."""
+    """What-if: the overall rates under other numerical thresholds and drift shares, from the same scores (the
+    column alarm scaled with the threshold)."""
     print(f"what-if (false alarms | detection per shift: {', '.join(shifts)}), same embedding verdicts:")
     for threshold in (0.15, 0.2, 0.25, 0.3):
         for share in (0.3, 0.45):
@@ -196,7 +202,9 @@ def _sweep(results: dict[str, Any], shifts: list[str], drift: Any, n: int) -> No
                 limits = {c: drift.per_column_threshold.get(c, drift.cat_threshold if c == "predicted_class"
                                                             else threshold) for c in window["scores"]}
                 hits = sum(window["scores"][c] >= limits[c] for c in limits)
-                return hits / max(1, len(limits)) >= share or window["embedding_drifted"]
+                factor = drift.column_alarm_factor
+                alarm = factor is not None and any(window["scores"][c] >= factor * limits[c] for c in limits)
+                return hits / max(1, len(limits)) >= share or alarm or window["embedding_drifted"]
 
             rates = [sum(map(drifted, results[v]["windows"])) / n for v in ["clean", *shifts]]
             print(f"  num_threshold {threshold:.2f} drift_share {share:.2f}: {rates[0]:.2f} | "
@@ -206,10 +214,12 @@ def _sweep(results: dict[str, Any], shifts: list[str], drift: Any, n: int) -> No
 def _print(results: dict[str, Any], shifts: list[str], size: int, drift: Any, n: int) -> None:
     seconds = np.mean([s for o in results.values() for s in o["seconds"]])
     print(f"\n=== windows of {size} production records ({n} per variant; compare {seconds:.2f} s/window)")
-    print(f"{'variant':<14}{'overall':>9}{'dataset':>9}{'embed':>7}{'share':>7}{'emb score':>11}  drifted columns")
+    print(f"{'variant':<14}{'overall':>9}{'dataset':>9}{'alarm':>7}{'embed':>7}{'share':>7}{'emb score':>11}  "
+          "drifted columns")
     for variant, o in results.items():
         columns = ", ".join(f"{c} {k}" for c, k in o["columns"].most_common())
-        print(f"{variant:<14}{o['overall'] / n:>9.2f}{o['dataset'] / n:>9.2f}{o['embedding'] / n:>7.2f}"
+        print(f"{variant:<14}{o['overall'] / n:>9.2f}{o['dataset'] / n:>9.2f}{o['alarm'] / n:>7.2f}"
+              f"{o['embedding'] / n:>7.2f}"
               f"{np.mean(o['drift_share']):>7.2f}{np.nanmean(o['embedding_score']):>11.3f}  {columns or '-'}")
     columns = list(results["clean"]["scores"])
     print("mean (max) drift score per column")

@@ -653,7 +653,7 @@ def drift(
                                                                                "again.")] = False,
 ) -> None:
     """Compare a production-log window with the training reference: exit 0 no drift, 3 drift, 1/2 errors."""
-    from components.drift.check import describe_embedding, run_drift_check
+    from components.drift.check import describe_column_alarm, describe_embedding, run_drift_check
 
     for name in DRIFT_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -671,6 +671,7 @@ def drift(
         typer.echo(f"  dataset drift: {'yes' if s['dataset_drift'] else 'no'} ({s['n_drifted_columns']} of "
                    f"{len(s['columns'])} columns, share {s['drift_share']:.2f}, threshold "
                    f"{s['drift_share_threshold']}); drifted: {', '.join(s['drifted_columns']) or 'none'}")
+        typer.echo(f"  column alarm: {describe_column_alarm(s)}")
         emb = s["embedding_drift"]
         typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb)})"
                                              if emb else "not computed"))

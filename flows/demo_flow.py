@@ -81,6 +81,8 @@ def _drift(settings: Settings, params: Params, since: datetime, until: datetime)
     check = run_drift_check(settings, params, since=since.isoformat(), until=until.isoformat())
     s = check.summary
     reasons = [f"columns: {', '.join(s['drifted_columns'])}"] if s.get("drifted_columns") else []
+    if s.get("column_alarm"):
+        reasons.append(f"column alarm: {', '.join(s['column_alarm'])}")
     if (s.get("embedding_drift") or {}).get("drifted"):
         reasons.append("embeddings")
     return {"drift": check.drift, "n": s["n_current"], "drifted_columns": s.get("drifted_columns") or [],

@@ -116,9 +116,10 @@ def _log_outcome(summary: dict[str, Any], params: DriftParams) -> None:
     if summary["status"] == NOT_ENOUGH:
         return  # detect.not_enough_data has warned
     embedding = summary.get("embedding_drift") or {}
-    log.info("drift check %s: %s (dataset drift %s, share %.2f, threshold %.2f; drifted %s; embedding %s %s)",
-             summary["window"]["since"], summary["status"], summary["dataset_drift"], summary["drift_share"],
-             params.drift_share, summary["drifted_columns"] or "none", embedding.get("method", "-"),
+    log.info("drift check %s: %s (dataset drift %s, share %.2f, threshold %.2f; drifted %s; column alarm %s; "
+             "embedding %s %s)", summary["window"]["since"], summary["status"], summary["dataset_drift"],
+             summary["drift_share"], params.drift_share, summary["drifted_columns"] or "none",
+             summary.get("column_alarm") or "none", embedding.get("method", "-"),
              f"{embedding['score']:.3f}" if embedding else "not computed")
 
 
@@ -128,6 +129,7 @@ def _metrics(summary: dict[str, Any]) -> dict[str, float]:
     if summary.get("drift_share") is not None:
         out["drift_share"] = float(summary["drift_share"])
         out["drift_dataset_drift"] = float(summary["dataset_drift"])
+        out["drift_column_alarm"] = float(bool(summary.get("column_alarm")))
     for column, verdict in (summary.get("columns") or {}).items():
         out[f"drift_score_{column}"] = float(verdict["score"])
     if summary.get("embedding_drift"):
@@ -186,6 +188,15 @@ def describe_embedding(emb: dict[str, Any]) -> str:
     return text
 
 
+def describe_column_alarm(summary: dict[str, Any]) -> str:
+    """'sharpness (a column at 4x its threshold is drift alone)', 'none (...)' or 'off (...)'."""
+    factor = summary.get("column_alarm_factor")
+    if factor is None:
+        return "off (drift.column_alarm_factor)"
+    alarms = summary.get("column_alarm") or []
+    return f"{', '.join(alarms) or 'none'} (a column at {factor:g}x its threshold is drift alone)"
+
+
 def artifact_markdown(summary: dict[str, Any]) -> str:
     """Markdown for a Prefect artifact: the verdict, the figures, and links to the reports."""
     verdict = {"drift": "DRIFT DETECTED", "no_drift": "no drift", NOT_ENOUGH: "not enough production data"}
@@ -202,6 +213,7 @@ def artifact_markdown(summary: dict[str, Any]) -> str:
                   "| column | method | score | threshold | drifted |", "|---|---|---|---|---|"]
         lines += [f"| {c} | {v['method']} | {v['score']:.3f} | {v['threshold']} | {'**yes**' if v['drifted'] else 'no'} |"
                   for c, v in summary["columns"].items()]
+        lines += ["", f"Column alarm: {describe_column_alarm(summary)}"]
         emb = summary.get("embedding_drift")
         lines += ["", f"Embedding drift: {'**drifted**' if emb['drifted'] else 'not drifted'} "
                   f"({describe_embedding(emb)})" if emb else "Embedding drift: not computed"]

@@ -1,9 +1,11 @@
 """The drift decision: an Evidently data drift report over image statistics and predictions, plus embedding drift.
 
-Rule: **drift = dataset drift OR embedding drift**, where
+Rule: **drift = dataset drift OR a column alarm OR embedding drift**, where
 - dataset drift is Evidently's own verdict: at least `drift.drift_share` of the report's columns drifted, each
   column judged by its Evidently test (fixed methods from params, so the verdict does not switch between p-values
   and distances with the sample size);
+- a column alarm is one column whose distance reaches `drift.column_alarm_factor` times its threshold: sensor
+  noise or focus loss moves sharpness far (6-12 times its threshold) and little else, below the share;
 - embedding drift is Evidently's embedding drift method (`drift.embedding.method`) called directly on the compact
   embeddings (the EmbeddingsDrift metric would also run a slow t-SNE for its plot), on a seeded sample of at most
   `drift.embedding.max_current` current embeddings: Evidently's bootstrap draws samples sized by the ratio of the
@@ -30,7 +32,8 @@ from components.drift.reference import embedding_columns
 
 log = logging.getLogger(__name__)
 
-RULE = "drift = dataset_drift OR embedding_drift.drifted"
+RULE = "drift = dataset_drift OR column_alarm OR embedding_drift.drifted"
+DISTANCE_METHODS = frozenset({"wasserstein", "jensenshannon", "hellinger", "kl_div", "psi", "ed"})  # score >= threshold
 NOT_ENOUGH = "not_enough_data"
 MIN_REFERENCE_EMBEDDINGS = 10
 MIN_REFERENCE_GROUPS = 4  # fewer hold too little spread between spots to resample
@@ -74,6 +77,14 @@ def snapshot_summary(snapshot: Any) -> dict[str, Any]:
     return {"dataset_drift": dataset_test == "FAIL" if dataset_test else share >= threshold,
             "drift_share": share, "drift_share_threshold": threshold, "n_drifted_columns": count,
             "drifted_columns": [c for c, v in columns.items() if v["drifted"]], "columns": columns}
+
+
+def column_alarms(columns: dict[str, dict[str, Any]], factor: float | None) -> list[str]:
+    """Columns whose distance reaches `factor` times their threshold (p-value tests are never alarms)."""
+    if factor is None:
+        return []
+    return [c for c, v in columns.items() if v["method"] in DISTANCE_METHODS and v["threshold"]
+            and v["score"] >= factor * float(v["threshold"])]
 
 
 def embedding_method(params: DriftParams) -> Any:
@@ -189,7 +200,8 @@ def not_enough_data(n_current: int, params: DriftParams, message: str | None = N
     log.warning(message)
     return Comparison({"status": NOT_ENOUGH, "drift": False, "message": message, "rule": RULE,
                        "dataset_drift": False, "drift_share": None, "drift_share_threshold": params.drift_share,
-                       "n_drifted_columns": 0, "drifted_columns": [], "columns": {}, "embedding_drift": None,
+                       "n_drifted_columns": 0, "drifted_columns": [], "columns": {}, "column_alarm": [],
+                       "column_alarm_factor": params.column_alarm_factor, "embedding_drift": None,
                        "n_reference": None, "n_reference_predictions": None, "n_current": n_current,
                        "columns_skipped": {}, "notes": [], **extra})
 
@@ -248,9 +260,11 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
                      "(drift.embedding.bootstrap_unit)")
     else:
         embedding = embedding_drift(ref_emb, cur_emb, params, ref_groups)
-    drift = bool(summary["dataset_drift"] or (embedding and embedding["drifted"]))
+    alarms = column_alarms(summary["columns"], params.column_alarm_factor)
+    drift = bool(summary["dataset_drift"] or alarms or (embedding and embedding["drifted"]))
     for note in notes:
         log.warning(note)
     return Comparison({"status": "drift" if drift else "no_drift", "drift": drift, "rule": RULE, **summary,
+                       "column_alarm": alarms, "column_alarm_factor": params.column_alarm_factor,
                        "embedding_drift": embedding, **counts, "n_current": n_current,
                        "n_current_model": n_model, "columns_skipped": skipped, "notes": notes}, snapshot)

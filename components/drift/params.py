@@ -57,6 +57,10 @@ class DriftParams(_Section):
     per_column_threshold: dict[str, float] = Field({}, description="overrides per column")
     drift_share: float = Field(0.5, gt=0, le=1, description="dataset drift when at least this share of the "
                                "columns drifted")
+    column_alarm_factor: float | None = Field(None, gt=1, description="a column whose drift distance reaches this "
+                                              "many times its threshold is drift on its own, whatever the share "
+                                              "(a camera's noise or focus moves one column far); distance methods "
+                                              "only; null = off")
     embedding: EmbeddingDriftParams = EmbeddingDriftParams()
     reference_splits: list[Literal["train", "val", "test"]] = Field(
         ["train", "val"], description="manifest splits whose image statistics form the reference")

@@ -57,6 +57,7 @@ def test_clean_window_is_quiet_and_writes_every_report(drift_project, drift_mode
     assert summary["quality"]["n_predictions"] == len(records)
     assert "no drift" in output and "1 torn/invalid log lines skipped" in output
     assert f"bootstrap null over {summary['n_reference_predictions']} capture groups)" in output
+    assert summary["column_alarm"] == [] and "column alarm: none (a column at 4x its threshold" in output
 
 
 @pytest.mark.slow
@@ -126,6 +127,7 @@ def test_mlflow_logging_and_prefect_markdown(project, tmp_path: Path) -> None:
     summary = {"status": "drift", "drift": True, "rule": "r", "dataset_drift": True, "drift_share": 0.6,
                "drift_share_threshold": 0.5, "drifted_columns": ["brightness"], "n_current": 80, "skipped_lines": 2,
                "columns": {"brightness": {"method": "wasserstein", "threshold": 0.1, "score": 1.2, "drifted": True}},
+               "column_alarm": [], "column_alarm_factor": 4.0,
                "embedding_drift": {"method": "distance", "score": 0.9, "drifted": True},
                "window": {"since": "2025-02-01T00:00:00+00:00", "until": "2025-03-01T00:00:00+00:00", "days": 28.0},
                "model_version": "defect-classifier/3", "files": {"html": str(folder / "drift.html")}}
@@ -141,6 +143,8 @@ def test_mlflow_logging_and_prefect_markdown(project, tmp_path: Path) -> None:
     markdown = artifact_markdown(summary)
     assert "DRIFT DETECTED" in markdown and "| brightness | wasserstein | 1.200 |" in markdown
     assert "Embedding drift: **drifted** (distance, score 0.900)" in markdown
+    assert "Column alarm: none (a column at 4x its threshold is drift alone)" in markdown
+    assert run.data.metrics["drift_column_alarm"] == 0.0
     assert (folder / "drift.html").resolve().as_uri() in markdown
 
 
@@ -175,6 +179,29 @@ def test_predictions_of_another_model_are_left_out() -> None:
     assert summary["status"] == "no_drift" and summary["n_current"] == 120 and summary["n_current_model"] == 80
     assert summary["embedding_drift"]["n_window"] == 80
     assert "40 records come from other model versions (defect-classifier/2)" in summary["notes"][0]
+
+
+def test_one_column_far_off_is_drift_on_its_own() -> None:
+    """A noisy sensor moves sharpness far and little else: below the drift share, but a column alarm."""
+    import numpy as np
+
+    from components.drift.detect import column_alarms, compare
+    from components.drift.params import DriftParams
+
+    rng = np.random.default_rng(0)
+    reference, current = log_frame(rng, 400, 200), log_frame(rng, 120, 120)
+    current["sharpness"] *= 4  # sensor noise: the Laplacian variance of every picture rises several-fold
+    params = DriftParams(num_threshold=0.25, drift_share=0.3, column_alarm_factor=4.0, embedding={"enabled": False})
+
+    alarmed = compare(reference, current, params, None).summary
+    off = compare(reference, current, params.model_copy(update={"column_alarm_factor": None}), None).summary
+
+    assert alarmed["drifted_columns"] == ["sharpness"] and alarmed["dataset_drift"] is False
+    assert alarmed["columns"]["sharpness"]["score"] >= 4 * 0.25
+    assert alarmed["column_alarm"] == ["sharpness"] and alarmed["drift"] is True and alarmed["status"] == "drift"
+    assert off["column_alarm"] == [] and off["drift"] is False
+    # p-values fall as drift grows, so a p-value test is never an alarm whatever its score
+    assert column_alarms({"sharpness": {"method": "ks", "threshold": 0.05, "score": 0.9, "drifted": False}}, 4) == []
 
 
 def test_a_reference_of_too_few_spots_has_no_embedding_null() -> None:
