@@ -183,7 +183,7 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
             outcome["embedding_score"].append(emb.get("score", float("nan")))
             for column, verdict in summary["columns"].items():
                 outcome["scores"].setdefault(column, []).append(verdict["score"])
-            outcome["windows"].append({"scores": {c: v["score"] for c, v in summary["columns"].items()},
+            outcome["windows"].append({"columns": summary["columns"],
                                        "embedding_drifted": bool(emb.get("drifted"))})
             cur_emb = frame[embedding_columns()].dropna()
             for name, alternative in alternatives.items():
@@ -195,16 +195,18 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
 def _sweep(results: dict[str, Any], shifts: list[str], drift: Any, n: int) -> None:
     """What-if: the overall rates under other numerical thresholds and drift shares, from the same scores (the
     column alarm scaled with the threshold)."""
+    from components.drift.detect import column_alarms
+
     print(f"what-if (false alarms | detection per shift: {', '.join(shifts)}), same embedding verdicts:")
     for threshold in (0.15, 0.2, 0.25, 0.3):
         for share in (0.3, 0.45):
             def drifted(window: dict[str, Any], threshold: float = threshold, share: float = share) -> bool:
-                limits = {c: drift.per_column_threshold.get(c, drift.cat_threshold if c == "predicted_class"
-                                                            else threshold) for c in window["scores"]}
-                hits = sum(window["scores"][c] >= limits[c] for c in limits)
-                factor = drift.column_alarm_factor
-                alarm = factor is not None and any(window["scores"][c] >= factor * limits[c] for c in limits)
-                return hits / max(1, len(limits)) >= share or alarm or window["embedding_drifted"]
+                columns = {c: {**v, "threshold": drift.per_column_threshold.get(
+                    c, drift.cat_threshold if c == "predicted_class" else threshold)}
+                    for c, v in window["columns"].items()}
+                hits = sum(v["score"] >= v["threshold"] for v in columns.values())
+                return (hits / max(1, len(columns)) >= share or bool(column_alarms(columns, drift.column_alarm_factor))
+                        or window["embedding_drifted"])
 
             rates = [sum(map(drifted, results[v]["windows"])) / n for v in ["clean", *shifts]]
             print(f"  num_threshold {threshold:.2f} drift_share {share:.2f}: {rates[0]:.2f} | "
