@@ -3,8 +3,9 @@
 The import is a transaction. Nothing in `data/`, `data.dvc`, `splits.csv` or the remote changes unless the
 whole candidate dataset (old images plus new) passes validation. While files are being added, a journal under
 the state root lists them together with the previous `data.dvc` and `splits.csv`; an error, Ctrl-C or a kill
-leaves the journal behind, and the next command rolls the half-done import back. A failed push keeps the new
-version locally and marks it unpushed.
+leaves the journal behind, and the next command rolls the half-done import back, unless the import had already
+made its git commit: then that version is whole, and it is kept. A failed push keeps the new version locally
+and marks it unpushed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ from components.data.layout import LabelledImage, discover
 from components.data.sources import open_source
 from components.data.split import read_splits, write_splits
 from components.data.tracked import dataset_version, workspace_problem
-from components.data.versioning import DatasetRepo, commit
+from components.data.versioning import DatasetRepo, commit, git, head_commit
 from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed
 from components.files import replacing, write_text_atomic
 from components.locks import exclusive
@@ -62,25 +63,65 @@ def _journal_path(settings: Settings) -> Path:
     return settings.state_dir / JOURNAL
 
 
-def _write_journal(settings: Settings, added: list[str], backups: dict[str, str | None]) -> None:
-    write_text_atomic(_journal_path(settings), json.dumps({"added": added, "backups": backups}))
+@dataclass(frozen=True)
+class Journal:
+    """What an import in progress has to undo: the files it adds, the version files as they were, and what
+    tells whether it got as far as its git commit."""
+
+    added: list[str]
+    backups: dict[str, str | None]
+    head: str | None = None  # the git commit before the import
+    push: bool = False  # whether the import was to push its version
+    report: str | None = None  # its validation report, still in staging
+
+
+def _write_journal(settings: Settings, journal: Journal) -> None:
+    write_text_atomic(_journal_path(settings), json.dumps(asdict(journal)))
+
+
+def _committed_version(settings: Settings, journal: Journal) -> tuple[str, str] | None:
+    """(version, commit) when the interrupted import had made its git commit: HEAD moved and holds the
+    data.dvc of the workspace, which is no longer the one before the import."""
+    project = settings.project_root
+    head = head_commit(project)
+    if head is None or head == journal.head:
+        return None
+    name = VERSION_FILES[0]
+    working = (project / name).read_text() if (project / name).is_file() else None
+    shown = git(project, "show", f"HEAD:{name}", check=False)
+    if shown.returncode != 0 or working is None or shown.stdout != working or working == journal.backups.get(name):
+        return None
+    version = dataset_version(project)
+    return (version, head) if version else None
 
 
 def recover(settings: Settings) -> bool:
-    """Roll back an import that was interrupted; True when there was one."""
+    """Finish what an interrupted import left: keep it when it was committed, else roll it back; True when
+    there was one."""
     path = _journal_path(settings)
     if not path.is_file():
         return False
-    journal = json.loads(path.read_text())
+    journal = Journal(**json.loads(path.read_text()))
+    if journal.report:
+        shutil.rmtree(journal.report, ignore_errors=True)
+    committed = _committed_version(settings, journal)
+    if committed is not None:
+        version, head = committed
+        if journal.push:
+            DatasetRepo(settings).mark_unpushed(version, head)
+        path.unlink()
+        log.warning("an interrupted import had already committed dataset version %s (%s): kept it%s", version,
+                    head[:8], "; `defectops data push` sends it to the remote" if journal.push else "")
+        return True
     project = settings.project_root
-    for rel in journal["added"]:
+    for rel in journal.added:
         added = project / rel
         added.unlink(missing_ok=True)
         for parent in added.parents:  # a class folder the import created, now empty
             if parent == settings.data_dir or not parent.is_relative_to(settings.data_dir) or any(parent.iterdir()):
                 break
             parent.rmdir()
-    for name, content in journal["backups"].items():
+    for name, content in journal.backups.items():
         target = project / name
         if content is None:
             target.unlink(missing_ok=True)
@@ -88,7 +129,7 @@ def recover(settings: Settings) -> bool:
             target.write_text(content)
     path.unlink()
     log.warning("rolled back an interrupted import: removed %d added files, restored %s",
-                len(journal["added"]), ", ".join(journal["backups"]))
+                len(journal.added), ", ".join(journal.backups))
     return True
 
 
@@ -123,7 +164,7 @@ def plan_additions(existing: list[LabelledImage], existing_sha: list[str], incom
 # ------------------------------------------------------------------ apply
 
 
-def _copy_into_data(settings: Settings, additions: list[LabelledImage], backups: dict[str, str | None]) -> None:
+def _copy_into_data(settings: Settings, additions: list[LabelledImage], journal: Journal) -> None:
     """Copy the new images (and masks) into data/, after journaling every target so a crash can be undone."""
     data = settings.data_dir
     pairs = []
@@ -134,7 +175,7 @@ def _copy_into_data(settings: Settings, additions: list[LabelledImage], backups:
     clash = next((dst for _, dst in pairs if dst.exists()), None)
     if clash is not None:
         raise DefectOpsError(f"{clash}: already exists; the dataset folder changed under the import, run it again")
-    _write_journal(settings, [str(dst.relative_to(settings.project_root)) for _, dst in pairs], backups)
+    _write_journal(settings, replace(journal, added=[str(dst.relative_to(settings.project_root)) for _, dst in pairs]))
     for src, dst in pairs:
         with replacing(dst) as tmp:
             shutil.copyfile(src, tmp)
@@ -204,8 +245,9 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
             _check_disk(settings, additions)
             backups = {name: (project / name).read_text() if (project / name).is_file() else None
                        for name in VERSION_FILES}
+            journal = Journal([], backups, head_commit(project), push, str(staging_report))
             try:
-                _copy_into_data(settings, additions, backups)
+                _copy_into_data(settings, additions, journal)
                 version = repo.add()
                 write_splits(manifest, settings.splits_file)
                 commit_id = None

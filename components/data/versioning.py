@@ -204,6 +204,12 @@ class DatasetRepo:
         version = current if current in pending else next(iter(pending))
         return self.push(version, pending.get(version))
 
+    def mark_unpushed(self, version: str, commit_id: str | None) -> None:
+        """Remember a version for the next push (`defectops data push`, or the next import)."""
+        pending = self._unpushed()
+        pending[version] = commit_id
+        self._save_unpushed(pending)
+
     def unpushed_versions(self) -> list[str]:
         return list(self._unpushed())
 

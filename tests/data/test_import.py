@@ -19,7 +19,7 @@ from components.config import get_settings, load_params
 from components.data import importer
 from components.data.importer import import_data
 from components.data.tracked import dataset_version
-from components.data.versioning import DatasetRepo
+from components.data.versioning import DatasetRepo, head_commit
 from components.errors import ConcurrentRunError, SourceError, ValidationFailed
 from components.locks import exclusive
 from tests.conftest import make_imagefolder, write_image
@@ -179,9 +179,37 @@ def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp
     stray = write_image(project.data_dir / "images" / "dent" / "half.png", 99)
     backups = {n: (project.project_root / n).read_text() for n in ("data.dvc", "splits.csv", ".gitignore")}
     (project.project_root / "data.dvc").write_text("outs: [{md5: deadbeef.dir, path: data}]\n")
-    importer._write_journal(project, [str(stray.relative_to(project.project_root))], backups)
+    importer._write_journal(project, importer.Journal([str(stray.relative_to(project.project_root))], backups,
+                                                      head=head_commit(project.project_root)))
     assert importer.recover(project)
     assert _snapshot(project) == before and not stray.exists()
+
+
+def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C or SIGTERM between the git commit and the journal's removal: the version is whole, so it stays;
+    rolling its files back would leave HEAD naming a dataset the workspace no longer holds."""
+    first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    real_commit = importer.commit
+
+    def commit_then_interrupted(*args, **kwargs):
+        real_commit(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importer, "commit", commit_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3))
+    root = project.project_root
+    version = dataset_version(root)
+    assert version != first.version and "data: version " + version in _git_log(project)[0]
+    shown = subprocess.run(["git", "show", "HEAD:data.dvc"], cwd=root, capture_output=True, text=True, check=True)
+    assert shown.stdout == (root / "data.dvc").read_text()
+    status = subprocess.run(["git", "status", "--porcelain", "--", "data.dvc", "splits.csv"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    assert status == "" and not (project.state_dir / importer.JOURNAL).exists()
+    assert len(list((project.data_dir / "images").rglob("*.png"))) == 2 * len(list((tmp_path / "m1").rglob("*.png")))
+    assert DatasetRepo(project).unpushed_versions() == [version], "the push it did not reach is pending"
+    assert not list(project.staging_dir.glob("report-*")), "its staged validation report is removed"
+    assert not importer.recover(project)
 
 
 def test_two_imports_at_once_refuse(project, tmp_path: Path) -> None:
