@@ -54,13 +54,43 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _json_target(path: Path | None) -> Path | None:
+    """Check a `--json` path before any work is done: a folder, or a parent that cannot be made, is an error."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UsageError(f"--json {path}: is a folder; give a file path, e.g. {path / 'report.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot create {path.parent} ({exc.strerror}); choose a writable path") \
+            from None
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--json {path}: {path.parent} is not writable; choose a writable path")
+    return path
+
+
+def _write_json(path: Path, value: Any) -> Path:
+    """`value` as JSON at `path`, atomically; a failed write is one line, not a traceback."""
+    from components.files import write_text_atomic
+
+    try:
+        return write_text_atomic(path, json.dumps(value, indent=2, default=str, allow_nan=True) + "\n")
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot write it ({exc.strerror}); choose a writable path") from None
+
+
 def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a DefectOpsError into a one-line message and its exit code, never a traceback."""
+    """Turn a DefectOpsError into a one-line message and its exit code, never a traceback; a SIGTERM is
+    handled as Ctrl-C, so it too leaves nothing half-written."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from components.signals import sigterm_as_interrupt
+
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except ValidationFailed as exc:
             typer.echo(f"error: {exc}", err=True)
             for line in exc.failures:
@@ -138,20 +168,19 @@ def data_validate(
     manifest: Annotated[Path | None, typer.Option(help="Validate this manifest (Parquet) instead.")] = None,
 ) -> None:
     """Run the Great Expectations suite; exit 0 when it passes, 1 when expectations fail, 2 on usage errors."""
-    import pandas as pd
-
     from components.data.importer import recover
     from components.data.sources import open_source
     from components.data.tracked import dataset_version, manifest_of, tracked_manifest
     from components.data.versioning import previous_version
     from components.validation.suite import class_shares, validate_manifest
 
+    json_out = _json_target(json_out)
     settings, params = _context()
     settings.ensure()
     previous_shares = None
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     if manifest is not None:
-        frame, report_dir, what = pd.read_parquet(manifest), settings.reports_dir / "pipeline", str(manifest)
+        frame, report_dir, what = _read_manifest(manifest), settings.reports_dir / "pipeline", str(manifest)
     elif source is not None:
         with open_source(source, settings.staging_dir) as root:
             frame = manifest_of(root, settings, params, progress=True)
@@ -163,16 +192,28 @@ def data_validate(
         report_dir, what = settings.dataset_report_dir(version), f"tracked dataset {version}"
         before = previous_version(settings.project_root, version)
         stored = settings.dataset_report_dir(before) / "manifest.parquet" if before else None
-        previous_shares = class_shares(pd.read_parquet(stored)) if stored and stored.is_file() else None
+        previous_shares = class_shares(_read_manifest(stored)) if stored and stored.is_file() else None
     report = validate_manifest(frame, params.profile, params.validate_, previous_shares, report_dir)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report.result, indent=2, default=str))
+        _write_json(json_out, report.result)
     typer.echo(f"{what}: {len(frame)} images")
     typer.echo(report.summary())
     typer.echo(f"data docs: {report_dir / 'data_docs' / 'index.html'}")
     if not report.success:
         raise ValidationFailed(f"{len(report.failures)} expectation(s) failed for {what}; see the list above")
+
+
+def _read_manifest(path: Path) -> Any:
+    """A manifest written by `defectops data manifest`; a missing or unreadable file is a usage error."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such manifest; write one with `defectops data manifest --out {path}`")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise UsageError(f"{path}: not a readable Parquet manifest ({type(exc).__name__}); write one with "
+                         "`defectops data manifest`") from exc
 
 
 @data_app.command("manifest")
@@ -288,7 +329,11 @@ def train(
 
     settings, params = _context()
     settings.ensure()
-    result = train_and_calibrate(settings, params, profile, resume, out)
+    try:
+        result = train_and_calibrate(settings, params, profile, resume, out)
+    except KeyboardInterrupt:
+        raise _fail("interrupted; no model was written, but the last finished epoch's checkpoint is kept: "
+                    "`defectops train --resume` (same options) continues from it", 130) from None
     cal = result["calibration"]
     typer.echo(f"model: {result['model_path']}  (val macro-F1 of the kept epoch {result['best_val_macro_f1']:.3f}, "
                f"{result['seconds']:.0f} s, {result['profile']} profile)")
@@ -497,9 +542,10 @@ def evaluate(
                                                    "dataset, all for --data).")] = None,
 ) -> None:
     """Evaluate any model on any labelled images: accuracy, macro F1, plant figures, calibration."""
-    from components.registry.evaluate import evaluate_model, write_report
+    from components.registry.evaluate import evaluate_model
 
     _registry_logging()
+    json_out = _json_target(json_out)
     settings, params = _context()
     report = evaluate_model(settings, params, model, data, split)
     typer.echo(f"{report['model_version']} on {report['data']} ({report['split']}): {report['n_images']} images")
@@ -508,7 +554,7 @@ def evaluate(
                f"{_figure(report['false_alarm_rate'])}, escape {_figure(report['escape_rate'])}, review "
                f"{_figure(report['review_rate'])}, ECE {_figure(report['ece'])}")
     if json_out:
-        typer.echo(f"  report: {write_report(report, json_out)}")
+        typer.echo(f"  report: {_write_json(json_out, report)}")
 
 
 # ------------------------------------------------------------------ serving
@@ -657,6 +703,7 @@ def drift(
 
     for name in DRIFT_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    json_out = _json_target(json_out)
     settings, params = _context()
     check = run_drift_check(settings, params, model, since, until, to_mlflow=mlflow or None,
                             rebuild_reference=rebuild_reference)
@@ -678,8 +725,7 @@ def drift(
         typer.echo(("DRIFT DETECTED" if check.drift else "no drift") + f" ({s['rule']})")
     typer.echo(f"reports: {check.report_dir}")
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(s, indent=2, default=str))
+        _write_json(json_out, s)
     if check.exit_code:
         raise typer.Exit(check.exit_code)
 

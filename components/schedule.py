@@ -19,10 +19,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,6 +30,7 @@ import yaml
 
 from components.config import Settings
 from components.errors import DefectOpsError, UsageError
+from components.signals import in_main_thread, signal_handler, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -338,28 +337,6 @@ def _check_remote(api_url: str) -> None:
                           "URL, or unset PREFECT_API_URL to run a local server")
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _signal_handler(handler: Any, *signals: signal.Signals) -> Iterator[None]:
-    """Handle `signals` with `handler` inside the block (main thread only; elsewhere a no-op)."""
-    if not _in_main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 # ------------------------------------------------------------------ the command
 
 
@@ -374,7 +351,7 @@ def run_schedule(settings: Settings, host: str, port: int, only: Sequence[str], 
     os.chdir(settings.project_root)
     os.environ.setdefault("DEFECTOPS_PROJECT", str(settings.project_root))
     os.environ.setdefault("DEFECTOPS_HOME", str(settings.home_dir))
-    with _signal_handler(_interrupt, signal.SIGTERM):  # until serving: SIGTERM acts as Ctrl-C
+    with sigterm_as_interrupt():  # until serving: SIGTERM acts as Ctrl-C
         try:
             deployments = build_deployments(specs, load_flows(settings, specs))
             if server is None:
@@ -389,7 +366,7 @@ def run_schedule(settings: Settings, host: str, port: int, only: Sequence[str], 
             pass
         finally:
             if server is not None:
-                with _signal_handler(signal.SIG_IGN, signal.SIGTERM, signal.SIGINT):  # never half-stopped
+                with signal_handler(signal.SIG_IGN, signal.SIGTERM, signal.SIGINT):  # never half-stopped
                     server.stop()
     echo("stopped" + (": the deployments are paused on the server" if server is None else " (server too)"))
 
@@ -446,9 +423,9 @@ async def _run_until_signal(runner: Any, echo: Echo) -> None:
         else:
             serving.cancel()
 
-    if _in_main_thread():
+    if in_main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
+            loop.addsignal_handler(sig, stop)
     try:
         await serving
     except asyncio.CancelledError:

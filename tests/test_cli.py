@@ -42,6 +42,49 @@ def test_usage_errors_exit_2_without_traceback(project, tmp_path: Path) -> None:
     assert no_data.exit_code == 2 and "defectops data import" in no_data.output
 
 
+def test_unwritable_json_and_missing_manifest_are_one_line_usage_errors(project, tmp_path: Path) -> None:
+    source = make_imagefolder(tmp_path / "src", per_class=4)
+    folder = runner.invoke(app, ["data", "validate", str(source), "--json", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder; give a file path" in folder.output
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    below_a_file = runner.invoke(app, ["data", "validate", str(source), "--json", str(blocked / "out.json")])
+    assert below_a_file.exit_code == 2 and "cannot create" in below_a_file.output
+    missing = runner.invoke(app, ["data", "validate", "--manifest", str(tmp_path / "none.parquet")])
+    assert missing.exit_code == 2 and "no such manifest" in missing.output
+    not_parquet = runner.invoke(app, ["data", "validate", "--manifest", str(blocked)])
+    assert not_parquet.exit_code == 2 and "not a readable Parquet manifest" in not_parquet.output
+    for result in (folder, below_a_file, missing, not_parquet):
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_sigterm_unwinds_a_command_like_ctrl_c() -> None:
+    """`kill PID` (a container stop, a CI timeout) runs the command's clean-up, then exits 130 in one line."""
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from components.cli import friendly
+
+    cleaned = []
+
+    @friendly
+    def long_command() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            cleaned.append("half-written work removed")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as stopped:
+        long_command()
+    assert stopped.value.exit_code == 130 and cleaned
+    assert signal.getsignal(signal.SIGTERM) is before, "the handler is the command's only"
+
+
 @pytest.mark.integration
 def test_import_prints_the_version_then_a_no_op(project, tmp_path: Path) -> None:
     source = make_imagefolder(tmp_path / "src", per_class=4)

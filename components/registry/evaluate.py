@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from components.config import Params, Settings
 from components.errors import UsageError
-from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,3 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
                    "model_classes": predictor.classes})
     return report
 
-
-def write_report(report: dict[str, Any], path: Path) -> Path:
-    """The report as JSON (written atomically; parents created)."""
-    return write_text_atomic(path, json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
