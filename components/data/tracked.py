@@ -35,11 +35,15 @@ def manifest_of(root: Path, settings: Settings, params: Params, previous_splits:
                           previous_splits=previous_splits, progress=progress)
 
 
-def usable_rows(rows: pd.DataFrame, what: str) -> pd.DataFrame:
-    """Readable rows only (unreadable ones are logged); an empty result is a usage error naming `what`."""
+def usable_rows(rows: pd.DataFrame, what: str, refuse_unreadable: bool = False) -> pd.DataFrame:
+    """Readable rows only (unreadable ones are logged, or with `refuse_unreadable` a usage error: figures over
+    a folder someone handed in must not quietly leave pictures out); an empty result is a usage error."""
     if "readable" in rows:
         readable = rows["readable"].fillna(False).astype(bool)
         bad = rows[~readable]
+        if len(bad) and refuse_unreadable:
+            error = bad["error"].iloc[0] if "error" in bad and bad["error"].iloc[0] else "remove or replace it"
+            raise UsageError(f"{what}: {len(bad)} unreadable image(s), e.g. {bad['path'].iloc[0]}: {error}")
         if len(bad):
             log.warning("%d unreadable images in %s skipped (e.g. %s)", len(bad), what, bad["path"].iloc[0])
         rows = rows[readable]

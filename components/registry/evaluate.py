@@ -36,7 +36,8 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
         with open_source(data, settings.staging_dir) as root:
             manifest = manifest_of(root, settings, params)
             rows = manifest if split == "all" else manifest[manifest["split"] == split]
-            report = evaluate_rows(predictor, usable_rows(rows, f"{data} ({split})"), eval_params,
+            report = evaluate_rows(predictor, usable_rows(rows, f"{data} ({split})", refuse_unreadable=True),
+                                   eval_params,
                                    predictor.model_version)
         what = str(data)
     report.update({"data": what, "split": split, "model": model, "model_uri": predictor.meta.get("model_uri"),

@@ -138,6 +138,13 @@ def test_models_and_evaluate_cli(registered, tmp_path: Path, monkeypatch: pytest
     assert report["n_images"] == 9 and report["model_version"] == f"{NAME}/1"
     assert dataset_version(settings.project_root) == version_before, "evaluating a folder imports nothing"
     assert len(list((settings.data_dir / "images").rglob("*.png"))) == images_before
+    cut = next(folder.rglob("*.png"))
+    cut.write_bytes(cut.read_bytes()[:40])  # a truncated upload
+    refused = runner.invoke(app, ["evaluate", "--model", "challenger", "--data", str(folder), "--json",
+                                  str(tmp_path / "eval" / "cut.json")])
+    assert refused.exit_code == 2 and "1 unreadable image(s), e.g. " in refused.output
+    assert f"{cut.parent.name}/{cut.name}: not an image" in refused.output and "remove it" in refused.output
+    assert not (tmp_path / "eval" / "cut.json").exists()
     golden = runner.invoke(app, ["evaluate", "--model", str(train_dir / "model.pt"), "--json", str(out)])
     assert golden.exit_code == 0, golden.output
     assert json.loads(out.read_text())["split"] == "test"
