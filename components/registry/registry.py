@@ -513,6 +513,14 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool) 
     settings.ensure()
     train_dir = Path(train_dir)
     model, meta, train_metrics, history, model_path = _read_train_dir(train_dir)
+    data_version = dataset_version(settings.project_root)
+    trained_on = meta.get("dataset_version")
+    if trained_on and trained_on != data_version:
+        raise UsageError(
+            f"{model_path}: trained on dataset version {trained_on}, but this checkout holds {data_version}: its "
+            "golden-test figures would not compare with the champion's, and the test split may hold pictures it "
+            f"trained on; check out the commit whose data.dvc names {trained_on} (then `defectops data pull`), "
+            "or train again on this version")
     client = connect(settings)  # an unreachable server fails here, before any slow work
     model_sha256 = _sha256(model_path)
     manifest = tracked_manifest(settings, params)
@@ -530,16 +538,16 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool) 
         challenger = _evaluate(Predictor(model, meta), rows, eval_params, None)
         gate, champion, compared_with = _gate(settings, client, challenger, rows, eval_params)
         trend_text, trend_metrics = _trend(settings, rows, challenger, champion)
-        data_version = dataset_version(settings.project_root)
         run_tags = {"dataset_version": _tag(data_version), "git_commit": _tag(head_commit(settings.project_root)),
+                    "trained_on_dataset_version": trained_on or "untracked folder",
                     "weights_used": _tag(meta.get("weights_used")), "manifest_digest": digest,
                     "train_manifest_digest": _tag(meta.get("manifest_digest")), "model_sha256": model_sha256,
                     "train_dir": str(train_dir.resolve()), "n_test_images": str(len(rows))}
         status = "passed" if gate.passed else "failed"
         calibration = meta["calibration"]
         version_tags = {
-            **{k: run_tags[k] for k in ("dataset_version", "git_commit", "weights_used", "manifest_digest",
-                                        "model_sha256", "n_test_images")},
+            **{k: run_tags[k] for k in ("dataset_version", "trained_on_dataset_version", "git_commit",
+                                        "weights_used", "manifest_digest", "model_sha256", "n_test_images")},
             "threshold": _tag(float(calibration["threshold"])),
             "temperature": _tag(float(calibration["temperature"])),
             **{name: _tag(challenger.report.get(name)) for name in VERSION_TAG_FIGURES},

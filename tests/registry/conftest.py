@@ -87,7 +87,8 @@ def registry_project(tracked_project: Path, empty_mlflow_db: Path, tmp_path: Pat
 
 
 def make_train_dir(out: Path, logits_bias: list[float] | None = None, seed: int = 0,
-                   calibration: dict | None = None, extra_meta: dict | None = None) -> Path:
+                   calibration: dict | None = None, extra_meta: dict | None = None,
+                   dataset_version: str | None = None) -> Path:
     """model.pt + train_metrics.json + history.csv as `defectops train` writes them, for a tiny resnet18.
 
     `logits_bias` makes a constant predictor (zero last layer, this bias): [5, 0, 0] always says 'dent'.
@@ -105,7 +106,7 @@ def make_train_dir(out: Path, logits_bias: list[float] | None = None, seed: int 
             model.classifier[1].bias.copy_(torch.tensor(logits_bias))
     model.eval()
     meta = model_meta(
-        model, TEST_CLASSES, "normal", IMAGE_SIZE, weights_used=weights_used, dataset_version=None,
+        model, TEST_CLASSES, "normal", IMAGE_SIZE, weights_used=weights_used, dataset_version=dataset_version,
         manifest_digest="test", profile="tiny",
         train_params={"arch": "resnet18", "image_size": IMAGE_SIZE, "epochs": 2, "lr": 0.01},
         augment_params={"hflip": 0.5}, seed=seed, metrics={"best_val_macro_f1": 0.5, "best_epoch": 2, "epochs": 2},

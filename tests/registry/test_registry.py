@@ -58,6 +58,7 @@ def test_register_logs_run_version_alias_and_artifacts(registered) -> None:
                 "manifest_digest", "model_sha256", "gate_status", "gate_reasons", "compared_with"):
         assert key in tags, key
     assert tags["dataset_version"].endswith(".dir") and len(tags["git_commit"]) == 40
+    assert tags["trained_on_dataset_version"] == "untracked folder"  # make_train_dir: no dataset version
     assert tags["gate_status"] == "passed" and "(no champion)" in tags["gate_reasons"]
     assert tags["run_id"] == result.run_id and version.run_id == result.run_id
 
@@ -148,6 +149,19 @@ def test_models_and_evaluate_cli(registered, tmp_path: Path, monkeypatch: pytest
     golden = runner.invoke(app, ["evaluate", "--model", str(train_dir / "model.pt"), "--json", str(out)])
     assert golden.exit_code == 0, golden.output
     assert json.loads(out.read_text())["split"] == "test"
+
+
+def test_a_model_trained_on_another_dataset_version_is_refused(registry_project, tmp_path: Path) -> None:
+    """Its golden-test figures would not compare with the champion's (and may include pictures it trained on):
+    nothing is logged or registered."""
+    from components.registry.registry import list_versions, register
+
+    settings = registry_project
+    elsewhere = make_train_dir(tmp_path / "older", dataset_version="0123456789abcdef0123456789abcdef.dir")
+    with pytest.raises(UsageError, match=r"trained on dataset version 0123456789abcdef.*\.dir, but this checkout "
+                                         r"holds .*\.dir: .*check out the commit whose data.dvc names"):
+        register(settings, params_with_gate(settings, **LENIENT_GATE), elsewhere)
+    assert list_versions(settings) == []
 
 
 def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
