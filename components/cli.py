@@ -246,7 +246,8 @@ def data_synth(
     from components.data.synth import generate
 
     _, params = _context()
-    summary = generate(out, count or params.synth.count, size or params.synth.image_size, seed,
+    summary = generate(out, params.synth.count if count is None else count,
+                       params.synth.image_size if size is None else size, seed,
                        image_format or params.synth.image_format, progress=True)
     typer.echo(f"{sum(summary.counts.values())} images in {summary.out} ({summary.seconds:.1f} s): "
                + ", ".join(f"{k} {v}" for k, v in summary.counts.items()))
@@ -362,6 +363,7 @@ def demo(
     passed the gate, promotes it, serves it, sends real and lighting-shifted images, checks drift, stops.
     """
     from components.config import get_settings
+    from components.data.sources import check_local_source
     from components.serving.params import serve_params
     from flows.demo_flow import run_demo
 
@@ -369,6 +371,7 @@ def demo(
     settings, params = _context()
     settings.ensure()
     chosen = source or resolve_demo_source(settings)
+    check_local_source(chosen)  # before a Prefect server is started for the flows
     port = port or serve_params(params).port
     outcome = run_demo(get_settings(), settings.params_file, chosen, profile, port, keep_serving, images,
                        echo=typer.echo)

@@ -58,6 +58,14 @@ def test_unwritable_json_and_missing_manifest_are_one_line_usage_errors(project,
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_demo_and_synth_refuse_bad_arguments_before_any_work(project, tmp_path: Path) -> None:
+    nowhere = runner.invoke(app, ["demo", "--source", str(tmp_path / "nope")])
+    assert nowhere.exit_code == 2 and "no such file or folder" in nowhere.output
+    assert len(nowhere.output.strip().splitlines()) == 1, "refused before a Prefect server starts"
+    none = runner.invoke(app, ["data", "synth", str(tmp_path / "synth"), "--count", "0"])
+    assert none.exit_code == 2 and "count" in none.output and not (tmp_path / "synth").exists()
+
+
 def test_a_sigterm_unwinds_a_command_like_ctrl_c() -> None:
     """`kill PID` (a container stop, a CI timeout) runs the command's clean-up, then exits 130 in one line."""
     import os

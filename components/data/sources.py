@@ -116,6 +116,12 @@ def download(url: str, dest: Path) -> Path:
     return target
 
 
+def check_local_source(source: str) -> None:
+    """A local source that does not exist is a usage error (URLs are checked when they are fetched)."""
+    if not is_url(source) and not Path(source).expanduser().exists():
+        raise UsageError(f"{source}: no such file or folder; give a folder, a .zip/.tar.gz archive or an http(s) URL")
+
+
 @contextmanager
 def open_source(source: str, staging: Path) -> Iterator[Path]:
     """A local folder holding the source's images, valid inside the `with` block."""
@@ -125,9 +131,8 @@ def open_source(source: str, staging: Path) -> Iterator[Path]:
             archive = download(source, Path(tmp))
             yield extract_archive(archive, Path(tmp) / "extracted")
         return
+    check_local_source(source)
     path = Path(source).expanduser()
-    if not path.exists():
-        raise UsageError(f"{source}: no such file or folder; give a folder, a .zip/.tar.gz archive or an http(s) URL")
     if path.is_dir():
         yield path.resolve()
         return
