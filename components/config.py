@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from components.errors import UsageError
+from components.errors import UsageError, first_validation_error, one_line
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,14 +244,16 @@ def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Para
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise UsageError(f"{path}: not valid YAML{where} ({one_line(problem)}); fix the file") from exc
     for assignment in overrides:
         override_param(raw, assignment)
     try:
         return Params.model_validate(raw)
     except ValueError as exc:
-        first = str(exc).splitlines()
-        raise UsageError(f"{path}: invalid params: {' '.join(first[1:3]) or first[0]}") from exc
+        raise UsageError(f"{path}: invalid params: {first_validation_error(exc)}; fix that key") from exc
 
 
 def override_param(raw: dict, assignment: str) -> None:

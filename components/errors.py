@@ -33,3 +33,26 @@ class ValidationFailed(DefectOpsError):
 
 class ConcurrentRunError(DefectOpsError):
     """Another defectops process holds the lock this command needs."""
+
+
+def one_line(text: object, limit: int = 240) -> str:
+    """A library's message on one line (whitespace runs collapsed), cut at `limit` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def first_validation_error(exc: Exception) -> str:
+    """`key.path: message` of a pydantic ValidationError's first error, without the input dump and URL pydantic
+    appends; other exceptions: their first line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+        except (IndexError, TypeError):
+            first = None
+        if first:
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            message = str(first.get("msg", "")).removeprefix("Value error, ")
+            return one_line(f"{where}: {message}" if where else message)
+    return one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+

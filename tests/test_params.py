@@ -34,3 +34,20 @@ def test_an_unknown_profile_key_fails_validation() -> None:
     params = load_params(PACKAGE_ROOT / "params.yaml", ["train.profiles.cpu.epochz=3"])
     with pytest.raises(UsageError, match="epochz"):
         train_params(params)
+
+
+def test_a_broken_params_file_is_one_line_naming_the_place(tmp_path) -> None:
+    text = (PACKAGE_ROOT / "params.yaml").read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace("dataset: magnetic-tile ", "dataset: magnetic-tiles ", 1))
+    with pytest.raises(UsageError) as bad_name:
+        load_params(typo)
+    message = str(bad_name.value)
+    assert "data.dataset 'magnetic-tiles' is not one of datasets" in message and "fix that key" in message
+    assert "\n" not in message and "input_value" not in message and "errors.pydantic.dev" not in message
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base:\n  seed: [42\ndata: {}\n")
+    with pytest.raises(UsageError, match=r"not valid YAML at line 3, column 5 \(.*\); fix the file") as bad_yaml:
+        load_params(broken)
+    assert "\n" not in str(bad_yaml.value)
+

@@ -747,11 +747,18 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
             "challenger_removed": challenger_removed}
 
 
+def _require_who_and_why(action: str, by: str, reason: str) -> None:
+    """The audit trail needs both: a blank --by or --reason is a usage error naming the one(s) missing."""
+    missing = [flag for flag, value in (("--by (who)", by), ("--reason (why)", reason)) if not value.strip()]
+    if missing:
+        raise UsageError(f"{action} needs {' and '.join(missing)}; {'it was' if len(missing) == 1 else 'both were'} "
+                         "given empty")
+
+
 def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict[str, Any]:
     """Mark a candidate rejected (tags + audit line) and take `challenger` off it; never touches `champion`."""
     version = parse_version(version)
-    if not by.strip() or not reason.strip():
-        raise UsageError("reject needs --by (who) and --reason (why); both were given empty")
+    _require_who_and_why("reject", by, reason)
     client = connect(settings)
     with _permission_named(f"reject version {version}"), \
             exclusive(settings.locks_dir, "registry", "a model registration or approval"):
@@ -813,8 +820,7 @@ def rollback(settings: Settings, current: str, by: str, reason: str) -> dict[str
 
     The target is the latest earlier deployment that is still approved (not itself rolled back or rejected).
     """
-    if not by.strip() or not reason.strip():
-        raise UsageError("rollback needs --by (who) and --reason (why); both must be non-empty")
+    _require_who_and_why("rollback", by, reason)
     client = connect(settings)
     with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
         target = None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from components.config import Params
-from components.errors import UsageError
+from components.errors import UsageError, first_validation_error
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "convnet"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -185,10 +185,8 @@ def _validate(model: type[BaseModel], value: Any, name: str) -> Any:
     try:
         return model.model_validate(value)
     except ValueError as exc:
-        lines = str(exc).splitlines()
-        detail = " ".join(line.strip() for line in lines[1:3]) or lines[0]
         raise UsageError(
-            f"params.yaml `{name}`: {detail}; fix that key (see components/training/params.py)"
+            f"params.yaml `{name}`: {first_validation_error(exc)}; fix that key (see components/training/params.py)"
         ) from exc
 
 

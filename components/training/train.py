@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.config import Params, Settings
-from components.errors import UsageError
+from components.errors import UsageError, one_line
 from components.files import replacing, write_text_atomic
 from components.training.data import (
     EMPTY_MASK,
@@ -241,6 +241,16 @@ def save_model_file(
     atomic_save({**meta, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, path)
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words (its weights-only message is a paragraph about PyTorch
+    2.6; the reason is one line inside it)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = next((line for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), "")
+        return one_line(f"not a weights-only PyTorch file: {detail.strip()}", 160)
+    return one_line(text.splitlines()[0], 160) if text.strip() else f"{type(exc).__name__}: empty or cut short?"
+
+
 def load_model_file(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     """The model (eval mode, CPU) and its metadata from a model.pt written by `run_training`."""
     path = Path(path)
@@ -249,7 +259,8 @@ def load_model_file(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"{path}: not a readable model file ({exc}); retrain or re-download it") from exc
+        raise UsageError(f"{path}: not a readable model file ({_load_failure(exc)}); retrain or re-download it") \
+            from exc
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise UsageError(
             f"{path}: not a defectops model file (no format '{MODEL_FORMAT}'); use run_training's model.pt"

@@ -177,6 +177,10 @@ def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
     assert row["gate_status"] == "failed" and row["aliases"] == ["challenger"]
     with pytest.raises(DefectOpsError, match=r"did not pass the gate \(macro_f1 .*FAILED"):
         approve(settings, first.version, by="alice")
+    with pytest.raises(UsageError, match=r"reject needs --reason \(why\); it was given empty"):
+        reject(settings, first.version, by="alice", reason=" ")
+    with pytest.raises(UsageError, match=r"reject needs --by \(who\) and --reason \(why\); both were"):
+        reject(settings, first.version, by="", reason="")
     with pytest.raises(UsageError, match="--force needs --note"):
         approve(settings, first.version, by="alice", force=True)
     assert "champion" not in _aliases(settings)

@@ -31,6 +31,18 @@ def test_model_logits_and_embedding_shapes(attention):
     assert model(x).shape == (2, 4) and model.embed(x).shape == (2, 32)
 
 
+def test_an_unreadable_model_file_is_one_line_with_its_reason(tmp_path: Path) -> None:
+    from components.training.train import load_model_file
+
+    empty, junk = tmp_path / "empty.pt", tmp_path / "junk.pt"
+    empty.write_bytes(b"")
+    junk.write_bytes(bytes(range(256)) * 2)
+    for path, reason in ((empty, "empty or cut short"), (junk, "not a weights-only PyTorch file")):
+        with pytest.raises(UsageError, match="not a readable model file") as refused:
+            load_model_file(path)
+        assert reason in str(refused.value) and "\n" not in str(refused.value) and "PyTorch 2.6" not in str(refused.value)
+
+
 def test_mask_head_and_gate_give_a_coarse_defect_map():
     model, _ = build_model("resnet18", 3, hidden=16, mask_head=True, mask_gate=True)
     model.eval()
