@@ -726,6 +726,8 @@ def drift(
         typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb)})"
                                              if emb else "not computed"))
         typer.echo(("DRIFT DETECTED" if check.drift else "no drift") + f" ({s['rule']})")
+    for note in s.get("notes") or []:  # records of other model versions, columns left out, no embedding check
+        typer.echo(f"  note: {note}")
     typer.echo(f"reports: {check.report_dir}")
     if json_out:
         _write_json(json_out, s)

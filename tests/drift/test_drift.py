@@ -58,6 +58,7 @@ def test_clean_window_is_quiet_and_writes_every_report(drift_project, drift_mode
     assert "no drift" in output and "1 torn/invalid log lines skipped" in output
     assert f"bootstrap null over {summary['n_reference_predictions']} capture groups)" in output
     assert summary["column_alarm"] == [] and "column alarm: none (a column at 4x its threshold" in output
+    assert summary["notes"] == [] and "note:" not in output  # notes (other models' records...) are printed
 
 
 @pytest.mark.slow
