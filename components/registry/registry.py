@@ -724,9 +724,14 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
                                  "--force and a --note")
         if moved_in_ui:  # MLflow keeps no history of alias moves: which version the click replaced is lost
             previous = "unknown (alias moved in the MLflow UI)"
+        overrode = None
+        if approval == "rejected":  # only with --force: the rejection stays on record beside the approval
+            overrode = (f"rejected by {tags.get('rejected_by', '?')} at {tags.get('rejected_at', '?')}: "
+                        f"{tags.get('rejected_reason', '')}")
+            log.warning("version %s was %s; approved over it with --force (%s)", version, overrode, note)
         new_tags = {"approved_by": by, "approved_at": _now(), "approval_note": _truncate(note or ""),
                     "previous_champion": previous or "none", "approval_forced": str(force).lower(),
-                    "approval_status": "approved"}
+                    "approval_status": "approved", **({"overrode_rejection": _truncate(overrode)} if overrode else {})}
         for key, value in new_tags.items():
             client.set_model_version_tag(MODEL_NAME, version, key, value)
         if not moved_in_ui:
@@ -741,7 +746,8 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
         challenger_removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
     _audit(settings, {"action": "approve", "version": version, "by": by, "note": note,
                       "previous_champion": previous, "forced": force, "gate_status": gate_status,
-                      "challenger_removed": challenger_removed, "alias_moved_in_ui": moved_in_ui})
+                      "challenger_removed": challenger_removed, "alias_moved_in_ui": moved_in_ui,
+                      "overrode_rejection": overrode})
     log.info("version %s is now the champion (was %s), approved by %s", version, previous or "none", by)
     return {"version": version, "previous_champion": previous, "changed": True, "forced": force,
             "challenger_removed": challenger_removed}

@@ -218,6 +218,14 @@ def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
         ("register", "1"), ("approve", "1"), ("register", "2"), ("reject", "2"), ("register", "3"),
         ("approve", "3")]
 
+    with pytest.raises(DefectOpsError, match="did not pass the gate"):
+        approve(settings, worse.version, by="erin")
+    approve(settings, worse.version, by="erin", note="line stop: v3 crashes on the new camera", force=True)
+    tags = _client(settings).get_model_version(NAME, "2").tags
+    assert tags["approval_status"] == "approved" and tags["overrode_rejection"].startswith("rejected by bob at ")
+    assert tags["overrode_rejection"].endswith(": misses every defect")
+    assert audit_trail(settings)[-1]["overrode_rejection"] == tags["overrode_rejection"]
+
 
 def test_approve_records_a_champion_made_in_the_mlflow_ui(registry_project, tmp_path: Path) -> None:
     from components.registry.registry import approval_problem, approve, audit_trail, register
