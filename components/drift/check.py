@@ -75,7 +75,9 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
     base = {"window": window.as_dict(), "skipped_lines": current.skipped_lines, "log_files": current.log_files,
             "created_at": started.isoformat(timespec="seconds")}
     if current.n < drift.min_current:  # no model or reference needed to say so
-        comparison = not_enough_data(current.n, drift)
+        comparison = not_enough_data(current.n, drift, None if settings.prod_log_dir.is_dir() else (
+            f"not enough production data: there is no production log at {settings.prod_log_dir}; nothing was "
+            f"served with this state root yet, or DEFECTOPS_HOME ({settings.home_dir}) is not the service's"))
         model_version = dataset_version = reference_info = None
     else:
         if predictor is None:

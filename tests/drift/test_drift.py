@@ -82,6 +82,10 @@ def test_lighting_change_is_drift_with_exit_3(drift_project, drift_model: Path) 
 
 def test_too_few_records_is_not_enough_data_not_drift(drift_project, drift_model: Path) -> None:
     settings = drift_project
+    assert not settings.prod_log_dir.exists()  # a fresh state root, or the wrong DEFECTOPS_HOME
+    code, output, _ = drift_cli("--model", str(drift_model))
+    assert code == 0 and f"there is no production log at {settings.prod_log_dir}" in output
+    assert "DEFECTOPS_HOME" in output
     write_log(settings.prod_log_dir, production_records(settings, drift_model, range(5000, 5010), DARKER))
 
     code, output, summary = drift_cli("--model", str(drift_model))
