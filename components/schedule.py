@@ -425,7 +425,7 @@ async def _run_until_signal(runner: Any, echo: Echo) -> None:
 
     if in_main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.addsignal_handler(sig, stop)
+            loop.add_signal_handler(sig, stop)
     try:
         await serving
     except asyncio.CancelledError:

@@ -30,7 +30,8 @@ def signal_handler(handler: Any, *signals: signal.Signals) -> Iterator[None]:
         yield
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            if old is not None:  # None: a handler installed outside Python, which Python cannot put back
+                signal.signal(sig, old)
 
 
 def sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:

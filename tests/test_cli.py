@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,31 +67,42 @@ def test_demo_and_synth_refuse_bad_arguments_before_any_work(project, tmp_path: 
     assert none.exit_code == 2 and "count" in none.output and not (tmp_path / "synth").exists()
 
 
-def test_a_sigterm_unwinds_a_command_like_ctrl_c() -> None:
-    """`kill PID` (a container stop, a CI timeout) runs the command's clean-up, then exits 130 in one line."""
-    import os
-    import signal
-    import time
+def test_a_sigterm_unwinds_a_command_like_ctrl_c(tmp_path: Path) -> None:
+    """`kill PID` (a container stop, a CI timeout) runs the command's clean-up, then exits 130 in one line.
+    In a process of its own: the signal goes to the whole process."""
+    import subprocess
+    import sys
+    import textwrap
 
-    import typer
+    marker = tmp_path / "cleaned"
+    script = tmp_path / "long_command.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        from pathlib import Path
 
-    from components.cli import friendly
+        import typer
 
-    cleaned = []
+        from components.cli import friendly
 
-    @friendly
-    def long_command() -> None:
+        @friendly
+        def long_command():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            finally:
+                Path(sys.argv[1]).write_text("half-written work removed")
+
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)
-        finally:
-            cleaned.append("half-written work removed")
-
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(typer.Exit) as stopped:
-        long_command()
-    assert stopped.value.exit_code == 130 and cleaned
-    assert signal.getsignal(signal.SIGTERM) is before, "the handler is the command's only"
+            long_command()
+        except typer.Exit as stopped:
+            sys.exit(stopped.exit_code)
+    """))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script), str(marker)], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "error: interrupted; nothing half-written was kept, run the command again"
+    assert marker.read_text() == "half-written work removed"
 
 
 @pytest.mark.integration

@@ -203,6 +203,8 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
     settings.ensure()
     with exclusive(settings.locks_dir, "data", "a dataset import"):
         recover(settings)
+        for stale in settings.staging_dir.glob("report-*"):  # an import killed while validating (no journal yet)
+            shutil.rmtree(stale, ignore_errors=True)
         repo = DatasetRepo(settings)
         repo.ensure_initialised()
         project = settings.project_root

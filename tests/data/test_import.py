@@ -183,6 +183,10 @@ def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp
                                                       head=head_commit(project.project_root)))
     assert importer.recover(project)
     assert _snapshot(project) == before and not stray.exists()
+    stale = project.staging_dir / "report-killed-while-validating"  # killed before the journal was written
+    stale.mkdir(parents=True)
+    _run(project, tmp_path / "m1")
+    assert not stale.exists()
 
 
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:
