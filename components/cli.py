@@ -172,6 +172,7 @@ def data_validate(
     from components.data.sources import open_source
     from components.data.tracked import dataset_version, manifest_of, tracked_manifest
     from components.data.versioning import previous_version
+    from components.locks import exclusive
     from components.validation.suite import class_shares, validate_manifest
 
     json_out = _json_target(json_out)
@@ -186,7 +187,8 @@ def data_validate(
             frame = manifest_of(root, settings, params, progress=True)
         report_dir, what = settings.reports_dir / "validations" / f"{stamp}-{Path(source).name}", source
     else:
-        recover(settings)
+        with exclusive(settings.locks_dir, "data", "a dataset import"):  # never "recover" a live import
+            recover(settings)
         frame = tracked_manifest(settings, params, progress=True)
         version = dataset_version(settings.project_root) or "untracked"
         report_dir, what = settings.dataset_report_dir(version), f"tracked dataset {version}"

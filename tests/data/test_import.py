@@ -221,6 +221,13 @@ def test_two_imports_at_once_refuse(project, tmp_path: Path) -> None:
     holder = f"pid {os.getpid()} on {socket.gethostname()}"  # Jobs on other nodes share the lock folder
     with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError, match=holder):
         _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    from typer.testing import CliRunner
+
+    from components.cli import app
+
+    with exclusive(project.locks_dir, "data", "a dataset import"):  # its journal must not be "recovered" under it
+        validating = CliRunner().invoke(app, ["data", "validate"])
+    assert validating.exit_code != 0 and f"a dataset import is already running ({holder})" in validating.output
 
 
 def test_no_commit_and_fallback_identity(project, tmp_path: Path, monkeypatch) -> None:
