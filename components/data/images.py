@@ -14,6 +14,7 @@ copy (`.rgb`) only when asked: statistics and the eval transform give the same n
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -74,8 +75,11 @@ def _open(source: bytes | Path | Image.Image, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(raw))
             check_pixels(image, max_pixels, name)
             image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: image too large ({exc}); refuse or downscale it") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own, lower limit
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "its size"
+        raise ImageError(f"{name}: {size} exceeds the limit of {max_pixels} (data.max_image_pixels); "
+                         "downscale it or raise the limit") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not an image Pillow can read; remove it or convert it to JPEG/PNG") from exc
     except (OSError, SyntaxError, ValueError) as exc:

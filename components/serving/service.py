@@ -60,6 +60,18 @@ def _part_headers(body: bytes, field: str) -> list[bytes]:
     return lines
 
 
+MAX_MULTIPART_PARTS = 1000  # Starlette's own limit; beyond it the form parser fails as a 500
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The multipart boundary named in a Content-Type header, None when there is none."""
+    for piece in content_type.split(";")[1:]:
+        key, _, value = piece.partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode()
+    return None
+
+
 class UploadGuard:
     """ASGI middleware in front of the prediction endpoints: refuses, with a clear 4xx, what is not an upload.
 
@@ -124,7 +136,21 @@ class UploadGuard:
             await self._refuse(send, 413, f"request body over the {self.max_bytes} byte limit "
                                "(serve.max_upload_bytes); send a smaller image", "too_large")
             return
+        boundary = _boundary(content_type)
+        n_parts = body.count(b"--" + boundary) - 1 if boundary else 0  # the closing delimiter matches too
+        if n_parts < 1:
+            await self._refuse(send, 400, "malformed multipart body (no boundary, or the body does not use it); "
+                               f"{how}", "bad_multipart")
+            return
+        if n_parts > MAX_MULTIPART_PARTS:
+            await self._refuse(send, 413, f"{n_parts} multipart parts is over the limit of {MAX_MULTIPART_PARTS}; "
+                               "split the request", "too_many_parts")
+            return
         parts = _part_headers(body, field)
+        if len(parts) > 1 and field == "image":
+            await self._refuse(send, 400, f"{len(parts)} parts named 'image': send one image per request, or "
+                               "several to /predict_batch as field 'images'", "several_images")
+            return
         if not parts:
             await self._refuse(send, 400, f"missing field '{field}'; {how}", "missing_field")
             return
@@ -232,9 +258,20 @@ class DefectClassifier:
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
                            request_id: str, started: float, deployment: Any) -> tuple[dict[str, Any], Any, Any]:
+        prepared = await self._prepared(raw, deployment)
+        return await self._infer(prepared, raw, suffix, metadata, endpoint, request_id, started, deployment)
+
+    async def _prepared(self, raw: bytes, deployment: Any) -> tuple[Any, dict[str, Any], Any]:
+        """`_prepare` in a worker thread; an unusable image raises ImageError here, before anything is recorded."""
         import anyio
 
-        decoded, facts, tensor = await anyio.to_thread.run_sync(self._prepare, raw, deployment)
+        return await anyio.to_thread.run_sync(self._prepare, raw, deployment)
+
+    async def _infer(self, prepared: tuple[Any, dict[str, Any], Any], raw: bytes, suffix: str,
+                     metadata: dict[str, str], endpoint: str, request_id: str, started: float,
+                     deployment: Any) -> tuple[dict[str, Any], Any, Any]:
+        """Classify a prepared image and record it (metrics, production log, review queue)."""
+        decoded, facts, tensor = prepared
         prediction = await deployment.batcher(tensor)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
         result = {"request_id": request_id, **prediction.as_dict(), "model_version": deployment.model_version,
@@ -309,7 +346,8 @@ class DefectClassifier:
     async def predict_batch(self, images: list[Path], line: str | None = None, camera: str | None = None,
                             part_id: str | None = None,
                             ctx: bentoml.Context = None) -> list[dict[str, Any]] | dict[str, Any]:
-        """Classify several images (repeat multipart field `images`); one result per image, in order."""
+        """Classify several images (repeat multipart field `images`); one result per image, in order. One
+        unusable image refuses the whole request (422 naming its index): nothing of it is logged."""
         import asyncio
 
         from components.errors import ImageError
@@ -327,17 +365,20 @@ class DefectClassifier:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", batch_id)
         raws = [path.read_bytes() for path in images]
         with self.deployment.serving() as deployment:  # every image of one request on the same model
+            # all or nothing: every image is decoded before any is classified, so a bad one refuses the request
+            # with no result, log line or review item for the others
+            prepared = await asyncio.gather(*(self._prepared(raw, deployment) for raw in raws),
+                                            return_exceptions=True)
+            failed = [(i, p) for i, p in enumerate(prepared) if isinstance(p, BaseException)]
+            for index, error in failed:
+                if isinstance(error, ImageError):
+                    return self._refuse(ctx, 422, _image_error(f"images[{index}]", error), "bad_image", batch_id)
+            if failed:
+                raise failed[0][1]
             outcomes = await asyncio.gather(
-                *(self._predict_one(raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
-                                    "predict_batch", f"{batch_id}-{i}", started, deployment)
-                  for i, (raw, path) in enumerate(zip(raws, images, strict=True))),
-                return_exceptions=True)
-        failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
-        for index, error in failed:
-            if isinstance(error, ImageError):
-                return self._refuse(ctx, 422, _image_error(f"images[{index}]", error), "bad_image", batch_id)
-        if failed:
-            raise failed[0][1]
+                *(self._infer(ready, raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
+                              "predict_batch", f"{batch_id}-{i}", started, deployment)
+                  for i, (ready, raw, path) in enumerate(zip(prepared, raws, images, strict=True))))
         return [outcome[0] for outcome in outcomes]
 
     @bentoml.api

@@ -79,6 +79,10 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     raw = _bytes(Image.new("L", (2000, 2000)), "PNG")
     with pytest.raises(ImageError, match="exceeds the limit of 1000000"):
         decode(raw, max_pixels=1_000_000)
+    # past Pillow's own bomb limit (89 MP), Pillow refuses first: the message still names ours
+    huge = _bytes(Image.new("L", (12000, 12000)), "PNG")
+    with pytest.raises(ImageError, match=r"144000000 pixels exceeds the limit of 40000000 \(data.max_image_pixels\)"):
+        decode(huge, max_pixels=40_000_000)
 
 
 def test_stats_follow_the_image() -> None:

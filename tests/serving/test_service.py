@@ -173,6 +173,16 @@ BAD_INPUTS = {
                           413, "byte limit"),
     "long metadata": (lambda: {"files": {"image": ("p.png", probe_png("dark"), "image/png")},
                                "data": {"part_id": "x" * 500}}, 400, "part_id: longer than"),
+    "no multipart boundary": (lambda: {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}, 400,
+                              "malformed multipart body"),
+    "body without its boundary": (lambda: {"content": b"abc", "headers": {
+        "content-type": "multipart/form-data; boundary=zzz"}}, 400, "malformed multipart body"),
+    "over 1000 parts": (lambda: {"data": {f"f{i}": "x" for i in range(1001)},
+                                 "files": {"image": ("p.png", probe_png("dark"), "image/png")}}, 413,
+                        "1002 multipart parts is over the limit of 1000"),
+    "two images": (lambda: {"files": [("image", ("a.png", probe_png("dark"), "image/png")),
+                                      ("image", ("b.png", probe_png("bright"), "image/png"))]}, 400,
+                   "2 parts named 'image'"),
 }
 
 
@@ -186,10 +196,13 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_stays_up(server, case: str) 
     assert read_log(server.settings.prod_log_dir).skipped == 0
 
 
-def test_a_bad_image_in_a_batch_names_its_index(server) -> None:
+def test_a_bad_image_in_a_batch_names_its_index_and_nothing_of_it_is_logged(server) -> None:
     files = [("images", ("a.png", probe_png("dark"), "image/png")), ("images", ("b.jpg", b"nope", "image/jpeg"))]
     response = post(server, "/predict_batch", files)
     assert response.status_code == 422 and response.json()["error"].startswith("images[1]: not an image")
+    batch_id = response.json()["request_id"]
+    wait_for_log(server, predict(server, "dark")["request_id"])  # written in order: the batch's lines come first
+    assert not [r for r in read_log(server.settings.prod_log_dir).records if r["request_id"].startswith(batch_id)]
 
 
 def test_chunked_upload_over_the_limit_is_refused(server) -> None:
