@@ -194,7 +194,7 @@ class DefectClassifier:
     def __init__(self) -> None:
         import cv2
 
-        from components.config import get_settings
+        from components.config import get_settings, load_params
         from components.serving.deployment import NothingToServe, read_record, record_path
         from components.serving.params import load_serve_params
         from components.serving.predlog import BackgroundWriter, PredictionLog
@@ -205,6 +205,7 @@ class DefectClassifier:
         cv2.setNumThreads(1)  # preprocessing runs in request threads; the engine owns the cores
         settings = get_settings()
         self.params, self.max_pixels = load_serve_params(settings.params_file)
+        self.frame_limits = load_params(settings.params_file).validate_  # the data contract, for single frames
         path = record_path(settings)
         stamp = file_stamp(path)
         record = read_record(settings)
@@ -226,7 +227,7 @@ class DefectClassifier:
                                         self.params.audit_sample_rate)
         self._explainers: dict[str, Any] = {}
         metrics.SERVED_MODEL.labels(*self.deployment.labels).set(1)
-        self._prepare(_GREY_PNG)  # the decode path's imports, before the first request
+        self._prepare(_GREY_PNG, check=False)  # the decode path's imports, before the first request
         self.replica = ReplicaReport(settings, self.params.reload_poll_seconds)  # promotion waits for every replica
         self.watcher = RecordWatcher(path, self.deployment, load, self._swap, self.params.reload_poll_seconds,
                                      self.replica).start()
@@ -248,13 +249,33 @@ class DefectClassifier:
         self._explainers.pop(old.model_version, None)
         retire(old, old.batcher.max_latency_ms / 1000)
 
-    def _prepare(self, raw: bytes, deployment: Any = None) -> tuple[Any, dict[str, Any], Any]:
-        """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model."""
+    def _prepare(self, raw: bytes, deployment: Any = None, check: bool = True) -> tuple[Any, dict[str, Any], Any]:
+        """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model;
+        with `check`, a frame outside the data contract is refused (ImageError)."""
         from components.data.images import decode
 
         decoded = decode(raw, self.max_pixels)
         facts = {**decoded.facts(), "bytes": len(raw)}
+        if check:
+            self._check_frame(facts)
         return decoded, facts, (deployment or self.deployment).engine.prepare(decoded.pixels)
+
+    def _check_frame(self, facts: dict[str, Any]) -> None:
+        """Refuse what no camera frame of a part looks like, by the `validate` bounds every training image met: a
+        sliver or a thumbnail, and a blank frame (a lens cap, a dead lamp). Served, such a frame is classified
+        with confidence like any other, and may be accepted; refused, the line client sends the part to review."""
+        from components.errors import ImageError
+
+        limits = self.frame_limits
+        width, height = facts["width"], facts["height"]
+        if (limits.width.min is not None and width < limits.width.min) or \
+                (limits.height.min is not None and height < limits.height.min):
+            raise ImageError(f"{width}x{height} px is below the smallest frame the data contract allows "
+                             f"({limits.width.min:g}x{limits.height.min:g}, validate.width/height.min); send the "
+                             "camera's whole frame")
+        if limits.contrast.min is not None and facts["contrast"] < limits.contrast.min:
+            raise ImageError(f"a blank frame (contrast {facts['contrast']:.2f} is below validate.contrast.min "
+                             f"{limits.contrast.min:g}); check the camera: lens, lamp, exposure")
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
                            request_id: str, started: float, deployment: Any) -> tuple[dict[str, Any], Any, Any]:

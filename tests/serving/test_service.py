@@ -180,6 +180,11 @@ BAD_INPUTS = {
     "over 1000 parts": (lambda: {"data": {f"f{i}": "x" for i in range(1001)},
                                  "files": {"image": ("p.png", probe_png("dark"), "image/png")}}, 413,
                         "1002 multipart parts is over the limit of 1000"),
+    "blank frame": (lambda: {"files": {"image": ("cap.png", image_bytes(Image.new("L", MAGNETIC_TILE_LIKE, 3), "PNG"),
+                                                 "image/png")}}, 422, "a blank frame (contrast 0.00 is below"),
+    "a sliver": (lambda: {"files": {"image": ("line.png", image_bytes(Image.fromarray(
+        np.random.default_rng(3).integers(0, 255, (1, 4000), dtype=np.uint8)), "PNG"), "image/png")}}, 422,
+                 "4000x1 px is below the smallest frame"),
     "two images": (lambda: {"files": [("image", ("a.png", probe_png("dark"), "image/png")),
                                       ("image", ("b.png", probe_png("bright"), "image/png"))]}, 400,
                    "2 parts named 'image'"),
@@ -216,12 +221,18 @@ def test_chunked_upload_over_the_limit_is_refused(server) -> None:
     assert_still_serving(server)
 
 
-def _cmyk_jpeg() -> bytes:
-    return image_bytes(Image.new("CMYK", MAGNETIC_TILE_LIKE, (20, 200, 30, 10)), "JPEG")
+def _textured(mode: str) -> Image.Image:
+    """A noisy picture in `mode` (a uniform one would be refused as a blank frame)."""
+    width, height = MAGNETIC_TILE_LIKE
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    if mode == "RGBA":
+        image.putalpha(128)
+        return image
+    return image.convert(mode)
 
 
 def _palette_with_transparency() -> bytes:
-    image = Image.new("RGB", MAGNETIC_TILE_LIKE, (10, 200, 30)).convert("P")
+    image = _textured("P")
     image.info["transparency"] = 0
     return image_bytes(image, "PNG")
 
@@ -229,9 +240,9 @@ def _palette_with_transparency() -> bytes:
 UNUSUAL_IMAGES = {
     "16-bit grayscale": (lambda: image_bytes(Image.fromarray(
         np.random.default_rng(1).integers(0, 65535, (90, 120)).astype(np.uint16)), "PNG"), "I;16"),
-    "RGBA": (lambda: image_bytes(Image.new("RGBA", MAGNETIC_TILE_LIKE, (10, 200, 30, 128)), "PNG"), "RGBA"),
-    "CMYK": (_cmyk_jpeg, "CMYK"),
-    "palette": (lambda: image_bytes(Image.new("RGB", MAGNETIC_TILE_LIKE, (10, 200, 30)).convert("P"), "PNG"), "P"),
+    "RGBA": (lambda: image_bytes(_textured("RGBA"), "PNG"), "RGBA"),
+    "CMYK": (lambda: image_bytes(_textured("CMYK"), "JPEG"), "CMYK"),
+    "palette": (lambda: image_bytes(_textured("P"), "PNG"), "P"),
     "palette + transparency": (_palette_with_transparency, "P"),
 }
 
