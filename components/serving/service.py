@@ -114,8 +114,16 @@ class UploadGuard:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         field = PREDICTION_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if field is None or scope.get("method") != "POST":
+        if field is None:
             await self.app(scope, receive, send)
+            return
+        if scope.get("method") != "POST":
+            metrics.BAD_REQUESTS.labels("wrong_method").inc()
+            start, body = _json_response(405, f"{scope.get('method')} is not accepted on {scope['path']}; POST the "
+                                         f"image as multipart/form-data field '{field}'")
+            start["headers"].append((b"allow", b"POST"))
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
             return
         headers = dict(scope.get("headers") or [])
         length, chunked = headers.get(b"content-length"), b"chunked" in headers.get(b"transfer-encoding", b"")

@@ -201,6 +201,12 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_stays_up(server, case: str) 
     assert read_log(server.settings.prod_log_dir).skipped == 0
 
 
+def test_a_get_on_predict_says_to_post(server) -> None:
+    response = httpx.get(f"{server.url}/predict", timeout=30)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert "POST the image as multipart/form-data field 'image'" in response.json()["error"]
+
+
 def test_a_bad_image_in_a_batch_names_its_index_and_nothing_of_it_is_logged(server) -> None:
     files = [("images", ("a.png", probe_png("dark"), "image/png")), ("images", ("b.jpg", b"nope", "image/jpeg"))]
     response = post(server, "/predict_batch", files)
