@@ -91,9 +91,11 @@ class UploadGuard:
             self.max_bytes = 20_000_000
             log.warning("upload guard: params.yaml unreadable, using a %d byte limit", self.max_bytes)
 
-    async def _refuse(self, send: Any, status: int, message: str, reason: str) -> None:
+    async def _refuse(self, send: Any, status: int, message: str, reason: str,
+                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         metrics.BAD_REQUESTS.labels(reason).inc()
         start, body = _json_response(status, message)
+        start["headers"].extend(headers)
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
@@ -118,12 +120,8 @@ class UploadGuard:
             await self.app(scope, receive, send)
             return
         if scope.get("method") != "POST":
-            metrics.BAD_REQUESTS.labels("wrong_method").inc()
-            start, body = _json_response(405, f"{scope.get('method')} is not accepted on {scope['path']}; POST the "
-                                         f"image as multipart/form-data field '{field}'")
-            start["headers"].append((b"allow", b"POST"))
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
+            await self._refuse(send, 405, f"{scope.get('method')} is not accepted on {scope['path']}; POST the "
+                               f"image as multipart/form-data field '{field}'", "wrong_method", ((b"allow", b"POST"),))
             return
         headers = dict(scope.get("headers") or [])
         length, chunked = headers.get(b"content-length"), b"chunked" in headers.get(b"transfer-encoding", b"")
