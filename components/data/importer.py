@@ -72,7 +72,6 @@ class Journal:
     backups: dict[str, str | None]
     head: str | None = None  # the git commit before the import
     push: bool = False  # whether the import was to push its version
-    report: str | None = None  # its validation report, still in staging
 
 
 def _write_journal(settings: Settings, journal: Journal) -> None:
@@ -97,13 +96,13 @@ def _committed_version(settings: Settings, journal: Journal) -> tuple[str, str] 
 
 def recover(settings: Settings) -> bool:
     """Finish what an interrupted import left: keep it when it was committed, else roll it back; True when
-    there was one."""
+    there was one. Its staged validation reports go either way (callers hold the data lock: none is live)."""
+    for stale in settings.staging_dir.glob("report-*"):  # also of an import killed before its journal existed
+        shutil.rmtree(stale, ignore_errors=True)
     path = _journal_path(settings)
     if not path.is_file():
         return False
-    journal = Journal(**json.loads(path.read_text()))
-    if journal.report:
-        shutil.rmtree(journal.report, ignore_errors=True)
+    journal = Journal(**{k: v for k, v in json.loads(path.read_text()).items() if k != "report"})
     committed = _committed_version(settings, journal)
     if committed is not None:
         version, head = committed
@@ -203,8 +202,6 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
     settings.ensure()
     with exclusive(settings.locks_dir, "data", "a dataset import"):
         recover(settings)
-        for stale in settings.staging_dir.glob("report-*"):  # an import killed while validating (no journal yet)
-            shutil.rmtree(stale, ignore_errors=True)
         repo = DatasetRepo(settings)
         repo.ensure_initialised()
         project = settings.project_root
@@ -247,7 +244,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
             _check_disk(settings, additions)
             backups = {name: (project / name).read_text() if (project / name).is_file() else None
                        for name in VERSION_FILES}
-            journal = Journal([], backups, head_commit(project), push, str(staging_report))
+            journal = Journal([], backups, head_commit(project), push)
             try:
                 _copy_into_data(settings, additions, journal)
                 version = repo.add()

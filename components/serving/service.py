@@ -202,7 +202,7 @@ class DefectClassifier:
 
         from components.config import get_settings, load_params
         from components.serving.deployment import NothingToServe, read_record, record_path
-        from components.serving.params import load_serve_params
+        from components.serving.params import serve_params
         from components.serving.predlog import BackgroundWriter, PredictionLog
         from components.serving.reload import RecordWatcher, file_stamp, load_deployment
         from components.serving.replicas import ReplicaReport
@@ -210,8 +210,9 @@ class DefectClassifier:
 
         cv2.setNumThreads(1)  # preprocessing runs in request threads; the engine owns the cores
         settings = get_settings()
-        self.params, self.max_pixels = load_serve_params(settings.params_file)
-        self.frame_limits = load_params(settings.params_file).validate_  # the data contract, for single frames
+        params = load_params(settings.params_file)  # read once: serve, the pixel limit, the data contract
+        self.params, self.max_pixels = serve_params(params), params.data.max_image_pixels
+        self.frame_limits = params.validate_  # the `validate` bounds, applied to single frames
         path = record_path(settings)
         stamp = file_stamp(path)
         record = read_record(settings)
