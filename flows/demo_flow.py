@@ -157,7 +157,7 @@ def run_demo(settings: Settings, params_file: Path, source: str, profile: str | 
     finally:
         if not keep_serving:
             echo("[7/7] stopping the service (--keep-serving leaves it running)")
-            stop_background(service)
+            stop_background(service, port=port)
     minutes = (time.monotonic() - started) / 60
     return {"retraining": retraining, "approved": version, "promotion": promotion, "service_url": url,
             "service_pid": service.pid if keep_serving else None, "service_log": str(log_file),

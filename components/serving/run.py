@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,18 +104,27 @@ def wait_until_ready(process: subprocess.Popen, ready_url: str, log_file: Path,
     raise DefectOpsError(f"{ready_url} was not ready after {timeout_s:.0f} s; see {log_file}")
 
 
-def stop_background(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM `bentoml serve` (it stops its workers and flushes the log); kill the whole tree if it hangs."""
+def stop_background(process: subprocess.Popen, timeout_s: float = 30.0, port: int | None = None) -> None:
+    """SIGTERM `bentoml serve` (it stops its workers and flushes the log); kill the whole tree if it hangs.
+
+    With the `port` a service was started on, its runtime folder (`runtime_home`) is removed once every
+    process of the tree has exited: a service started for a while (the demo, tests) leaves nothing in /tmp.
+    """
     import psutil
 
-    if process.poll() is not None:
-        return
     try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    process.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
-    for leftover in alive:  # BentoML workers run in sessions of their own: never leave one serving
-        leftover.kill()
-    process.wait(10)
+        if process.poll() is not None:
+            return
+        try:
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        process.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+        for leftover in alive:  # BentoML workers run in sessions of their own: never leave one serving
+            leftover.kill()
+        psutil.wait_procs(alive, timeout=10)
+        process.wait(10)
+    finally:
+        if port is not None and process.poll() is not None:
+            shutil.rmtree(runtime_home(port), ignore_errors=True)

@@ -158,6 +158,10 @@ class Server:
     output: Path
 
     @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
     def settings(self):
         from components.config import Settings
 
@@ -182,7 +186,7 @@ def stop_server(server: Server) -> None:
     """SIGTERM the service; whatever is left of it (workers run in sessions of their own) is killed after 15 s."""
     from components.serving.run import stop_background
 
-    stop_background(server.process, timeout_s=15)
+    stop_background(server.process, timeout_s=15, port=server.port)
 
 
 def kill_server(server: Server) -> None:

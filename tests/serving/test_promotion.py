@@ -18,6 +18,7 @@ from components.registry.tracking import MODEL_NAME, connect
 from components.serving.deployment import NotApproved, read_record, record_path
 from components.serving.promotion import promote, rollback, service_state
 from components.serving.replicas import replicas
+from components.serving.run import runtime_home
 from tests.serving.conftest import (
     PROBES,
     free_port,
@@ -108,8 +109,10 @@ def test_promotion_under_load_drops_nothing_and_rollback_goes_back(plant: Settin
             time.sleep(2)
         assert result.replicas == 2, "promotion waits for every replica, not the one behind the URL"
         assert service_state(replica.url)["serving"] == [f"{MODEL_NAME}/{second}"]
+        assert runtime_home(replica.port).is_dir()
     finally:
         stop_server(replica)
+    assert not runtime_home(replica.port).exists(), "a stopped service leaves no runtime folder in /tmp"
     live, _ = replicas(plant, stale_after_s=60)
     assert len(live) == 1, "a replica that stops removes its status file"
     answers = load.results
