@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # a terminal colour or cursor code some libraries put in messages
+
 
 class DefectOpsError(Exception):
     """A failure the user can fix; the CLI prints its message on one line and exits with `exit_code`."""
@@ -36,8 +40,9 @@ class ConcurrentRunError(DefectOpsError):
 
 
 def one_line(text: object, limit: int = 240) -> str:
-    """A library's message on one line (whitespace runs collapsed), cut at `limit` characters."""
-    flat = " ".join(str(text).split())
+    """A library's message on one line (whitespace runs collapsed, terminal colour codes removed), cut at `limit`
+    characters."""
+    flat = " ".join(ANSI_CODE.sub("", str(text)).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

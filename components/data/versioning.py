@@ -10,23 +10,57 @@ import json
 import logging
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import Settings
-from components.errors import DefectOpsError, UsageError
+from components.errors import DefectOpsError, UsageError, one_line
 from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "defectops"
 FALLBACK_IDENTITY = ("defectops", "defectops@localhost")
+DVC_LOGGERS = ("dvc", "dvc_objects", "dvc_data")  # the loggers `dvc.logger.setup` gives DVC's console handlers
 
 
 @dataclass(frozen=True)
 class PushOutcome:
     pushed: bool
     message: str
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+@contextmanager
+def dvc_console() -> Iterator[list[str]]:
+    """DVC's console output during a call: its hints dropped ("To track the changes with git, run: git add
+    data.dvc": defectops commits itself), its warnings collected for the caller to report once (left alone, DVC
+    prints each twice: through its own handler and through the root logger's)."""
+    loggers = [logging.getLogger(name) for name in DVC_LOGGERS]
+    saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
+    collect = _Collect()
+    for logger in loggers:
+        logger.handlers, logger.propagate = [collect], False
+    try:
+        yield collect.messages
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def _report(warnings: list[str]) -> None:
+    for warning in warnings:
+        log.warning("dvc: %s", warning)
 
 
 def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,7 +110,9 @@ class DatasetRepo:
         if git(self.project, "rev-parse", "--show-toplevel", check=False).returncode != 0:
             raise UsageError(f"{self.project}: not a git repository; clone the project or run `git init` there")
         if not (self.project / ".dvc").is_dir():
-            Repo.init(str(self.project))
+            with dvc_console() as warnings:
+                Repo.init(str(self.project))
+            _report(warnings)
             commit(self.project, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "Initialise DVC")
         remote = self.settings.dvc_remote_url
         section = {"url": remote}
@@ -94,9 +130,10 @@ class DatasetRepo:
         """`dvc add data`; returns the new version id (the `.dir` md5)."""
         from dvc.repo import Repo
 
-        with Repo(str(self.project)) as repo:
+        with dvc_console() as warnings, Repo(str(self.project)) as repo:
             stages = repo.add(str(self.project / "data"))
-            return stages[0].outs[0].hash_info.value
+        _report(warnings)
+        return stages[0].outs[0].hash_info.value
 
     def restore(self, force: bool = False) -> None:
         """Bring the committed dataset version (data.dvc) into data/: from DVC's cache, else the remote.
@@ -112,17 +149,18 @@ class DatasetRepo:
         data_dir = self.settings.data_dir
         was_there = data_dir.exists()
         try:
-            with Repo(str(self.project)) as repo:
+            with dvc_console() as warnings, Repo(str(self.project)) as repo:
                 repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME, force=force)
         except Exception as exc:  # DVC raises many types for a missing cache or a dead remote
             if not was_there:  # a partial checkout must not pass for the dataset
                 shutil.rmtree(data_dir, ignore_errors=True)
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            reason = one_line("; ".join([*warnings[:1], str(exc) or type(exc).__name__]), 300)
             raise UsageError(
                 f"the committed dataset version {dataset_version(self.project)} could not be brought into "
                 f"{self.settings.data_dir} from the cache or {self.settings.dvc_remote_url} ({reason}); set "
                 "DEFECTOPS_DVC_REMOTE (and the endpoint and credentials) to the remote it was pushed to"
             ) from exc
+        _report(warnings)
 
     def checkout_or_pull(self) -> bool:
         """restore(), but a missing version is only a warning (an import then adds to the images present)."""
@@ -140,7 +178,7 @@ class DatasetRepo:
         pending = self._unpushed()
         pending[version] = commit_id
         failures = {}
-        with Repo(str(self.project)) as repo:
+        with dvc_console() as warnings, Repo(str(self.project)) as repo:
             for ver, rev in list(pending.items()):
                 try:
                     if ver == version:
@@ -152,6 +190,7 @@ class DatasetRepo:
                     pending.pop(ver)
                 except Exception as exc:  # DVC raises many types for a dead remote  # noqa: BLE001
                     failures[ver] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _report(warnings)
         self._save_unpushed(pending)
         if failures:  # the commit waits too: a shared data.dvc must never name images the remote lacks
             return PushOutcome(False, f"push to {self.settings.dvc_remote_url} failed ({failures[next(iter(failures))]}); "

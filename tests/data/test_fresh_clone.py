@@ -76,6 +76,8 @@ def test_a_fresh_clone_pulls_the_committed_version_and_a_wrong_remote_is_one_lin
     with pytest.raises(UsageError, match=f"version {imported.version} could not be brought into") as refused:
         tracked_manifest(lost, load_params(lost.params_file))
     assert "empty-remote" in str(refused.value) and "\n" not in str(refused.value)
+    assert "Missing cache files: md5: " in str(refused.value), "DVC's reason, in the one line"
+    assert "\x1b" not in str(refused.value), "no terminal colour codes"
     assert not lost.data_dir.exists(), "no partial dataset left to train on"
 
     monkeypatch.setenv("DEFECTOPS_DVC_REMOTE_ENDPOINT", "http://127.0.0.1:9")
