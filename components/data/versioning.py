@@ -189,7 +189,7 @@ class DatasetRepo:
                         continue  # an uncommitted old version: nothing left to push it from
                     pending.pop(ver)
                 except Exception as exc:  # DVC raises many types for a dead remote  # noqa: BLE001
-                    failures[ver] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    failures[ver] = f"{type(exc).__name__}: {one_line(exc, 200)}"
         _report(warnings)
         self._save_unpushed(pending)
         if failures:  # the commit waits too: a shared data.dvc must never name images the remote lacks

@@ -143,6 +143,7 @@ def test_push_failure_keeps_the_version_and_the_next_run_pushes(project, tmp_pat
     down = get_settings()
     result = _run(down, make_imagefolder(tmp_path / "m1", per_class=4))
     assert result.changed and result.pushed is False and "next import" in result.push_message
+    assert "\n" not in result.push_message and "\x1b" not in result.push_message, result.push_message
     assert dataset_version(down.project_root) == result.version
     assert DatasetRepo(down).unpushed_versions() == [result.version]
     monkeypatch.setenv("DEFECTOPS_DVC_REMOTE", str(tmp_path / "remote-back"))
