@@ -44,8 +44,9 @@ class _Collect(logging.Handler):
 @contextmanager
 def dvc_console() -> Iterator[list[str]]:
     """DVC's console output during a call: its hints dropped ("To track the changes with git, run: git add
-    data.dvc": defectops commits itself), its warnings collected for the caller to report once (left alone, DVC
-    prints each twice: through its own handler and through the root logger's)."""
+    data.dvc": defectops commits itself), its warnings logged once when the block ends (left alone, DVC prints
+    each twice: through its own handler and through the root logger's). When the block raises, they are not
+    logged: the caller has the list to name DVC's reason in its own one-line error."""
     loggers = [logging.getLogger(name) for name in DVC_LOGGERS]
     saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
     collect = _Collect()
@@ -56,10 +57,7 @@ def dvc_console() -> Iterator[list[str]]:
     finally:
         for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
             logger.handlers, logger.propagate = handlers, propagate
-
-
-def _report(warnings: list[str]) -> None:
-    for warning in warnings:
+    for warning in collect.messages:
         log.warning("dvc: %s", warning)
 
 
@@ -110,9 +108,8 @@ class DatasetRepo:
         if git(self.project, "rev-parse", "--show-toplevel", check=False).returncode != 0:
             raise UsageError(f"{self.project}: not a git repository; clone the project or run `git init` there")
         if not (self.project / ".dvc").is_dir():
-            with dvc_console() as warnings:
+            with dvc_console():
                 Repo.init(str(self.project))
-            _report(warnings)
             commit(self.project, [".dvc/config", ".dvc/.gitignore", ".dvcignore"], "Initialise DVC")
         remote = self.settings.dvc_remote_url
         section = {"url": remote}
@@ -130,10 +127,9 @@ class DatasetRepo:
         """`dvc add data`; returns the new version id (the `.dir` md5)."""
         from dvc.repo import Repo
 
-        with dvc_console() as warnings, Repo(str(self.project)) as repo:
+        with dvc_console(), Repo(str(self.project)) as repo:
             stages = repo.add(str(self.project / "data"))
-        _report(warnings)
-        return stages[0].outs[0].hash_info.value
+            return stages[0].outs[0].hash_info.value
 
     def restore(self, force: bool = False) -> None:
         """Bring the committed dataset version (data.dvc) into data/: from DVC's cache, else the remote.
@@ -160,7 +156,6 @@ class DatasetRepo:
                 f"{self.settings.data_dir} from the cache or {self.settings.dvc_remote_url} ({reason}); set "
                 "DEFECTOPS_DVC_REMOTE (and the endpoint and credentials) to the remote it was pushed to"
             ) from exc
-        _report(warnings)
 
     def checkout_or_pull(self) -> bool:
         """restore(), but a missing version is only a warning (an import then adds to the images present)."""
@@ -178,7 +173,7 @@ class DatasetRepo:
         pending = self._unpushed()
         pending[version] = commit_id
         failures = {}
-        with dvc_console() as warnings, Repo(str(self.project)) as repo:
+        with dvc_console(), Repo(str(self.project)) as repo:
             for ver, rev in list(pending.items()):
                 try:
                     if ver == version:
@@ -190,7 +185,6 @@ class DatasetRepo:
                     pending.pop(ver)
                 except Exception as exc:  # DVC raises many types for a dead remote  # noqa: BLE001
                     failures[ver] = f"{type(exc).__name__}: {one_line(exc, 200)}"
-        _report(warnings)
         self._save_unpushed(pending)
         if failures:  # the commit waits too: a shared data.dvc must never name images the remote lacks
             return PushOutcome(False, f"push to {self.settings.dvc_remote_url} failed ({failures[next(iter(failures))]}); "
