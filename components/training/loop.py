@@ -65,6 +65,8 @@ class LoopConfig:
     ema_decay: float | None = None
     mask_loss_weight: float = 0.0  # > 0: train the defect-map head on batches that carry masks
     mask_pos_weight: float = 5.0
+    mixup_alpha: float = 0.0  # > 0: blend pairs of training pictures, weights ~ Beta(alpha, alpha)
+    mixup_prob: float = 1.0  # share of the batches blended
     normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design)
     max_minutes: float | None = None
     threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
@@ -276,6 +278,16 @@ def mask_loss(defect_logits: torch.Tensor, masks: torch.Tensor, known: torch.Ten
     return cfg.mask_loss_weight * loss
 
 
+def mixup(images: torch.Tensor, rng: np.random.Generator, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each picture blended with another of the batch (Zhang et al. 2018): the blend, the partner, its weight.
+
+    The loss is then lam * loss(labels) + (1 - lam) * loss(labels[partner]).
+    """
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.as_tensor(rng.permutation(images.shape[0]), device=images.device)
+    return lam * images + (1 - lam) * images[partner], partner, lam
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename over `path`."""
     with replacing(path) as tmp:
@@ -440,6 +452,7 @@ class Trainer:
 
         epoch = self.epoch + 1
         self._reseed_loader(epoch)
+        mix_rng = np.random.default_rng([self.cfg.seed, epoch])
         if self.device.type == "cpu":
             self._set_threads(epoch)
         self.model.train()
@@ -458,14 +471,21 @@ class Trainer:
             wait += ready - tick
             images = batch[0].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             labels = torch.as_tensor(batch[1]).to(self.device, non_blocking=True)
+            partner, lam = None, 1.0
+            if self.cfg.mixup_alpha > 0 and mix_rng.random() < self.cfg.mixup_prob:
+                images, partner, lam = mixup(images, mix_rng, self.cfg.mixup_alpha)
             with autocast(self.device, self.precision):
                 if self.use_masks:
                     logits, defect_logits = self.model.forward_train(images)
                 else:
                     logits, defect_logits = self.model(images), None
             loss = self.criterion(logits.float(), labels)
+            if partner is not None:
+                loss = lam * loss + (1 - lam) * self.criterion(logits.float(), labels[partner])
             if defect_logits is not None and len(batch) == 4:
                 masks, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
+                if partner is not None:  # a blend shows both pictures' defects (fainter)
+                    masks, known = torch.maximum(masks, masks[partner]), known * known[partner]
                 loss = loss + mask_loss(defect_logits, masks, known, labels, self.cfg)
             if not torch.isfinite(loss):
                 bar.close()

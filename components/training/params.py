@@ -112,6 +112,10 @@ class ProfileParams(_Section):
     )
     sampler: Literal["uniform", "class_balanced"] = "uniform"
     sampler_power: float = Field(0.5, ge=0, le=1, description="sample weight = (class count)^-power")
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="mixup: blend pairs of training pictures with weights ~ Beta(alpha, alpha); 0 = off"
+    )
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="mixup: share of the batches blended")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="evaluate an EMA of the weights (e.g. 0.99)"
     )

@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.errors import UsageError
 from components.training.data import EMPTY_MASK, ManifestDataset, balanced_sampler
-from components.training.loop import NONDETERMINISTIC, nondeterminism_logged_once, warmup_cosine
+from components.training.loop import NONDETERMINISTIC, mixup, nondeterminism_logged_once, warmup_cosine
 from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
@@ -293,6 +293,16 @@ def test_losses_weighted_ce_and_focal():
         assert torch.isfinite(build_loss(kind, counts)(logits, target))
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("hinge", counts)
+
+
+def test_mixup_blends_each_picture_with_another_of_the_batch_and_repeats_with_its_seed():
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 4, 4).clone()
+    blend, partner, lam = mixup(images, np.random.default_rng(3), alpha=0.4)
+    assert sorted(partner.tolist()) == list(range(6)) and 0 < lam < 1
+    for i in range(6):  # every pixel of picture i: lam * i + (1 - lam) * its partner's value
+        assert torch.allclose(blend[i], torch.full((3, 4, 4), lam * i + (1 - lam) * int(partner[i])))
+    again, partner_again, lam_again = mixup(images, np.random.default_rng(3), alpha=0.4)
+    assert torch.equal(again, blend) and torch.equal(partner_again, partner) and lam_again == lam
 
 
 def test_warmup_cosine_schedule():

@@ -62,8 +62,11 @@ def test_training_run_writes_all_outputs(
     assert torch.allclose(model(batch), logits)
 
 
-def test_resume_after_interruption_continues_from_checkpoint(settings, raw_params, tiny_manifest, tmp_path):
-    raw = raw_params(epochs=3)
+@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
+def test_resume_after_interruption_continues_from_checkpoint(
+    settings, raw_params, tiny_manifest, tmp_path, mixup_alpha
+):
+    raw = raw_params(epochs=3, mixup_alpha=mixup_alpha)  # with mixup: the blends repeat after the resume
     reference = _run(settings, raw, tiny_manifest, tmp_path / "uninterrupted")
 
     def stop_after_first_epoch(record: EpochRecord) -> None:
@@ -109,7 +112,8 @@ def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_
 def test_mask_head_and_per_image_normalisation_train_and_reload(
     settings, raw_params, tiny_masked_manifest, tmp_path
 ):
-    raw = raw_params(epochs=1, mask_head=True, mask_gate=True, mask_loss_weight=1.0, normalize="per_image")
+    raw = raw_params(epochs=1, mask_head=True, mask_gate=True, mask_loss_weight=1.0, normalize="per_image",
+                     mixup_alpha=0.4)  # blends carry both pictures' masks
     raw["augment"]["paste"] = 1.0
     result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")
     model, meta = load_model_file(result.model_path)
