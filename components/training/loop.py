@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class LoopConfig:
     mask_pos_weight: float = 5.0
     mixup_alpha: float = 0.0  # > 0: blend pairs of training pictures, weights ~ Beta(alpha, alpha)
     mixup_prob: float = 1.0  # share of the batches blended
+    sam_rho: float = 0.0  # > 0: sharpness-aware minimisation, the gradient taken this far uphill (2 passes a step)
     normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design)
     max_minutes: float | None = None
     threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
@@ -474,19 +476,13 @@ class Trainer:
             partner, lam = None, 1.0
             if self.cfg.mixup_alpha > 0 and mix_rng.random() < self.cfg.mixup_prob:
                 images, partner, lam = mixup(images, mix_rng, self.cfg.mixup_alpha)
-            with autocast(self.device, self.precision):
-                if self.use_masks:
-                    logits, defect_logits = self.model.forward_train(images)
-                else:
-                    logits, defect_logits = self.model(images), None
-            loss = self.criterion(logits.float(), labels)
-            if partner is not None:
-                loss = lam * loss + (1 - lam) * self.criterion(logits.float(), labels[partner])
-            if defect_logits is not None and len(batch) == 4:
+            masks = None
+            if len(batch) == 4:
                 masks, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
                 if partner is not None:  # a blend shows both pictures' defects (fainter)
                     masks, known = torch.maximum(masks, masks[partner]), known * known[partner]
-                loss = loss + mask_loss(defect_logits, masks, known, labels, self.cfg)
+                masks = (masks, known)
+            loss = self._loss(images, labels, masks, partner, lam)
             if not torch.isfinite(loss):
                 bar.close()
                 where = f" (last good checkpoint: {self._last()})" if self.checkpoint_dir else ""
@@ -497,6 +493,8 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if self.cfg.sam_rho > 0:
+                self._sharpness_aware_gradient(partial(self._loss, images, labels, masks, partner, lam))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -522,6 +520,39 @@ class Trainer:
                 "the training loader yielded no batches; add training images or lower batch_size"
             )
         return total_loss / seen, self.scheduler.get_last_lr()[0], seen / max(step_time, 1e-9), wait
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor,
+              masks: tuple[torch.Tensor, torch.Tensor] | None, partner: torch.Tensor | None,
+              lam: float) -> torch.Tensor:
+        """The batch's loss: classes (mixed with the partners' when blended), plus the defect map's."""
+        with autocast(self.device, self.precision):
+            if self.use_masks:
+                logits, defect_logits = self.model.forward_train(images)
+            else:
+                logits, defect_logits = self.model(images), None
+        loss = self.criterion(logits.float(), labels)
+        if partner is not None:
+            loss = lam * loss + (1 - lam) * self.criterion(logits.float(), labels[partner])
+        if defect_logits is not None and masks is not None:
+            loss = loss + mask_loss(defect_logits, *masks, labels, self.cfg)
+        return loss
+
+    def _sharpness_aware_gradient(self, loss_fn: Callable[[], torch.Tensor]) -> None:
+        """SAM (Foret et al. 2021): replace the gradient by the one at the weights moved sam_rho along it.
+
+        The move is along the unit gradient, so a loss scale (fp16) does not change it.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))
+            if not torch.isfinite(norm) or norm == 0:
+                return  # an overflowed fp16 step: the scaler skips it anyway
+            shifts = [p.grad * (self.cfg.sam_rho / norm) for p in params]
+            torch._foreach_add_(params, shifts)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_fn()).backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, shifts)
 
     def validate(self) -> dict[str, float]:
         logits, targets = predict(

@@ -116,6 +116,10 @@ class ProfileParams(_Section):
         0.0, ge=0, description="mixup: blend pairs of training pictures with weights ~ Beta(alpha, alpha); 0 = off"
     )
     mixup_prob: float = Field(1.0, ge=0, le=1, description="mixup: share of the batches blended")
+    sam_rho: float = Field(
+        0.0, ge=0, description="sharpness-aware minimisation: radius of the uphill step (e.g. 0.05); 0 = off. "
+        "Each step then takes two forward and backward passes"
+    )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="evaluate an EMA of the weights (e.g. 0.99)"
     )

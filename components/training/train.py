@@ -350,7 +350,7 @@ def loop_config(prof: ProfileParams, seed: int, deterministic: bool, normal_inde
               "keep": prof.keep,
               "precision": prof.precision, "channels_last": prof.channels_last, "ema_decay": prof.ema_decay,
               "mask_loss_weight": prof.mask_loss_weight if prof.uses_masks else 0.0,
-              "mask_pos_weight": prof.mask_pos_weight, "mixup_alpha": prof.mixup_alpha, "mixup_prob": prof.mixup_prob,
+              "mask_pos_weight": prof.mask_pos_weight, "mixup_alpha": prof.mixup_alpha, "mixup_prob": prof.mixup_prob, "sam_rho": prof.sam_rho,
               "normal_index": normal_index, "max_minutes": prof.max_minutes, "threads": prof.threads,
               "seed": seed, "deterministic": deterministic}
     return LoopConfig(**{**values, **overrides})

@@ -14,7 +14,14 @@ from PIL import Image
 
 from components.errors import UsageError
 from components.training.data import EMPTY_MASK, ManifestDataset, balanced_sampler
-from components.training.loop import NONDETERMINISTIC, mixup, nondeterminism_logged_once, warmup_cosine
+from components.training.loop import (
+    NONDETERMINISTIC,
+    LoopConfig,
+    Trainer,
+    mixup,
+    nondeterminism_logged_once,
+    warmup_cosine,
+)
 from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
@@ -303,6 +310,29 @@ def test_mixup_blends_each_picture_with_another_of_the_batch_and_repeats_with_it
         assert torch.allclose(blend[i], torch.full((3, 4, 4), lam * i + (1 - lam) * int(partner[i])))
     again, partner_again, lam_again = mixup(images, np.random.default_rng(3), alpha=0.4)
     assert torch.equal(again, blend) and torch.equal(partner_again, partner) and lam_again == lam
+
+
+def test_sharpness_aware_gradient_is_taken_uphill_and_the_weights_come_back():
+    torch.manual_seed(0)
+    model, shifted = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    cfg = LoopConfig(epochs=1, lr=0.1, sam_rho=0.05, precision="fp32", channels_last=False)
+    trainer = Trainer(model, loader, loader, torch.nn.CrossEntropyLoss(), cfg, torch.device("cpu"), None)
+    weights = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    first = [p.grad.clone() for p in model.parameters()]
+    trainer._sharpness_aware_gradient(lambda: torch.nn.functional.cross_entropy(model(x), y))
+
+    norm = torch.sqrt(sum((g**2).sum() for g in first))
+    with torch.no_grad():  # the same layer moved 0.05 along the unit gradient
+        for q, w, g in zip(shifted.parameters(), weights, first):
+            q.copy_(w + 0.05 * g / norm)
+    torch.nn.functional.cross_entropy(shifted(x), y).backward()
+    for p, q, w, g in zip(model.parameters(), shifted.parameters(), weights, first):
+        assert torch.allclose(p, w, atol=1e-7), "the weights are back where they were"
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), "the gradient is the one at the moved weights"
+        assert not torch.allclose(p.grad, g, atol=1e-4)
 
 
 def test_warmup_cosine_schedule():

@@ -62,11 +62,11 @@ def test_training_run_writes_all_outputs(
     assert torch.allclose(model(batch), logits)
 
 
-@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
+@pytest.mark.parametrize("options", [{}, {"mixup_alpha": 0.4}, {"sam_rho": 0.05}], ids=["plain", "mixup", "sam"])
 def test_resume_after_interruption_continues_from_checkpoint(
-    settings, raw_params, tiny_manifest, tmp_path, mixup_alpha
+    settings, raw_params, tiny_manifest, tmp_path, options
 ):
-    raw = raw_params(epochs=3, mixup_alpha=mixup_alpha)  # with mixup: the blends repeat after the resume
+    raw = raw_params(epochs=3, **options)  # with mixup: the blends repeat after the resume
     reference = _run(settings, raw, tiny_manifest, tmp_path / "uninterrupted")
 
     def stop_after_first_epoch(record: EpochRecord) -> None:
