@@ -478,10 +478,10 @@ class Trainer:
                 images, partner, lam = mixup(images, mix_rng, self.cfg.mixup_alpha)
             masks = None
             if len(batch) == 4:
-                masks, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
+                mask, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
                 if partner is not None:  # a blend shows both pictures' defects (fainter)
-                    masks, known = torch.maximum(masks, masks[partner]), known * known[partner]
-                masks = (masks, known)
+                    mask, known = torch.maximum(mask, mask[partner]), known * known[partner]
+                masks = (mask, known)
             loss = self._loss(images, labels, masks, partner, lam)
             if not torch.isfinite(loss):
                 bar.close()

@@ -146,6 +146,9 @@ class ProfileParams(_Section):
                 raise ValueError("attention, mask_gate and freeze_stages belong to design: global")
             if self.mask_loss_weight <= 0:
                 raise ValueError("design: dense learns from the defect masks; set mask_loss_weight > 0")
+            if self.mixup_alpha > 0:
+                raise ValueError("mixup would label the partner's defect cells with the other picture's class; "
+                                 "set mixup_alpha: 0 for design: dense")
             if self.patch_size is not None and self.patch_size > self.image_size:
                 raise ValueError(f"patch_size {self.patch_size} exceeds image_size {self.image_size}")
         elif self.arch == "convnet":

@@ -125,6 +125,8 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(patch_size=32))
     with pytest.raises(UsageError, match="mask_loss_weight > 0"):
         train_params(profile(design="dense", mask_loss_weight=0))
+    with pytest.raises(UsageError, match="set mixup_alpha: 0 for design: dense"):
+        train_params(profile(design="dense", mask_loss_weight=1.0, mixup_alpha=0.4))
 
 
 def test_cell_class_loss_labels_defect_cells_with_the_image_class():
