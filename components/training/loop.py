@@ -548,11 +548,13 @@ class Trainer:
             if not torch.isfinite(norm) or norm == 0:
                 return  # an overflowed fp16 step: the scaler skips it anyway
             shifts = [p.grad * (self.cfg.sam_rho / norm) for p in params]
-            torch._foreach_add_(params, shifts)
+            for p, shift in zip(params, shifts, strict=True):
+                p.add_(shift)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss_fn()).backward()
         with torch.no_grad():
-            torch._foreach_sub_(params, shifts)
+            for p, shift in zip(params, shifts, strict=True):
+                p.sub_(shift)
 
     def validate(self) -> dict[str, float]:
         logits, targets = predict(
