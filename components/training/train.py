@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -345,14 +345,10 @@ def profile_loss(prof: ProfileParams, counts: Sequence[int]) -> torch.nn.Module:
 def loop_config(prof: ProfileParams, seed: int, deterministic: bool, normal_index: int = 0,
                 **overrides: Any) -> LoopConfig:
     """The training loop's settings from a profile; `overrides` replace single fields (e.g. epochs, threads)."""
-    values = {"epochs": prof.epochs, "lr": prof.lr, "weight_decay": prof.weight_decay,
-              "warmup_epochs": prof.warmup_epochs, "min_epochs": prof.min_epochs, "patience": prof.patience,
-              "keep": prof.keep,
-              "precision": prof.precision, "channels_last": prof.channels_last, "ema_decay": prof.ema_decay,
-              "mask_loss_weight": prof.mask_loss_weight if prof.uses_masks else 0.0,
-              "mask_pos_weight": prof.mask_pos_weight, "mixup_alpha": prof.mixup_alpha, "mixup_prob": prof.mixup_prob, "sam_rho": prof.sam_rho,
-              "normal_index": normal_index, "max_minutes": prof.max_minutes, "threads": prof.threads,
-              "seed": seed, "deterministic": deterministic}
+    # every loop setting the profile names comes from it; the rest from the run
+    values = {f.name: getattr(prof, f.name) for f in fields(LoopConfig) if f.name in ProfileParams.model_fields}
+    values.update(mask_loss_weight=prof.mask_loss_weight if prof.uses_masks else 0.0,
+                  normal_index=normal_index, seed=seed, deterministic=deterministic)
     return LoopConfig(**{**values, **overrides})
 
 
