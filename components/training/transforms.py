@@ -21,7 +21,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-Normalization = Literal["imagenet", "per_image", "detail_bands"]
+Normalization = Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"]
 NORMALIZATIONS = get_args(Normalization)
 DETAIL_SIGMAS = (1.5, 8.0)  # px of the model's input: fine detail (cracks, frayed edges), mid-scale (blowholes)
 
@@ -30,6 +30,14 @@ def standardize(image: np.ndarray, **_: object) -> np.ndarray:
     """Scale one image to zero mean and unit standard deviation over all its pixels (float32)."""
     image = image.astype(np.float32)
     return (image - image.mean()) / (image.std() + 1e-4)
+
+
+def log_detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
+    """`detail_bands` of the log picture: an exposure's gain becomes an offset, which the detail drops."""
+    gray = image.astype(np.float32)
+    if gray.ndim == 3:
+        gray = gray.mean(axis=2) if gray.shape[2] > 1 else gray[:, :, 0]
+    return detail_bands(np.log1p(gray))
 
 
 def detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
@@ -61,6 +69,8 @@ def _finish(normalize: Normalization) -> list:
         scale = A.Lambda(image=standardize, name="standardize", p=1.0)
     elif normalize == "detail_bands":
         scale = A.Lambda(image=detail_bands, name="detail_bands", p=1.0)
+    elif normalize == "log_detail_bands":
+        scale = A.Lambda(image=log_detail_bands, name="log_detail_bands", p=1.0)
     elif normalize == "imagenet":
         scale = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
@@ -146,6 +156,8 @@ def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization
     small = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
     if normalize == "detail_bands":
         return np.ascontiguousarray(detail_bands(small).transpose(2, 0, 1))
+    if normalize == "log_detail_bands":
+        return np.ascontiguousarray(log_detail_bands(small).transpose(2, 0, 1))
     if normalize == "per_image":
         scaled = standardize(small)[None]
         return np.ascontiguousarray(np.broadcast_to(scaled, (3, image_size, image_size)))
