@@ -39,6 +39,9 @@ class AugmentParams(_Section):
     noise: float = Field(0.0, ge=0, le=1, description="probability of Gaussian noise")
     noise_std: tuple[float, float] = Field((0.01, 0.05), description="noise std as a fraction of 255")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a small Gaussian blur")
+    elastic: float = Field(0.0, ge=0, le=1, description="probability of an elastic warp (new defect outlines)")
+    elastic_alpha: float = Field(250.0, ge=0, description="elastic warp strength (about 2 px median at 224 px)")
+    elastic_sigma: float = Field(10.0, gt=0, description="elastic warp smoothness in px")
     keep_defect: float = Field(
         0.0,
         ge=0,

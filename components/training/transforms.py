@@ -113,6 +113,12 @@ def train_transform(p: AugmentParams, image_size: int, normalize: Normalization 
                 p=p.affine,
             )
         )
+    if p.elastic:
+        steps.append(
+            A.ElasticTransform(
+                alpha=p.elastic_alpha, sigma=p.elastic_sigma, border_mode=cv2.BORDER_REFLECT_101, p=p.elastic
+            )
+        )
     if p.brightness_contrast:
         steps.append(
             A.RandomBrightnessContrast(
