@@ -11,7 +11,7 @@ from components.training.models import build_model
 from components.training.transforms import preprocess
 
 
-@pytest.mark.parametrize("kind", ["imagenet", "per_image", "detail_bands"])
+@pytest.mark.parametrize("kind", ["imagenet", "per_image", "detail_bands", "log_detail_bands"])
 def test_prepare_uses_the_models_normalisation(kind: str) -> None:
     model, _ = build_model("resnet18", 3, hidden=16, weights=None)
     meta = {"classes": ["dent", "normal", "scratch"], "normal_class": "normal", "image_size": 32,
@@ -24,7 +24,7 @@ def test_prepare_uses_the_models_normalisation(kind: str) -> None:
     assert prepared.is_contiguous(), "a strided tensor makes the batch's torch.stack a slow parallel copy"
 
 
-@pytest.mark.parametrize("kind", ["imagenet", "per_image", "detail_bands"])
+@pytest.mark.parametrize("kind", ["imagenet", "per_image", "detail_bands", "log_detail_bands"])
 @pytest.mark.parametrize("size", [64, 224])
 def test_a_grayscale_image_is_prepared_in_one_channel_to_the_same_numbers(kind: str, size: int,
                                                                          magnetic_tile) -> None:

@@ -33,7 +33,12 @@ def standardize(image: np.ndarray, **_: object) -> np.ndarray:
 
 
 def log_detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
-    """`detail_bands` of the log picture: an exposure's gain becomes an offset, which the detail drops."""
+    """`detail_bands` of the log picture (log1p of the grey levels).
+
+    Light multiplies the surface's reflectance, so under an uneven lamp or another exposure the same dent or
+    texture has a contrast in proportion to the local brightness; in the log picture it has the same contrast
+    everywhere, and dark spots on dark ground (a frayed edge in shadow) are not muted against bright ones.
+    """
     gray = image.astype(np.float32)
     if gray.ndim == 3:
         gray = gray.mean(axis=2) if gray.shape[2] > 1 else gray[:, :, 0]

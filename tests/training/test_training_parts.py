@@ -26,7 +26,7 @@ from components.training.losses import FocalLoss, build_loss, class_weights
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
-from components.training.transforms import detail_bands, eval_transform, train_transform
+from components.training.transforms import detail_bands, eval_transform, log_detail_bands, train_transform
 
 
 @pytest.mark.parametrize("attention", [False, True])
@@ -258,6 +258,18 @@ def test_detail_bands_keep_a_small_dark_spot_and_drop_the_lighting_gradient():
     assert np.allclose(detail_bands(colour), bands, atol=1e-5), "a colour picture is taken grey"
 
 
+def test_log_detail_bands_give_texture_the_same_contrast_under_a_lighting_gradient():
+    """Under a lamp twice as bright on one side, plain detail doubles there; the log picture's does not."""
+    texture = 1 + 0.15 * np.random.default_rng(0).standard_normal((96, 96)).astype(np.float32)
+    light = np.tile(np.linspace(40, 200, 96, dtype=np.float32), (96, 1))
+    picture = np.clip(texture * light, 0, 255).astype(np.uint8)
+    plain, logged = detail_bands(picture), log_detail_bands(picture)
+    assert logged.shape == (96, 96, 3) and np.allclose(logged.reshape(-1, 3).std(axis=0), 1, atol=1e-3)
+    for band in (1, 2):
+        ratio = [float(b[:, 56:88, band].std() / b[:, 8:40, band].std()) for b in (plain, logged)]
+        assert ratio[0] > 1.7 and 0.85 < ratio[1] < 1.15, f"band {band}: bright/dark contrast {ratio}"
+
+
 def test_dataset_reads_grey_and_colour_files_and_augments_reproducibly(tmp_path):
     grey, colour, rgba = tmp_path / "g.png", tmp_path / "c.jpg", tmp_path / "a.png"
     noise = np.random.default_rng(1).integers(0, 256, (40, 50), dtype=np.uint8)
@@ -422,7 +434,7 @@ def test_masks_follow_the_image_through_augmentation(tmp_path):
     assert data[1][2].sum() == 0 and data[1][3] == 1.0 and data[2][3] == 0.0
 
 
-@pytest.mark.parametrize("normalize", ["per_image", "detail_bands"])
+@pytest.mark.parametrize("normalize", ["per_image", "detail_bands", "log_detail_bands"])
 def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(tmp_path, normalize):
     """A grayscale picture goes through augmentation (paste included) in one channel and comes out as the same
     (3, S, S) tensor as the same picture stored as RGB."""
