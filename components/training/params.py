@@ -92,7 +92,8 @@ class ProfileParams(_Section):
     normalize: Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"] = Field(
         "imagenet",
         description="input scaling: ImageNet mean/std; each image to zero mean and unit std; or detail_bands, "
-        "the grey image standardised plus its fine and mid-scale detail as the other two channels",
+        "the grey image standardised plus its fine and mid-scale detail as the other two channels; "
+        "log_detail_bands, the same of the log grey image",
     )
     freeze_stages: int = Field(0, ge=0, le=5, description="0 = train all; 1 = stem; 2..5 = stem + layer1..4")
     batch_size: int = Field(32, ge=1)
