@@ -32,6 +32,14 @@ def standardize(image: np.ndarray, **_: object) -> np.ndarray:
     return (image - image.mean()) / (image.std() + 1e-4)
 
 
+def _gray(image: np.ndarray) -> np.ndarray:
+    """(H, W) float32 grey levels of a grey or colour picture (the channel mean)."""
+    gray = image.astype(np.float32)
+    if gray.ndim == 3:
+        gray = gray.mean(axis=2) if gray.shape[2] > 1 else gray[:, :, 0]
+    return gray
+
+
 def log_detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
     """`detail_bands` of the log picture (log1p of the grey levels).
 
@@ -39,10 +47,7 @@ def log_detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
     texture has a contrast in proportion to the local brightness; in the log picture it has the same contrast
     everywhere, and dark spots on dark ground (a frayed edge in shadow) are not muted against bright ones.
     """
-    gray = image.astype(np.float32)
-    if gray.ndim == 3:
-        gray = gray.mean(axis=2) if gray.shape[2] > 1 else gray[:, :, 0]
-    return detail_bands(np.log1p(gray))
+    return detail_bands(np.log1p(_gray(image)))
 
 
 def detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
@@ -55,9 +60,7 @@ def detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
     """
     import cv2
 
-    gray = image.astype(np.float32)
-    if gray.ndim == 3:
-        gray = gray.mean(axis=2) if gray.shape[2] > 1 else gray[:, :, 0]
+    gray = _gray(image)
     bands = [standardize(gray)]
     bands += [standardize(gray - cv2.GaussianBlur(gray, (0, 0), sigma)) for sigma in DETAIL_SIGMAS]
     return np.stack(bands, axis=2)
