@@ -11,6 +11,7 @@ from components.errors import UsageError, first_validation_error
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "convnet"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Normalization = Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"]  # transforms.py applies them
 
 
 class _Section(BaseModel):
@@ -89,7 +90,7 @@ class ProfileParams(_Section):
     mask_gate: bool = Field(False, description="gate the last feature map with the predicted defect map")
     mask_loss_weight: float = Field(0.5, ge=0, description="weight of the defect-map loss (with mask_head)")
     mask_pos_weight: float = Field(5.0, gt=0, description="BCE weight of defect cells in the defect map")
-    normalize: Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"] = Field(
+    normalize: Normalization = Field(
         "imagenet",
         description="input scaling: ImageNet mean/std; each image to zero mean and unit std; or detail_bands, "
         "the grey image standardised plus its fine and mid-scale detail as the other two channels; "

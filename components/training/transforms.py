@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from components.training.params import AugmentParams
+from components.training.params import AugmentParams, Normalization
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -21,7 +21,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-Normalization = Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"]
 NORMALIZATIONS = get_args(Normalization)
 DETAIL_SIGMAS = (1.5, 8.0)  # px of the model's input: fine detail (cracks, frayed edges), mid-scale (blowholes)
 
