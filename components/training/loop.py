@@ -68,6 +68,8 @@ class LoopConfig:
     mask_pos_weight: float = 5.0
     mixup_alpha: float = 0.0  # > 0: blend pairs of training pictures, weights ~ Beta(alpha, alpha)
     mixup_prob: float = 1.0  # share of the batches blended
+    cutmix_alpha: float = 0.0  # > 0: a box of another picture pasted in, its area share ~ Beta(alpha, alpha)
+    cutmix_prob: float = 1.0  # share of the batches mixed so
     sam_rho: float = 0.0  # > 0: sharpness-aware minimisation, the gradient taken this far uphill (2 passes a step)
     normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design)
     max_minutes: float | None = None
@@ -290,6 +292,29 @@ def mixup(images: torch.Tensor, rng: np.random.Generator, alpha: float) -> tuple
     return lam * images + (1 - lam) * images[partner], partner, lam
 
 
+def cutmix(images: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Generator, alpha: float
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+    """Each picture with a box of another of the batch pasted in (Yun et al. 2019), the box's mask with it.
+
+    The box's area share is drawn from Beta(alpha, alpha) and clipped to the picture; the returned weight is
+    the share left of the picture's own, so the loss is lam * loss(labels) + (1 - lam) * loss(labels[partner]).
+    """
+    height, width = images.shape[-2:]
+    share = float(rng.beta(alpha, alpha))
+    box_h, box_w = round(height * np.sqrt(share)), round(width * np.sqrt(share))
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    top, bottom = max(cy - box_h // 2, 0), min(cy + box_h - box_h // 2, height)
+    left, right = max(cx - box_w // 2, 0), min(cx + box_w - box_w // 2, width)
+    partner = torch.as_tensor(rng.permutation(images.shape[0]), device=images.device)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images[partner][..., top:bottom, left:right]
+    if masks is not None:
+        masks = masks.clone()
+        masks[..., top:bottom, left:right] = masks[partner][..., top:bottom, left:right]
+    lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    return mixed, masks, partner, lam
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename over `path`."""
     with replacing(path) as tmp:
@@ -473,14 +498,17 @@ class Trainer:
             wait += ready - tick
             images = batch[0].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             labels = torch.as_tensor(batch[1]).to(self.device, non_blocking=True)
-            partner, lam = None, 1.0
+            partner, lam, masks = None, 1.0, None
+            mask, known = (t.to(self.device, non_blocking=True) for t in batch[2:4]) if len(batch) == 4 else (None, None)
             if self.cfg.mixup_alpha > 0 and mix_rng.random() < self.cfg.mixup_prob:
                 images, partner, lam = mixup(images, mix_rng, self.cfg.mixup_alpha)
-            masks = None
-            if len(batch) == 4:
-                mask, known = (t.to(self.device, non_blocking=True) for t in batch[2:4])
-                if partner is not None:  # a blend shows both pictures' defects (fainter)
-                    mask, known = torch.maximum(mask, mask[partner]), known * known[partner]
+                if mask is not None:  # a blend shows both pictures' defects (fainter)
+                    mask = torch.maximum(mask, mask[partner])
+            elif self.cfg.cutmix_alpha > 0 and mix_rng.random() < self.cfg.cutmix_prob:
+                images, mask, partner, lam = cutmix(images, mask, mix_rng, self.cfg.cutmix_alpha)
+            if mask is not None:
+                if partner is not None:  # a mixed picture's mask is known where both pictures' are
+                    known = known * known[partner]
                 masks = (mask, known)
             loss = self._loss(images, labels, masks, partner, lam)
             if not torch.isfinite(loss):

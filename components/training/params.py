@@ -121,6 +121,11 @@ class ProfileParams(_Section):
         0.0, ge=0, description="mixup: blend pairs of training pictures with weights ~ Beta(alpha, alpha); 0 = off"
     )
     mixup_prob: float = Field(1.0, ge=0, le=1, description="mixup: share of the batches blended")
+    cutmix_alpha: float = Field(
+        0.0, ge=0, description="cutmix: a box of another training picture (and its mask) pasted in, its area "
+        "~ Beta(alpha, alpha), the labels weighted by area; 0 = off"
+    )
+    cutmix_prob: float = Field(1.0, ge=0, le=1, description="cutmix: share of the batches mixed")
     sam_rho: float = Field(
         0.0, ge=0, description="sharpness-aware minimisation: radius of the uphill step (e.g. 0.05); 0 = off. "
         "Each step then takes two forward and backward passes"
@@ -146,14 +151,16 @@ class ProfileParams(_Section):
             raise ValueError(f"min_epochs {self.min_epochs} exceeds epochs {self.epochs}")
         if self.mask_gate and not self.mask_head:
             raise ValueError("mask_gate needs mask_head: true (the gate is the predicted defect map)")
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            raise ValueError("mixup and cutmix are two ways to mix a batch; set mixup_alpha or cutmix_alpha to 0")
         if self.design == "dense":
             if self.attention or self.mask_gate or self.freeze_stages:
                 raise ValueError("attention, mask_gate and freeze_stages belong to design: global")
             if self.mask_loss_weight <= 0:
                 raise ValueError("design: dense learns from the defect masks; set mask_loss_weight > 0")
-            if self.mixup_alpha > 0:
-                raise ValueError("mixup would label the partner's defect cells with the other picture's class; "
-                                 "set mixup_alpha: 0 for design: dense")
+            if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+                raise ValueError("mixing would label the partner's defect cells with the other picture's class; "
+                                 "set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense")
             if self.patch_size is not None and self.patch_size > self.image_size:
                 raise ValueError(f"patch_size {self.patch_size} exceeds image_size {self.image_size}")
         elif self.arch == "convnet":

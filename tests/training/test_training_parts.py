@@ -18,6 +18,7 @@ from components.training.loop import (
     NONDETERMINISTIC,
     LoopConfig,
     Trainer,
+    cutmix,
     mixup,
     nondeterminism_logged_once,
     warmup_cosine,
@@ -125,8 +126,10 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(patch_size=32))
     with pytest.raises(UsageError, match="mask_loss_weight > 0"):
         train_params(profile(design="dense", mask_loss_weight=0))
-    with pytest.raises(UsageError, match="set mixup_alpha: 0 for design: dense"):
-        train_params(profile(design="dense", mask_loss_weight=1.0, mixup_alpha=0.4))
+    with pytest.raises(UsageError, match="set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense"):
+        train_params(profile(design="dense", mask_loss_weight=1.0, cutmix_alpha=1.0))
+    with pytest.raises(UsageError, match="set mixup_alpha or cutmix_alpha to 0"):
+        train_params(profile(mixup_alpha=0.4, cutmix_alpha=1.0))
 
 
 def test_cell_class_loss_labels_defect_cells_with_the_image_class():
@@ -338,6 +341,27 @@ def test_mixup_blends_each_picture_with_another_of_the_batch_and_repeats_with_it
         assert torch.allclose(blend[i], torch.full((3, 4, 4), lam * i + (1 - lam) * int(partner[i])))
     again, partner_again, lam_again = mixup(images, np.random.default_rng(3), alpha=0.4)
     assert torch.equal(again, blend) and torch.equal(partner_again, partner) and lam_again == lam
+
+
+def test_cutmix_pastes_one_box_of_the_partner_with_its_mask_and_weights_the_labels_by_area():
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 16, 20).clone()
+    masks = torch.zeros(6, 16, 20)
+    masks[1] = 1.0  # picture 1 is all defect
+    mixed, mixed_masks, partner, lam = cutmix(images, masks, np.random.default_rng(5), alpha=1.0)
+    assert sorted(partner.tolist()) == list(range(6)) and 0 < lam < 1
+    for i in range(6):
+        own = mixed[i] == i
+        taken = mixed[i] == int(partner[i])
+        if int(partner[i]) != i:
+            assert torch.all(own | taken) and own.float().mean() == pytest.approx(lam)
+        box = taken[0].nonzero()  # one rectangle, the same in every channel and in the mask
+        rows, cols = box[:, 0], box[:, 1]
+        assert len(box) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert torch.equal(mixed_masks[i] == 1.0, taken[0] if int(partner[i]) == 1 else
+                           (own[0] if i == 1 else torch.zeros_like(own[0])))
+    assert masks.sum() == 16 * 20, "the batch's own masks are left as they were"
+    again = cutmix(images, masks, np.random.default_rng(5), alpha=1.0)
+    assert torch.equal(again[0], mixed) and torch.equal(again[2], partner) and again[3] == lam
 
 
 def test_sharpness_aware_gradient_is_taken_uphill_and_the_weights_come_back():

@@ -109,11 +109,12 @@ def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_
     assert any("ema_decay 0.9 is too slow" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("mixing", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}], ids=["mixup", "cutmix"])
 def test_mask_head_and_per_image_normalisation_train_and_reload(
-    settings, raw_params, tiny_masked_manifest, tmp_path
+    settings, raw_params, tiny_masked_manifest, tmp_path, mixing
 ):
     raw = raw_params(epochs=1, mask_head=True, mask_gate=True, mask_loss_weight=1.0, normalize="per_image",
-                     mixup_alpha=0.4)  # blends carry both pictures' masks
+                     **mixing)  # mixed pictures carry both pictures' masks
     raw["augment"]["paste"] = 1.0
     result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")
     model, meta = load_model_file(result.model_path)
