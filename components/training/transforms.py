@@ -65,6 +65,9 @@ def detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
     return np.stack(bands, axis=2)
 
 
+BAND_KINDS = {"detail_bands": detail_bands, "log_detail_bands": log_detail_bands}  # grey -> 3 bands
+
+
 def _unknown(normalize: str) -> ValueError:
     return ValueError(f"unknown normalization {normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
 
@@ -74,10 +77,8 @@ def _finish(normalize: Normalization) -> list:
 
     if normalize == "per_image":
         scale = A.Lambda(image=standardize, name="standardize", p=1.0)
-    elif normalize == "detail_bands":
-        scale = A.Lambda(image=detail_bands, name="detail_bands", p=1.0)
-    elif normalize == "log_detail_bands":
-        scale = A.Lambda(image=log_detail_bands, name="log_detail_bands", p=1.0)
+    elif normalize in BAND_KINDS:
+        scale = A.Lambda(image=BAND_KINDS[normalize], name=normalize, p=1.0)
     elif normalize == "imagenet":
         scale = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
@@ -167,10 +168,8 @@ def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization
     import cv2
 
     small = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    if normalize == "detail_bands":
-        return np.ascontiguousarray(detail_bands(small).transpose(2, 0, 1))
-    if normalize == "log_detail_bands":
-        return np.ascontiguousarray(log_detail_bands(small).transpose(2, 0, 1))
+    if normalize in BAND_KINDS:
+        return np.ascontiguousarray(BAND_KINDS[normalize](small).transpose(2, 0, 1))
     if normalize == "per_image":
         scaled = standardize(small)[None]
         return np.ascontiguousarray(np.broadcast_to(scaled, (3, image_size, image_size)))
