@@ -288,7 +288,7 @@ def mixup(images: torch.Tensor, rng: np.random.Generator, alpha: float) -> tuple
     The loss is then lam * loss(labels) + (1 - lam) * loss(labels[partner]).
     """
     lam = float(rng.beta(alpha, alpha))
-    partner = torch.as_tensor(rng.permutation(images.shape[0]), device=images.device)
+    partner = _partners(images, rng)
     return lam * images + (1 - lam) * images[partner], partner, lam
 
 
@@ -305,14 +305,19 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Gene
     cy, cx = int(rng.integers(height)), int(rng.integers(width))
     top, bottom = max(cy - box_h // 2, 0), min(cy + box_h - box_h // 2, height)
     left, right = max(cx - box_w // 2, 0), min(cx + box_w - box_w // 2, width)
-    partner = torch.as_tensor(rng.permutation(images.shape[0]), device=images.device)
+    partner = _partners(images, rng)
     mixed = images.clone()
-    mixed[..., top:bottom, left:right] = images[partner][..., top:bottom, left:right]
+    mixed[..., top:bottom, left:right] = images[..., top:bottom, left:right][partner]
     if masks is not None:
         masks = masks.clone()
-        masks[..., top:bottom, left:right] = masks[partner][..., top:bottom, left:right]
+        masks[..., top:bottom, left:right] = masks[..., top:bottom, left:right][partner]
     lam = 1.0 - (bottom - top) * (right - left) / (height * width)
     return mixed, masks, partner, lam
+
+
+def _partners(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A random permutation of the batch: each picture's mixing partner."""
+    return torch.as_tensor(rng.permutation(images.shape[0]), device=images.device)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
