@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader
 from components.errors import DefectOpsError, UsageError
 from components.files import replacing
 from components.training.cores import OthersLoad, free_cores_threads, others_runnable_now
-from components.training.losses import cell_class_loss, defect_map_loss
+from components.training.losses import cell_class_loss, defect_map_loss, mixed_loss
+
+Mix = float | torch.Tensor  # a mixed picture's weight of its own label: one for the batch, or one each
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class LoopConfig:
     mixup_prob: float = 1.0  # share of the batches blended
     cutmix_alpha: float = 0.0  # > 0: a box of another picture pasted in, its area share ~ Beta(alpha, alpha)
     cutmix_prob: float = 1.0  # share of the batches mixed so
+    cutmix_labels: str = "area"  # area: labels weighted by the box's area; mask: by the defects left in view
     sam_rho: float = 0.0  # > 0: sharpness-aware minimisation, the gradient taken this far uphill (2 passes a step)
     normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design)
     max_minutes: float | None = None
@@ -292,12 +295,14 @@ def mixup(images: torch.Tensor, rng: np.random.Generator, alpha: float) -> tuple
     return lam * images + (1 - lam) * images[partner], partner, lam
 
 
-def cutmix(images: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Generator, alpha: float
-           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+def cutmix(images: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Generator, alpha: float,
+           known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Mix]:
     """Each picture with a box of another of the batch pasted in (Yun et al. 2019), the box's mask with it.
 
-    The box's area share is drawn from Beta(alpha, alpha) and clipped to the picture; the returned weight is
-    the share left of the picture's own, so the loss is lam * loss(labels) + (1 - lam) * loss(labels[partner]).
+    The box's area share is drawn from Beta(alpha, alpha) and clipped to the picture. The returned weight of
+    each picture's own label is, without `known`, the share of the picture left (one number for the batch);
+    with `known` (which masks are known), the share by the defects in view (`defect_label_weights`).
+    The loss is lam * loss(labels) + (1 - lam) * loss(labels[partner]).
     """
     height, width = images.shape[-2:]
     share = float(rng.beta(alpha, alpha))
@@ -308,11 +313,37 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor | None, rng: np.random.Gene
     partner = _partners(images, rng)
     mixed = images.clone()
     mixed[..., top:bottom, left:right] = images[..., top:bottom, left:right][partner]
-    if masks is not None:
-        masks = masks.clone()
-        masks[..., top:bottom, left:right] = masks[..., top:bottom, left:right][partner]
     lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    if masks is None:
+        return mixed, None, partner, lam
+    if known is not None:
+        in_box = torch.zeros_like(masks[0])
+        in_box[top:bottom, left:right] = 1.0
+        lam = defect_label_weights(masks, known, partner, in_box, lam)
+    masks = masks.clone()
+    masks[..., top:bottom, left:right] = masks[..., top:bottom, left:right][partner]
     return mixed, masks, partner, lam
+
+
+def defect_label_weights(masks: torch.Tensor, known: torch.Tensor, partner: torch.Tensor,
+                         in_box: torch.Tensor, lam: float) -> torch.Tensor:
+    """Each cut-mixed picture's weight of its own label, from the defects in view (the partner's: 1 minus it).
+
+    Like SnapMix (Huang et al. 2021) with the true masks in place of class activation maps: a defect
+    picture's label weighs the share of its defect mask in view (its own outside the box, the partner's
+    inside it). A normal picture's label weighs its area in view times the share of the other's defect that
+    is not: a part that shows a defect is not normal. A picture whose mask is unknown weighs by area, and so
+    does a pair with nothing in view to weigh (each one's defect hidden).
+    """
+    total, boxed = masks.sum(dim=(-2, -1)), (masks * in_box).sum(dim=(-2, -1))
+    defect, normal = (known > 0) & (total > 0), (known > 0) & (total == 0)
+    share = (total - boxed) / total.clamp(min=1e-6)
+    own = torch.where(defect, share, lam)
+    other = torch.where(defect[partner], 1 - share[partner], 1 - lam)
+    own, other = (torch.where(normal, own * (1 - torch.where(defect[partner], other, 0.0)), own),
+                  torch.where(normal[partner], other * (1 - torch.where(defect, own, 0.0)), other))
+    weight = own + other
+    return torch.where(weight > 1e-6, own / weight.clamp(min=1e-6), lam)
 
 
 def _partners(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -510,7 +541,8 @@ class Trainer:
                 if mask is not None:  # a blend shows both pictures' defects (fainter)
                     mask = torch.maximum(mask, mask[partner])
             elif self.cfg.cutmix_alpha > 0 and mix_rng.random() < self.cfg.cutmix_prob:
-                images, mask, partner, lam = cutmix(images, mask, mix_rng, self.cfg.cutmix_alpha)
+                images, mask, partner, lam = cutmix(images, mask, mix_rng, self.cfg.cutmix_alpha,
+                                                    known if self.cfg.cutmix_labels == "mask" else None)
             if mask is not None:
                 if partner is not None:  # a mixed picture's mask is known where both pictures' are
                     known = known * known[partner]
@@ -556,16 +588,17 @@ class Trainer:
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor,
               masks: tuple[torch.Tensor, torch.Tensor] | None, partner: torch.Tensor | None,
-              lam: float) -> torch.Tensor:
+              lam: Mix) -> torch.Tensor:
         """The batch's loss: classes (mixed with the partners' when blended), plus the defect map's."""
         with autocast(self.device, self.precision):
             if self.use_masks:
                 logits, defect_logits = self.model.forward_train(images)
             else:
                 logits, defect_logits = self.model(images), None
-        loss = self.criterion(logits.float(), labels)
-        if partner is not None:
-            loss = lam * loss + (1 - lam) * self.criterion(logits.float(), labels[partner])
+        if partner is None:
+            loss = self.criterion(logits.float(), labels)
+        else:
+            loss = mixed_loss(self.criterion, logits.float(), labels, labels[partner], lam)
         if defect_logits is not None and masks is not None:
             loss = loss + mask_loss(defect_logits, *masks, labels, self.cfg)
         return loss

@@ -32,17 +32,19 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", weight if weight is not None else None, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        log_p = F.log_softmax(logits, dim=1)
+        loss, weight = self.items(logits, target)
+        return loss.sum() / weight.sum().clamp(min=1e-12)
+
+    def items(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each item's weighted loss and its weight: the loss is the first's sum over the second's."""
+        log_p = F.log_softmax(logits.float(), dim=1)
         ce = F.nll_loss(log_p, target, reduction="none")
         if self.label_smoothing:
             ce = (1 - self.label_smoothing) * ce - self.label_smoothing * log_p.mean(dim=1)
         p_true = log_p.gather(1, target[:, None]).squeeze(1).exp()
         loss = (1 - p_true).clamp(min=0).pow(self.gamma) * ce
-        if self.weight is not None:
-            w = self.weight[target]
-            return (loss * w).sum() / w.sum().clamp(min=1e-12)
-        return loss.mean()
+        weight = self.weight[target] if self.weight is not None else torch.ones_like(loss)
+        return loss * weight, weight
 
 
 def build_loss(
@@ -61,6 +63,28 @@ def build_loss(
     if kind == "focal":
         return FocalLoss(gamma=gamma, weight=weight, label_smoothing=label_smoothing)
     raise ValueError(f"unknown loss {kind!r}; use 'ce', 'weighted_ce' or 'focal'")
+
+
+def item_losses(criterion: nn.Module, logits: torch.Tensor, target: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's weighted loss under a `build_loss` criterion and its class weight (sum over sum = the loss)."""
+    if isinstance(criterion, FocalLoss):
+        return criterion.items(logits, target)
+    if isinstance(criterion, nn.CrossEntropyLoss):
+        loss = F.cross_entropy(logits.float(), target, weight=criterion.weight, reduction="none",
+                               label_smoothing=criterion.label_smoothing)
+        return loss, (criterion.weight[target] if criterion.weight is not None else torch.ones_like(loss))
+    raise TypeError(f"no per-item form of {type(criterion).__name__}; use a criterion from build_loss")
+
+
+def mixed_loss(criterion: nn.Module, logits: torch.Tensor, target: torch.Tensor, other: torch.Tensor,
+               lam: float | torch.Tensor) -> torch.Tensor:
+    """lam * criterion(target) + (1 - lam) * criterion(other), for mixed pictures; `lam` one or one per item."""
+    if not isinstance(lam, torch.Tensor):
+        return lam * criterion(logits, target) + (1 - lam) * criterion(logits, other)
+    (own, own_weight), (theirs, their_weight) = (item_losses(criterion, logits, t) for t in (target, other))
+    return ((lam * own).sum() / own_weight.sum().clamp(min=1e-12)
+            + ((1 - lam) * theirs).sum() / their_weight.sum().clamp(min=1e-12))
 
 
 def defect_map_loss(

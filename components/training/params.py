@@ -126,6 +126,10 @@ class ProfileParams(_Section):
         "~ Beta(alpha, alpha), the labels weighted by area; 0 = off"
     )
     cutmix_prob: float = Field(1.0, ge=0, le=1, description="cutmix: share of the batches mixed")
+    cutmix_labels: Literal["area", "mask"] = Field(
+        "area", description="cutmix: weigh the two labels by the box's area, or (mask) by the share of each "
+        "picture's defect mask left in view, a normal picture counting only where no defect shows"
+    )
     sam_rho: float = Field(
         0.0, ge=0, description="sharpness-aware minimisation: radius of the uphill step (e.g. 0.05); 0 = off. "
         "Each step then takes two forward and backward passes"
@@ -153,6 +157,9 @@ class ProfileParams(_Section):
             raise ValueError("mask_gate needs mask_head: true (the gate is the predicted defect map)")
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
             raise ValueError("mixup and cutmix are two ways to mix a batch; set mixup_alpha or cutmix_alpha to 0")
+        if self.cutmix_labels == "mask" and not self.uses_masks:
+            raise ValueError("cutmix_labels: mask weighs the labels by the defect masks; set mask_head: true "
+                             "or cutmix_labels: area")
         if self.design == "dense":
             if self.attention or self.mask_gate or self.freeze_stages:
                 raise ValueError("attention, mask_gate and freeze_stages belong to design: global")

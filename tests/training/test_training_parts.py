@@ -19,11 +19,12 @@ from components.training.loop import (
     LoopConfig,
     Trainer,
     cutmix,
+    defect_label_weights,
     mixup,
     nondeterminism_logged_once,
     warmup_cosine,
 )
-from components.training.losses import FocalLoss, build_loss, class_weights
+from components.training.losses import FocalLoss, build_loss, class_weights, mixed_loss
 from components.training.models import build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
@@ -130,6 +131,8 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(design="dense", mask_loss_weight=1.0, cutmix_alpha=1.0))
     with pytest.raises(UsageError, match="set mixup_alpha or cutmix_alpha to 0"):
         train_params(profile(mixup_alpha=0.4, cutmix_alpha=1.0))
+    with pytest.raises(UsageError, match="set mask_head: true or cutmix_labels: area"):
+        train_params(profile(cutmix_alpha=1.0, cutmix_labels="mask"))
 
 
 def test_cell_class_loss_labels_defect_cells_with_the_image_class():
@@ -362,6 +365,47 @@ def test_cutmix_pastes_one_box_of_the_partner_with_its_mask_and_weights_the_labe
     assert masks.sum() == 16 * 20, "the batch's own masks are left as they were"
     again = cutmix(images, masks, np.random.default_rng(5), alpha=1.0)
     assert torch.equal(again[0], mixed) and torch.equal(again[2], partner) and again[3] == lam
+
+
+def test_cutmix_by_mask_weighs_each_label_by_the_defect_left_in_view():
+    # pictures of 8x8 columns, the box the left half (columns 0-3, so 0.5 of the area left)
+    masks = torch.zeros(7, 8, 8)
+    masks[0, :, 0:6] = 1.0  # a defect, two thirds of it in the box
+    masks[1, :, 6:8] = 1.0  # a defect, none of it in the box
+    masks[5, :, 0:2] = 1.0  # a defect, all of it in the box; 2, 3 and 6 are normal, 4's mask is unknown
+    known = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    in_box = torch.zeros(8, 8)
+    in_box[:, 0:4] = 1.0
+    cases = [  # (picture, partner, weight of the picture's own label)
+        (0, 1, 1.0),  # a third of its defect left; none of the partner's pasted in
+        (1, 2, 1.0),  # its defect all left; the normal partner counts only where no defect shows
+        (2, 3, 0.5),  # normal with normal: by area
+        (3, 5, 0.0),  # normal, with the partner's whole defect pasted in: the partner's class
+        (4, 0, 0.5 / (0.5 + 2 / 3)),  # unknown mask, by area, against two thirds of picture 0's defect
+        (5, 1, 0.5),  # its defect hidden, the partner's not pasted: nothing in view to weigh, by area
+        (6, 0, 0.5 * (1 - 2 / 3) / (0.5 * (1 - 2 / 3) + 2 / 3)),  # normal where no pasted defect shows
+    ]
+    partner = torch.tensor([p for _, p, _ in cases])
+    lam = defect_label_weights(masks, known, partner, in_box, lam=0.5)
+    assert lam.tolist() == pytest.approx([w for *_, w in cases], abs=1e-6)
+
+
+def test_cutmix_by_mask_returns_a_weight_per_picture_and_mixed_loss_matches_the_batch_weight():
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    masks = torch.zeros(4, 8, 8)
+    masks[1, 2:4, 2:4] = 1.0
+    by_area = cutmix(images, masks, np.random.default_rng(5), alpha=1.0)
+    by_mask = cutmix(images, masks, np.random.default_rng(5), alpha=1.0, known=torch.ones(4))
+    assert torch.equal(by_area[0], by_mask[0]) and torch.equal(by_area[1], by_mask[1])
+    assert isinstance(by_area[3], float) and by_mask[3].shape == (4,)
+    logits, target, other = torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), torch.tensor([2, 0, 1, 1])
+    for kind in ("ce", "weighted_ce", "focal"):
+        criterion = build_loss(kind, [5, 2, 1], label_smoothing=0.1)
+        one = mixed_loss(criterion, logits, target, other, 0.3)
+        assert float(one) == pytest.approx(float(criterion(logits, target) * 0.3 + criterion(logits, other) * 0.7))
+        assert float(mixed_loss(criterion, logits, target, other, torch.full((4,), 0.3))) == pytest.approx(float(one))
+        shifted = mixed_loss(criterion, logits, target, other, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        assert float(shifted) != pytest.approx(float(one))
 
 
 def test_sharpness_aware_gradient_is_taken_uphill_and_the_weights_come_back():

@@ -109,7 +109,9 @@ def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_
     assert any("ema_decay 0.9 is too slow" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("mixing", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}], ids=["mixup", "cutmix"])
+@pytest.mark.parametrize("mixing", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0},
+                                    {"cutmix_alpha": 1.0, "cutmix_labels": "mask"}],
+                         ids=["mixup", "cutmix", "cutmix-by-mask"])
 def test_mask_head_and_per_image_normalisation_train_and_reload(
     settings, raw_params, tiny_masked_manifest, tmp_path, mixing
 ):
