@@ -123,7 +123,7 @@ class ProfileParams(_Section):
     mixup_prob: float = Field(1.0, ge=0, le=1, description="mixup: share of the batches blended")
     cutmix_alpha: float = Field(
         0.0, ge=0, description="cutmix: a box of another training picture (and its mask) pasted in, its area "
-        "~ Beta(alpha, alpha), the labels weighted by area; 0 = off"
+        "~ Beta(alpha, alpha), the labels weighted as `cutmix_labels` says; 0 = off"
     )
     cutmix_prob: float = Field(1.0, ge=0, le=1, description="cutmix: share of the batches mixed")
     cutmix_labels: Literal["area", "mask"] = Field(
