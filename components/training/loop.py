@@ -340,8 +340,9 @@ def defect_label_weights(masks: torch.Tensor, known: torch.Tensor, partner: torc
     share = (total - boxed) / total.clamp(min=1e-6)
     own = torch.where(defect, share, lam)
     other = torch.where(defect[partner], 1 - share[partner], 1 - lam)
-    own, other = (torch.where(normal, own * (1 - torch.where(defect[partner], other, 0.0)), own),
-                  torch.where(normal[partner], other * (1 - torch.where(defect, own, 0.0)), other))
+    own_defect_shown, other_defect_shown = torch.where(defect, own, 0.0), torch.where(defect[partner], other, 0.0)
+    own = torch.where(normal, own * (1 - other_defect_shown), own)
+    other = torch.where(normal[partner], other * (1 - own_defect_shown), other)
     weight = own + other
     return torch.where(weight > 1e-6, own / weight.clamp(min=1e-6), lam)
 
