@@ -63,9 +63,26 @@ def test_mask_head_and_gate_give_a_coarse_defect_map():
         build_model("resnet18", 3)[0].defect_map(x)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_output_stride_16_keeps_layer4_at_layer3s_resolution(arch):
+    """Twice the cells each way in the last map, the same weights' shapes, the same defect map resolution."""
+    x = torch.randn(1, 3, 96, 64)
+    shapes = {}
+    for stride in (32, 16):
+        model, _ = build_model(arch, 3, hidden=16, attention=True, mask_head=True, mask_gate=True,
+                               output_stride=stride)
+        last, defect = model.eval()._stages(x)
+        assert defect.shape[-2:] == (6, 4) and last.shape[-2:] == (96 // stride, 64 // stride)
+        shapes[stride] = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes[16] == shapes[32]
+    with pytest.raises(UsageError, match="output_stride 8"):
+        build_model(arch, 3, output_stride=8)
+
+
 @pytest.mark.parametrize(("name", "options"), [
     ("resnet18", {}),
     ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "dropout": 0.1}),
+    ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "output_stride": 16}),
     ("resnet18", {"design": "dense", "dense_stage": 2}),
     ("convnet", {"design": "dense", "width": 8}),
 ])
@@ -125,6 +142,8 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(arch="convnet", design="dense", image_size=64, patch_size=96))
     with pytest.raises(UsageError, match="belong to design: dense"):
         train_params(profile(patch_size=32))
+    with pytest.raises(UsageError, match="output_stride belong to design: global"):
+        train_params(profile(design="dense", mask_loss_weight=1.0, output_stride=16))
     with pytest.raises(UsageError, match="mask_loss_weight > 0"):
         train_params(profile(design="dense", mask_loss_weight=0))
     with pytest.raises(UsageError, match="set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense"):
