@@ -62,6 +62,7 @@ class DefectClassifier(nn.Module):
         mask_head: bool = False,
         mask_gate: bool = False,
         output_stride: int = 32,
+        mask_head_width: int = 0,
     ) -> None:
         super().__init__()
         if output_stride not in (16, 32):
@@ -75,7 +76,8 @@ class DefectClassifier(nn.Module):
         self.dropout = dropout
         self.attention = SpatialAttention() if attention else nn.Identity()
         mid_channels = backbone.layer3[-1].conv1.in_channels if hasattr(backbone.layer3[-1], "conv1") else 0
-        self.defect_head = nn.Conv2d(mid_channels, 1, kernel_size=1) if mask_head or mask_gate else None
+        self.mask_head_width = mask_head_width
+        self.defect_head = _defect_head(mid_channels, mask_head_width) if mask_head or mask_gate else None
         self.mask_gate = mask_gate
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.hidden = nn.Sequential(
@@ -92,7 +94,8 @@ class DefectClassifier(nn.Module):
         """What `build_model` needs to rebuild this network (stored in the model file as `arch`)."""
         return {"name": self.arch, "dropout": self.dropout, "hidden": self.embedding_dim,
                 "attention": isinstance(self.attention, SpatialAttention), "mask_head": self.defect_head is not None,
-                "mask_gate": self.mask_gate, "output_stride": self.output_stride}
+                "mask_gate": self.mask_gate, "output_stride": self.output_stride,
+                "mask_head_width": self.mask_head_width}
 
     def _frozen_modules(self) -> list[nn.Module]:
         b = self.backbone
@@ -153,6 +156,15 @@ class DefectClassifier(nn.Module):
         if self.defect_head is None:
             raise UsageError("this model has no defect-map head; train it with mask_head: true")
         return torch.sigmoid(self._stages(x)[1])
+
+
+def _defect_head(channels: int, width: int) -> nn.Module:
+    """The defect-map head: a 1x1 convolution, or with `width` a 3x3 Conv-BN-ReLU of that many channels before it."""
+    from torchvision.ops import Conv2dNormActivation
+
+    if width <= 0:
+        return nn.Conv2d(channels, 1, kernel_size=1)
+    return nn.Sequential(Conv2dNormActivation(channels, width, kernel_size=3), nn.Conv2d(width, 1, kernel_size=1))
 
 
 def _unstride(block: nn.Module) -> None:
@@ -358,6 +370,7 @@ def build_model(
     dense_stage: int = 3,
     width: int = 16,
     output_stride: int = 32,
+    mask_head_width: int = 0,
 ) -> tuple[Classifier, str]:
     """The classifier and which weights it started from ('imagenet:...', 'file:...', 'random-init')."""
     if num_classes < 2:
@@ -395,7 +408,7 @@ def build_model(
     else:
         model = DefectClassifier(
             backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages, mask_head, mask_gate,
-            output_stride,
+            output_stride, mask_head_width,
         )
     model.arch = arch
     return model, weights_used

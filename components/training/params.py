@@ -88,6 +88,10 @@ class ProfileParams(_Section):
     attention: bool = False
     mask_head: bool = Field(False, description="auxiliary defect-map head trained on the defect masks")
     mask_gate: bool = Field(False, description="gate the last feature map with the predicted defect map")
+    mask_head_width: int = Field(
+        0, ge=0, description="defect-map head: 0 = a 1x1 convolution on layer3; N = a 3x3 convolution of N "
+        "channels (batch norm, ReLU) before it"
+    )
     output_stride: Literal[16, 32] = Field(
         32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (about 1.7x "
         "the compute of a ResNet-18)"

@@ -328,7 +328,8 @@ def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
     model, weights_used = build_model(
         prof.arch, num_classes, prof.dropout, prof.hidden, prof.attention, prof.freeze_stages, weights,
         allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate, design=prof.design,
-        dense_stage=prof.dense_stage, width=prof.width, output_stride=prof.output_stride)
+        dense_stage=prof.dense_stage, width=prof.width, output_stride=prof.output_stride,
+        mask_head_width=prof.mask_head_width)
     if weights_used.startswith("random-init (ImageNet"):
         log.warning("this profile (%s, lr %g) is set up to fine-tune ImageNet weights; from random initialisation "
                     "the `gpu` profile trained worse models than the `cpu` profile on the same GPU "

@@ -52,8 +52,9 @@ def test_an_unreadable_model_file_is_one_line_with_its_reason(tmp_path: Path) ->
         assert reason in str(refused.value) and "\n" not in str(refused.value) and "PyTorch 2.6" not in str(refused.value)
 
 
-def test_mask_head_and_gate_give_a_coarse_defect_map():
-    model, _ = build_model("resnet18", 3, hidden=16, mask_head=True, mask_gate=True)
+@pytest.mark.parametrize("width", [0, 8])
+def test_mask_head_and_gate_give_a_coarse_defect_map(width):
+    model, _ = build_model("resnet18", 3, hidden=16, mask_head=True, mask_gate=True, mask_head_width=width)
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     logits, defect = model.forward_train(x)
@@ -83,6 +84,7 @@ def test_output_stride_16_keeps_layer4_at_layer3s_resolution(arch):
     ("resnet18", {}),
     ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "dropout": 0.1}),
     ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "output_stride": 16}),
+    ("resnet18", {"mask_head": True, "mask_gate": True, "mask_head_width": 8}),
     ("resnet18", {"design": "dense", "dense_stage": 2}),
     ("convnet", {"design": "dense", "width": 8}),
 ])
