@@ -93,8 +93,8 @@ class ProfileParams(_Section):
         "channels (batch norm, ReLU) before it"
     )
     output_stride: Literal[16, 32] = Field(
-        32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (about 1.7x "
-        "the compute of a ResNet-18)"
+        32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (a ResNet-18 "
+        "trained 1.5x as long on 2 cores)"
     )
     mask_loss_weight: float = Field(0.5, ge=0, description="weight of the defect-map loss (with mask_head)")
     mask_pos_weight: float = Field(5.0, gt=0, description="BCE weight of defect cells in the defect map")
@@ -169,8 +169,10 @@ class ProfileParams(_Section):
             raise ValueError("cutmix_labels: mask weighs the labels by the defect masks; set mask_head: true "
                              "or cutmix_labels: area")
         if self.design == "dense":
-            if self.attention or self.mask_gate or self.freeze_stages or self.output_stride != 32:
-                raise ValueError("attention, mask_gate, freeze_stages and output_stride belong to design: global")
+            if self.attention or self.mask_gate or self.freeze_stages or self.output_stride != 32 \
+                    or self.mask_head_width:
+                raise ValueError("attention, mask_gate, mask_head_width, freeze_stages and output_stride belong to "
+                                 "design: global")
             if self.mask_loss_weight <= 0:
                 raise ValueError("design: dense learns from the defect masks; set mask_loss_weight > 0")
             if self.mixup_alpha > 0 or self.cutmix_alpha > 0:

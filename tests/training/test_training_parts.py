@@ -144,8 +144,9 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(arch="convnet", design="dense", image_size=64, patch_size=96))
     with pytest.raises(UsageError, match="belong to design: dense"):
         train_params(profile(patch_size=32))
-    with pytest.raises(UsageError, match="output_stride belong to design: global"):
-        train_params(profile(design="dense", mask_loss_weight=1.0, output_stride=16))
+    for option in ({"output_stride": 16}, {"mask_head_width": 32}):
+        with pytest.raises(UsageError, match="output_stride belong to design: global"):
+            train_params(profile(design="dense", mask_loss_weight=1.0, **option))
     with pytest.raises(UsageError, match="mask_loss_weight > 0"):
         train_params(profile(design="dense", mask_loss_weight=0))
     with pytest.raises(UsageError, match="set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense"):
