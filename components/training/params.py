@@ -93,8 +93,8 @@ class ProfileParams(_Section):
         "channels (batch norm, ReLU) before it"
     )
     output_stride: Literal[16, 32] = Field(
-        32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (a ResNet-18 "
-        "trained 1.5x as long on 2 cores)"
+        32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (1.7x a "
+        "ResNet-18's FLOPs)"
     )
     mask_loss_weight: float = Field(0.5, ge=0, description="weight of the defect-map loss (with mask_head)")
     mask_pos_weight: float = Field(5.0, gt=0, description="BCE weight of defect cells in the defect map")
