@@ -47,6 +47,8 @@ class DefectClassifier(nn.Module):
     With `mask_gate` as well, that map (sigmoid, max-pooled to the last map's size) gates the last feature map
     before pooling, so the classifier looks where the defect is instead of averaging it away.
     `mask_head_width` puts a 3x3 convolution of that many channels before the head's 1x1 one.
+    With `mask_classes`, the head names every cell's class instead (the normal class = no defect there), trained
+    like the dense design's cells; its defect map, and the gate, are then 1 - P(normal class).
     With `output_stride` 16, layer4 keeps layer3's resolution (its first block does not stride): a last map of
     14x14 cells at 224 px instead of 7x7, for 1.7x the FLOPs of a ResNet-18.
     """
@@ -64,8 +66,12 @@ class DefectClassifier(nn.Module):
         mask_gate: bool = False,
         output_stride: int = 32,
         mask_head_width: int = 0,
+        mask_classes: bool = False,
+        normal_index: int = 0,
     ) -> None:
         super().__init__()
+        if mask_classes and not 0 <= normal_index < num_classes:
+            raise UsageError(f"normal_index {normal_index} is not one of the {num_classes} classes")
         if output_stride not in (16, 32):
             raise UsageError(f"output_stride {output_stride}: use 32 (the ResNet as designed) or 16")
         if output_stride == 16:
@@ -78,7 +84,9 @@ class DefectClassifier(nn.Module):
         self.attention = SpatialAttention() if attention else nn.Identity()
         mid_channels = backbone.layer3[-1].conv1.in_channels if hasattr(backbone.layer3[-1], "conv1") else 0
         self.mask_head_width = mask_head_width
-        self.defect_head = _defect_head(mid_channels, mask_head_width) if mask_head or mask_gate else None
+        self.mask_classes, self.normal_index = mask_classes, normal_index
+        head_out = num_classes if mask_classes else 1
+        self.defect_head = _defect_head(mid_channels, mask_head_width, head_out) if mask_head or mask_gate else None
         self.mask_gate = mask_gate
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.hidden = nn.Sequential(
@@ -96,7 +104,8 @@ class DefectClassifier(nn.Module):
         return {"name": self.arch, "dropout": self.dropout, "hidden": self.embedding_dim,
                 "attention": isinstance(self.attention, SpatialAttention), "mask_head": self.defect_head is not None,
                 "mask_gate": self.mask_gate, "output_stride": self.output_stride,
-                "mask_head_width": self.mask_head_width}
+                "mask_head_width": self.mask_head_width, "mask_classes": self.mask_classes,
+                "normal_index": self.normal_index}
 
     def _frozen_modules(self) -> list[nn.Module]:
         b = self.backbone
@@ -124,8 +133,15 @@ class DefectClassifier(nn.Module):
         last = self.attention(b.layer4(mid))
         defect = self.defect_head(mid) if self.defect_head is not None else None
         if self.mask_gate:
-            last = last * F.adaptive_max_pool2d(torch.sigmoid(defect), last.shape[-2:])
+            last = last * F.adaptive_max_pool2d(self._defect_probability(defect), last.shape[-2:])
         return last, defect
+
+    def _defect_probability(self, defect_logits: torch.Tensor) -> torch.Tensor:
+        """Per-cell probability of a defect (N, 1, h, w) from the head's logits."""
+        if not self.mask_classes:
+            return torch.sigmoid(defect_logits)
+        normal = torch.softmax(defect_logits.float(), dim=1)[:, self.normal_index : self.normal_index + 1]
+        return (1 - normal).to(defect_logits.dtype)
 
     def _embed_map(self, last: torch.Tensor) -> torch.Tensor:
         return self.hidden(torch.flatten(self.pool(last), 1))
@@ -156,16 +172,16 @@ class DefectClassifier(nn.Module):
         """Per-cell defect probability at 1/16 of the input resolution (needs the mask head)."""
         if self.defect_head is None:
             raise UsageError("this model has no defect-map head; train it with mask_head: true")
-        return torch.sigmoid(self._stages(x)[1])
+        return self._defect_probability(self._stages(x)[1])
 
 
-def _defect_head(channels: int, width: int) -> nn.Module:
-    """The defect-map head: a 1x1 convolution, or with `width` a 3x3 Conv-BN-ReLU of that many channels before it."""
+def _defect_head(channels: int, width: int, out: int = 1) -> nn.Module:
+    """The defect-map head: a 1x1 convolution to `out` channels, after a 3x3 Conv-BN-ReLU of `width` if set."""
     from torchvision.ops import Conv2dNormActivation
 
     if width <= 0:
-        return nn.Conv2d(channels, 1, kernel_size=1)
-    return nn.Sequential(Conv2dNormActivation(channels, width, kernel_size=3), nn.Conv2d(width, 1, kernel_size=1))
+        return nn.Conv2d(channels, out, kernel_size=1)
+    return nn.Sequential(Conv2dNormActivation(channels, width, kernel_size=3), nn.Conv2d(width, out, kernel_size=1))
 
 
 def _unstride(block: nn.Module) -> None:
@@ -372,6 +388,8 @@ def build_model(
     width: int = 16,
     output_stride: int = 32,
     mask_head_width: int = 0,
+    mask_classes: bool = False,
+    normal_index: int = 0,
 ) -> tuple[Classifier, str]:
     """The classifier and which weights it started from ('imagenet:...', 'file:...', 'random-init')."""
     if num_classes < 2:
@@ -409,7 +427,7 @@ def build_model(
     else:
         model = DefectClassifier(
             backbone, feature_dim, num_classes, dropout, hidden, attention, freeze_stages, mask_head, mask_gate,
-            output_stride, mask_head_width,
+            output_stride, mask_head_width, mask_classes, normal_index,
         )
     model.arch = arch
     return model, weights_used

@@ -59,6 +59,10 @@ class AugmentParams(_Section):
     )
 
 
+_GLOBAL_ONLY = (  # design: global options; design: dense refuses them when set
+    "attention", "mask_gate", "mask_head_width", "mask_classes", "freeze_stages", "output_stride")
+
+
 class ProfileParams(_Section):
     """One hardware profile: model, input size, schedule and loop settings."""
 
@@ -91,6 +95,11 @@ class ProfileParams(_Section):
     mask_head_width: int = Field(
         0, ge=0, description="defect-map head: 0 = a 1x1 convolution on layer3; N = a 3x3 convolution of N "
         "channels (batch norm, ReLU) before it"
+    )
+    mask_classes: bool = Field(
+        False, description="defect-map head: a channel per class, every cell trained to the picture's class where "
+        "its mask shows a defect and to the normal class elsewhere (as the dense design's cells); the map and "
+        "the gate are 1 - P(normal)"
     )
     output_stride: Literal[16, 32] = Field(
         32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (1.7x a "
@@ -168,22 +177,23 @@ class ProfileParams(_Section):
         if self.cutmix_labels == "mask" and not self.uses_masks:
             raise ValueError("cutmix_labels: mask weighs the labels by the defect masks; set mask_head: true "
                              "or cutmix_labels: area")
+        if (self.design == "dense" or self.mask_classes) and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            raise ValueError("mixing would label the partner's defect cells with the other picture's class; "
+                             "set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense or mask_classes")
         if self.design == "dense":
-            if self.attention or self.mask_gate or self.freeze_stages or self.output_stride != 32 \
-                    or self.mask_head_width:
-                raise ValueError("attention, mask_gate, mask_head_width, freeze_stages and output_stride belong to "
-                                 "design: global")
+            defaults = type(self).model_fields
+            if global_only := [name for name in _GLOBAL_ONLY if getattr(self, name) != defaults[name].default]:
+                raise ValueError(f"design: dense has no {', '.join(global_only)}; remove them or use design: global")
             if self.mask_loss_weight <= 0:
                 raise ValueError("design: dense learns from the defect masks; set mask_loss_weight > 0")
-            if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
-                raise ValueError("mixing would label the partner's defect cells with the other picture's class; "
-                                 "set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense")
             if self.patch_size is not None and self.patch_size > self.image_size:
                 raise ValueError(f"patch_size {self.patch_size} exceeds image_size {self.image_size}")
         elif self.arch == "convnet":
             raise ValueError("arch convnet is a dense trunk; set design: dense")
         elif self.patch_size is not None or self.head_refit_epochs:
             raise ValueError("patch_size and head_refit_epochs belong to design: dense")
+        elif self.mask_classes and not self.mask_head:
+            raise ValueError("mask_classes shapes the defect-map head; set mask_head: true")
         return self
 
     @property

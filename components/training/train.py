@@ -323,13 +323,13 @@ def _refit_head(model: Classifier, result: FitResult, train_rows: pd.DataFrame, 
 
 
 def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
-                  allow_download: bool = False) -> tuple[Classifier, str]:
+                  allow_download: bool = False, normal_index: int = 0) -> tuple[Classifier, str]:
     """The profile's network (and which weights initialised it); seed torch first for a reproducible init."""
     model, weights_used = build_model(
         prof.arch, num_classes, prof.dropout, prof.hidden, prof.attention, prof.freeze_stages, weights,
         allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate, design=prof.design,
         dense_stage=prof.dense_stage, width=prof.width, output_stride=prof.output_stride,
-        mask_head_width=prof.mask_head_width)
+        mask_head_width=prof.mask_head_width, mask_classes=prof.mask_classes, normal_index=normal_index)
     if weights_used.startswith("random-init (ImageNet"):
         log.warning("this profile (%s, lr %g) is set up to fine-tune ImageNet weights; from random initialisation "
                     "the `gpu` profile trained worse models than the `cpu` profile on the same GPU "
@@ -400,10 +400,10 @@ def run_training(
         if count == 0:
             log.warning("class %r has no training images: the model cannot learn it", name)
     torch.manual_seed(seed)  # model initialisation is part of the seeded run
-    model, weights_used = profile_model(prof, len(classes), prof.weights, tp.download_weights)
+    normal_index = classes.index(normal) if normal in classes else 0
+    model, weights_used = profile_model(prof, len(classes), prof.weights, tp.download_weights, normal_index)
     criterion = profile_loss(prof, counts)
-    cfg = loop_config(prof, seed, tp.deterministic, classes.index(normal) if normal in classes else 0,
-                      progress=progress, fingerprint=fingerprint)
+    cfg = loop_config(prof, seed, tp.deterministic, normal_index, progress=progress, fingerprint=fingerprint)
     threads_before = torch.get_num_threads()
     try:
         result: FitResult = fit(

@@ -64,6 +64,24 @@ def test_mask_head_and_gate_give_a_coarse_defect_map(width):
         build_model("resnet18", 3)[0].defect_map(x)
 
 
+def test_a_class_per_cell_defect_map_is_one_minus_the_normal_class():
+    """With mask_classes the head names each cell's class; map and gate are the probability of any defect."""
+    model, _ = build_model("resnet18", 4, hidden=16, mask_head=True, mask_gate=True, mask_classes=True,
+                           normal_index=2)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, cells = model.forward_train(x)
+    assert logits.shape == (2, 4) and cells.shape == (2, 4, 4, 4)
+    defect = model.defect_map(x)
+    assert torch.allclose(defect, 1 - torch.softmax(cells, dim=1)[:, 2:3])
+    with torch.no_grad():  # a head sure that every cell is normal closes the gate: the pooled features vanish
+        model.defect_head.weight.zero_()
+        model.defect_head.bias.copy_(torch.tensor([0.0, 0.0, 30.0, 0.0]))
+    assert model.defect_map(x).max() < 1e-6 and model.feature_map(x).abs().max() < 1e-6
+    with pytest.raises(UsageError, match="normal_index 4"):
+        build_model("resnet18", 4, mask_head=True, mask_classes=True, normal_index=4)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_output_stride_16_keeps_layer4_at_layer3s_resolution(arch):
     """Twice the cells each way in the last map, the same weights' shapes, the same defect map resolution."""
@@ -85,6 +103,7 @@ def test_output_stride_16_keeps_layer4_at_layer3s_resolution(arch):
     ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "dropout": 0.1}),
     ("resnet18", {"attention": True, "mask_head": True, "mask_gate": True, "output_stride": 16}),
     ("resnet18", {"mask_head": True, "mask_gate": True, "mask_head_width": 8}),
+    ("resnet18", {"mask_head": True, "mask_gate": True, "mask_classes": True, "normal_index": 1}),
     ("resnet18", {"design": "dense", "dense_stage": 2}),
     ("convnet", {"design": "dense", "width": 8}),
 ])
@@ -144,17 +163,23 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(arch="convnet", design="dense", image_size=64, patch_size=96))
     with pytest.raises(UsageError, match="belong to design: dense"):
         train_params(profile(patch_size=32))
-    for option in ({"output_stride": 16}, {"mask_head_width": 32}):
-        with pytest.raises(UsageError, match="output_stride belong to design: global"):
+    for option in ({"output_stride": 16}, {"mask_head_width": 32}, {"mask_classes": True}):
+        with pytest.raises(UsageError, match=f"design: dense has no {next(iter(option))}; remove them or use design"):
             train_params(profile(design="dense", mask_loss_weight=1.0, **option))
+    with pytest.raises(UsageError, match="design: dense has no attention, freeze_stages; remove them"):
+        train_params(profile(design="dense", mask_loss_weight=1.0, attention=True, freeze_stages=2))
     with pytest.raises(UsageError, match="mask_loss_weight > 0"):
         train_params(profile(design="dense", mask_loss_weight=0))
-    with pytest.raises(UsageError, match="set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense"):
+    with pytest.raises(UsageError, match="set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense or mask_classes"):
         train_params(profile(design="dense", mask_loss_weight=1.0, cutmix_alpha=1.0))
     with pytest.raises(UsageError, match="set mixup_alpha or cutmix_alpha to 0"):
         train_params(profile(mixup_alpha=0.4, cutmix_alpha=1.0))
     with pytest.raises(UsageError, match="set mask_head: true or cutmix_labels: area"):
         train_params(profile(cutmix_alpha=1.0, cutmix_labels="mask"))
+    with pytest.raises(UsageError, match="mask_classes shapes the defect-map head; set mask_head: true"):
+        train_params(profile(mask_classes=True))
+    with pytest.raises(UsageError, match="set mixup_alpha: 0 and cutmix_alpha: 0 for design: dense or mask_classes"):
+        train_params(profile(mask_head=True, mask_loss_weight=1.0, mask_classes=True, mixup_alpha=0.4))
 
 
 def test_cell_class_loss_labels_defect_cells_with_the_image_class():

@@ -110,8 +110,8 @@ def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_
 
 
 @pytest.mark.parametrize("mixing", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0},
-                                    {"cutmix_alpha": 1.0, "cutmix_labels": "mask"}],
-                         ids=["mixup", "cutmix", "cutmix-by-mask"])
+                                    {"cutmix_alpha": 1.0, "cutmix_labels": "mask"}, {"mask_classes": True}],
+                         ids=["mixup", "cutmix", "cutmix-by-mask", "class-per-cell"])
 def test_mask_head_and_per_image_normalisation_train_and_reload(
     settings, raw_params, tiny_masked_manifest, tmp_path, mixing
 ):
@@ -121,6 +121,8 @@ def test_mask_head_and_per_image_normalisation_train_and_reload(
     result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")
     model, meta = load_model_file(result.model_path)
     assert meta["arch"]["mask_head"] is True and meta["arch"]["mask_gate"] is True
+    assert meta["arch"]["mask_classes"] is bool(mixing.get("mask_classes"))
+    assert meta["classes"][meta["arch"]["normal_index"]] == meta["normal_class"]
     assert meta["normalization"] == {"kind": "per_image"}
     from components.data.images import decode
     from components.training.transforms import model_transform
