@@ -74,7 +74,7 @@ class LoopConfig:
     cutmix_prob: float = 1.0  # share of the batches mixed so
     cutmix_labels: str = "area"  # area: labels weighted by the box's area; mask: by the defects left in view
     sam_rho: float = 0.0  # > 0: sharpness-aware minimisation, the gradient taken this far uphill (2 passes a step)
-    normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design)
+    normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design, mask_classes)
     max_minutes: float | None = None
     threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
     seed: int = 42
@@ -277,7 +277,7 @@ def predict(
 
 def mask_loss(defect_logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, labels: torch.Tensor,
               cfg: LoopConfig) -> torch.Tensor:
-    """The weighted loss on the masks: per-cell classes (dense design) or the binary defect map (mask_head)."""
+    """The weighted loss on the masks: per-cell classes (dense design, mask_classes) or a binary defect map."""
     if defect_logits.shape[1] > 1:
         loss = cell_class_loss(defect_logits, masks, known, labels, cfg.normal_index, cfg.mask_pos_weight)
     else:
