@@ -109,19 +109,19 @@ def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_
     assert any("ema_decay 0.9 is too slow" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("mixing", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0},
+@pytest.mark.parametrize("options", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0},
                                     {"cutmix_alpha": 1.0, "cutmix_labels": "mask"}, {"mask_classes": True}],
                          ids=["mixup", "cutmix", "cutmix-by-mask", "class-per-cell"])
 def test_mask_head_and_per_image_normalisation_train_and_reload(
-    settings, raw_params, tiny_masked_manifest, tmp_path, mixing
+    settings, raw_params, tiny_masked_manifest, tmp_path, options
 ):
     raw = raw_params(epochs=1, mask_head=True, mask_gate=True, mask_loss_weight=1.0, normalize="per_image",
-                     **mixing)  # mixed pictures carry both pictures' masks
+                     **options)  # mixed pictures carry both pictures' masks
     raw["augment"]["paste"] = 1.0
     result = _run(settings, raw, tiny_masked_manifest, tmp_path / "out")
     model, meta = load_model_file(result.model_path)
     assert meta["arch"]["mask_head"] is True and meta["arch"]["mask_gate"] is True
-    assert meta["arch"]["mask_classes"] is bool(mixing.get("mask_classes"))
+    assert meta["arch"]["mask_classes"] is bool(options.get("mask_classes"))
     assert meta["classes"][meta["arch"]["normal_index"]] == meta["normal_class"]
     assert meta["normalization"] == {"kind": "per_image"}
     from components.data.images import decode
