@@ -21,7 +21,7 @@ from components.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "convnet"]
+Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "convnet"]
 Design = Literal["global", "dense"]
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 EVIDENCE_STATS = ("peak", "top", "mean", "area")  # per class, see DenseDefectClassifier.evidence
@@ -82,7 +82,7 @@ class DefectClassifier(nn.Module):
         self.arch = "custom"  # build_model names the torchvision architecture
         self.dropout = dropout
         self.attention = SpatialAttention() if attention else nn.Identity()
-        mid_channels = backbone.layer3[-1].conv1.in_channels if hasattr(backbone.layer3[-1], "conv1") else 0
+        mid_channels = _out_channels(backbone.layer3[-1])
         self.mask_head_width = mask_head_width
         self.mask_classes, self.normal_index = mask_classes, normal_index
         head_out = num_classes if mask_classes else 1
@@ -317,10 +317,24 @@ class DenseDefectClassifier(nn.Module):
 Classifier = DefectClassifier | DenseDefectClassifier
 
 
+def _out_channels(block: nn.Module) -> int:
+    """The channels a ResNet block puts out (a bottleneck's third batch norm, a basic block's second)."""
+    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+
+
+def _resnet10(**kwargs) -> nn.Module:
+    """ResNet-18's stem, stages and widths with one basic block per stage instead of two (half the compute);
+    torchvision has no ImageNet weights for it."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], **{k: v for k, v in kwargs.items() if k != "weights"})
+
+
 def _torchvision(arch: str) -> tuple[type, object]:
     from torchvision import models as tvm
 
     builders = {
+        "resnet10": (_resnet10, None),
         "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
         "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
         "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
@@ -340,6 +354,8 @@ def imagenet_weights_file(arch: str) -> Path:
 
 def _imagenet_state(arch: str, allow_download: bool) -> tuple[dict | None, str]:
     _, weights = _torchvision(arch)
+    if weights is None:
+        return None, f"torchvision has no ImageNet weights for {arch}"
     cached = imagenet_weights_file(arch)
     if not cached.is_file() and not allow_download:
         return None, (
@@ -420,8 +436,7 @@ def build_model(
     if design == "dense":
         if not 1 <= dense_stage <= 4:
             raise UsageError(f"dense_stage {dense_stage}: use 1..4 (the last ResNet stage of the trunk)")
-        channels = getattr(backbone, _STAGES[dense_stage - 1])[-1]
-        channels = (channels.bn3 if hasattr(channels, "bn3") else channels.bn2).num_features
+        channels = _out_channels(getattr(backbone, _STAGES[dense_stage - 1])[-1])
         model = DenseDefectClassifier(ResNetTrunk(backbone, dense_stage), channels, num_classes, dropout, hidden,
                                       {"dense_stage": dense_stage})
     else:

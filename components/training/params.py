@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from components.config import Params
 from components.errors import UsageError, first_validation_error
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "convnet"]
+Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "convnet"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Normalization = Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"]  # transforms.py applies them
 
@@ -66,7 +66,8 @@ _GLOBAL_ONLY = (  # design: global options; design: dense refuses them when set
 class ProfileParams(_Section):
     """One hardware profile: model, input size, schedule and loop settings."""
 
-    arch: Arch = Field("resnet18", description="torchvision ResNet, or convnet (a small dense trunk, design: dense)")
+    arch: Arch = Field("resnet18", description="torchvision ResNet (resnet10: ResNet-18 with one block a stage, no ImageNet weights), or "
+                      "convnet (a small dense trunk, design: dense)")
     design: Literal["global", "dense"] = Field(
         "global",
         description="global: pooled ResNet features -> head; dense: a class for every cell, trained on the "

@@ -105,6 +105,8 @@ def test_output_stride_16_keeps_layer4_at_layer3s_resolution(arch):
     ("resnet18", {"mask_head": True, "mask_gate": True, "mask_head_width": 8}),
     ("resnet18", {"mask_head": True, "mask_gate": True, "mask_classes": True, "normal_index": 1}),
     ("resnet18", {"design": "dense", "dense_stage": 2}),
+    ("resnet10", {"attention": True, "mask_head": True, "mask_gate": True}),
+    ("resnet10", {"design": "dense", "dense_stage": 3}),
     ("convnet", {"design": "dense", "width": 8}),
 ])
 def test_a_model_describes_its_own_architecture(name, options):
@@ -261,6 +263,25 @@ def test_imagenet_weights_come_from_the_torchvision_cache(tmp_path, monkeypatch)
     model, used = build_model("resnet18", 3, weights="imagenet")
     assert used == "imagenet:IMAGENET1K_V1"
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_resnet10_is_resnet18_with_one_block_a_stage_and_no_imagenet_weights(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model, used = build_model("resnet10", 3, hidden=16, mask_head=True, mask_gate=True, weights="imagenet")
+    assert used == "random-init (ImageNet weights unavailable: torchvision has no ImageNet weights for resnet10)"
+    stages = [getattr(model.backbone, f"layer{i}") for i in range(1, 5)]
+    assert [len(stage) for stage in stages] == [1, 1, 1, 1]
+    reference = build_model("resnet18", 3, hidden=16, mask_head=True, mask_gate=True)[0]
+    assert [stage[0].conv1.weight.shape for stage in stages] == [
+        getattr(reference.backbone, f"layer{i}")[0].conv1.weight.shape for i in range(1, 5)]
+    logits, defect = model.eval().forward_train(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3) and defect.shape == (2, 1, 4, 4)
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(UsageError, match="do not fit resnet10"):
+        build_model("resnet10", 3, weights=path)
 
 
 def test_weights_from_a_local_file_and_missing_file(tmp_path):
