@@ -66,8 +66,11 @@ _GLOBAL_ONLY = (  # design: global options; design: dense refuses them when set
 class ProfileParams(_Section):
     """One hardware profile: model, input size, schedule and loop settings."""
 
-    arch: Arch = Field("resnet18", description="torchvision ResNet (resnet10: ResNet-18 with one block a stage, no ImageNet weights), or "
-                      "convnet (a small dense trunk, design: dense)")
+    arch: Arch = Field(
+        "resnet18",
+        description="torchvision ResNet (resnet10: ResNet-18 with one block a stage, no ImageNet weights), "
+        "or convnet (a small dense trunk, design: dense)",
+    )
     design: Literal["global", "dense"] = Field(
         "global",
         description="global: pooled ResNet features -> head; dense: a class for every cell, trained on the "
