@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from components.errors import UsageError
+from components.training.params import Arch, Design
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "convnet"]
-Design = Literal["global", "dense"]
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 EVIDENCE_STATS = ("peak", "top", "mean", "area")  # per class, see DenseDefectClassifier.evidence
 

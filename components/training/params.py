@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from components.config import Params
 from components.errors import UsageError, first_validation_error
 
-Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "convnet"]
+Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "convnet"]  # models.py builds them
+Design = Literal["global", "dense"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Normalization = Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"]  # transforms.py applies them
 
@@ -71,7 +72,7 @@ class ProfileParams(_Section):
         description="torchvision ResNet (resnet10: ResNet-18 with one block a stage, no ImageNet weights), "
         "or convnet (a small dense trunk, design: dense)",
     )
-    design: Literal["global", "dense"] = Field(
+    design: Design = Field(
         "global",
         description="global: pooled ResNet features -> head; dense: a class for every cell, trained on the "
         "defect masks, pooled evidence -> head (components/training/models.py)",
