@@ -320,12 +320,12 @@ def _out_channels(block: nn.Module) -> int:
     return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
 
 
-def _resnet10(**kwargs) -> nn.Module:
+def _resnet10(weights: None = None, **kwargs) -> nn.Module:
     """ResNet-18's stem, stages and widths with one basic block per stage instead of two (half the compute);
-    torchvision has no ImageNet weights for it."""
+    torchvision has no ImageNet weights for it (`weights` is taken, and always None, like its builders')."""
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [1, 1, 1, 1], **{k: v for k, v in kwargs.items() if k != "weights"})
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
 def _torchvision(arch: str) -> tuple[type, object]:
