@@ -44,6 +44,14 @@ class AugmentParams(_Section):
     elastic: float = Field(0.0, ge=0, le=1, description="probability of an elastic warp (new defect outlines)")
     elastic_alpha: float = Field(250.0, ge=0, description="elastic warp strength (about 2 px median at 224 px)")
     elastic_sigma: float = Field(10.0, gt=0, description="elastic warp smoothness in px")
+    erase: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability of random erasing: 1-3 rectangles inpainted from their surroundings (the mask "
+        "cleared there, so keep_defect re-draws a view that erased the defect)",
+    )
+    erase_size: tuple[float, float] = Field((0.05, 0.15), description="an erased rectangle's side range (fraction)")
     keep_defect: float = Field(
         0.0,
         ge=0,

@@ -127,6 +127,17 @@ def train_transform(p: AugmentParams, image_size: int, normalize: Normalization 
                 alpha=p.elastic_alpha, sigma=p.elastic_sigma, border_mode=cv2.BORDER_REFLECT_101, p=p.elastic
             )
         )
+    if p.erase:
+        steps.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 3),
+                hole_height_range=p.erase_size,
+                hole_width_range=p.erase_size,
+                fill="inpaint_telea",
+                fill_mask=0,
+                p=p.erase,
+            )
+        )
     if p.brightness_contrast:
         steps.append(
             A.RandomBrightnessContrast(

@@ -358,6 +358,21 @@ def test_the_elastic_warp_reshapes_picture_and_mask_alike():
         assert float(((image > image.mean()) == warped).mean()) > 0.98, "the mask follows the picture"
 
 
+def test_random_erasing_inpaints_rectangles_and_clears_the_mask_there():
+    still = {"crop_scale": None, "hflip": 0, "vflip": 0, "rotate90": 0, "affine": 0, "brightness_contrast": 0}
+    picture = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    mask = np.ones((96, 96), np.uint8)
+    for erase in (0.0, 1.0):
+        out = train_transform(AugmentParams(**still, erase=erase), 96, "per_image")(image=picture, mask=mask)
+        image, kept = out["image"][0].numpy(), np.asarray(out["mask"]).astype(bool)
+        if not erase:
+            assert kept.all(), "no erasing: the mask is untouched"
+            continue
+        erased = ~kept
+        assert 0.001 <= erased.mean() <= 3 * 0.16**2, f"{erased.mean():.4f} of the picture erased"
+        assert image[erased].std() < 0.5 * image[kept].std(), "the erased rectangles are filled smoothly"
+
+
 def test_dataset_reads_grey_and_colour_files_and_augments_reproducibly(tmp_path):
     grey, colour, rgba = tmp_path / "g.png", tmp_path / "c.jpg", tmp_path / "a.png"
     noise = np.random.default_rng(1).integers(0, 256, (40, 50), dtype=np.uint8)
