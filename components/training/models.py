@@ -320,6 +320,35 @@ def _out_channels(block: nn.Module) -> int:
     return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
 
 
+class _DropPath:
+    """A forward hook on a residual branch's last batch norm: in training, zero the branch for a random share
+    `rate` of the samples (scaling the rest up), so the block is skipped for them (stochastic depth)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import stochastic_depth
+
+        return stochastic_depth(output, self.rate, "row", module.training)
+
+
+def add_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth on every ResNet block of `model`, the rate rising linearly to `rate` at the last block.
+
+    Hooks, not modules: the state_dict, the model file and inference are unchanged. Returns the blocks hooked.
+    """
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock | Bottleneck)]
+    if rate > 0 and not blocks:
+        raise UsageError(f"drop_path {rate}: the network has no residual blocks (arch convnet); set drop_path: 0")
+    for i, block in enumerate(blocks):
+        (block.bn3 if hasattr(block, "bn3") else block.bn2).register_forward_hook(
+            _DropPath(rate * (i + 1) / len(blocks)))
+    return len(blocks)
+
+
 def _resnet10(weights: None = None, **kwargs) -> nn.Module:
     """ResNet-18's stem, stages and widths with one basic block per stage instead of two (half the compute);
     torchvision has no ImageNet weights for it (`weights` is taken, and always None, like its builders')."""

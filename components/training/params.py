@@ -118,6 +118,10 @@ class ProfileParams(_Section):
         32, description="stride of the last feature map: 16 keeps layer4 at layer3's resolution (1.7x a "
         "ResNet-18's FLOPs)"
     )
+    drop_path: float = Field(
+        0.0, ge=0, lt=1, description="stochastic depth: the share of samples for which a residual block is skipped "
+        "in training, rising linearly to this at the last block (ResNets only)"
+    )
     mask_loss_weight: float = Field(0.5, ge=0, description="weight of the defect-map loss (with mask_head)")
     mask_pos_weight: float = Field(5.0, gt=0, description="BCE weight of defect cells in the defect map")
     normalize: Normalization = Field(

@@ -56,7 +56,7 @@ from components.training.data import (
 )
 from components.training.loop import EpochRecord, FitResult, LoopConfig, atomic_save, fit
 from components.training.losses import build_loss
-from components.training.models import Classifier, build_model
+from components.training.models import Classifier, add_drop_path, build_model
 from components.training.params import AugmentParams, ProfileParams, TrainParams, augment_params, train_params
 from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -330,6 +330,8 @@ def profile_model(prof: ProfileParams, num_classes: int, weights: str | None,
         allow_download=allow_download, mask_head=prof.mask_head, mask_gate=prof.mask_gate, design=prof.design,
         dense_stage=prof.dense_stage, width=prof.width, output_stride=prof.output_stride,
         mask_head_width=prof.mask_head_width, mask_classes=prof.mask_classes, normal_index=normal_index)
+    if prof.drop_path:
+        add_drop_path(model, prof.drop_path)
     if weights_used.startswith("random-init (ImageNet"):
         log.warning("this profile (%s, lr %g) is set up to fine-tune ImageNet weights; from random initialisation "
                     "the `gpu` profile trained worse models than the `cpu` profile on the same GPU "

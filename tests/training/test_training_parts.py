@@ -25,7 +25,7 @@ from components.training.loop import (
     warmup_cosine,
 )
 from components.training.losses import FocalLoss, build_loss, class_weights, mixed_loss
-from components.training.models import build_model, imagenet_weights_file
+from components.training.models import add_drop_path, build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
 from components.training.transforms import detail_bands, eval_transform, log_detail_bands, train_transform
@@ -282,6 +282,30 @@ def test_resnet10_is_resnet18_with_one_block_a_stage_and_no_imagenet_weights(tmp
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(UsageError, match="do not fit resnet10"):
         build_model("resnet10", 3, weights=path)
+
+
+def test_drop_path_skips_residual_blocks_in_training_only_and_leaves_the_model_file_alone():
+    def profile(**fields):
+        return train_params({"train": {"profiles": {"p": {"arch": "resnet18", "weights": None, **fields}}}}).profiles["p"]
+
+    torch.manual_seed(0)
+    plain = profile_model(profile(), 3, None)[0]
+    torch.manual_seed(0)
+    dropped = profile_model(profile(drop_path=0.5), 3, None)[0]
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    for model in (plain, dropped):  # zero_init_residual starts every branch at zero: give them a say
+        for module in model.modules():
+            if hasattr(module, "bn2") and isinstance(module.bn2, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.bn2.weight)
+    dropped.load_state_dict(plain.state_dict())
+    hooks = [h.rate for m in dropped.modules() for h in getattr(m, "_forward_hooks", {}).values()]
+    assert hooks == pytest.approx([0.5 * k / 8 for k in range(1, 9)]), "the rate rises to drop_path at the last block"
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), dropped.eval()(x)), "inference is unchanged"
+        assert not torch.allclose(plain.train()(x), dropped.train()(x)), "training skips blocks"
+    with pytest.raises(UsageError, match="no residual blocks"):
+        add_drop_path(build_model("convnet", 3, design="dense")[0], 0.1)
 
 
 def test_weights_from_a_local_file_and_missing_file(tmp_path):
