@@ -315,9 +315,15 @@ class DenseDefectClassifier(nn.Module):
 Classifier = DefectClassifier | DenseDefectClassifier
 
 
+def _last_norm(block: nn.Module) -> nn.BatchNorm2d:
+    """A ResNet block's last batch norm, the end of its residual branch (a bottleneck's third, a basic block's
+    second)."""
+    return block.bn3 if hasattr(block, "bn3") else block.bn2
+
+
 def _out_channels(block: nn.Module) -> int:
-    """The channels a ResNet block puts out (a bottleneck's third batch norm, a basic block's second)."""
-    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+    """The channels a ResNet block puts out."""
+    return _last_norm(block).num_features
 
 
 class _DropPath:
@@ -333,10 +339,10 @@ class _DropPath:
         return stochastic_depth(output, self.rate, "row", module.training)
 
 
-def add_drop_path(model: nn.Module, rate: float) -> int:
+def add_drop_path(model: nn.Module, rate: float) -> None:
     """Stochastic depth on every ResNet block of `model`, the rate rising linearly to `rate` at the last block.
 
-    Hooks, not modules: the state_dict, the model file and inference are unchanged. Returns the blocks hooked.
+    Hooks, not modules: the state_dict, the model file and inference are unchanged.
     """
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -344,9 +350,7 @@ def add_drop_path(model: nn.Module, rate: float) -> int:
     if rate > 0 and not blocks:
         raise UsageError(f"drop_path {rate}: the network has no residual blocks (arch convnet); set drop_path: 0")
     for i, block in enumerate(blocks):
-        (block.bn3 if hasattr(block, "bn3") else block.bn2).register_forward_hook(
-            _DropPath(rate * (i + 1) / len(blocks)))
-    return len(blocks)
+        _last_norm(block).register_forward_hook(_DropPath(rate * (i + 1) / len(blocks)))
 
 
 def _resnet10(weights: None = None, **kwargs) -> nn.Module:
