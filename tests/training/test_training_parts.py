@@ -365,14 +365,17 @@ def test_log_detail_bands_give_texture_the_same_contrast_under_a_lighting_gradie
         assert ratio[0] > 1.7 and 0.85 < ratio[1] < 1.15, f"band {band}: bright/dark contrast {ratio}"
 
 
+STILL = {"crop_scale": None, "hflip": 0, "vflip": 0, "rotate90": 0, "affine": 0, "brightness_contrast": 0}
+"""Augmentation params with every other geometric and lighting step off, to see one step alone."""
+
+
 def test_the_elastic_warp_reshapes_picture_and_mask_alike():
-    still = {"crop_scale": None, "hflip": 0, "vflip": 0, "rotate90": 0, "affine": 0, "brightness_contrast": 0}
     picture = np.full((96, 96, 3), 50, np.uint8)
     picture[30:60, 20:70] = 200
     mask = np.zeros((96, 96), np.uint8)
     mask[30:60, 20:70] = 1
     for elastic in (0.0, 1.0):
-        out = train_transform(AugmentParams(**still, elastic=elastic), 96, "per_image")(image=picture, mask=mask)
+        out = train_transform(AugmentParams(**STILL, elastic=elastic), 96, "per_image")(image=picture, mask=mask)
         image, warped = out["image"][0].numpy(), np.asarray(out["mask"]).astype(bool)
         moved = float((warped != mask.astype(bool)).mean())
         assert (moved > 0.005) if elastic else (moved == 0), f"elastic {elastic}: {moved:.4f} of the mask moved"
@@ -380,11 +383,10 @@ def test_the_elastic_warp_reshapes_picture_and_mask_alike():
 
 
 def test_random_erasing_inpaints_rectangles_and_clears_the_mask_there():
-    still = {"crop_scale": None, "hflip": 0, "vflip": 0, "rotate90": 0, "affine": 0, "brightness_contrast": 0}
     picture = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     mask = np.ones((96, 96), np.uint8)
     for erase in (0.0, 1.0):
-        out = train_transform(AugmentParams(**still, erase=erase), 96, "per_image")(image=picture, mask=mask)
+        out = train_transform(AugmentParams(**STILL, erase=erase), 96, "per_image")(image=picture, mask=mask)
         image, kept = out["image"][0].numpy(), np.asarray(out["mask"]).astype(bool)
         if not erase:
             assert kept.all(), "no erasing: the mask is untouched"
