@@ -54,6 +54,7 @@ class Predictor:
         self.normal_class: str = meta["normal_class"]
         self.image_size: int = int(meta["image_size"])
         self.normalization: str = (meta.get("normalization") or {}).get("kind", "imagenet")
+        self.fit: str = meta.get("fit", "squash")  # model files before `fit` existed were squashed
         calibration = meta.get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         self.threshold = float(calibration.get("threshold", 0.5))
@@ -75,7 +76,7 @@ class Predictor:
         from components.training.transforms import preprocess
 
         pixels = image if isinstance(image, np.ndarray) else decode(image, self.max_pixels).pixels
-        return preprocess(pixels, self.image_size, self.normalization)  # the model file's own transform
+        return preprocess(pixels, self.image_size, self.normalization, self.fit)  # the model file's own transform
 
     def forward(self, batch: Any, stream: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits and embeddings of a prepared (N, 3, S, S) batch (one stream here: `stream` is ignored)."""

@@ -13,6 +13,7 @@ Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "convnet"]  # mod
 Design = Literal["global", "dense"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Normalization = Literal["imagenet", "per_image", "detail_bands", "log_detail_bands"]  # transforms.py applies them
+Fit = Literal["squash", "pad"]  # how transforms.py brings a picture to the square input
 
 
 class _Section(BaseModel):
@@ -129,6 +130,11 @@ class ProfileParams(_Section):
         description="input scaling: ImageNet mean/std; each image to zero mean and unit std; or detail_bands, "
         "the grey image standardised plus its fine and mid-scale detail as the other two channels; "
         "log_detail_bands, the same of the log grey image",
+    )
+    fit: Fit = Field(
+        "squash",
+        description="squash: resize to image_size x image_size (aspect not kept); pad: the longer side to "
+        "image_size, the shorter one mirror-padded to it (aspect kept)",
     )
     freeze_stages: int = Field(0, ge=0, le=5, description="0 = train all; 1 = stem; 2..5 = stem + layer1..4")
     batch_size: int = Field(32, ge=1)

@@ -18,7 +18,7 @@ model.pt (torch.save of a dict; read it with `load_model_file`, which uses weigh
     arch                              build_model's arguments: {name, design, dropout, hidden, ...}
     state_dict                        the best weights (EMA weights when EMA is on)
     classes, normal_class             class names in logit order, and the normal one
-    image_size, normalization         what `transforms.model_transform(meta)` needs to prepare an image
+    image_size, normalization, fit    what `transforms.model_transform(meta)` needs to prepare an image
     embedding_dim                     size of `model.embed(x)` (the hidden layer)
     weights_used                      'imagenet:...', 'file:...' or 'random-init (...)'
     dataset_version, manifest_digest  DVC md5 of data/ (None: untracked folder), hash of the images + splits
@@ -157,7 +157,7 @@ def build_loaders(
     train_data = ManifestDataset(
         train_rows["file"].tolist(),
         train_targets,
-        train_transform(aug, prof.image_size, prof.normalize),
+        train_transform(aug, prof.image_size, prof.normalize, prof.fit),
         seed=seed,
         max_pixels=max_pixels,
         cache=prof.cache_images,
@@ -171,7 +171,7 @@ def build_loaders(
     val_data = ManifestDataset(
         val_rows["file"].tolist(),
         class_targets(val_rows, classes),
-        eval_transform(prof.image_size, prof.normalize),
+        eval_transform(prof.image_size, prof.normalize, prof.fit),
         max_pixels=max_pixels,
         cache=prof.cache_images,
     )
@@ -209,6 +209,7 @@ def model_meta(
     normal_class: str,
     image_size: int,
     normalize: str = "imagenet",
+    fit: str = "squash",
     **provenance: Any,
 ) -> dict[str, Any]:
     """The metadata of a model file: format, architecture, classes, preprocessing, and `provenance` as given
@@ -226,6 +227,7 @@ def model_meta(
         "normal_class": normal_class,
         "image_size": image_size,
         "normalization": normalization,
+        "fit": fit,
         "preprocess": "components.training.transforms.model_transform(meta)",
         "embedding_dim": model.embedding_dim,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -314,7 +316,7 @@ def _refit_head(model: Classifier, result: FitResult, train_rows: pd.DataFrame, 
     model.load_state_dict(result.best_state)
     device = torch.device(result.device)
     pictures = ManifestDataset(train_rows["file"].tolist(), class_targets(train_rows, classes),
-                               eval_transform(prof.image_size, prof.normalize), max_pixels=max_pixels)
+                               eval_transform(prof.image_size, prof.normalize, prof.fit), max_pixels=max_pixels)
     loader = DataLoader(pictures, batch_size=prof.batch_size * 2, shuffle=False, num_workers=prof.num_workers)
     train = evidence(model, loader, device, result.precision, mirrored=True)
     val = evidence(model, val_loader, device, result.precision)
@@ -459,6 +461,7 @@ def run_training(
         normal,
         prof.image_size,
         prof.normalize,
+        prof.fit,
         weights_used=weights_used,
         dataset_version=dataset_version,
         manifest_digest=digest,

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from components.training.params import AugmentParams, Normalization
+from components.training.params import AugmentParams, Fit, Normalization
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -68,8 +68,42 @@ def detail_bands(image: np.ndarray, **_: object) -> np.ndarray:
 BAND_KINDS = {"detail_bands": detail_bands, "log_detail_bands": log_detail_bands}  # grey -> 3 bands
 
 
+def pad_to_square(image: np.ndarray, size: int, interpolation: int | None = None, **_: object) -> np.ndarray:
+    """The picture with its longer side resized to `size` (area interpolation unless given) and its shorter
+    side mirror-padded (reflect-101) to `size`, centred: the aspect is kept, and the padding continues the
+    surface's texture instead of a flat border whose edge the detail bands would show as a defect."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    small = cv2.resize(image, (new_width, new_height),
+                       interpolation=cv2.INTER_AREA if interpolation is None else interpolation)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    return cv2.copyMakeBorder(small, top, size - new_height - top, left, size - new_width - left,
+                              cv2.BORDER_REFLECT_101)
+
+
+def _to_square(image_size: int, fit: Fit) -> A.BasicTransform:
+    """The step that brings a picture (and its mask) to the image_size x image_size input."""
+    import albumentations as A
+    import cv2
+
+    if fit == "squash":
+        return A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)
+    if fit == "pad":
+        return A.Lambda(image=partial(pad_to_square, size=image_size),
+                        mask=partial(pad_to_square, size=image_size, interpolation=cv2.INTER_NEAREST),
+                        name="pad_to_square", p=1.0)
+    raise _unknown_fit(fit)
+
+
 def _unknown(normalize: str) -> ValueError:
     return ValueError(f"unknown normalization {normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
+
+
+def _unknown_fit(fit: str) -> ValueError:
+    return ValueError(f"unknown fit {fit!r}; use squash or pad")
 
 
 def _finish(normalize: Normalization) -> list:
@@ -86,21 +120,22 @@ def _finish(normalize: Normalization) -> list:
     return [scale, A.ToTensorV2()]
 
 
-def eval_transform(image_size: int, normalize: Normalization = "imagenet") -> A.Compose:
-    """Resize to image_size x image_size (area interpolation, aspect not kept), normalise, to a CHW tensor."""
+def eval_transform(image_size: int, normalize: Normalization = "imagenet", fit: Fit = "squash") -> A.Compose:
+    """To the image_size x image_size square (`fit`: squashed, or aspect kept and mirror-padded; area
+    interpolation), normalise, to a CHW tensor."""
     import albumentations as A
-    import cv2
 
-    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA), *_finish(normalize)])
+    return A.Compose([_to_square(image_size, fit), *_finish(normalize)])
 
 
-def train_transform(p: AugmentParams, image_size: int, normalize: Normalization = "imagenet") -> A.Compose:
+def train_transform(p: AugmentParams, image_size: int, normalize: Normalization = "imagenet",
+                    fit: Fit = "squash") -> A.Compose:
     """The augmented training pipeline described by the `augment` params."""
     import albumentations as A
     import cv2
 
-    # squash to the square first, exactly as eval_transform does, so that crops keep the eval geometry
-    steps: list = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
+    # to the square first, exactly as eval_transform does, so that crops keep the eval geometry
+    steps: list = [_to_square(image_size, fit)]
     if p.crop_scale is not None:
         steps.append(
             A.RandomResizedCrop(size=(image_size, image_size), scale=p.crop_scale, ratio=p.crop_ratio, p=1.0)
@@ -152,11 +187,12 @@ def train_transform(p: AugmentParams, image_size: int, normalize: Normalization 
 
 
 @lru_cache(maxsize=8)
-def _cached_eval(image_size: int, normalize: Normalization) -> A.Compose:
-    return eval_transform(image_size, normalize)
+def _cached_eval(image_size: int, normalize: Normalization, fit: Fit) -> A.Compose:
+    return eval_transform(image_size, normalize, fit)
 
 
-def preprocess(image: np.ndarray, image_size: int, normalize: Normalization = "imagenet") -> torch.Tensor:
+def preprocess(image: np.ndarray, image_size: int, normalize: Normalization = "imagenet",
+               fit: Fit = "squash") -> torch.Tensor:
     """One decoded image -> the (3, S, S) float tensor the model expects, contiguous.
 
     `image` is (H, W, 3) uint8 RGB, or (H, W) uint8 for a grayscale original (`DecodedImage.pixels`): that is
@@ -169,16 +205,21 @@ def preprocess(image: np.ndarray, image_size: int, normalize: Normalization = "i
     import torch
 
     if image.ndim == 2:
-        return torch.from_numpy(_preprocess_gray(image, image_size, normalize))
-    chw = _cached_eval(image_size, normalize)(image=image)["image"]
+        return torch.from_numpy(_preprocess_gray(image, image_size, normalize, fit))
+    chw = _cached_eval(image_size, normalize, fit)(image=image)["image"]
     return torch.from_numpy(np.ascontiguousarray(chw.numpy()))
 
 
-def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization) -> np.ndarray:
+def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization, fit: Fit) -> np.ndarray:
     """eval_transform's steps on a one-channel image, broadcast to three channels at the end."""
     import cv2
 
-    small = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    if fit == "pad":
+        small = pad_to_square(gray, image_size)
+    elif fit == "squash":
+        small = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    else:
+        raise _unknown_fit(fit)
     if normalize in BAND_KINDS:
         return np.ascontiguousarray(BAND_KINDS[normalize](small).transpose(2, 0, 1))
     if normalize == "per_image":
@@ -192,5 +233,6 @@ def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization
 
 
 def model_transform(meta: dict) -> A.Compose:
-    """The eval transform a model file asks for (its image_size and normalization)."""
-    return eval_transform(int(meta["image_size"]), meta.get("normalization", {}).get("kind", "imagenet"))
+    """The eval transform a model file asks for (its image_size, normalization and fit)."""
+    return eval_transform(int(meta["image_size"]), meta.get("normalization", {}).get("kind", "imagenet"),
+                          meta.get("fit", "squash"))

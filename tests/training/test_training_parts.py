@@ -7,6 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,13 @@ from components.training.losses import FocalLoss, build_loss, class_weights, mix
 from components.training.models import add_drop_path, build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
-from components.training.transforms import detail_bands, eval_transform, log_detail_bands, train_transform
+from components.training.transforms import (
+    detail_bands,
+    eval_transform,
+    log_detail_bands,
+    pad_to_square,
+    train_transform,
+)
 
 
 @pytest.mark.parametrize("attention", [False, True])
@@ -394,6 +401,24 @@ def test_random_erasing_inpaints_rectangles_and_clears_the_mask_there():
         erased = ~kept
         assert 0.001 <= erased.mean() <= 3 * 0.16**2, f"{erased.mean():.4f} of the picture erased"
         assert image[erased].std() < 0.5 * image[kept].std(), "the erased rectangles are filled smoothly"
+
+
+def test_the_pad_fit_keeps_the_aspect_and_mirrors_the_surface_into_the_padding():
+    wide = np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)  # a 2.5:1 strip
+    mask = np.zeros((40, 100), np.uint8)
+    mask[10:30, 60:80] = 1
+    out = train_transform(AugmentParams(**STILL), 50, "per_image", fit="pad")(image=wide, mask=mask)
+    image, moved = out["image"][0].numpy(), np.asarray(out["mask"]).astype(bool)
+    squashed = np.asarray(eval_transform(50, "per_image")(image=wide)["image"][0])
+    assert image.shape == squashed.shape == (50, 50)
+    # the 100 px side becomes 50, the 40 px side 20, centred in rows 15..34, the rest mirrored (reflect-101)
+    np.testing.assert_array_equal(image[14], image[16])
+    np.testing.assert_array_equal(image[35], image[33])
+    np.testing.assert_array_equal(moved[15:35], cv2.resize(mask, (50, 20), interpolation=cv2.INTER_NEAREST).astype(bool))
+    assert moved[20:30, 30:40].all() and not moved[:, :30].any(), "the mask keeps the picture's geometry"
+    assert not np.allclose(image, squashed), "squash and pad differ on a strip"
+    square = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(pad_to_square(square, 32), cv2.resize(square, (32, 32), interpolation=cv2.INTER_AREA))
 
 
 def test_dataset_reads_grey_and_colour_files_and_augments_reproducibly(tmp_path):
