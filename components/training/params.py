@@ -21,10 +21,10 @@ class _Section(BaseModel):
 
 
 class AugmentParams(_Section):
-    """Training-time augmentation (albumentations); evaluation always uses the plain resize."""
+    """Training-time augmentation (albumentations); evaluation only brings the picture to the square (`fit`)."""
 
     crop_scale: tuple[float, float] | None = Field(
-        (0.8, 1.0), description="area range of a random crop of the squashed image; null = no crop"
+        (0.8, 1.0), description="area range of a random crop of the square picture; null = no crop"
     )
     crop_ratio: tuple[float, float] = Field((0.75, 1.333), description="aspect range of that crop")
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
@@ -39,6 +39,10 @@ class AugmentParams(_Section):
     )
     brightness_limit: float = Field(0.2, ge=0, le=1)
     contrast_limit: float = Field(0.2, ge=0, le=1)
+    gamma: float = Field(
+        0.0, ge=0, le=1, description="probability of a gamma change (another exposure's or sensor's response curve)"
+    )
+    gamma_limit: tuple[float, float] = Field((80.0, 120.0), description="gamma range in percent (100 = unchanged)")
     noise: float = Field(0.0, ge=0, le=1, description="probability of Gaussian noise")
     noise_std: tuple[float, float] = Field((0.01, 0.05), description="noise std as a fraction of 255")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a small Gaussian blur")

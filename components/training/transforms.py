@@ -179,6 +179,8 @@ def train_transform(p: AugmentParams, image_size: int, normalize: Normalization 
                 brightness_limit=p.brightness_limit, contrast_limit=p.contrast_limit, p=p.brightness_contrast
             )
         )
+    if p.gamma:
+        steps.append(A.RandomGamma(gamma_limit=p.gamma_limit, p=p.gamma))
     if p.blur:
         steps.append(A.GaussianBlur(blur_limit=(3, 3), p=p.blur))
     if p.noise:

@@ -30,6 +30,8 @@ from components.training.models import add_drop_path, build_model, imagenet_weig
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
 from components.training.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     detail_bands,
     eval_transform,
     log_detail_bands,
@@ -401,6 +403,19 @@ def test_random_erasing_inpaints_rectangles_and_clears_the_mask_there():
         erased = ~kept
         assert 0.001 <= erased.mean() <= 3 * 0.16**2, f"{erased.mean():.4f} of the picture erased"
         assert image[erased].std() < 0.5 * image[kept].std(), "the erased rectangles are filled smoothly"
+
+
+def test_the_gamma_change_bends_the_grey_levels_and_leaves_the_mask():
+    ramp = np.repeat(np.linspace(0, 255, 64).astype(np.uint8)[None, :, None], 3, axis=2).repeat(64, axis=0)
+    mask = np.zeros(ramp.shape[:2], np.uint8)
+    mask[2:5, 10:20] = 1
+    for gamma in (0.0, 1.0):
+        augment = AugmentParams(**STILL, gamma=gamma, gamma_limit=(150, 150))
+        out = train_transform(augment, 64, "imagenet")(image=ramp, mask=mask)
+        grey = out["image"][0].numpy() * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # back to 0..1
+        expected = ramp[:, :, 0] / 255.0
+        np.testing.assert_allclose(grey, expected**1.5 if gamma else expected, atol=0.01)
+        np.testing.assert_array_equal(np.asarray(out["mask"]), mask)
 
 
 def test_the_pad_fit_keeps_the_aspect_and_mirrors_the_surface_into_the_padding():
