@@ -110,8 +110,9 @@ def test_bf16_channels_last_run_on_cpu(settings, raw_params, tiny_manifest, tmp_
 
 
 @pytest.mark.parametrize("options", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0},
-                                    {"cutmix_alpha": 1.0, "cutmix_labels": "mask"}, {"mask_classes": True}],
-                         ids=["mixup", "cutmix", "cutmix-by-mask", "class-per-cell"])
+                                    {"cutmix_alpha": 1.0, "cutmix_labels": "mask"}, {"mask_classes": True},
+                                    {"fit": "pad"}],
+                         ids=["mixup", "cutmix", "cutmix-by-mask", "class-per-cell", "aspect-kept"])
 def test_mask_head_and_per_image_normalisation_train_and_reload(
     settings, raw_params, tiny_masked_manifest, tmp_path, options
 ):
@@ -124,6 +125,7 @@ def test_mask_head_and_per_image_normalisation_train_and_reload(
     assert meta["arch"]["mask_classes"] is bool(options.get("mask_classes"))
     assert meta["classes"][meta["arch"]["normal_index"]] == meta["normal_class"]
     assert meta["normalization"] == {"kind": "per_image"}
+    assert meta["fit"] == options.get("fit", "squash"), "the model file says how its pictures became square"
     from components.data.images import decode
     from components.training.transforms import model_transform
 
