@@ -14,7 +14,7 @@ Defect masks (`mask_head`): each training image's mask is found by `data.mask_fi
 images without one simply skip the mask loss.
 
 model.pt (torch.save of a dict; read it with `load_model_file`, which uses weights_only loading):
-    format, format_version           "defectops-classifier", 1
+    format, format_version           "defectops-classifier", 1 (2 when `fit` is not squash: see MODEL_FORMAT_VERSION)
     arch                              build_model's arguments: {name, design, dropout, hidden, ...}
     state_dict                        the best weights (EMA weights when EMA is on)
     classes, normal_class             class names in logit order, and the normal one
@@ -63,7 +63,7 @@ from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_tra
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "defectops-classifier"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: `fit` may be pad; a reader of version 1 would squash such a model's pictures
 MODEL_FILE, METRICS_FILE, HISTORY_FILE = "model.pt", "train_metrics.json", "history.csv"
 HISTORY_COLUMNS = [
     "epoch",
@@ -221,7 +221,7 @@ def model_meta(
     )
     return {
         "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
+        "format_version": MODEL_FORMAT_VERSION if fit != "squash" else 1,  # older readers refuse what they'd misread
         "arch": model.architecture(),
         "classes": list(classes),
         "normal_class": normal_class,

@@ -619,6 +619,9 @@ def test_load_model_file_rejects_missing_and_foreign_files(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match="not a defectops model file"):
         load_model_file(Path(tmp_path / "other.pt"))
+    torch.save({"format": "defectops-classifier", "format_version": 99}, tmp_path / "future.pt")
+    with pytest.raises(UsageError, match="model format 99 is newer than this code .*; upgrade defectops"):
+        load_model_file(tmp_path / "future.pt")
 
 
 def test_mask_files_are_found_in_both_layouts(tmp_path):

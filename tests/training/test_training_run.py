@@ -126,6 +126,7 @@ def test_mask_head_and_per_image_normalisation_train_and_reload(
     assert meta["classes"][meta["arch"]["normal_index"]] == meta["normal_class"]
     assert meta["normalization"] == {"kind": "per_image"}
     assert meta["fit"] == options.get("fit", "squash"), "the model file says how its pictures became square"
+    assert meta["format_version"] == (2 if "fit" in options else 1), "a reader before `fit` refuses a padded model"
     from components.data.images import decode
     from components.training.transforms import model_transform
 
