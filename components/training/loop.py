@@ -33,7 +33,13 @@ from torch.utils.data import DataLoader
 from components.errors import DefectOpsError, UsageError
 from components.files import replacing
 from components.training.cores import OthersLoad, free_cores_threads, others_runnable_now
-from components.training.losses import cell_class_loss, defect_map_loss, mixed_loss
+from components.training.losses import (
+    cell_class_loss,
+    defect_map_loss,
+    mixed_loss,
+    projection_head,
+    supcon_loss,
+)
 
 Mix = float | torch.Tensor  # a mixed picture's weight of its own label: one for the batch, or one each
 
@@ -74,6 +80,8 @@ class LoopConfig:
     cutmix_prob: float = 1.0  # share of the batches mixed so
     cutmix_labels: str = "area"  # area: labels weighted by the box's area; mask: by the defects left in view
     sam_rho: float = 0.0  # > 0: sharpness-aware minimisation, the gradient taken this far uphill (2 passes a step)
+    supcon_weight: float = 0.0  # > 0: add a supervised contrastive loss on the pooled features (unmixed batches)
+    supcon_temperature: float = 0.1
     normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design, mask_classes)
     max_minutes: float | None = None
     threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
@@ -384,7 +392,15 @@ class Trainer:
         self.model = model.to(device, memory_format=self.memory_format)
         self.criterion = criterion.to(device)
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.projection = None
+        if cfg.supcon_weight > 0:
+            if not hasattr(model, "forward_contrast"):
+                raise UsageError(f"supcon_weight needs pooled features; {type(model).__name__} has none "
+                                 "(use design: global)")
+            self.projection = projection_head(model.feature_dim).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.projection is not None:
+            params += list(self.projection.parameters())
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         self.optimizer = torch.optim.AdamW(
@@ -438,6 +454,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "projection": self.projection.state_dict() if self.projection is not None else None,
             "best_f1": self.best_f1,
             "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
@@ -467,6 +484,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.projection is not None:
+            self.projection.load_state_dict(state["projection"])
         self.epoch, self.best_f1, self.best_loss = state["epoch"], state["best_f1"], state["best_loss"]
         self.best_epoch, self.bad_epochs, self.stopped = (
             state["best_epoch"],
@@ -590,9 +609,15 @@ class Trainer:
     def _loss(self, images: torch.Tensor, labels: torch.Tensor,
               masks: tuple[torch.Tensor, torch.Tensor] | None, partner: torch.Tensor | None,
               lam: Mix) -> torch.Tensor:
-        """The batch's loss: classes (mixed with the partners' when blended), plus the defect map's."""
+        """The batch's loss: classes (mixed with the partners' when blended), plus the defect map's, plus the
+        contrastive one on batches that were not mixed."""
+        contrast = self.projection is not None and partner is None
+        pooled = None
         with autocast(self.device, self.precision):
-            if self.use_masks:
+            if contrast:
+                logits, defect_logits, pooled = self.model.forward_contrast(images)
+                defect_logits = defect_logits if self.use_masks else None
+            elif self.use_masks:
                 logits, defect_logits = self.model.forward_train(images)
             else:
                 logits, defect_logits = self.model(images), None
@@ -602,6 +627,9 @@ class Trainer:
             loss = mixed_loss(self.criterion, logits.float(), labels, labels[partner], lam)
         if defect_logits is not None and masks is not None:
             loss = loss + mask_loss(defect_logits, *masks, labels, self.cfg)
+        if pooled is not None:
+            embeddings = self.projection(pooled.float())
+            loss = loss + self.cfg.supcon_weight * supcon_loss(embeddings, labels, self.cfg.supcon_temperature)
         return loss
 
     def _sharpness_aware_gradient(self, loss_fn: Callable[[], torch.Tensor]) -> None:

@@ -1,4 +1,5 @@
-"""Losses for imbalanced classes: class-weighted cross-entropy and focal loss."""
+"""Losses for imbalanced classes (class-weighted cross-entropy, focal loss) and the auxiliary ones: defect maps,
+supervised contrastive."""
 
 from __future__ import annotations
 
@@ -118,3 +119,29 @@ def cell_class_loss(
     per_cell = F.cross_entropy(logits.float(), labels, reduction="none")
     weight = torch.where(labels == normal_index, 1.0, pos_weight) * known.float()[:, None, None]
     return (per_cell * weight).sum() / weight.sum().clamp(min=1e-6)
+
+
+def projection_head(features: int, out: int = 128) -> nn.Module:
+    """The contrastive loss's projection (SimCLR's two-layer MLP): a training aid, not part of the model file."""
+    return nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, out))
+
+
+def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) over one view of a batch.
+
+    Each picture is pulled towards the batch's other pictures of its class and pushed from the rest, on the unit
+    sphere at `temperature`; pictures with no other of their class in the batch are not anchors. Zero when no
+    picture has a partner.
+    """
+    z = F.normalize(embeddings.float(), dim=1)
+    logits = z @ z.T / temperature
+    self_pair = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pair, float("-inf"))
+    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_pair
+    count = positive.sum(dim=1)
+    anchors = count > 0
+    if not anchors.any():
+        return z.sum() * 0.0
+    mean_log_p = log_p.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / count[anchors]
+    return -mean_log_p.mean()

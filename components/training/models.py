@@ -87,6 +87,7 @@ class DefectClassifier(nn.Module):
         self.defect_head = _defect_head(mid_channels, mask_head_width, head_out) if mask_head or mask_gate else None
         self.mask_gate = mask_gate
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = feature_dim
         self.hidden = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True)
         )
@@ -163,8 +164,14 @@ class DefectClassifier(nn.Module):
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class logits and defect-map logits (None without a mask head) from one pass."""
+        logits, defect, _ = self.forward_contrast(x)
+        return logits, defect
+
+    def forward_contrast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Class logits, defect-map logits and the pooled features (what a contrastive loss compares)."""
         last, defect = self._stages(x)
-        return self.classifier(self._embed_map(last)), defect
+        pooled = torch.flatten(self.pool(last), 1)
+        return self.classifier(self.hidden(pooled)), defect, pooled
 
     def defect_map(self, x: torch.Tensor) -> torch.Tensor:
         """Per-cell defect probability at 1/16 of the input resolution (needs the mask head)."""

@@ -74,7 +74,7 @@ class AugmentParams(_Section):
 
 
 _GLOBAL_ONLY = (  # design: global options; design: dense refuses them when set
-    "attention", "mask_gate", "mask_head_width", "mask_classes", "freeze_stages", "output_stride")
+    "attention", "mask_gate", "mask_head_width", "mask_classes", "freeze_stages", "output_stride", "supcon_weight")
 
 
 class ProfileParams(_Section):
@@ -178,6 +178,11 @@ class ProfileParams(_Section):
         0.0, ge=0, description="sharpness-aware minimisation: radius of the uphill step (e.g. 0.05); 0 = off. "
         "Each step then takes two forward and backward passes"
     )
+    supcon_weight: float = Field(
+        0.0, ge=0, description="supervised contrastive loss (Khosla et al. 2020) on the pooled features, through a "
+        "projection used in training only, added at this weight on the batches that are not mixed; 0 = off"
+    )
+    supcon_temperature: float = Field(0.1, gt=0, description="supervised contrastive loss: its temperature")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="evaluate an EMA of the weights (e.g. 0.99)"
     )

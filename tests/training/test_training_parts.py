@@ -25,7 +25,7 @@ from components.training.loop import (
     nondeterminism_logged_once,
     warmup_cosine,
 )
-from components.training.losses import FocalLoss, build_loss, class_weights, mixed_loss
+from components.training.losses import FocalLoss, build_loss, class_weights, mixed_loss, supcon_loss
 from components.training.models import add_drop_path, build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
@@ -174,7 +174,7 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(arch="convnet", design="dense", image_size=64, patch_size=96))
     with pytest.raises(UsageError, match="belong to design: dense"):
         train_params(profile(patch_size=32))
-    for option in ({"output_stride": 16}, {"mask_head_width": 32}, {"mask_classes": True}):
+    for option in ({"output_stride": 16}, {"mask_head_width": 32}, {"mask_classes": True}, {"supcon_weight": 0.5}):
         with pytest.raises(UsageError, match=f"design: dense has no {next(iter(option))}; remove them or use design"):
             train_params(profile(design="dense", mask_loss_weight=1.0, **option))
     with pytest.raises(UsageError, match="design: dense has no attention, freeze_stages; remove them"):
@@ -552,6 +552,28 @@ def test_cutmix_by_mask_returns_a_weight_per_picture_and_mixed_loss_matches_the_
         assert float(mixed_loss(criterion, logits, target, other, torch.full((4,), 0.3))) == pytest.approx(float(one))
         shifted = mixed_loss(criterion, logits, target, other, torch.tensor([1.0, 1.0, 1.0, 0.0]))
         assert float(shifted) != pytest.approx(float(one))
+
+
+def test_supervised_contrastive_loss_follows_its_definition_and_rewards_classes_that_cluster():
+    torch.manual_seed(0)
+    z, labels = torch.randn(7, 5), torch.tensor([0, 0, 1, 1, 1, 2, 0])  # class 2 has no partner: not an anchor
+    unit = torch.nn.functional.normalize(z, dim=1)
+    terms = []
+    for i in range(7):
+        others = [a for a in range(7) if a != i]
+        partners = [p for p in others if labels[p] == labels[i]]
+        if partners:
+            denominator = torch.logsumexp(torch.stack([unit[i] @ unit[a] / 0.5 for a in others]), 0)
+            terms.append(-torch.stack([unit[i] @ unit[p] / 0.5 - denominator for p in partners]).mean())
+    assert float(supcon_loss(z, labels, temperature=0.5)) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+    directions = torch.eye(5)[labels] * 3 + 0.1 * torch.randn(7, 5)  # each class its own direction
+    clustered = supcon_loss(directions, labels, temperature=0.1)
+    assert float(clustered) < float(supcon_loss(directions, labels[torch.tensor([2, 5, 0, 6, 1, 3, 4])], 0.1))
+    lonely = torch.randn(3, 5, requires_grad=True)
+    loss = supcon_loss(lonely, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(lonely.grad, torch.zeros(3, 5)), "no partners: nothing to pull"
 
 
 def test_sharpness_aware_gradient_is_taken_uphill_and_the_weights_come_back():

@@ -62,11 +62,12 @@ def test_training_run_writes_all_outputs(
     assert torch.allclose(model(batch), logits)
 
 
-@pytest.mark.parametrize("options", [{}, {"mixup_alpha": 0.4}, {"sam_rho": 0.05}], ids=["plain", "mixup", "sam"])
+@pytest.mark.parametrize("options", [{}, {"mixup_alpha": 0.4}, {"sam_rho": 0.05}, {"supcon_weight": 0.5}],
+                         ids=["plain", "mixup", "sam", "supcon"])
 def test_resume_after_interruption_continues_from_checkpoint(
     settings, raw_params, tiny_manifest, tmp_path, options
 ):
-    raw = raw_params(epochs=3, **options)  # with mixup: the blends repeat after the resume
+    raw = raw_params(epochs=3, **options)  # with mixup: the blends repeat; with supcon: the projection resumes
     reference = _run(settings, raw, tiny_manifest, tmp_path / "uninterrupted")
 
     def stop_after_first_epoch(record: EpochRecord) -> None:
