@@ -142,8 +142,12 @@ class DefectClassifier(nn.Module):
         normal = torch.softmax(defect_logits.float(), dim=1)[:, self.normal_index : self.normal_index + 1]
         return (1 - normal).to(defect_logits.dtype)
 
+    def _pooled(self, last: torch.Tensor) -> torch.Tensor:
+        """The last feature map averaged to one vector per image (what the head and a contrastive loss see)."""
+        return torch.flatten(self.pool(last), 1)
+
     def _embed_map(self, last: torch.Tensor) -> torch.Tensor:
-        return self.hidden(torch.flatten(self.pool(last), 1))
+        return self.hidden(self._pooled(last))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map, after the attention gate."""
@@ -170,7 +174,7 @@ class DefectClassifier(nn.Module):
     def forward_contrast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Class logits, defect-map logits and the pooled features (what a contrastive loss compares)."""
         last, defect = self._stages(x)
-        pooled = torch.flatten(self.pool(last), 1)
+        pooled = self._pooled(last)
         return self.classifier(self.hidden(pooled)), defect, pooled
 
     def defect_map(self, x: torch.Tensor) -> torch.Tensor:
