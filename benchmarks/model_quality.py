@@ -64,6 +64,7 @@ def _one_split(settings, params, manifest, seed: int, profile: str | None, out_d
                  "recall": {c: v.get("recall") for c, v in (fit.get("per_class") or {}).items()}}
     return {"seed": seed, "train_minutes": round(minutes, 1), "val_macro_f1": result.metrics["best_val_macro_f1"],
             "epochs": result.metrics["epochs"], "stopped": result.metrics["stopped"],
+            "threads": result.metrics["threads"], "threads_per_epoch": result.metrics["threads_per_epoch"],
             "calibration": calibration, "report": report, "train_fit": train_fit}
 
 
@@ -118,6 +119,8 @@ def main() -> None:
                                          for c, v in per_class.items()))
         if r["stopped"] != "max epochs":
             print(f"      stopped after {r['epochs']} epochs: {r['stopped']}")
+        low, high = r["threads_per_epoch"]
+        print(f"      compute threads: {r['threads']} ({low:g}-{high:g} per epoch)")
         fit = r["train_fit"]
         print(f"      its own training split: macro-F1 {fit['macro_f1']:.3f}, recall "
               + ", ".join(f"{c} {v:.2f}" for c, v in fit["recall"].items() if v is not None))

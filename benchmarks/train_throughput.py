@@ -134,9 +134,9 @@ def main() -> None:
     waits: list[float] = []
 
     def ours() -> int:
-        _, _, _, wait = trainer.train_epoch()
+        epoch = trainer.train_epoch()
         trainer.epoch += 1
-        waits.append(wait)
+        waits.append(epoch.data_wait_s)
         return len(loader) * prof.batch_size
 
     bare_model = fresh_model()

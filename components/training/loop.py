@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -104,12 +104,23 @@ class EpochRecord:
     seconds: float
     train_images_per_s: float
     data_wait_s: float
+    threads: float = 0.0  # CPU compute threads, averaged over the steps (0: a checkpoint from before the column)
 
     def summary(self, epochs: int) -> str:
         """The progress line of this epoch."""
         return (f"epoch {self.epoch}/{epochs}  train_loss {self.train_loss:.4f}  val_loss {self.val_loss:.4f}  "
                 f"val_macro_f1 {self.val_macro_f1:.4f}  val_acc {self.val_accuracy:.4f}  lr {self.lr:.2e}  "
                 f"{self.seconds:.1f} s  {self.train_images_per_s:.1f} img/s")
+
+
+class EpochTrain(NamedTuple):
+    """What one training epoch reports."""
+
+    loss: float  # mean over the pictures
+    lr: float  # at the end of the epoch
+    images_per_s: float  # in the steps, without waiting for data
+    data_wait_s: float
+    threads: float  # CPU compute threads, averaged over the steps
 
 
 @dataclass
@@ -138,6 +149,16 @@ class FitResult:
     def train_images_per_s(self) -> float:
         rates = [r.train_images_per_s for r in self.history if r.train_images_per_s > 0]
         return float(np.median(rates)) if rates else 0.0
+
+    @property
+    def threads_per_epoch(self) -> list[float]:
+        """The fewest and most compute threads an epoch averaged."""
+        return list(_threads_range(self.history))
+
+
+def _threads_range(history: Sequence[EpochRecord]) -> tuple[float, float]:
+    threads = [r.threads for r in history if r.threads > 0] or [0.0]
+    return round(min(threads), 2), round(max(threads), 2)
 
 
 # ------------------------------------------------------------------ hardware
@@ -529,8 +550,8 @@ class Trainer:
             if generator is not None:
                 generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
 
-    def train_epoch(self) -> tuple[float, float, float, float]:
-        """Mean training loss, learning rate at the end, images/s in the steps, seconds waiting for data."""
+    def train_epoch(self) -> EpochTrain:
+        """One pass over the training loader."""
         from tqdm import tqdm
 
         epoch = self.epoch + 1
@@ -539,7 +560,7 @@ class Trainer:
         if self.device.type == "cpu":
             self._set_threads(epoch)
         self.model.train()
-        total_loss, seen, step_time, wait = 0.0, 0, 0.0, 0.0
+        total_loss, seen, step_time, wait, thread_steps = 0.0, 0, 0.0, 0.0, 0
         bar = tqdm(
             total=len(self.train_loader),
             desc=f"epoch {epoch}/{self.cfg.epochs}",
@@ -552,6 +573,7 @@ class Trainer:
         for step, batch in enumerate(self.train_loader):
             ready = time.perf_counter()
             wait += ready - tick
+            thread_steps += torch.get_num_threads()
             images = batch[0].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             labels = torch.as_tensor(batch[1]).to(self.device, non_blocking=True)
             partner, lam, masks = None, 1.0, None
@@ -604,7 +626,8 @@ class Trainer:
             raise UsageError(
                 "the training loader yielded no batches; add training images or lower batch_size"
             )
-        return total_loss / seen, self.scheduler.get_last_lr()[0], seen / max(step_time, 1e-9), wait
+        return EpochTrain(total_loss / seen, self.scheduler.get_last_lr()[0], seen / max(step_time, 1e-9), wait,
+                          thread_steps / (step + 1))
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor,
               masks: tuple[torch.Tensor, torch.Tensor] | None, partner: torch.Tensor | None,
@@ -735,7 +758,7 @@ def fit(
         while trainer.stopped is None and trainer.epoch < cfg.epochs:
             began = time.perf_counter()
             with nondeterminism_logged_once(nondeterministic_logged):
-                train_loss, lr, rate, wait = trainer.train_epoch()
+                epoch_train = trainer.train_epoch()
             trainer.epoch += 1
             metrics = trainer.validate()
             if trainer.improved(metrics) or cfg.keep == "last":
@@ -754,8 +777,8 @@ def fit(
             seconds = time.perf_counter() - began
             spent += seconds
             record = EpochRecord(
-                trainer.epoch, train_loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"], lr, seconds,
-                rate, wait,
+                trainer.epoch, epoch_train.loss, metrics["loss"], metrics["macro_f1"], metrics["accuracy"],
+                epoch_train.lr, seconds, epoch_train.images_per_s, epoch_train.data_wait_s, epoch_train.threads,
             )
             trainer.history.append(record)
             if trainer.epoch >= max(cfg.min_epochs, 1) and trainer.bad_epochs >= cfg.patience:
@@ -779,6 +802,11 @@ def fit(
     best_state = {k.removeprefix("module."): v for k, v in best_state.items() if k != "n_averaged"}
     if trainer.stopped:
         log.info("stopped after epoch %d: %s", trainer.epoch, trainer.stopped)
+    if adapt_threads:
+        low, high = _threads_range(trainer.history)
+        log.info("compute threads followed the machine's load (%.3g-%.3g per epoch): another thread count sums in "
+                 "another order, so a rerun with this seed matches bit for bit only with a fixed `threads` in the "
+                 "profile", low, high)
     return FitResult(
         best_state=best_state,
         best_epoch=trainer.best_epoch,

@@ -75,6 +75,7 @@ HISTORY_COLUMNS = [
     "seconds",
     "train_images_per_s",
     "data_wait_s",
+    "threads",
 ]
 
 
@@ -425,7 +426,6 @@ def run_training(
             head_refit = _refit_head(model, result, train_rows, val_loader, classes, prof, criterion, seed,
                                      params.data.max_image_pixels)
     finally:
-        threads_used = torch.get_num_threads()
         torch.set_num_threads(threads_before)
 
     seconds_total = time.perf_counter() - started
@@ -451,7 +451,9 @@ def run_training(
         "n_val": len(val_rows),
         "resumed_from_epoch": result.resumed_from_epoch,
         "head_refit": head_refit,
-        "torch_threads": threads_used,
+        # CPU compute threads; a fixed count reruns bit for bit on the same machine, "adaptive" follows the load
+        "threads": prof.threads or ("adaptive" if result.device == "cpu" else torch.get_num_threads()),
+        "threads_per_epoch": result.threads_per_epoch,
         "cpu_count": os.cpu_count(),
     }
     metrics_path, history_path = _write_outputs(out_dir, metrics, result.history)

@@ -45,6 +45,7 @@ def test_training_run_writes_all_outputs(
     assert metrics["weights_used"].startswith("random-init (ImageNet weights unavailable")
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == HISTORY_COLUMNS and history["epoch"].tolist() == [1, 2]
+    assert metrics["threads"] == 1 and history["threads"].tolist() == [1.0, 1.0]  # the tests' profile: 1 thread
     assert not result.checkpoint_dir.exists(), "a finished run removes its checkpoint"
 
     model, meta = load_model_file(out / "model.pt")
@@ -86,6 +87,26 @@ def test_resume_after_interruption_continues_from_checkpoint(
     got = pd.read_csv(resumed.history_path)
     cols = ["epoch", "train_loss", "val_loss", "val_macro_f1", "lr"]
     np.testing.assert_allclose(got[cols].to_numpy(), want[cols].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_and_thread_count_rerun_bit_for_bit(settings, raw_params, tiny_manifest, tmp_path, caplog):
+    def weights(seed: int, threads: int, name: str) -> tuple[dict, dict]:
+        raw = raw_params(epochs=2, threads=threads)
+        raw["train"]["seed"] = seed
+        result = _run(settings, raw, tiny_manifest, tmp_path / name)
+        return load_model_file(result.model_path)[0].state_dict(), result.metrics
+
+    first, metrics = weights(42, 1, "first")
+    again, _ = weights(42, 1, "again")
+    assert metrics["threads"] == 1 and metrics["threads_per_epoch"] == [1.0, 1.0]
+    assert all(torch.equal(first[k], again[k]) for k in first), "same seed and threads: the same weights"
+    other, _ = weights(7, 1, "other-seed")
+    assert not all(torch.equal(first[k], other[k]) for k in first), "the seed decides the run"
+
+    with caplog.at_level(logging.INFO, logger="components.training.loop"):
+        _, adaptive = weights(42, 0, "adaptive")
+    assert adaptive["threads"] == "adaptive" and 1 <= adaptive["threads_per_epoch"][0] <= os.cpu_count()
+    assert any("matches bit for bit only with a fixed `threads`" in r.getMessage() for r in caplog.records)
 
 
 def test_nan_loss_raises_training_diverged_and_writes_no_model(settings, raw_params, tiny_manifest, tmp_path):
