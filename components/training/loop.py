@@ -36,6 +36,7 @@ from components.training.cores import OthersLoad, free_cores_threads, others_run
 from components.training.losses import (
     cell_class_loss,
     defect_map_loss,
+    distill_loss,
     mixed_loss,
     projection_head,
     supcon_loss,
@@ -82,6 +83,8 @@ class LoopConfig:
     sam_rho: float = 0.0  # > 0: sharpness-aware minimisation, the gradient taken this far uphill (2 passes a step)
     supcon_weight: float = 0.0  # > 0: add a supervised contrastive loss on the pooled features (unmixed batches)
     supcon_temperature: float = 0.1
+    distill_weight: float = 0.5  # with a teacher (fit's `teacher`): its share of the class loss
+    distill_temperature: float = 2.0
     normal_index: int = 0  # the normal class: what a cell without defect pixels is (dense design, mask_classes)
     max_minutes: float | None = None
     threads: int = 0  # CPU compute threads; 0 = adapt to the free cores before every epoch
@@ -406,6 +409,7 @@ class Trainer:
         cfg: LoopConfig,
         device: torch.device,
         checkpoint_dir: Path | None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.cfg, self.device, self.checkpoint_dir = cfg, device, checkpoint_dir
         self.precision = resolve_precision(cfg.precision, device)
@@ -413,6 +417,9 @@ class Trainer:
         self.model = model.to(device, memory_format=self.memory_format)
         self.criterion = criterion.to(device)
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.teacher = None  # knowledge distillation: fixed, in eval mode, not in the optimiser or checkpoint
+        if teacher is not None:
+            self.teacher = teacher.to(device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.projection = None
         if cfg.supcon_weight > 0:
             if not hasattr(model, "forward_contrast"):
@@ -648,6 +655,11 @@ class Trainer:
             loss = self.criterion(logits.float(), labels)
         else:
             loss = mixed_loss(self.criterion, logits.float(), labels, labels[partner], lam)
+        if self.teacher is not None:  # the teacher sees the same (augmented, mixed) pictures
+            with torch.no_grad(), autocast(self.device, self.precision):
+                taught = self.teacher(images)
+            weight = self.cfg.distill_weight
+            loss = (1 - weight) * loss + weight * distill_loss(logits, taught, self.cfg.distill_temperature)
         if defect_logits is not None and masks is not None:
             loss = loss + mask_loss(defect_logits, *masks, labels, self.cfg)
         if pooled is not None:
@@ -727,11 +739,13 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+    teacher: nn.Module | None = None,
 ) -> FitResult:
-    """Train with early stopping on validation macro-F1; returns the best weights and the history."""
+    """Train with early stopping on validation macro-F1; returns the best weights and the history. With a
+    `teacher`, the class loss is partly its softened probabilities on the same pictures (cfg.distill_*)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed, cfg.deterministic)
-    trainer = Trainer(model, train_loader, val_loader, criterion, cfg, device, checkpoint_dir)
+    trainer = Trainer(model, train_loader, val_loader, criterion, cfg, device, checkpoint_dir, teacher)
     resumed = trainer.load_checkpoint() if resume else False
     if resume and not resumed:
         log.info("no checkpoint to resume in %s: starting afresh", checkpoint_dir)

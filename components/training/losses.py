@@ -145,3 +145,11 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
         return z.sum() * 0.0
     mean_log_p = log_p.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / count[anchors]
     return -mean_log_p.mean()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): KL(teacher || student) of the class probabilities softened
+    at `temperature`, times temperature^2 so its gradient keeps the scale of a cross-entropy's."""
+    log_student = F.log_softmax(student.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2

@@ -74,7 +74,8 @@ class AugmentParams(_Section):
 
 
 _GLOBAL_ONLY = (  # design: global options; design: dense refuses them when set
-    "attention", "mask_gate", "mask_head_width", "mask_classes", "freeze_stages", "output_stride", "supcon_weight")
+    "attention", "mask_gate", "mask_head_width", "mask_classes", "freeze_stages", "output_stride", "supcon_weight",
+    "distill_from")
 
 
 class ProfileParams(_Section):
@@ -183,6 +184,16 @@ class ProfileParams(_Section):
         "projection used in training only, added at this weight on the batches that are not mixed; 0 = off"
     )
     supcon_temperature: float = Field(0.1, gt=0, description="supervised contrastive loss: its temperature")
+    distill_from: str | None = Field(
+        None, description="knowledge distillation: a model file (model.pt) trained on the same classes, input and "
+        "training split, whose softened class probabilities on each training picture the model also learns; "
+        "None = off"
+    )
+    distill_weight: float = Field(
+        0.5, ge=0, le=1, description="knowledge distillation: the teacher's share of the class loss (the labels' "
+        "is the rest)"
+    )
+    distill_temperature: float = Field(2.0, gt=0, description="knowledge distillation: the softening temperature")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="evaluate an EMA of the weights (e.g. 0.99)"
     )

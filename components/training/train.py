@@ -282,19 +282,57 @@ def load_model_file(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
 
 
 def _fingerprint(
-    prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int
+    prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int,
+    teacher: Teacher | None = None,
 ) -> str:
-    payload = json.dumps(
-        {
-            "profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads"}),
-            "augment": aug.model_dump(mode="json"),
-            "classes": list(classes),
-            "data": digest,
-            "seed": seed,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {
+        "profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads"}),
+        "augment": aug.model_dump(mode="json"),
+        "classes": list(classes),
+        "data": digest,
+        "seed": seed,
+    }
+    if teacher is not None:  # another file at the same path is another run
+        payload["teacher"] = teacher.digest
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Knowledge distillation's teacher: a trained model file (`distill_from`)."""
+
+    model: torch.nn.Module
+    path: Path
+    digest: str  # of the file's bytes
+
+
+def load_teacher(prof: ProfileParams, classes: Sequence[str]) -> Teacher | None:
+    """The profile's `distill_from` model, refused unless it sees the same pictures as the model trained."""
+    if not prof.distill_from:
+        return None
+    path = Path(prof.distill_from).expanduser()
+    fix = "set distill_from to a model.pt trained on the same classes and input, or to null"
+    if not path.is_file():
+        raise UsageError(f"distill_from {path}: no such model file; {fix}")
+    model, meta = load_model_file(path)
+    mismatched = [
+        f"{name} {got!r} (this profile: {want!r})"
+        for name, got, want in (
+            ("classes", list(meta["classes"]), list(classes)),
+            ("image_size", meta["image_size"], prof.image_size),
+            ("normalize", meta.get("normalization", {}).get("kind", "imagenet"), prof.normalize),
+            ("fit", meta.get("fit", "squash"), prof.fit),
+        )
+        if got != want
+    ]
+    if mismatched:
+        raise UsageError(f"distill_from {path}: the teacher was trained on other input: {'; '.join(mismatched)}; "
+                         f"{fix}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    log.info("distilling from %s (%s, trained on %s): its softened probabilities take %.0f%% of the class loss",
+             path, meta["arch"]["name"], meta.get("dataset_version") or meta.get("manifest_digest"),
+             100 * prof.distill_weight)
+    return Teacher(model, path, digest)
 
 
 def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRecord]) -> tuple[Path, Path]:
@@ -385,7 +423,8 @@ def run_training(
     classes, normal = list(params.profile.classes), params.profile.normal_class
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     digest = manifest_digest(pd.concat([train_rows, val_rows]))
-    fingerprint = _fingerprint(prof, aug, classes, digest, seed)
+    teacher = load_teacher(prof, classes)
+    fingerprint = _fingerprint(prof, aug, classes, digest, seed, teacher)
     checkpoint_dir = settings.home_dir / "checkpoints" / f"train-{fingerprint}"
     log.info(
         "profile %r: %s at %d px, %d train / %d val images; checkpoints in %s",
@@ -420,6 +459,7 @@ def run_training(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             callbacks=callbacks,
+            teacher=teacher.model if teacher else None,
         )
         head_refit = None
         if prof.design == "dense" and prof.head_refit_epochs:
@@ -445,6 +485,7 @@ def run_training(
         "precision": result.precision,
         "device": result.device,
         "weights_used": weights_used,
+        "distilled_from": {"path": str(teacher.path), "sha256": teacher.digest} if teacher else None,
         "dataset_version": dataset_version,
         "manifest_digest": digest,
         "n_train": len(train_rows),

@@ -25,7 +25,14 @@ from components.training.loop import (
     nondeterminism_logged_once,
     warmup_cosine,
 )
-from components.training.losses import FocalLoss, build_loss, class_weights, mixed_loss, supcon_loss
+from components.training.losses import (
+    FocalLoss,
+    build_loss,
+    class_weights,
+    distill_loss,
+    mixed_loss,
+    supcon_loss,
+)
 from components.training.models import add_drop_path, build_model, imagenet_weights_file
 from components.training.params import AugmentParams, train_params
 from components.training.train import profile_model
@@ -174,7 +181,8 @@ def test_convnet_and_dense_options_are_checked():
         train_params(profile(arch="convnet", design="dense", image_size=64, patch_size=96))
     with pytest.raises(UsageError, match="belong to design: dense"):
         train_params(profile(patch_size=32))
-    for option in ({"output_stride": 16}, {"mask_head_width": 32}, {"mask_classes": True}, {"supcon_weight": 0.5}):
+    for option in ({"output_stride": 16}, {"mask_head_width": 32}, {"mask_classes": True}, {"supcon_weight": 0.5},
+                   {"distill_from": "teacher.pt"}):
         with pytest.raises(UsageError, match=f"design: dense has no {next(iter(option))}; remove them or use design"):
             train_params(profile(design="dense", mask_loss_weight=1.0, **option))
     with pytest.raises(UsageError, match="design: dense has no attention, freeze_stages; remove them"):
@@ -574,6 +582,19 @@ def test_supervised_contrastive_loss_follows_its_definition_and_rewards_classes_
     loss = supcon_loss(lonely, torch.tensor([0, 1, 2]))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(lonely.grad, torch.zeros(3, 5)), "no partners: nothing to pull"
+
+
+def test_distillation_loss_follows_its_definition_and_pulls_the_student_to_the_teacher():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    p_teacher = torch.softmax(teacher / 2.0, 1)
+    by_hand = (p_teacher * (p_teacher.log() - torch.log_softmax(student / 2.0, 1))).sum(1).mean() * 4.0
+    loss = distill_loss(student, teacher, temperature=2.0)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert float(distill_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6), "agreeing: nothing to learn"
+    loss.backward()
+    moved = student.detach() - 0.5 * student.grad
+    assert float(distill_loss(moved, teacher, 2.0)) < loss.item(), "a step down its gradient nears the teacher"
 
 
 def test_sharpness_aware_gradient_is_taken_uphill_and_the_weights_come_back():

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from components.errors import UsageError
 from components.training.loop import EpochRecord, TrainingDiverged
 from components.training.train import HISTORY_COLUMNS, load_model_file, run_training
 from components.training.transforms import preprocess
@@ -107,6 +108,27 @@ def test_same_seed_and_thread_count_rerun_bit_for_bit(settings, raw_params, tiny
         _, adaptive = weights(42, 0, "adaptive")
     assert adaptive["threads"] == "adaptive" and 1 <= adaptive["threads_per_epoch"][0] <= os.cpu_count()
     assert any("matches bit for bit only with a fixed `threads`" in r.getMessage() for r in caplog.records)
+
+
+def test_distillation_learns_from_a_teacher_of_the_same_input_and_refuses_another(
+    settings, raw_params, tiny_manifest, tmp_path
+):
+    teacher = _run(settings, raw_params(epochs=1), tiny_manifest, tmp_path / "teacher").model_path
+    plain = _run(settings, raw_params(epochs=1), tiny_manifest, tmp_path / "plain")
+    taught = _run(settings, raw_params(epochs=1, distill_from=str(teacher), distill_weight=0.7), tiny_manifest,
+                  tmp_path / "taught")
+    assert taught.metrics["distilled_from"]["path"] == str(teacher) and plain.metrics["distilled_from"] is None
+    assert load_model_file(taught.model_path)[1]["train_params"]["distill_from"] == str(teacher)
+    losses = [pd.read_csv(r.history_path)["train_loss"].tolist() for r in (taught, plain)]
+    assert losses[0] != losses[1], "the teacher is heard"
+    assert taught.checkpoint_dir != plain.checkpoint_dir, "a taught run never resumes an untaught one"
+
+    with pytest.raises(UsageError, match="image_size 64 \\(this profile: 96\\); set distill_from to a model.pt"):
+        _run(settings, raw_params(epochs=1, image_size=96, distill_from=str(teacher)), tiny_manifest,
+             tmp_path / "other-size")
+    with pytest.raises(UsageError, match="no such model file"):
+        _run(settings, raw_params(distill_from=str(tmp_path / "missing.pt")), tiny_manifest, tmp_path / "none")
+    assert not (tmp_path / "other-size" / "model.pt").exists() and not (tmp_path / "none").exists()
 
 
 def test_nan_loss_raises_training_diverged_and_writes_no_model(settings, raw_params, tiny_manifest, tmp_path):
