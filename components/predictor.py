@@ -49,12 +49,12 @@ class Predictor:
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         import torch
 
+        from components.training.transforms import model_input
+
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.normal_class: str = meta["normal_class"]
-        self.image_size: int = int(meta["image_size"])
-        self.normalization: str = (meta.get("normalization") or {}).get("kind", "imagenet")
-        self.fit: str = meta.get("fit", "squash")  # model files before `fit` existed were squashed
+        self.image_size, self.normalization, self.fit = model_input(meta)
         calibration = meta.get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         self.threshold = float(calibration.get("threshold", 0.5))

@@ -58,7 +58,13 @@ from components.training.loop import EpochRecord, FitResult, LoopConfig, atomic_
 from components.training.losses import build_loss
 from components.training.models import Classifier, add_drop_path, build_model
 from components.training.params import AugmentParams, ProfileParams, TrainParams, augment_params, train_params
-from components.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from components.training.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    model_input,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -317,12 +323,9 @@ def load_teacher(prof: ProfileParams, classes: Sequence[str]) -> Teacher | None:
     model, meta = load_model_file(path)
     mismatched = [
         f"{name} {got!r} (this profile: {want!r})"
-        for name, got, want in (
-            ("classes", list(meta["classes"]), list(classes)),
-            ("image_size", meta["image_size"], prof.image_size),
-            ("normalize", meta.get("normalization", {}).get("kind", "imagenet"), prof.normalize),
-            ("fit", meta.get("fit", "squash"), prof.fit),
-        )
+        for name, got, want in zip(("classes", "image_size", "normalize", "fit"),
+                                   (list(meta["classes"]), *model_input(meta)),
+                                   (list(classes), prof.image_size, prof.normalize, prof.fit), strict=True)
         if got != want
     ]
     if mismatched:

@@ -234,7 +234,12 @@ def _preprocess_gray(gray: np.ndarray, image_size: int, normalize: Normalization
     raise _unknown(normalize)
 
 
+def model_input(meta: dict) -> tuple[int, str, str]:
+    """The input a model file asks for: image_size, normalization kind and fit (files from before those keys:
+    ImageNet normalisation, squashed)."""
+    return int(meta["image_size"]), (meta.get("normalization") or {}).get("kind", "imagenet"), meta.get("fit", "squash")
+
+
 def model_transform(meta: dict) -> A.Compose:
     """The eval transform a model file asks for (its image_size, normalization and fit)."""
-    return eval_transform(int(meta["image_size"]), meta.get("normalization", {}).get("kind", "imagenet"),
-                          meta.get("fit", "squash"))
+    return eval_transform(*model_input(meta))
