@@ -312,8 +312,9 @@ class Teacher:
     digest: str  # of the file's bytes
 
 
-def load_teacher(prof: ProfileParams, classes: Sequence[str]) -> Teacher | None:
-    """The profile's `distill_from` model, refused unless it sees the same pictures as the model trained."""
+def load_teacher(prof: ProfileParams, classes: Sequence[str], digest: str) -> Teacher | None:
+    """The profile's `distill_from` model, refused unless it sees the same pictures as the model trained;
+    `digest` is this run's training and validation images' (a teacher trained on others gets a warning)."""
     if not prof.distill_from:
         return None
     path = Path(prof.distill_from).expanduser()
@@ -331,11 +332,14 @@ def load_teacher(prof: ProfileParams, classes: Sequence[str]) -> Teacher | None:
     if mismatched:
         raise UsageError(f"distill_from {path}: the teacher was trained on other input: {'; '.join(mismatched)}; "
                          f"{fix}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if meta.get("manifest_digest") != digest:
+        log.warning("distill_from %s was trained on other images (manifest %s, this run's %s): if it saw this run's "
+                    "val or test pictures, their figures flatter the model; use a teacher trained on this split",
+                    path, meta.get("manifest_digest"), digest)
     log.info("distilling from %s (%s, trained on %s): its softened probabilities take %.0f%% of the class loss",
              path, meta["arch"]["name"], meta.get("dataset_version") or meta.get("manifest_digest"),
              100 * prof.distill_weight)
-    return Teacher(model, path, digest)
+    return Teacher(model, path, hashlib.sha256(path.read_bytes()).hexdigest()[:16])
 
 
 def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRecord]) -> tuple[Path, Path]:
@@ -426,7 +430,7 @@ def run_training(
     classes, normal = list(params.profile.classes), params.profile.normal_class
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     digest = manifest_digest(pd.concat([train_rows, val_rows]))
-    teacher = load_teacher(prof, classes)
+    teacher = load_teacher(prof, classes, digest)
     fingerprint = _fingerprint(prof, aug, classes, digest, seed, teacher)
     checkpoint_dir = settings.home_dir / "checkpoints" / f"train-{fingerprint}"
     log.info(

@@ -111,17 +111,24 @@ def test_same_seed_and_thread_count_rerun_bit_for_bit(settings, raw_params, tiny
 
 
 def test_distillation_learns_from_a_teacher_of_the_same_input_and_refuses_another(
-    settings, raw_params, tiny_manifest, tmp_path
+    settings, raw_params, tiny_manifest, tmp_path, caplog
 ):
     teacher = _run(settings, raw_params(epochs=1), tiny_manifest, tmp_path / "teacher").model_path
     plain = _run(settings, raw_params(epochs=1), tiny_manifest, tmp_path / "plain")
-    taught = _run(settings, raw_params(epochs=1, distill_from=str(teacher), distill_weight=0.7), tiny_manifest,
-                  tmp_path / "taught")
+    with caplog.at_level(logging.WARNING, logger="components.training.train"):
+        taught = _run(settings, raw_params(epochs=1, distill_from=str(teacher), distill_weight=0.7), tiny_manifest,
+                      tmp_path / "taught")
     assert taught.metrics["distilled_from"]["path"] == str(teacher) and plain.metrics["distilled_from"] is None
     assert load_model_file(taught.model_path)[1]["train_params"]["distill_from"] == str(teacher)
     losses = [pd.read_csv(r.history_path)["train_loss"].tolist() for r in (taught, plain)]
     assert losses[0] != losses[1], "the teacher is heard"
     assert taught.checkpoint_dir != plain.checkpoint_dir, "a taught run never resumes an untaught one"
+    assert not [r for r in caplog.records if "was trained on other images" in r.getMessage()]
+
+    fewer = tiny_manifest.drop(index=tiny_manifest.index[tiny_manifest["split"] == "train"][0])
+    with caplog.at_level(logging.WARNING, logger="components.training.train"):
+        _run(settings, raw_params(epochs=1, distill_from=str(teacher)), fewer, tmp_path / "other-images")
+    assert any("was trained on other images" in r.getMessage() for r in caplog.records)
 
     with pytest.raises(UsageError, match="image_size 64 \\(this profile: 96\\); set distill_from to a model.pt"):
         _run(settings, raw_params(epochs=1, image_size=96, distill_from=str(teacher)), tiny_manifest,
