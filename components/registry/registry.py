@@ -13,7 +13,6 @@ commands, ever move `champion`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import pandas as pd
 from components.config import Params, Settings
 from components.data.tracked import usable_rows
 from components.errors import DefectOpsError, UsageError
-from components.files import write_text_atomic
+from components.files import file_sha256, write_text_atomic
 from components.locks import exclusive
 from components.registry.tracking import EXPERIMENT_NAME, MODEL_NAME, connect
 
@@ -81,14 +80,6 @@ class RegisterResult:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _truncate(text: str, limit: int = TAG_VALUE_LIMIT) -> str:
@@ -522,7 +513,7 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool) 
             f"trained on; check out the commit whose data.dvc names {trained_on} (then `defectops data pull`), "
             "or train again on this version")
     client = connect(settings)  # an unreachable server fails here, before any slow work
-    model_sha256 = _sha256(model_path)
+    model_sha256 = file_sha256(model_path)
     manifest = tracked_manifest(settings, params)
     digest = manifest_digest(manifest)
     rows = golden_test_split(manifest)

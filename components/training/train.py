@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from components.config import Params, Settings
 from components.errors import UsageError, one_line
-from components.files import replacing, write_text_atomic
+from components.files import file_sha256, replacing, write_text_atomic
 from components.training.data import (
     EMPTY_MASK,
     ManifestDataset,
@@ -339,7 +339,7 @@ def load_teacher(prof: ProfileParams, classes: Sequence[str], digest: str) -> Te
     log.info("distilling from %s (%s, trained on %s): its softened probabilities take %.0f%% of the class loss",
              path, meta["arch"]["name"], meta.get("dataset_version") or meta.get("manifest_digest"),
              100 * prof.distill_weight)
-    return Teacher(model, path, hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+    return Teacher(model, path, file_sha256(path)[:16])
 
 
 def _write_outputs(out_dir: Path, metrics: dict[str, Any], history: list[EpochRecord]) -> tuple[Path, Path]:
