@@ -121,15 +121,16 @@ def main() -> None:
 
     counts = [targets.count(i) for i in range(len(classes))]
     # the pipeline's own settings, loss included; only the epoch budget, threads and progress bar differ, and
-    # mixup, cutmix, SAM and the contrastive loss are off: they change the training algorithm (SAM: two passes a
-    # step), not the pipeline's cost
+    # mixup, cutmix, SAM, the contrastive loss and distillation are off: they change the training algorithm (SAM:
+    # two passes a step; a teacher: one more forward pass), not the pipeline's cost
     normal = classes.index(params.profile.normal_class)
     cfg = loop_config(prof, seed, tp.deterministic, normal, epochs=100, min_epochs=0, max_minutes=None, threads=threads,
                       progress=True, mixup_alpha=0.0, cutmix_alpha=0.0, sam_rho=0.0, supcon_weight=0.0)
-    if prof.mixup_alpha or prof.cutmix_alpha or prof.sam_rho or prof.supcon_weight:
+    if prof.mixup_alpha or prof.cutmix_alpha or prof.sam_rho or prof.supcon_weight or prof.distill_from:
         print(f"profile {name} has mixup_alpha {prof.mixup_alpha:g}, cutmix_alpha {prof.cutmix_alpha:g}, sam_rho "
-              f"{prof.sam_rho:g}, supcon_weight {prof.supcon_weight:g}: measured without them (SAM doubles the "
-              "passes of a step), like the bare loop")
+              f"{prof.sam_rho:g}, supcon_weight {prof.supcon_weight:g}, distill_from {prof.distill_from or '-'}: "
+              "measured without them (SAM doubles the passes of a step, a teacher adds a forward pass), like the "
+              "bare loop")
     trainer = Trainer(fresh_model(), loader, val_loader, profile_loss(prof, counts), cfg, device, None)
     waits: list[float] = []
 
