@@ -106,7 +106,7 @@ def main() -> None:
         aug,
         seed,
         params.data.max_image_pixels,
-        normal_class=params.profile.normal_class,
+        params.profile.normal_class,
     )
     threads = args.threads or prof.threads or free_cores_threads(others_runnable_now())
     torch.set_num_threads(threads)

@@ -155,12 +155,12 @@ def build_loaders(
     aug: AugmentParams,
     seed: int,
     max_pixels: int,
+    normal_class: str,
     progress: bool = False,
-    normal_class: str | None = None,
 ) -> tuple[DataLoader, DataLoader, list[int]]:
     """Training loader (augmented, shuffled or class-balanced) and validation loader (eval transform)."""
     train_targets = class_targets(train_rows, classes)
-    masks = training_masks(train_rows, normal_class or "") if prof.uses_masks else None
+    masks = training_masks(train_rows, normal_class) if prof.uses_masks else None
     train_data = ManifestDataset(
         train_rows["file"].tolist(),
         train_targets,
@@ -171,7 +171,7 @@ def build_loaders(
         masks=masks,
         paste=aug.paste,
         keep_defect=aug.keep_defect,
-        normal_target=list(classes).index(normal_class) if normal_class in classes else None,
+        normal_target=list(classes).index(normal_class),
         patch=prof.patch_size if prof.design == "dense" else None,
         patch_focus=prof.patch_focus,
     )
@@ -444,14 +444,14 @@ def run_training(
     )
 
     train_loader, val_loader, train_targets = build_loaders(
-        train_rows, val_rows, classes, prof, aug, seed, params.data.max_image_pixels, progress, normal
+        train_rows, val_rows, classes, prof, aug, seed, params.data.max_image_pixels, normal, progress
     )
     counts = class_counts(train_targets, len(classes))
     for name, count in zip(classes, counts, strict=True):
         if count == 0:
             log.warning("class %r has no training images: the model cannot learn it", name)
     torch.manual_seed(seed)  # model initialisation is part of the seeded run
-    normal_index = classes.index(normal) if normal in classes else 0
+    normal_index = classes.index(normal)  # params check that the normal class is one of the classes
     model, weights_used = profile_model(prof, len(classes), prof.weights, tp.download_weights, normal_index)
     criterion = profile_loss(prof, counts)
     cfg = loop_config(prof, seed, tp.deterministic, normal_index, progress=progress, fingerprint=fingerprint)
