@@ -186,8 +186,8 @@ class ProfileParams(_Section):
     supcon_temperature: float = Field(0.1, gt=0, description="supervised contrastive loss: its temperature")
     distill_from: str | None = Field(
         None, description="knowledge distillation: a model file (model.pt) trained on the same classes, input and "
-        "training split, whose softened class probabilities on each training picture the model also learns; "
-        "None = off"
+        "training split, whose softened class probabilities on each training picture the model also learns "
+        "(list the file in dvc.yaml's train deps too, so that `dvc repro` retrains when it changes); None = off"
     )
     distill_weight: float = Field(
         0.5, ge=0, le=1, description="knowledge distillation: the teacher's share of the class loss (the labels' "
