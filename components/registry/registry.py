@@ -264,9 +264,15 @@ def _read_train_dir(train_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any
     return model, meta, train_metrics, history, model_path
 
 
+def _failed_registration(version: ModelVersion) -> bool:
+    """A version left by a registration that failed and could not be deleted (see `_undo_registration`)."""
+    return (version.tags or {}).get("registration") == "failed"
+
+
 def _existing_version(client: MlflowClient, manifest_digest: str, model_sha256: str) -> ModelVersion | None:
     found = client.search_model_versions(f"name='{MODEL_NAME}' and tag.model_sha256='{model_sha256}' "
                                          f"and tag.manifest_digest='{manifest_digest}'")
+    found = [v for v in found if not _failed_registration(v)]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -287,12 +293,7 @@ def _result_from_version(client: MlflowClient, version: ModelVersion, settings: 
 
 
 def _champion_version(client: MlflowClient) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version)
-    except MlflowException:
-        return None
+    return _aliases(client).get(CHAMPION)
 
 
 @dataclass
@@ -487,7 +488,7 @@ def _write_comparison(settings: Settings, version: str, markdown: str) -> Path:
 
 def register(settings: Settings, params: Params, train_dir: Path, force: bool = False) -> RegisterResult:
     """Evaluate a trained model on the golden test split, log and register it, gate it, make it `challenger`."""
-    with _permission_named("register a model"):
+    with _registry_errors("register a model", settings.tracking_uri):
         return _register(settings, params, train_dir, force)
 
 
@@ -626,18 +627,27 @@ def _get_version(client: MlflowClient, version: str) -> ModelVersion:
     try:
         return client.get_model_version(MODEL_NAME, version)
     except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise DefectOpsError(f"{MODEL_NAME} version {version} does not exist; list versions with "
                              "`defectops models`") from exc
 
 
 def _aliases(client: MlflowClient) -> dict[str, str]:
-    """alias -> version of the registered model (empty when nothing is registered)."""
+    """alias -> version of the registered model (empty when nothing is registered yet).
+
+    Any other registry error raises: read as "no champion", a failed call would let `reject` take the champion
+    or the gate judge a challenger against the fixed minimums instead of the champion.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        return {alias: str(v) for alias, v in client.get_registered_model(MODEL_NAME).aliases.items()}
-    except MlflowException:
-        return {}
+        model = client.get_registered_model(MODEL_NAME)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+    return {alias: str(v) for alias, v in model.aliases.items()}
 
 
 def _failed_reasons(tags: dict[str, str]) -> str:
@@ -651,19 +661,23 @@ def _refused(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _permission_named(action: str) -> Iterator[None]:
-    """A refusal by the tracking server's access control, as one line naming the account and the fix."""
+def _registry_errors(action: str, uri: str) -> Iterator[None]:
+    """MLflow's errors as one line naming the fix: a refusal by the server's access control names the account;
+    any other failure (server gone, 5xx, database locked) says to run the command again, which is safe: a
+    registration leaves nothing behind, and `approve` completes an approval that stopped half-way."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except MlflowException as exc:
-        if not _refused(exc):
-            raise
-        account = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
-        raise DefectOpsError(f"the MLflow server refused to {action} for the account {account}: it needs EDIT on "
-                             f"the registered model {MODEL_NAME} and the experiment {EXPERIMENT_NAME} "
-                             "(infra/README.md, MLflow accounts)") from exc
+        if _refused(exc):
+            account = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
+            raise DefectOpsError(f"the MLflow server refused to {action} for the account {account}: it needs EDIT "
+                                 f"on the registered model {MODEL_NAME} and the experiment {EXPERIMENT_NAME} "
+                                 "(infra/README.md, MLflow accounts)") from exc
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DefectOpsError(f"the MLflow registry at {uri} failed to {action} ({problem}); check that it is up "
+                             "(`defectops models`) and run the command again") from exc
 
 
 def _remove_challenger(client: MlflowClient, version: str) -> bool:
@@ -682,12 +696,21 @@ def _remove_challenger(client: MlflowClient, version: str) -> bool:
         return False
 
 
+# approval_status values that a person set against a version: approving it over them needs --force and a note
+_VETOES = {  # status: (in words, who, when, why, the tag that records the override)
+    "rejected": ("rejected", "rejected_by", "rejected_at", "rejected_reason", "overrode_rejection"),
+    "rolled_back": ("rolled back", "rolled_back_by", "rolled_back_at", "rolled_back_reason", "overrode_rollback"),
+}
+
+
 def approve(settings: Settings, version: str | int, by: str, note: str | None = None,
             force: bool = False) -> dict[str, Any]:
-    """Make a version whose gate passed the champion; `force` (with a note as the reason) overrides the gate.
+    """Make a version whose gate passed against the current champion the champion; `force` (with a note as the
+    reason) overrides the gate, a stale comparison, a rejection or a rollback.
 
     A version a person already made champion in the MLflow UI gets the approval recorded (tags, audit line),
-    which promotion requires; the alias stays where the click put it.
+    which promotion requires; the alias stays where the click put it. An approval that stopped after the alias
+    moved (registry down, Ctrl-C) is completed by running it again.
     """
     version = parse_version(version)
     if not by.strip():
@@ -695,7 +718,7 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
     if force and not (note and note.strip()):
         raise UsageError("--force needs --note giving the reason for overriding the gate")
     client = connect(settings)
-    with _permission_named(f"approve version {version}"), \
+    with _registry_errors(f"approve version {version}", settings.tracking_uri), \
             exclusive(settings.locks_dir, "registry", "a model registration or approval"):
         tags = dict(_get_version(client, version).tags or {})
         aliases = _aliases(client)
@@ -703,26 +726,30 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
         # the alias moved in the MLflow UI already: record the approval, since that click left no tags
         moved_in_ui = previous == version
         if moved_in_ui and approval_problem(tags) is None:
-            log.info("version %s is already the approved champion; nothing to do", version)
-            return {"version": version, "previous_champion": previous, "changed": False}
+            if _approval_recorded(settings, version, tags["approved_at"]):
+                log.info("version %s is already the approved champion; nothing to do", version)
+                return {"version": version, "previous_champion": previous, "changed": False}
+            log.warning("version %s is the approved champion (approved by %s at %s) but this home's audit trail "
+                        "has no line for it: the approval stopped after the alias moved; completing it", version,
+                        tags["approved_by"], tags["approved_at"])
+            entry = _finish_approval(settings, client, version, tags, aliases, {"completed_by": by})
+            return {"version": version, "previous_champion": entry["previous_champion"], "changed": True,
+                    "forced": entry["forced"], "challenger_removed": entry["challenger_removed"]}
         gate_status, approval = tags.get("gate_status"), tags.get("approval_status")
-        if not force and gate_status != "passed":
-            raise DefectOpsError(f"version {version} did not pass the gate ({_failed_reasons(tags)}); register a "
-                                 "better model, or approve with --force and a --note giving the reason")
-        if not force and approval == "rejected":
-            raise DefectOpsError(f"version {version} was rejected by {tags.get('rejected_by', '?')} "
-                                 f"({tags.get('rejected_reason', '')}); register a new model, or approve with "
-                                 "--force and a --note")
+        if not force:
+            _refuse_unless_eligible(version, tags, None if moved_in_ui else previous)
         if moved_in_ui:  # MLflow keeps no history of alias moves: which version the click replaced is lost
             previous = "unknown (alias moved in the MLflow UI)"
-        overrode = None
-        if approval == "rejected":  # only with --force: the rejection stays on record beside the approval
-            overrode = (f"rejected by {tags.get('rejected_by', '?')} at {tags.get('rejected_at', '?')}: "
-                        f"{tags.get('rejected_reason', '')}")
-            log.warning("version %s was %s; approved over it with --force (%s)", version, overrode, note)
+        overrode = {}
+        if approval in _VETOES:  # only with --force: the veto stays on record beside the approval
+            what, who, when, why, key = _VETOES[approval]
+            overrode[key] = _truncate(f"{what} by {tags.get(who, '?')} at {tags.get(when, '?')}: {tags.get(why, '')}")
+            log.warning("version %s was %s; approved over it with --force (%s)", version, overrode[key], note)
         new_tags = {"approved_by": by, "approved_at": _now(), "approval_note": _truncate(note or ""),
-                    "previous_champion": previous or "none", "approval_forced": str(force).lower(),
-                    "approval_status": "approved", **({"overrode_rejection": _truncate(overrode)} if overrode else {})}
+                    "previous_champion": previous or "none", "approval_forced": str(force).lower(), **overrode,
+                    # a former champion approved again is no longer replaced
+                    **({"replaced_by": "none"} if tags.get("replaced_by", "none") != "none" else {}),
+                    "approval_status": "approved"}  # last: a version is approved only once every tag is there
         for key, value in new_tags.items():
             client.set_model_version_tag(MODEL_NAME, version, key, value)
         if not moved_in_ui:
@@ -731,17 +758,54 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
             except BaseException:
                 client.set_model_version_tag(MODEL_NAME, version, "approval_status", approval or "pending")
                 raise
-            if previous is not None:
-                client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
-                client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", new_tags["approved_at"])
-        challenger_removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
-    _audit(settings, {"action": "approve", "version": version, "by": by, "note": note,
-                      "previous_champion": previous, "forced": force, "gate_status": gate_status,
-                      "challenger_removed": challenger_removed, "alias_moved_in_ui": moved_in_ui,
-                      "overrode_rejection": overrode})
+        entry = _finish_approval(settings, client, version, {**tags, **new_tags}, aliases,
+                                 {"gate_status": gate_status, **overrode})
     log.info("version %s is now the champion (was %s), approved by %s", version, previous or "none", by)
     return {"version": version, "previous_champion": previous, "changed": True, "forced": force,
-            "challenger_removed": challenger_removed}
+            "challenger_removed": entry["challenger_removed"]}
+
+
+def _refuse_unless_eligible(version: str, tags: dict[str, str], champion: str | None) -> None:
+    """Without --force, a version is approved only if its gate passed against the champion it would replace
+    and no person rejected it or rolled it back."""
+    if tags.get("gate_status") != "passed":
+        raise DefectOpsError(f"version {version} did not pass the gate ({_failed_reasons(tags)}); register a "
+                             "better model, or approve with --force and a --note giving the reason")
+    compared_with = tags.get("compared_with", "none")
+    if champion is not None and compared_with != champion:
+        against = f"champion v{compared_with}" if compared_with != "none" else "the fixed minimums (no champion)"
+        raise DefectOpsError(f"version {version} was gated against {against}, but the champion is now v{champion}; "
+                             "register it again (`defectops register --force`) to gate it against the current "
+                             "champion, or approve with --force and a --note")
+    veto = _VETOES.get(tags.get("approval_status", ""))
+    if veto:
+        what, who, _, why, _ = veto
+        raise DefectOpsError(f"version {version} was {what} by {tags.get(who, '?')} ({tags.get(why, '')}); "
+                             "register a new model, or approve with --force and a --note")
+
+
+def _approval_recorded(settings: Settings, version: str, approved_at: str) -> bool:
+    """Whether this home's audit trail has the line of the approval tagged `approved_at` (written after it)."""
+    return any(e.get("action") == "approve" and str(e.get("version")) == version and str(e.get("at", "")) >= approved_at
+               for e in audit_trail(settings))
+
+
+def _finish_approval(settings: Settings, client: MlflowClient, version: str, tags: dict[str, str],
+                     aliases: dict[str, str], extra: dict[str, Any]) -> dict[str, Any]:
+    """What follows the alias move, from the version's approval tags alone, so that a rerun can complete it:
+    the replaced champion tagged, `challenger` taken off, the audit line. Returns that line."""
+    previous = tags["previous_champion"]
+    if previous.isdigit() and previous != version:
+        client.set_model_version_tag(MODEL_NAME, previous, "replaced_by", version)
+        client.set_model_version_tag(MODEL_NAME, previous, "replaced_at", tags["approved_at"])
+    entry = {"action": "approve", "version": version, "by": tags["approved_by"],
+             "note": tags.get("approval_note") or None, "approved_at": tags["approved_at"],
+             "previous_champion": None if previous == "none" else previous,
+             "forced": tags.get("approval_forced") == "true",
+             "challenger_removed": aliases.get(CHALLENGER) == version and _remove_challenger(client, version),
+             "alias_moved_in_ui": previous.startswith("unknown"), **extra}
+    _audit(settings, entry)
+    return entry
 
 
 def _require_who_and_why(action: str, by: str, reason: str) -> None:
@@ -757,7 +821,7 @@ def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict
     version = parse_version(version)
     _require_who_and_why("reject", by, reason)
     client = connect(settings)
-    with _permission_named(f"reject version {version}"), \
+    with _registry_errors(f"reject version {version}", settings.tracking_uri), \
             exclusive(settings.locks_dir, "registry", "a model registration or approval"):
         _get_version(client, version)
         aliases = _aliases(client)
@@ -853,7 +917,7 @@ def find_trained(settings: Settings, fingerprint: str) -> RegisterResult | None:
     """The registered version trained from exactly this data and these params, if there is one."""
     client = connect(settings)
     found = client.search_model_versions(f"name='{MODEL_NAME}' and tag.training_fingerprint='{fingerprint}'")
-    live = [v for v in found if v.tags.get("approval_status") != "rejected"]
+    live = [v for v in found if v.tags.get("approval_status") != "rejected" and not _failed_registration(v)]
     return _result_from_version(client, max(live, key=lambda v: int(v.version)), settings) if live else None
 
 

@@ -291,3 +291,115 @@ def test_failure_after_version_created_leaves_no_version(registry_project, tmp_p
     experiment_ids = [client.get_experiment_by_name("defectops").experiment_id]
     assert mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list") == []
     assert not list((registry_project.reports_dir / "comparisons").glob("*.md"))
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, method: str, when) -> list:
+    """MlflowClient.<method> raises a registry error (as a server gone mid-command does) the first time `when`
+    holds for its arguments; returns the calls it failed."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    real, failed = getattr(MlflowClient, method), []
+
+    def flaky(self, *args, **kwargs):
+        if not failed and when(*args, **kwargs):
+            failed.append(args)
+            raise MlflowException("API request failed with error code 503 != 200", error_code="TEMPORARILY_UNAVAILABLE")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, method, flaky)
+    return failed
+
+
+def test_an_approval_stopped_after_the_alias_moved_is_completed_by_running_it_again(
+        registry_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry fails after `champion` moved: one line naming the fix, and the rerun records what is missing
+    (the replaced champion's tags, `challenger` taken off, the audit line) instead of saying "nothing to do"."""
+    from components.cli import app
+    from components.registry.registry import approve, audit_trail, register
+
+    settings = registry_project
+    _use(monkeypatch, settings)
+    lenient = params_with_gate(settings, **LENIENT_GATE)
+    approve(settings, register(settings, lenient, make_train_dir(tmp_path / "a", seed=1)).version, by="alice")
+    second = register(settings, lenient, make_train_dir(tmp_path / "b", seed=2))
+    assert second.compared_with == "1" and _aliases(settings) == {"champion": "1", "challenger": "2"}
+
+    failed = _fail_once(monkeypatch, "set_model_version_tag", lambda name, version, key, value: key == "replaced_by")
+    stopped = CliRunner().invoke(app, ["approve", "2", "--by", "bob"])
+    assert failed and stopped.exit_code == 1 and "Traceback" not in stopped.output
+    assert "the MLflow registry at sqlite:///" in stopped.output
+    assert "failed to approve version 2 (API request failed with error code 503" in stopped.output
+    assert "run the command again" in stopped.output
+    assert _aliases(settings) == {"champion": "2", "challenger": "2"}
+    assert [e["version"] for e in audit_trail(settings) if e["action"] == "approve"] == ["1"]
+
+    rerun = CliRunner().invoke(app, ["approve", "2", "--by", "carol"])
+    assert rerun.exit_code == 0 and "version 2 is now the champion (previous: 1); approved by carol" in rerun.output
+    assert _aliases(settings) == {"champion": "2"}
+    first_tags = _client(settings).get_model_version(NAME, "1").tags
+    assert first_tags["replaced_by"] == "2" and first_tags["replaced_at"]
+    line = audit_trail(settings)[-1]
+    assert (line["action"], line["version"], line["by"], line["completed_by"]) == ("approve", "2", "bob", "carol")
+    assert line["previous_champion"] == "1" and line["challenger_removed"] is True
+    assert not approve(settings, "2", by="carol")["changed"]
+
+
+def test_a_registry_error_is_not_read_as_no_champion(registry_project, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed alias lookup once let `reject` take the champion: now it is a one-line error and nothing moves."""
+    from components.registry.registry import approve, register, reject
+
+    settings = registry_project
+    version = register(settings, params_with_gate(settings, **LENIENT_GATE), make_train_dir(tmp_path / "m")).version
+    approve(settings, version, by="alice")
+    _fail_once(monkeypatch, "get_registered_model", lambda name: True)
+    with pytest.raises(DefectOpsError, match=r"failed to reject version 1 \(API request failed .*run the command"):
+        reject(settings, version, by="bob", reason="flaky")
+    tags = _client(settings).get_model_version(NAME, version).tags
+    assert tags["approval_status"] == "approved" and "rejected_by" not in tags
+    with pytest.raises(DefectOpsError, match="is the champion"):
+        reject(settings, version, by="bob", reason="the registry answers again")
+
+
+def test_approve_refuses_a_gate_passed_against_a_former_champion(registry_project, tmp_path: Path) -> None:
+    """Two challengers gated against v1: once one is champion, the other was never compared with it."""
+    from components.registry.registry import approve, register
+
+    settings = registry_project
+    lenient = params_with_gate(settings, **LENIENT_GATE)
+    approve(settings, register(settings, lenient, make_train_dir(tmp_path / "a", seed=1)).version, by="alice")
+    second_dir = make_train_dir(tmp_path / "b", seed=2)
+    second = register(settings, lenient, second_dir)
+    third = register(settings, lenient, second_dir, force=True)  # the same figures: its gate passes too
+    assert second.compared_with == third.compared_with == "1" and second.gate_passed and third.gate_passed
+    approve(settings, second.version, by="bob")
+    with pytest.raises(DefectOpsError, match=r"version 3 was gated against champion v1, but the champion is now v2; "
+                                             r"register it again \(`defectops register --force`\)"):
+        approve(settings, third.version, by="carol")
+    assert _aliases(settings)["champion"] == "2"
+    approve(settings, third.version, by="carol", note="v2 crashes on the new camera", force=True)
+    assert _aliases(settings)["champion"] == "3"
+
+
+def test_a_failed_registration_left_behind_is_not_taken_for_the_model(registry_project, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version whose failed registration could not be deleted is tagged; registering again creates a new one."""
+    from mlflow import MlflowClient
+
+    from components.registry import registry
+
+    def refused(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    train_dir = make_train_dir(tmp_path / "train")
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "_write_comparison", refused)
+        patch.setattr(MlflowClient, "delete_model_version", refused)
+        with pytest.raises(OSError, match="No space left"):
+            registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
+    left = _client(registry_project).get_model_version(NAME, "1").tags
+    assert left["registration"] == "failed" and left["approval_status"] == "not-eligible"
+    assert registry.find_trained(registry_project, left["training_fingerprint"]) is None
+    again = registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
+    assert again.created and again.version == "2" and again.gate_passed

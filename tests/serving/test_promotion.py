@@ -13,7 +13,7 @@ import pytest
 
 from components.config import Settings, load_params
 from components.errors import DefectOpsError
-from components.registry.registry import approve, audit_trail
+from components.registry.registry import _champion_version, approve, audit_trail
 from components.registry.tracking import MODEL_NAME, connect
 from components.serving.deployment import NotApproved, read_record, record_path
 from components.serving.promotion import promote, rollback, service_state
@@ -37,9 +37,10 @@ CANDIDATE = {"gate_status": "passed", "approval_status": "pending"}
 
 
 def _candidate(plant: Settings, tmp_path: Path, seed: int) -> str:
-    """A registered version that passed the gate and waits for approval."""
+    """A registered version that passed the gate against the current champion and waits for approval."""
     model = make_tiny_model(tmp_path / f"model-{seed}" / "model.pt", seed=seed)
-    return register_model_file(plant, model, CANDIDATE)
+    champion = _champion_version(connect(plant)) or "none"
+    return register_model_file(plant, model, {**CANDIDATE, "compared_with": champion})
 
 
 def _tags(plant: Settings, version: str) -> dict[str, str]:
