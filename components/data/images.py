@@ -87,6 +87,15 @@ def _open(source: bytes | Path | Image.Image, max_pixels: int) -> Image.Image:
     return image
 
 
+def header_pixels(raw: bytes) -> int:
+    """Width x height as the image's header states it, without decoding; 0 when unreadable (`decode` says why)."""
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.width * image.height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
 def check_pixels(image: Image.Image, max_pixels: int, name: str = "image") -> None:
     """Refuse an image over the pixel limit before it is decoded."""
     pixels = image.width * image.height

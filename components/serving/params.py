@@ -51,6 +51,11 @@ class ServeParams(_Section):
     review_retention_days: int = Field(30, ge=1, description="review-queue days older than this are deleted")
     max_upload_bytes: int = Field(20_000_000, ge=1_000, description="larger request bodies get 413")
     max_batch_images: int = Field(32, ge=1, description="most images in one /predict_batch request")
+    max_batch_pixels: int = Field(
+        100_000_000, ge=1_000_000, description="most pixels (width x height, read from the headers before "
+        "decoding) in one /predict_batch request: 32 images of up to data.max_image_pixels each would hold "
+        "gigabytes decoded at once"
+    )
     log_queue_size: int = Field(10_000, ge=10, description="pending log/review writes; beyond it they are dropped "
                                 "(counted in prediction_log_dropped_total), never blocking a request")
     reload_poll_seconds: float = Field(2.0, gt=0, description="how often the service looks for a rewritten "

@@ -19,17 +19,20 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import bentoml
 
 from components.serving import metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREDICTION_PATHS = {"/predict": "image", "/predict_batch": "images", "/explain": "image"}
 MAX_METADATA_CHARS = 200
+REQUEST_TIMEOUT_S = 120  # BentoML ends a request after this; a swapped-out model waits as long for its requests
 EXPLAIN_MAX_SIDE = 1024
 # a 1x1 grey PNG: warms the decode path at start
 _GREY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
@@ -70,6 +73,35 @@ def _boundary(content_type: str) -> bytes | None:
         if key.strip().lower() == "boundary" and value.strip().strip('"'):
             return value.strip().strip('"').encode()
     return None
+
+
+def frame_problem(facts: dict[str, Any], limits: Any) -> str | None:
+    """Why a frame is refused (None when it is not): what no camera frame of a part looks like, by the `validate`
+    bounds every training image met: a sliver or a thumbnail, and a blank frame (a lens cap, a dead lamp).
+    Served, such a frame is classified with confidence like any other, and may be accepted; refused, the line
+    client sends the part to review."""
+    width, height = facts["width"], facts["height"]
+    if (limits.width.min is not None and width < limits.width.min) or \
+            (limits.height.min is not None and height < limits.height.min):
+        smallest = "x".join("any" if bound is None else f"{bound:g}" for bound in (limits.width.min, limits.height.min))
+        return (f"{width}x{height} px is below the smallest frame the data contract allows ({smallest}, "
+                "validate.width/height.min); send the camera's whole frame")
+    if limits.contrast.min is not None and facts["contrast"] < limits.contrast.min:
+        return (f"a blank frame (contrast {facts['contrast']:.2f} is below validate.contrast.min "
+                f"{limits.contrast.min:g}); check the camera: lens, lamp, exposure")
+    return None
+
+
+async def all_or_nothing(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await them side by side; the first error is raised only once every one has ended, so that no answer of
+    a request that fails is still being recorded when the caller learns it failed."""
+    import asyncio
+
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 class UploadGuard:
@@ -193,7 +225,7 @@ def _stop_server_if_serving() -> None:
         os.kill(parent, signal.SIGTERM)
 
 
-@bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": 120, "max_concurrency": 256})
+@bentoml.service(resources={"gpu": 1}, workers=1, traffic={"timeout": REQUEST_TIMEOUT_S, "max_concurrency": 256})
 class DefectClassifier:
     """Serves the pinned model of the deployment record; delegates all image and model work to the Predictor."""
 
@@ -254,7 +286,7 @@ class DefectClassifier:
         metrics.SERVED_MODEL.labels(*old.labels).set(0)
         metrics.SERVED_MODEL.labels(*new.labels).set(1)
         self._explainers.pop(old.model_version, None)
-        retire(old, old.batcher.max_latency_ms / 1000)
+        retire(old, REQUEST_TIMEOUT_S)  # a request holding it (still decoding, queued) ends within this
 
     def _prepare(self, raw: bytes, deployment: Any = None, check: bool = True) -> tuple[Any, dict[str, Any], Any]:
         """Decode (the shared conversion rule), image statistics, and the input tensor of `deployment`'s model;
@@ -263,26 +295,11 @@ class DefectClassifier:
 
         decoded = decode(raw, self.max_pixels)
         facts = {**decoded.facts(), "bytes": len(raw)}
-        if check:
-            self._check_frame(facts)
+        if check and (problem := frame_problem(facts, self.frame_limits)):
+            from components.errors import ImageError
+
+            raise ImageError(problem)
         return decoded, facts, (deployment or self.deployment).engine.prepare(decoded.pixels)
-
-    def _check_frame(self, facts: dict[str, Any]) -> None:
-        """Refuse what no camera frame of a part looks like, by the `validate` bounds every training image met: a
-        sliver or a thumbnail, and a blank frame (a lens cap, a dead lamp). Served, such a frame is classified
-        with confidence like any other, and may be accepted; refused, the line client sends the part to review."""
-        from components.errors import ImageError
-
-        limits = self.frame_limits
-        width, height = facts["width"], facts["height"]
-        if (limits.width.min is not None and width < limits.width.min) or \
-                (limits.height.min is not None and height < limits.height.min):
-            raise ImageError(f"{width}x{height} px is below the smallest frame the data contract allows "
-                             f"({limits.width.min:g}x{limits.height.min:g}, validate.width/height.min); send the "
-                             "camera's whole frame")
-        if limits.contrast.min is not None and facts["contrast"] < limits.contrast.min:
-            raise ImageError(f"a blank frame (contrast {facts['contrast']:.2f} is below validate.contrast.min "
-                             f"{limits.contrast.min:g}); check the camera: lens, lamp, exposure")
 
     async def _predict_one(self, raw: bytes, suffix: str, metadata: dict[str, str], endpoint: str,
                            request_id: str, started: float, deployment: Any) -> tuple[dict[str, Any], Any, Any]:
@@ -300,12 +317,18 @@ class DefectClassifier:
                      deployment: Any) -> tuple[dict[str, Any], Any, Any]:
         """Classify a prepared image and record it (metrics, production log, review queue)."""
         decoded, facts, tensor = prepared
-        prediction = await deployment.batcher(tensor)
-        latency_ms = round((time.perf_counter() - started) * 1000, 2)
-        result = {"request_id": request_id, **prediction.as_dict(), "model_version": deployment.model_version,
-                  "latency_ms": latency_ms}
+        result, prediction = await self._classify(tensor, request_id, started, deployment)
         self._record(result, prediction, facts, metadata, endpoint, raw, suffix, deployment)
         return result, decoded, tensor
+
+    @staticmethod
+    async def _classify(tensor: Any, request_id: str, started: float,
+                        deployment: Any) -> tuple[dict[str, Any], Any]:
+        """The model's answer for one prepared image (through the adaptive batcher); records nothing."""
+        prediction = await deployment.batcher(tensor)
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        return {"request_id": request_id, **prediction.as_dict(), "model_version": deployment.model_version,
+                "latency_ms": latency_ms}, prediction
 
     def _record(self, result: dict[str, Any], prediction: Any, facts: dict[str, Any], metadata: dict[str, str],
                 endpoint: str, raw: bytes, suffix: str, deployment: Any) -> None:
@@ -378,6 +401,7 @@ class DefectClassifier:
         unusable image refuses the whole request (422 naming its index): nothing of it is logged."""
         import asyncio
 
+        from components.data.images import header_pixels
         from components.errors import ImageError
 
         started, batch_id = time.perf_counter(), uuid.uuid4().hex
@@ -392,6 +416,11 @@ class DefectClassifier:
         except BadMetadata as exc:
             return self._refuse(ctx, 400, str(exc), "bad_metadata", batch_id)
         raws = [path.read_bytes() for path in images]
+        pixels = sum(header_pixels(raw) for raw in raws)
+        if pixels > self.params.max_batch_pixels:
+            return self._refuse(ctx, 413, f"{len(images)} images of {pixels / 1e6:.1f} megapixels in all is over the "
+                                f"limit of {self.params.max_batch_pixels / 1e6:g} (serve.max_batch_pixels); split "
+                                "the request", "too_many_pixels", batch_id)
         with self.deployment.serving() as deployment:  # every image of one request on the same model
             # all or nothing: every image is decoded before any is classified, so a bad one refuses the request
             # with no result, log line or review item for the others
@@ -403,11 +432,15 @@ class DefectClassifier:
                     return self._refuse(ctx, 422, _image_error(f"images[{index}]", error), "bad_image", batch_id)
             if failed:
                 raise failed[0][1]
-            outcomes = await asyncio.gather(
-                *(self._infer(ready, raw, path.suffix, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
-                              "predict_batch", f"{batch_id}-{i}", started, deployment)
-                  for i, (ready, raw, path) in enumerate(zip(prepared, raws, images, strict=True))))
-        return [outcome[0] for outcome in outcomes]
+            # and every image is classified before any is recorded: an image the model cannot answer in time
+            # (503) fails the request, which the line retries, so the others must leave no record either
+            answers = await all_or_nothing(self._classify(ready[2], f"{batch_id}-{i}", started, deployment)
+                                           for i, ready in enumerate(prepared))
+            for i, ((result, prediction), (_, facts, _), raw, path) in enumerate(
+                    zip(answers, prepared, raws, images, strict=True)):
+                self._record(result, prediction, facts, {**metadata, "batch_id": batch_id, "batch_index": str(i)},
+                             "predict_batch", raw, path.suffix, deployment)
+        return [result for result, _ in answers]
 
     @bentoml.api
     async def explain(self, image: Path, line: str | None = None, camera: str | None = None,

@@ -31,6 +31,7 @@ SERVE_PARAMS = {
     "review_retention_days": 30,
     "max_upload_bytes": 3_000_000,
     "max_batch_images": 8,
+    "max_batch_pixels": 1_000_000,  # the smallest allowed: two frames of 0.6 MP are over it
     "log_queue_size": 1000,
 }
 MAX_PIXELS = 1_000_000

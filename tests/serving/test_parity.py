@@ -146,3 +146,27 @@ def test_openvino_streams_compute_side_by_side_with_the_same_answers(reference: 
     assert sorted(answers) == list(range(engine.streams))
     for logits, embedding in answers.values():
         assert np.allclose(logits, whole_logits, atol=1e-5) and np.allclose(embedding, whole_embedding, atol=1e-5)
+
+
+def test_every_engine_scales_by_the_stored_temperature(tiny_model: Path, probe_images, onnx_cache: Path) -> None:
+    """Served probabilities are softmax(logits / T) with the model's own T, on fp32 and the fast paths alike (every
+    other serving test's model has T = 1, where dropping the scaling would change nothing)."""
+    import numpy as np
+    import torch
+
+    from components.training.train import load_model_file
+
+    model, meta = load_model_file(tiny_model)
+    warm = Predictor(model, {**meta, "calibration": {**meta["calibration"], "temperature": 3.0}}, device="cpu")
+    batch = torch.stack([warm.prepare(image) for image in probe_images[:len(PROBES)]])
+    logits, _ = warm.forward(batch)
+    def softmax(x: np.ndarray) -> np.ndarray:
+        return np.exp(x - x.max(axis=1, keepdims=True)) / np.exp(x - x.max(axis=1, keepdims=True)).sum(1, keepdims=True)
+
+    scaled = softmax(logits / 3.0)
+    assert not np.allclose(scaled.max(axis=1), softmax(logits).max(axis=1), atol=0.05)  # T moves these answers
+    for name in ("fp32", "onnxruntime", "bf16"):
+        engine = build_engine(warm, name, onnx_cache / "warm")
+        confidences = [p.confidence for p in engine.predict_tensors(batch)]
+        assert engine.temperature == 3.0
+        assert np.allclose(confidences, scaled.max(axis=1), atol=0.02 if name == "bf16" else 1e-4), name

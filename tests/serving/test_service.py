@@ -216,6 +216,20 @@ def test_a_bad_image_in_a_batch_names_its_index_and_nothing_of_it_is_logged(serv
     assert not [r for r in read_log(server.settings.prod_log_dir).records if r["request_id"].startswith(batch_id)]
 
 
+def test_a_batch_over_the_pixel_budget_is_refused_before_decoding(server) -> None:
+    """Each frame is under data.max_image_pixels, but together they are over serve.max_batch_pixels (1 MP here)."""
+    noise = np.random.default_rng(5).integers(0, 255, (600, 1000), dtype=np.uint8)
+    frame = image_bytes(Image.fromarray(noise), "PNG")
+    response = post(server, "/predict_batch", [("images", (f"{i}.png", frame, "image/png")) for i in range(2)])
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == ("2 images of 1.2 megapixels in all is over the limit of 1 "
+                                        "(serve.max_batch_pixels); split the request")
+    one = post(server, "/predict_batch", [("images", ("0.png", frame, "image/png"))])
+    assert one.status_code == 200 and len(one.json()) == 1, one.text
+    batch_id = response.json()["request_id"]
+    assert not [r for r in read_log(server.settings.prod_log_dir).records if r["request_id"].startswith(batch_id)]
+
+
 def test_chunked_upload_over_the_limit_is_refused(server) -> None:
     def chunks():
         for _ in range(40):
