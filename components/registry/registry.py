@@ -768,6 +768,9 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
 def _refuse_unless_eligible(version: str, tags: dict[str, str], champion: str | None) -> None:
     """Without --force, a version is approved only if its gate passed against the champion it would replace
     and no person rejected it or rolled it back."""
+    if tags.get("registration") == "failed":
+        raise DefectOpsError(f"version {version} is what a failed registration left behind (registration=failed: "
+                             "an MLflow admin can delete it); register the model again with `defectops register`")
     if tags.get("gate_status") != "passed":
         raise DefectOpsError(f"version {version} did not pass the gate ({_failed_reasons(tags)}); register a "
                              "better model, or approve with --force and a --note giving the reason")

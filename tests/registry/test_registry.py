@@ -401,5 +401,7 @@ def test_a_failed_registration_left_behind_is_not_taken_for_the_model(registry_p
     left = _client(registry_project).get_model_version(NAME, "1").tags
     assert left["registration"] == "failed" and left["approval_status"] == "not-eligible"
     assert registry.find_trained(registry_project, left["training_fingerprint"]) is None
+    with pytest.raises(DefectOpsError, match="version 1 is what a failed registration left behind"):
+        registry.approve(registry_project, "1", by="alice")
     again = registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
     assert again.created and again.version == "2" and again.gate_passed
