@@ -35,6 +35,10 @@ class ValidationFailed(DefectOpsError):
         self.failures = failures or []
 
 
+class ModelNotFound(DefectOpsError):
+    """The registry answered, and has no such model version or alias (no champion yet, a version never made)."""
+
+
 class ConcurrentRunError(DefectOpsError):
     """Another defectops process holds the lock this command needs."""
 

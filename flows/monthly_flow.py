@@ -25,13 +25,13 @@ def drift_task(window: str, days: int = 30) -> dict:
     """Drift of the production log (`previous_month` or the last `days` days) against the champion's reference."""
     from components.drift.check import artifact_markdown, run_drift_check
     from components.drift.window import last_days, previous_month
-    from components.errors import DefectOpsError
+    from components.errors import ModelNotFound
 
     settings = get_settings()
     span = previous_month() if window == "previous_month" else last_days(days)
     try:
         check = run_drift_check(settings, load_params(settings.params_file), window=span)
-    except DefectOpsError as exc:  # no champion yet, no reference: reported, not a failure of the loop
+    except ModelNotFound as exc:  # no champion yet: reported, not a failure of the loop; any other error fails
         get_run_logger().warning("drift check skipped: %s", exc)
         return {"status": "skipped", "reason": str(exc), "drift": False}
     create_markdown_artifact(key="drift-check", markdown=artifact_markdown(check.summary),

@@ -30,7 +30,7 @@ import pandas as pd
 
 from components.config import Params, Settings
 from components.data.tracked import usable_rows
-from components.errors import DefectOpsError, UsageError
+from components.errors import DefectOpsError, ModelNotFound, UsageError
 from components.files import file_sha256, write_text_atomic
 from components.locks import exclusive
 from components.registry.tracking import EXPERIMENT_NAME, MODEL_NAME, connect
@@ -173,6 +173,20 @@ def resolve_model_uri(model: str) -> str:
     return text
 
 
+def not_found(exc: BaseException) -> bool:
+    """Whether an MLflow error says the registry has no such model, version or alias (an unknown alias is
+    INVALID_PARAMETER_VALUE): the registry answered. Anything else (server gone, 5xx, database locked) is a
+    failure to report as such, never to read as "nothing registered"."""
+    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def registry_failed(exc: BaseException, what: str, uri: str) -> DefectOpsError:
+    """An MLflow failure that is not a 'not found', as one line naming the fix."""
+    problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DefectOpsError(f"the MLflow registry at {uri} failed to {what} ({problem}); check that it is up "
+                          "(`defectops models`) and run the command again")
+
+
 def _version_of(client: MlflowClient, uri: str) -> tuple[str, str]:
     """(registered model name, version) for models:/NAME@alias or models:/NAME/N."""
     from mlflow.exceptions import MlflowException
@@ -189,11 +203,13 @@ def _version_of(client: MlflowClient, uri: str) -> tuple[str, str]:
         client.get_model_version(name, version)
         return name, version
     except MlflowException as exc:
+        if not not_found(exc):
+            raise registry_failed(exc, f"look up {uri}", client.tracking_uri) from exc
         if "@" in body:
-            raise DefectOpsError(f"{uri}: no version of {body.split('@')[0]} has alias {body.split('@')[1]!r}; "
-                                 "list them with `defectops models` (approve one to make it champion)") from exc
-        raise DefectOpsError(f"{uri}: model version not found in {client.tracking_uri}; list versions with "
-                             "`defectops models`") from exc
+            raise ModelNotFound(f"{uri}: no version of {body.split('@')[0]} has alias {body.split('@')[1]!r}; "
+                                "list them with `defectops models` (approve one to make it champion)") from exc
+        raise ModelNotFound(f"{uri}: model version not found in {client.tracking_uri}; list versions with "
+                            "`defectops models`") from exc
 
 
 def load_predictor(settings: Settings, model_uri: str, **kwargs: Any) -> Predictor:
@@ -627,7 +643,7 @@ def _get_version(client: MlflowClient, version: str) -> ModelVersion:
     try:
         return client.get_model_version(MODEL_NAME, version)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not not_found(exc):
             raise
         raise DefectOpsError(f"{MODEL_NAME} version {version} does not exist; list versions with "
                              "`defectops models`") from exc
@@ -644,7 +660,7 @@ def _aliases(client: MlflowClient) -> dict[str, str]:
     try:
         model = client.get_registered_model(MODEL_NAME)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if not_found(exc):
             return {}
         raise
     return {alias: str(v) for alias, v in model.aliases.items()}
@@ -675,9 +691,7 @@ def _registry_errors(action: str, uri: str) -> Iterator[None]:
             raise DefectOpsError(f"the MLflow server refused to {action} for the account {account}: it needs EDIT "
                                  f"on the registered model {MODEL_NAME} and the experiment {EXPERIMENT_NAME} "
                                  "(infra/README.md, MLflow accounts)") from exc
-        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DefectOpsError(f"the MLflow registry at {uri} failed to {action} ({problem}); check that it is up "
-                             "(`defectops models`) and run the command again") from exc
+        raise registry_failed(exc, action, uri) from exc
 
 
 def _remove_challenger(client: MlflowClient, version: str) -> bool:

@@ -84,7 +84,7 @@ def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:
     """The pinned URI and tags of the `champion` version; NothingToServe unless it is approved."""
     from mlflow.exceptions import MlflowException
 
-    from components.registry.registry import approval_problem
+    from components.registry.registry import approval_problem, not_found, registry_failed
     from components.registry.tracking import MODEL_NAME, connect
 
     client = connect(settings)
@@ -92,6 +92,8 @@ def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:
     try:
         version = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
     except MlflowException as exc:
+        if not not_found(exc):  # a registry that fails is not one without a champion
+            raise registry_failed(exc, f"look up {MODEL_NAME}@{CHAMPION}", settings.tracking_uri) from exc
         raise NothingToServe(f"nothing approved to serve: no deployment record ({record_path(settings)}) and no "
                              f"{MODEL_NAME}@{CHAMPION} in {settings.tracking_uri}; {how}") from exc
     tags = dict(version.tags or {})

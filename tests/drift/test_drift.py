@@ -99,6 +99,26 @@ def test_too_few_records_is_not_enough_data_not_drift(drift_project, drift_model
     assert not (folder / "drift.html").exists()
 
 
+@pytest.mark.slow
+def test_the_drift_flow_skips_only_without_a_champion_and_fails_when_the_registry_fails(
+        drift_project, drift_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"No champion yet" is the normal state before the first approval; a registry that cannot answer is an
+    alarm: the scheduled drift check must fail, not report "skipped" every day."""
+    from components.config import load_params
+    from components.drift.check import run_drift_check
+    from components.errors import DefectOpsError, ModelNotFound
+    from flows.monthly_flow import drift_task
+
+    settings = drift_project
+    write_log(settings.prod_log_dir, production_records(settings, drift_model, range(5000, 5060)))
+    with pytest.raises(ModelNotFound, match="no version of defect-classifier has alias 'champion'"):
+        run_drift_check(settings, load_params(settings.params_file))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(DefectOpsError, match="MLflow tracking server at http://127.0.0.1:9 is unreachable") as failed:
+        drift_task.fn("last_days", 30)
+    assert not isinstance(failed.value, ModelNotFound)
+
+
 def test_a_bad_window_is_a_usage_error(drift_project) -> None:
     result = runner.invoke(app, ["drift", "--since", "yesterday"])
     assert result.exit_code == 2
