@@ -224,13 +224,24 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
         target = f"{MODEL_NAME}/{number}"
         current = read_record(settings)
         state = service_state(url)
+        serve = serve_params(params)
+        failures_before = state["reload_failures"] if state else 0.0
         if current is not None and current.model_version == target:
+            # the record names it, but a promotion stopped while waiting (killed) left it there whether or not
+            # the service took it: "already serving" only once every running replica serves it
+            try:
+                outcome, _ = wait_for_service(settings, url, current, serve.promotion_timeout_seconds,
+                                              failures_before, serve.reload_poll_seconds)
+            except PromotionFailed as exc:
+                raise PromotionFailed(f"{exc}; the deployment record has named {target} since a promotion that "
+                                      "stopped before the service took it: fix what the service's log says and "
+                                      "promote again, or go back with `defectops rollback`") from exc
             tagged = connect(settings).get_model_version(MODEL_NAME, number).tags.get("deployment_status")
             if tagged != "serving":  # deployed, but a failure stopped the tags last time: write them now
                 record_deployment(settings, number, current.deployed_by or by, {"fast_path": current.fast_path},
                                   None)
-            return PromotionResult(target, None, False, "already serving" if state else "not running", url,
-                                   fast_path=current.fast_path, seconds=time.monotonic() - started)
+            return PromotionResult(target, None, False, "already serving" if outcome == "swapped" else "not running",
+                                   url, fast_path=current.fast_path, seconds=time.monotonic() - started)
         source = f"champion v{number}, approved by {tags['approved_by']} at {tags['approved_at']}"
         record = build_record(settings, params, champion_uri, by, images, source=source)
         record = record.model_copy(update={"previous_model_version": current.model_version if current else None,
@@ -238,10 +249,8 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
         bento_tag = build_bento(settings, record) if bento else None
         if bento_tag:
             record = record.model_copy(update={"bento": bento_tag})
-        failures_before = state["reload_failures"] if state else 0.0
         write_record(settings, record)
         log.info("deployment record %s now names %s (%s)", record_path(settings), target, record.fast_path)
-        serve = serve_params(params)
         try:
             outcome, replica_count = wait_for_service(settings, url, record, serve.promotion_timeout_seconds,
                                                       failures_before, serve.reload_poll_seconds)
@@ -249,6 +258,9 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
             _restore(settings, current)
             raise PromotionFailed(f"{exc}; the deployment record is back on "
                                   f"{current.model_version if current else 'nothing'}") from exc
+        except BaseException:  # stopped while waiting (Ctrl-C, the flow run cancelled): the old record again
+            _restore(settings, current)
+            raise
         service = "swapped" if outcome == "swapped" else "not running"
         if outcome == "down":
             log.warning("no service answers at %s: the record names %s, which the service serves when it starts",

@@ -265,3 +265,27 @@ def test_promote_and_rollback_with_nothing_to_do_are_one_line_errors(plant: Sett
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output and read_record(plant) is None
+
+
+def test_a_record_left_by_a_stopped_promotion_is_not_already_serving(plant: Settings, tmp_path: Path) -> None:
+    """A promotion killed while waiting leaves the record on the champion; a replica that refused it still
+    serves the old model, so the next promotion fails naming that, instead of reporting "already serving"."""
+    from components.serving.deployment import DeploymentRecord, write_record
+    from components.serving.promotion import PromotionFailed
+    from components.serving.replicas import ReplicaReport
+
+    version = _candidate(plant, tmp_path, seed=0)
+    approve(plant, version, by="qa")
+    left = DeploymentRecord(model_uri=f"models:/{MODEL_NAME}/{version}", model_version=f"{MODEL_NAME}/{version}",
+                            threshold=0.8, fast_path="fp32", deployed_at="2026-11-23T08:00:00+00:00")
+    write_record(plant, left)
+    replica = ReplicaReport(plant, interval_s=60)
+    replica.serving("defect-classifier/0", "fp32", "cpu", "2026-11-01T08:00:00+00:00")
+    replica.refused(left.deployed_at, left.model_version, "out of GPU memory")
+    try:
+        with pytest.raises(PromotionFailed, match=rf"could not load {MODEL_NAME}/{version} \(out of GPU memory\).*"
+                                                  "since a promotion that stopped before the service took it"):
+            promote(plant, load_params(plant.params_file), url=f"http://127.0.0.1:{free_port()}", bento=False)
+        assert _tags(plant, version).get("deployment_status") is None
+    finally:
+        replica.stop()
