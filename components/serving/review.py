@@ -139,13 +139,22 @@ def _match(items: list[ReviewItem], key: str, root: Path) -> ReviewItem | None:
 
 
 def verdicts_from_csv(settings: Settings, labels: Path) -> list[tuple[ReviewItem | Path, str]]:
-    """(item, label) pairs from a CSV whose `file` is a queue path, file name or request id."""
+    """(item, label) pairs from a CSV whose `file` is a queue path, file name or request id. Items imported
+    already (a rerun of the same CSV, e.g. a retried monthly run) are left out, with a log line."""
     root = settings.review_queue_dir
     items = pending_items(root)
+    imported: list[ReviewItem] | None = None  # read only when a key is not pending
     pairs: list[tuple[ReviewItem | Path, str]] = []
+    done: list[ReviewItem] = []
     for key, label in _read_labels_csv(labels):
         item = _match(items, key, root)
         if item is None:
+            if imported is None:
+                imported = pending_items(root / IMPORTED)
+            earlier = _match(imported, key, root / IMPORTED)
+            if earlier is not None:
+                done.append(earlier)
+                continue
             candidate = Path(key) if Path(key).is_absolute() else labels.parent / key
             if not candidate.is_file():
                 raise UsageError(f"{labels}: {key!r} is not a pending review item or an image file; check the name "
@@ -153,6 +162,9 @@ def verdicts_from_csv(settings: Settings, labels: Path) -> list[tuple[ReviewItem
             pairs.append((candidate, label))
         else:
             pairs.append((item, label))
+    if done:
+        log.info("%s: %d review item(s) were imported already (e.g. %s into dataset version %s); left out",
+                 labels, len(done), done[0].request_id, done[0].data.get("dataset_version"))
     return pairs
 
 
@@ -211,6 +223,14 @@ def import_reviewed(settings: Settings, params: Params, labels: Path | None = No
     if (labels is None) == (folder is None):
         raise UsageError("give exactly one of --labels FILE (CSV file,label) or --folder DIR (<label>/ sub-folders)")
     verdicts = verdicts_from_csv(settings, labels) if labels else verdicts_from_folder(settings, folder)
+    if not verdicts:  # every item of the CSV was imported before: nothing to version again
+        from components.data.importer import ImportResult
+        from components.data.tracked import dataset_version
+
+        version = dataset_version(settings.project_root)
+        result = ImportResult(version=version, previous_version=version, added=0, skipped=0, changed=False)
+        result.review_items_imported = 0  # type: ignore[attr-defined]
+        return result
     settings.ensure()
     staging = build_staging(settings, params, verdicts)
     try:

@@ -104,3 +104,7 @@ def test_review_import_makes_a_new_dataset_version(project, tmp_path: Path) -> N
     assert (project.data_dir / "images" / "dent" / f"review-{ids[0]}.png").is_file()
     assert result.review_items_imported == 2 and not pending_items(project.review_queue_dir)
     assert len(list((project.review_queue_dir / "imported").rglob("*.json"))) == 2
+    # the same CSV again (a retried monthly run): the items were imported, so nothing is versioned twice
+    again = import_reviewed(project, params, labels=labels, push=False)
+    assert not again.changed and again.version == result.version and again.review_items_imported == 0
+    assert len(list((project.review_queue_dir / "imported").rglob("*.json"))) == 2
