@@ -645,7 +645,7 @@ def _get_version(client: MlflowClient, version: str) -> ModelVersion:
     except MlflowException as exc:
         if not not_found(exc):
             raise
-        raise DefectOpsError(f"{MODEL_NAME} version {version} does not exist; list versions with "
+        raise ModelNotFound(f"{MODEL_NAME} version {version} does not exist; list versions with "
                              "`defectops models`") from exc
 
 
