@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections.abc import Iterator
@@ -9,12 +10,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _temporary(path: Path, pid: int | str) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
 @contextmanager
 def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
     """A temporary path beside `path` to write to; when the block ends without error it replaces `path` in one
-    rename (after an fsync when `durable`). On error the temporary file is removed and `path` is untouched."""
+    rename (after an fsync when `durable`). On error the temporary file is removed and `path` is untouched; a
+    killed process leaves it behind (`leftover_temporaries` finds it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path, os.getpid())
     try:
         yield tmp
         if durable:
@@ -23,6 +29,13 @@ def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The temporary files of `replacing(path)` that killed processes left beside `path`."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(_temporary(Path(glob.escape(path.name)), "*").name))
 
 
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> Path:

@@ -26,8 +26,8 @@ from components.data.sources import open_source
 from components.data.split import read_splits, write_splits
 from components.data.tracked import dataset_version, workspace_problem
 from components.data.versioning import DatasetRepo, commit, git, head_commit
-from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed
-from components.files import replacing, write_text_atomic
+from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed, one_line
+from components.files import leftover_temporaries, replacing, write_text_atomic
 from components.locks import exclusive
 from components.validation.manifest import build_manifest, inspect
 
@@ -115,7 +115,8 @@ def recover(settings: Settings) -> bool:
     project = settings.project_root
     for rel in journal.added:
         added = project / rel
-        added.unlink(missing_ok=True)
+        for leftover in [added, *leftover_temporaries(added)]:  # a kill while copying leaves its temporary file
+            leftover.unlink(missing_ok=True)
         for parent in added.parents:  # a class folder the import created, now empty
             if parent == settings.data_dir or not parent.is_relative_to(settings.data_dir) or any(parent.iterdir()):
                 break
@@ -126,6 +127,11 @@ def recover(settings: Settings) -> bool:
             target.unlink(missing_ok=True)
         else:
             target.write_text(content)
+    # a kill between `git add` and `git commit` leaves the version files staged: unstage them (the index as at HEAD)
+    unstaged = git(project, "reset", "-q", "--", *journal.backups, check=False)
+    if unstaged.returncode != 0:
+        log.warning("could not unstage %s (%s); `git reset -- %s` does it", ", ".join(journal.backups),
+                    one_line(unstaged.stderr or unstaged.stdout, 200), " ".join(journal.backups))
     path.unlink()
     log.warning("rolled back an interrupted import: removed %d added files, restored %s",
                 len(journal.added), ", ".join(journal.backups))
@@ -190,6 +196,13 @@ def _check_disk(settings: Settings, additions: list[LabelledImage]) -> None:
         )
 
 
+def _without_committed_images(source: str, lost: UsageError, committed_splits: dict[str, str]) -> UsageError:
+    """The refusal of an import that could not bring the committed version into data/ first."""
+    images = f"the {len(committed_splits)} committed images" if committed_splits else "every committed image"
+    return UsageError(f"import of {source} refused, nothing changed: {lost}, then run `defectops data pull`; "
+                      f"a version made without them would drop {images}, the golden test split with them")
+
+
 def _stored_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest.drop(columns=["file"])
 
@@ -206,8 +219,12 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
         repo.ensure_initialised()
         project = settings.project_root
         previous = dataset_version(project)
+        lost: UsageError | None = None  # why the committed version could not be brought into data/
         if previous and not (settings.data_dir / "images").is_dir():
-            repo.checkout_or_pull()
+            try:
+                repo.restore()
+            except UsageError as exc:  # only a source holding exactly that version may go on (checked below)
+                lost = exc
         elif problem := workspace_problem(settings):  # a new version must extend the committed one
             raise UsageError(problem)
         existing: list[LabelledImage] = discover(settings.data_dir)[1] if (settings.data_dir / "images").is_dir() else []
@@ -227,6 +244,8 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
                                     push_message=retried.message if retried else "")
 
             committed_splits = read_splits(settings.splits_file)
+            if lost is not None and {item.relpath for item in additions} != set(committed_splits):
+                raise _without_committed_images(source, lost, committed_splits)
             manifest = build_manifest(existing + additions, params.profile.grouping, params.data.split,
                                       params.base.seed, params.data.max_image_pixels, settings.cache_dir, workers,
                                       previous_splits=committed_splits, progress=progress)
@@ -248,6 +267,8 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
             try:
                 _copy_into_data(settings, additions, journal)
                 version = repo.add()
+                if lost is not None and version != previous:  # the committed names, other pictures
+                    raise _without_committed_images(source, lost, committed_splits)
                 write_splits(manifest, settings.splits_file)
                 commit_id = None
                 if commit_changes:

@@ -68,13 +68,18 @@ def _order(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
+def _assigned(value: object) -> str | None:
+    """A committed split, or None for none: a missing row, or a blank cell (read back as NaN or "")."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def assign_splits(frame: pd.DataFrame, fractions: SplitParams, seed: int,
                   previous: dict[str, str] | None = None) -> pd.Series:
     """Split of each row of `frame` (columns path, label, group), keeping every split already in `previous`."""
     previous = previous or {}
     targets = fractions.as_dict()
     paths, labels, groups = frame["path"].tolist(), frame["label"].tolist(), frame["group"].tolist()
-    split: list[str | None] = [previous.get(p) for p in paths]
+    split: list[str | None] = [_assigned(previous.get(p)) for p in paths]
     members: dict[str, list[int]] = defaultdict(list)
     for i, group in enumerate(groups):
         members[group].append(i)
@@ -117,11 +122,12 @@ def _warn_split_groups(members: dict[str, list[int]], split: list[str | None]) -
 
 
 def read_splits(path: Path) -> dict[str, str]:
-    """The committed split of each tracked image (empty when none is committed yet)."""
+    """The committed split of each tracked image (empty when none is committed yet); a blank cell is no split,
+    and its image is placed like a new one."""
     if not path.is_file():
         return {}
-    table = pd.read_csv(path, dtype=str)
-    return dict(zip(table["path"], table["split"], strict=True))
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)  # "" for a blank cell, not NaN
+    return {image: split for image, split in zip(table["path"], table["split"], strict=True) if _assigned(split)}
 
 
 def write_splits(frame: pd.DataFrame, path: Path) -> None:

@@ -57,8 +57,10 @@ def tracked_manifest(settings: Settings, params: Params, progress: bool = False)
 
     data/ must hold the version data.dvc commits, which is what a model records it was trained on: a
     missing data/ (a fresh clone) is pulled first; a data/ that differs (edited by hand, or a `git pull` that
-    brought a newer data.dvc) is refused, since pulling over it would discard changes.
+    brought a newer data.dvc) is refused, since pulling over it would discard changes. What an import killed
+    midway left is settled first, as the next import would (a version it had not committed is rolled back).
     """
+    finish_interrupted_import(settings)
     if not (settings.data_dir / "images").is_dir():
         if dataset_version(settings.project_root) is None:
             raise UsageError(f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` first")
@@ -90,6 +92,18 @@ def workspace_problem(settings: Settings) -> str | None:
         return None
     return (f"{settings.data_dir} does not hold the committed dataset version {version} ({', '.join(sorted(states))}); "
             "`defectops data pull --force` brings it, discarding the changes in data/")
+
+
+def finish_interrupted_import(settings: Settings) -> None:
+    """Roll back (or keep, when it had committed) an import that a kill left half-done, under the data lock;
+    while an import still runs, its one-line ConcurrentRunError: its data/ is not yet a version."""
+    from components.data.importer import JOURNAL, recover
+    from components.locks import exclusive
+
+    if not (settings.state_dir / JOURNAL).is_file():
+        return
+    with exclusive(settings.locks_dir, "data", "a dataset import"):
+        recover(settings)
 
 
 def restore_data(settings: Settings, force: bool = False) -> None:

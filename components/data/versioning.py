@@ -157,15 +157,6 @@ class DatasetRepo:
                 "DEFECTOPS_DVC_REMOTE (and the endpoint and credentials) to the remote it was pushed to"
             ) from exc
 
-    def checkout_or_pull(self) -> bool:
-        """restore(), but a missing version is only a warning (an import then adds to the images present)."""
-        try:
-            self.restore()
-            return True
-        except UsageError as exc:
-            log.warning("%s; the new version will hold only the images present now", exc)
-            return False
-
     def push(self, version: str, commit_id: str | None) -> PushOutcome:
         """Push the workspace version and any earlier unpushed ones; remember failures for the next run."""
         from dvc.repo import Repo

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from components.config import DatasetProfile, Range, ValidateParams
+from components.data.split import SPLITS
 from components.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ REQUIRED_COLUMNS = ["path", "label", "split", "sha256", "readable", "error", "wi
                     "brightness", "contrast", "sharpness"]
 STAT_COLUMNS = ("brightness", "contrast", "sharpness")
 # failure lines come in this order: what the dataset holds, then file problems, then statistics
-CHECK_ORDER = ("label_set", "label_known", "class_size", "readable", "unique", "width", "height", "mode",
-               "class_shift", *STAT_COLUMNS)
+CHECK_ORDER = ("label_set", "label_known", "class_size", "split_missing", "split", "readable", "unique", "width",
+               "height", "mode", "class_shift", *STAT_COLUMNS)
 _DUPLICATE_KINDS = ("label conflict", "split leak", "duplicate")
 _SITE = "defectops_report"
 _MANIFEST, _COUNTS = "manifest", "class_counts"
@@ -143,6 +144,12 @@ def _manifest_expectations(profile: DatasetProfile, rules: ValidateParams,
         gxe.ExpectColumnValuesToBeInSet(
             column="label", value_set=classes, meta={"check": "label_known"},
             description="Every image is in one of the profile's classes"),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column="split", meta={"check": "split_missing"},
+            description="Every image has a split (splits.csv)"),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="split", value_set=list(SPLITS), meta={"check": "split"},
+            description="Every split is train, val or test"),
         gxe.ExpectColumnValuesToBeInSet(
             column="readable", value_set=[True], meta={"check": "readable"},
             description="Every file is a non-empty image that decodes completely"),
@@ -256,6 +263,17 @@ class _Lines:
         unknown = sorted(set(self.rows.loc[paths, "label"].astype(str)))
         return (f"{_plural(len(paths), 'file')} in classes not in the profile {unknown}: {_listing(paths)}; "
                 "move them into a known class folder or add the class to the dataset's classes in params.yaml")
+
+    def _split_missing(self, result: dict) -> str:
+        paths = _unexpected_paths(result)
+        return (f"{_plural(len(paths), 'file')} without a split: {_listing(paths)}; give each train, val or test in "
+                "splits.csv and build the manifest again (`defectops data manifest`)")
+
+    def _split(self, result: dict) -> str:
+        paths = _unexpected_paths(result)
+        items = [f"{p} ({s})" for p, s in zip(paths, self.rows.loc[paths, "split"], strict=True)]
+        return (f"{_plural(len(paths), 'file')} with a split not in {list(SPLITS)}: {_listing(items)}; correct them in "
+                "splits.csv and commit it")
 
     def _readable(self, result: dict) -> str:
         paths = _unexpected_paths(result)

@@ -112,3 +112,41 @@ def test_the_s3_remote_takes_a_version_and_gives_it_to_a_fresh_clone(
     assert pulled.exit_code == 0, pulled.output
     assert f"dataset version {imported.version}: 12 images" in pulled.output
     assert _digests(clone.data_dir / "images") == _digests(settings.data_dir / "images")
+
+
+def test_an_import_into_a_clone_that_cannot_pull_the_committed_version_is_refused(
+        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh clone with a wrong remote: a new version made of the new images alone would drop every committed
+    image, the golden test split with them. Refused, nothing changed; only a source that holds exactly the
+    committed version may put it back."""
+    from components.cli import app
+
+    first = make_imagefolder(tmp_path / "m1", per_class=4)
+    imported = import_data(str(first), project, load_params(project.params_file))
+    lost = _clone(project, tmp_path, "lost", monkeypatch, str(tmp_path / "empty-remote"))
+    root = lost.project_root
+
+    def state() -> tuple[str, str, str, str]:
+        show = subprocess.run(["git", "log", "--format=%H", "-1"], cwd=root, capture_output=True, text=True,
+                              check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                check=True)
+        return (root / "data.dvc").read_text(), (root / "splits.csv").read_text(), show.stdout, status.stdout
+
+    before = state()
+    refused = CliRunner().invoke(app, ["data", "import", str(make_imagefolder(tmp_path / "m2", per_class=4, seed=9,
+                                                                              prefix="new"))])
+    assert refused.exit_code != 0, refused.output
+    message = refused.output.strip()
+    assert "\n" not in message and f"version {imported.version} could not be brought into" in message, message
+    assert "refused, nothing changed" in message and "12 committed images" in message, message
+    assert "DEFECTOPS_DVC_REMOTE" in message and "`defectops data pull`" in message, message
+    assert state() == before and not (lost.data_dir / "images").exists()
+
+    # the committed file names with other pictures: still not the committed version
+    with pytest.raises(UsageError, match="refused, nothing changed: the committed dataset version"):
+        import_data(str(make_imagefolder(tmp_path / "m3", per_class=4, seed=9)), lost, load_params(lost.params_file))
+    assert state() == before and not any(lost.data_dir.rglob("*.png"))
+
+    restored = import_data(str(first), lost, load_params(lost.params_file))  # exactly the committed version
+    assert restored.restored and restored.version == imported.version and state() == before

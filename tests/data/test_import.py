@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +19,11 @@ import yaml
 from components.config import get_settings, load_params
 from components.data import importer
 from components.data.importer import import_data
-from components.data.tracked import dataset_version
+from components.data.tracked import dataset_version, tracked_manifest
 from components.data.versioning import DatasetRepo, head_commit
 from components.errors import ConcurrentRunError, SourceError, ValidationFailed
 from components.locks import exclusive
-from tests.conftest import make_imagefolder, write_image
+from tests.conftest import REPO_ROOT, make_imagefolder, write_image
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,47 @@ def _snapshot(settings) -> dict[str, str]:
     files = [f for r in roots if r.exists() for f in r.rglob("*") if f.is_file()]
     files += [settings.project_root / n for n in ("data.dvc", "splits.csv") if (settings.project_root / n).exists()]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+# An import in its own process that SIGKILLs itself: at "copy" when the first image's temporary file is written
+# (before its rename), at "commit" when `git add` has staged the version files and `git commit` is about to run.
+KILLED_IMPORT = """
+import os, shutil, signal, sys
+from components.config import get_settings, load_params
+from components.data import importer, versioning
+
+source, at = sys.argv[1:]
+copyfile, git = shutil.copyfile, versioning.git
+
+def copy_then_killed(src, dst, *args, **kwargs):
+    copyfile(src, dst, *args, **kwargs)
+    if str(dst).endswith(".tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def killed_at_commit(project, *args, **kwargs):
+    if "commit" in args:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return git(project, *args, **kwargs)
+
+if at == "copy":
+    shutil.copyfile = copy_then_killed
+else:
+    versioning.git = killed_at_commit
+settings = get_settings()
+importer.import_data(source, settings, load_params(settings.params_file))
+"""
+
+
+def _killed_import(source: Path, at: str) -> None:
+    """Run an import (of the project in DEFECTOPS_PROJECT) that `kill -9` stops at `at`."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_IMPORT, str(source), at], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+
+def _git_out(settings, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=settings.project_root, capture_output=True, text=True,
+                          check=True).stdout
 
 
 def _git_log(settings) -> list[str]:
@@ -188,6 +230,42 @@ def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp
     stale.mkdir(parents=True)
     _run(project, tmp_path / "m1")
     assert not stale.exists()
+
+
+def test_an_import_killed_while_copying_leaves_no_temporary_file_behind(project, tmp_path: Path) -> None:
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    before = _snapshot(project)
+    source = make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new")
+    _killed_import(source, "copy")
+    assert list(project.data_dir.rglob(".*.tmp")), "killed with its temporary copy beside the image"
+    assert importer.recover(project)
+    assert _snapshot(project) == before and not list(project.data_dir.rglob(".*.tmp"))
+    assert _run(project, source).added == 12, "the next import is not refused as 'modified'"
+
+
+def test_an_import_killed_between_git_add_and_commit_leaves_nothing_staged(project, tmp_path: Path) -> None:
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    before, commits = _snapshot(project), _git_log(project)
+    _killed_import(make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"), "commit")
+    assert "data.dvc" in _git_out(project, "diff", "--cached", "--name-only"), "killed with the version staged"
+    assert importer.recover(project)
+    assert _snapshot(project) == before and _git_log(project) == commits
+    assert _git_out(project, "status", "--porcelain", "--", *importer.VERSION_FILES) == "", "index as before"
+
+
+def test_nothing_reads_a_version_that_a_killed_import_left_uncommitted(project, tmp_path: Path) -> None:
+    """Train, evaluate and register read the tracked dataset through tracked_manifest: a version left by an import
+    killed before its commit (data/ and data.dvc agree) is rolled back first, never trained on."""
+    first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    _killed_import(make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"), "commit")
+    assert dataset_version(project.project_root) != first.version
+    rows = tracked_manifest(project, load_params(project.params_file))
+    assert len(rows) == 12 and dataset_version(project.project_root) == first.version
+    assert not (project.state_dir / importer.JOURNAL).exists()
+    project.ensure()
+    with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError):
+        (project.state_dir / importer.JOURNAL).write_text("{}")  # an import still running: never read its data/
+        tracked_manifest(project, load_params(project.params_file))
 
 
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:

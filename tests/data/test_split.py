@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from components.config import GroupingParams, SplitParams
-from components.data.split import assign_splits, group_keys
+from components.data.split import SPLITS, assign_splits, group_keys, read_splits
 
 FRACTIONS = SplitParams()
 
@@ -89,3 +91,15 @@ def test_a_group_joined_after_its_images_were_split_is_reported(caplog) -> None:
         split = assign_splits(frame, FRACTIONS, seed=1, previous=previous)
     assert split.tolist() == [previous[p] for p in paths], "committed splits are never moved"
     assert "1 capture group(s) span two splits" in caplog.text and "Fray/capture-20" in caplog.text
+
+
+def test_a_blank_split_in_splits_csv_is_not_an_assigned_one(tmp_path: Path) -> None:
+    paths = [f"images/dent/img_{i}.png" for i in range(6)]
+    frame = _frame(paths, ["dent"] * 6, GroupingParams())
+    committed = tmp_path / "splits.csv"
+    committed.write_text("path,group,split\n" + "".join(f"{p},{p},{'train' if i else ''}\n"
+                                                         for i, p in enumerate(paths)))
+    for previous in (read_splits(committed), {p: float("nan") if i == 0 else "train" for i, p in enumerate(paths)}):
+        split = assign_splits(frame, FRACTIONS, seed=1, previous=previous)
+        assert split.tolist()[1:] == ["train"] * 5, "committed splits are kept"
+        assert split.tolist()[0] in SPLITS, "the blank one is placed like a new image"

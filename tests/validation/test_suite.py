@@ -200,3 +200,15 @@ def test_report_files_are_written_and_nothing_else(clean_root: Path, tmp_path: P
 def test_manifest_without_required_columns_is_refused(clean_manifest: pd.DataFrame) -> None:
     with pytest.raises(UsageError, match=r"lacks the columns \['sha256'\]"):
         validate_manifest(clean_manifest.drop(columns=["sha256"]), PROFILE, RULES)
+
+
+def test_a_missing_or_unknown_split_is_named(clean_manifest: pd.DataFrame) -> None:
+    manifest = clean_manifest.copy()
+    blank, typo = manifest["path"].iloc[0], manifest["path"].iloc[1]
+    manifest.loc[0, "split"], manifest.loc[1, "split"] = None, "tset"
+    report = validate_manifest(manifest, PROFILE, RULES)
+    assert not report.success and len(report.failures) == 2, report.summary()
+    missing, unknown = report.failures
+    assert f"1 file without a split: {blank};" in missing, missing
+    assert f"1 file with a split not in ['train', 'val', 'test']: {typo} (tset);" in unknown, unknown
+    assert all("splits.csv" in line for line in report.failures)
