@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from components.errors import UsageError
 
@@ -67,10 +68,17 @@ def last_days(days: int, now: datetime | None = None) -> Window:
     return Window(end - timedelta(days=days), end)
 
 
-def previous_month(today: date | datetime | None = None) -> Window:
-    """The monthly flow's window: the previous calendar month (UTC)."""
+def previous_month(today: date | datetime | None = None, timezone: str = "UTC") -> Window:
+    """The monthly flow's window: the calendar month before `today` (default now) in `timezone`, the zone of
+    the monthly schedule, as UTC. A date is taken as the plant's; a naive datetime as UTC."""
+    try:
+        plant = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"timezone {timezone!r}: not an IANA timezone; give the monthly schedule's, as in "
+                         "prefect.yaml (Europe/Berlin, Asia/Shanghai, UTC)") from None
     today = today or datetime.now(UTC)
-    day = today.date() if isinstance(today, datetime) else today
-    first_this = datetime(day.year, day.month, 1, tzinfo=UTC)
-    last_month = first_this - timedelta(days=1)
-    return Window(datetime(last_month.year, last_month.month, 1, tzinfo=UTC), first_this)
+    day = _utc(today).astimezone(plant).date() if isinstance(today, datetime) else today
+    first_this = datetime(day.year, day.month, 1, tzinfo=plant)
+    last_month = first_this.date() - timedelta(days=1)
+    first_last = datetime(last_month.year, last_month.month, 1, tzinfo=plant)
+    return Window(first_last.astimezone(UTC), first_this.astimezone(UTC))

@@ -140,6 +140,33 @@ def test_windows() -> None:
     assert (window.since, window.until) == (datetime(2025, 3, 1, tzinfo=UTC), now - timedelta(hours=12))
 
 
+@pytest.mark.parametrize(("zone", "run_utc", "month"), [
+    ("Asia/Shanghai", datetime(2025, 2, 28, 18, tzinfo=UTC), 2),  # 02:00 on 1 March in Shanghai
+    ("Europe/Helsinki", datetime(2025, 6, 30, 23, tzinfo=UTC), 6),  # 02:00 on 1 July, summer time
+    ("America/Chicago", datetime(2025, 3, 1, 8, tzinfo=UTC), 2),  # 02:00 on 1 March, behind UTC
+])
+def test_previous_month_is_the_plants_calendar_month(zone: str, run_utc: datetime, month: int) -> None:
+    from zoneinfo import ZoneInfo
+
+    from components.drift.window import previous_month
+
+    plant = ZoneInfo(zone)
+    assert run_utc.astimezone(plant).timetuple()[2:4] == (1, 2), "the monthly schedule's moment"
+    window = previous_month(run_utc, timezone=zone)
+    assert (window.since, window.until) == (datetime(2025, month, 1, tzinfo=plant),
+                                            datetime(2025, month + 1, 1, tzinfo=plant))
+    assert window.since.tzinfo == UTC and window.until.tzinfo == UTC, "windows stay UTC"
+    assert previous_month(date(2025, month + 1, 1), timezone=zone).since == window.since, "a date is the plant's"
+
+
+def test_previous_month_in_an_unknown_timezone_is_a_usage_error() -> None:
+    from components.drift.window import previous_month
+    from components.errors import UsageError
+
+    with pytest.raises(UsageError, match="timezone 'Europe/Nowhere'.*prefect.yaml"):
+        previous_month(timezone="Europe/Nowhere")
+
+
 @pytest.mark.slow
 def test_mlflow_logging_and_prefect_markdown(project, tmp_path: Path) -> None:
     from mlflow import MlflowClient

@@ -93,7 +93,8 @@ def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, p
     assert monthly.work_pool_name == POOL and monthly.entrypoint == "flows/monthly_flow.py:monthly_retraining"
     assert [s.schedule.cron for s in monthly.schedules] == ["0 2 1 * *"]
     assert monthly.schedules[0].schedule.timezone == "Europe/Berlin"
-    assert deployed["daily-drift"].parameters == {"window_days": 30, "trigger_retraining": True, "cooldown_days": 7}
+    assert deployed["daily-drift"].parameters == {"window_days": 30, "trigger_retraining": True, "cooldown_days": 7,
+                                                  "timezone": "Europe/Berlin"}
     run = run_on_worker("promote-approved/promote-approved", POOL, env, project, project)
     assert run.state.is_completed(), (run.state.type, run.state.message)
     assert run.deployment_id == deployed["promote-approved"].id
@@ -176,3 +177,38 @@ def test_a_git_clone_deployment_of_the_monthly_loop_runs_in_a_fresh_clone(tmp_pa
     next_clone = Settings(project=tmp_path / "next-clone", home=tmp_path / "next-home", dvc_remote=str(remote))
     DatasetRepo(next_clone.ensure()).restore()  # next month's Job gets this month's images from the remote
     assert sum(1 for f in (next_clone.data_dir / "images").rglob("*.png")) == 3 * 8 + 3 * 4
+
+
+def test_each_deployment_runs_one_flow_run_at_a_time(tmp_path: Path, prefect_server) -> None:
+    """prefect.yaml's deployment concurrency limits reach the server: a run due while the previous one still
+    runs is cancelled by Prefect (CANCEL_NEW), not started to fail on the project's lock."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.settings import PREFECT_API_URL
+
+    project, pool = tmp_path / "project", "defectops-limits"  # its own pool: the tests above create POOL
+    shutil.copytree(REPO_ROOT / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    for deployment in config["deployments"]:
+        deployment["name"] += "-limits"  # beside the tests above, which read every deployment of the server
+        deployment["work_pool"]["name"] = pool
+    (project / "prefect.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DEFECTOPS_"))}
+    env.update({"PREFECT_API_URL": PREFECT_API_URL.value(), "DEFECTOPS_PROJECT": str(project),
+                "DEFECTOPS_HOME": str(tmp_path / "home"), "HOME": str(tmp_path / "user-home"),
+                "PYTHONPATH": str(REPO_ROOT)})
+    prefect_cli(["work-pool", "create", pool, "--type", "process"], env, project)
+    prefect_cli(["--no-prompt", "deploy", "--all"], env, project)
+
+    async def deployments() -> dict[str, object]:
+        async with get_client() as client:
+            return {d.name: d for d in await client.read_deployments() if d.work_pool_name == pool}
+
+    deployed = asyncio.run(deployments())
+    assert set(deployed) == {"monthly-retraining-limits", "daily-drift-limits", "promote-approved-limits"}
+    for name, deployment in deployed.items():
+        assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1, name
+        assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW, name
+    monthly = deployed["monthly-retraining-limits"]
+    assert monthly.parameters == {"timezone": monthly.schedules[0].schedule.timezone} == {"timezone": "Europe/Berlin"}

@@ -24,7 +24,8 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-REPO_DEPLOYMENTS = ["--only", "monthly-retraining", "--only", "daily-drift"]  # promote-approved: its flow may not exist yet
+REPO_DEPLOYMENTS = ["--only", "monthly-retraining", "--only", "daily-drift", "--only", "promote-approved"]
+CRON_DEPLOYMENTS = ["--only", "monthly-retraining", "--only", "daily-drift"]  # served end to end: no promotion runs
 TINY_FLOW = '''from prefect import flow
 
 
@@ -99,6 +100,9 @@ def test_check_prints_the_monthly_cron_and_its_next_three_runs(repo_project: Pat
     months = [(int(year), int(month)) for year, month, *_ in runs]
     assert months == sorted(months) and len(set(months)) == 3, "three consecutive first-of-month runs"
     assert "0 6 * * *" in result.output and "daily-drift" in result.output
+    promote = next(line for line in result.output.splitlines() if "every 300 s" in line)
+    assert len(re.findall(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}", promote)) == 3
+    assert "promote-approved  (flows/promotion_flow.py:promote_approved)" in result.output
 
 
 def test_check_handles_cron_and_interval_schedules_of_any_deployment(tiny_project: Path) -> None:
@@ -205,7 +209,7 @@ def test_schedule_serves_the_deployments_on_a_local_server_and_stops_it(tmp_path
     log = tmp_path / "schedule.log"
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "components.cli", "schedule", "--port", str(port),
-                                    *REPO_DEPLOYMENTS], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    *CRON_DEPLOYMENTS], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         # the server's first start creates its database: slow on a loaded 2-core machine
         def both_deployments() -> dict[str, dict] | None:
@@ -221,7 +225,7 @@ def test_schedule_serves_the_deployments_on_a_local_server_and_stops_it(tmp_path
         assert schedule["schedule"]["cron"] == "0 2 1 * *"
         assert schedule["schedule"]["timezone"] == "Europe/Berlin"
         assert deployments["daily-drift"]["parameters"] == {"window_days": 30, "trigger_retraining": True,
-                                                            "cooldown_days": 7}
+                                                            "cooldown_days": 7, "timezone": "Europe/Berlin"}
         _poll("serving message", lambda: "Ctrl-C or SIGTERM" in log.read_text(), 60, process, log)
         output = log.read_text()
         assert f"Prefect UI: http://127.0.0.1:{port}" in output

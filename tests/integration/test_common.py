@@ -1,0 +1,78 @@
+"""flows.common.run_defectops under a real Prefect flow run: a SIGTERM to the flow-run process (what a cancelled
+run gets) stops the `defectops` child too, so a rerun never trains beside a leftover one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from components.signals import signal_handler
+
+pytestmark = pytest.mark.integration
+
+# stands in for `python -m components.cli train ...`: says who it is, then trains (sleeps) for two minutes;
+# with the trap it ignores SIGTERM too, as a child stuck in a long C call would
+CHILD = '#!/bin/sh\n{trap}echo $$ > "{pidfile}.tmp" && mv "{pidfile}.tmp" "{pidfile}"\nexec sleep 120\n'
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["obeys-sigterm", "ignores-sigterm"])
+def test_a_terminated_flow_run_stops_its_defectops_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         prefect_server, ignores_sigterm: bool) -> None:
+    from prefect import flow, task
+    from prefect.exceptions import TerminationSignal
+
+    import flows.common
+    from flows.common import run_defectops
+
+    pidfile = tmp_path / "child.pid"
+    child = tmp_path / "python"
+    child.write_text(CHILD.format(pidfile=pidfile, trap="trap '' TERM\n" if ignores_sigterm else ""))
+    child.chmod(0o755)
+    monkeypatch.setattr(flows.common, "STOP_GRACE_S", 1.0)
+
+    @task
+    def train() -> None:
+        run_defectops(["train"])
+
+    @flow
+    def training() -> None:
+        train()
+
+    def cancel_once_started() -> None:
+        deadline = time.monotonic() + 60
+        while not pidfile.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # Prefect's handler raises TerminationSignal in the main thread
+
+    passed_on: list[int] = []  # Prefect hands the signal on to the handler it replaced: record it, don't die
+    canceller = threading.Thread(target=cancel_once_started)
+    monkeypatch.setattr(sys, "executable", str(child))
+    started = time.monotonic()
+    try:
+        with signal_handler(lambda signum, _frame: passed_on.append(signum), signal.SIGTERM):
+            canceller.start()
+            with pytest.raises(TerminationSignal):
+                training()
+            canceller.join()
+        seconds = time.monotonic() - started
+        pid = int(pidfile.read_text())
+        assert not _alive(pid), "the defectops child outlived its cancelled flow run"
+        assert seconds < 60, "the flow run ended only when its child did"
+        assert passed_on == [signal.SIGTERM]
+    finally:
+        if pidfile.is_file() and _alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
