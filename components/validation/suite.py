@@ -40,8 +40,9 @@ REQUIRED_COLUMNS = ["path", "label", "split", "sha256", "readable", "error", "wi
                     "brightness", "contrast", "sharpness"]
 STAT_COLUMNS = ("brightness", "contrast", "sharpness")
 # failure lines come in this order: what the dataset holds, then file problems, then statistics
-CHECK_ORDER = ("label_set", "label_known", "class_size", "split_missing", "split", "readable", "unique", "width",
-               "height", "mode", "class_shift", *STAT_COLUMNS)
+CHECK_ORDER = ("label_set", "label_known", "class_size", "split_missing", "split", "group_split", "readable", "unique",
+               "width", "height", "mode", "class_shift", *STAT_COLUMNS)
+GROUP_SPLITS = "group_splits"  # derived: how many splits the image's capture group is in (1, or a leak)
 _DUPLICATE_KINDS = ("label conflict", "split leak", "duplicate")
 _SITE = "defectops_report"
 _MANIFEST, _COUNTS = "manifest", "class_counts"
@@ -150,6 +151,9 @@ def _manifest_expectations(profile: DatasetProfile, rules: ValidateParams,
         gxe.ExpectColumnValuesToBeInSet(
             column="split", value_set=list(SPLITS), meta={"check": "split"},
             description="Every split is train, val or test"),
+        gxe.ExpectColumnValuesToBeInSet(
+            column=GROUP_SPLITS, value_set=[1], meta={"check": "group_split"},
+            description="A capture group (one spot's exposures) is in one split: never trained on and scored"),
         gxe.ExpectColumnValuesToBeInSet(
             column="readable", value_set=[True], meta={"check": "readable"},
             description="Every file is a non-empty image that decodes completely"),
@@ -274,6 +278,15 @@ class _Lines:
         items = [f"{p} ({s})" for p, s in zip(paths, self.rows.loc[paths, "split"], strict=True)]
         return (f"{_plural(len(paths), 'file')} with a split not in {list(SPLITS)}: {_listing(items)}; correct them in "
                 "splits.csv and commit it")
+
+    def _group_split(self, result: dict) -> str:
+        paths = _unexpected_paths(result)
+        rows = self.rows.loc[paths]
+        groups = rows["group"] if "group" in rows.columns else rows["path"]
+        items = [f"{p} ({g}: {s})" for p, g, s in zip(paths, groups, rows["split"], strict=True)]
+        return (f"{_plural(len(paths), 'file')} in capture groups that span two splits, so one spot would be trained "
+                f"on and scored: {_listing(items)}; leave out new images that join two groups, or move the group's "
+                "images into one split in splits.csv")
 
     def _readable(self, result: dict) -> str:
         paths = _unexpected_paths(result)
@@ -410,6 +423,8 @@ def validate_manifest(manifest: pd.DataFrame, profile: DatasetProfile, rules: Va
     _check_columns(manifest)
     started = time.perf_counter()
     manifest = manifest.reset_index(drop=True)
+    groups = manifest["group"] if "group" in manifest.columns else manifest["path"]
+    manifest[GROUP_SPLITS] = manifest.groupby(groups, dropna=False)["split"].transform("nunique").clip(lower=1)
     counts = _class_counts(manifest, profile)
     with _LOCK:
         gxc = _gx()

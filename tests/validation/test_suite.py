@@ -212,3 +212,17 @@ def test_a_missing_or_unknown_split_is_named(clean_manifest: pd.DataFrame) -> No
     assert f"1 file without a split: {blank};" in missing, missing
     assert f"1 file with a split not in ['train', 'val', 'test']: {typo} (tset);" in unknown, unknown
     assert all("splits.csv" in line for line in report.failures)
+
+
+def test_a_capture_group_in_two_splits_is_named(clean_manifest: pd.DataFrame) -> None:
+    """New images that fall between two committed capture groups join them into one group whose committed
+    images sit in train and in test: the same spot trained on and scored."""
+    manifest = clean_manifest.copy()
+    train, test = (manifest.index[manifest["split"] == name][0] for name in ("train", "test"))
+    manifest.loc[[train, test], "group"] = "Crack/capture-5000"
+    report = validate_manifest(manifest, PROFILE, RULES)
+    assert not report.success and len(report.failures) == 1, report.summary()
+    [line] = report.failures
+    assert line.startswith("2 files in capture groups that span two splits, so one spot would be trained on and "
+                           f"scored: {manifest.loc[train, 'path']} (Crack/capture-5000: train)"), line
+    assert line.endswith("move the group's images into one split in splits.csv")
