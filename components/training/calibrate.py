@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from components.config import Params, Settings
+from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+UNCALIBRATED_FILE = ".model.uncalibrated.pt"  # the trained model until calibration is stored in it
 
 
 def store_calibration(model_path: Path, calibration: dict[str, Any], fingerprint: str | None = None) -> None:
@@ -35,27 +40,44 @@ def training_fingerprint(settings: Settings, params: Params, profile: str | None
     from components.training.params import augment_params, train_params
     from components.training.train import choose_profile, manifest_digest
 
-    name, prof = choose_profile(train_params(params), profile)
+    tp = train_params(params)
+    name, prof = choose_profile(tp, profile)
     ev = evaluate_params(params)
     payload = {"data": manifest_digest(tracked_manifest(settings, params)), "profile": name,
                "train": prof.model_dump(mode="json", exclude={"num_workers", "threads"}),
-               "augment": augment_params(params).model_dump(mode="json"), "seed": params.base.seed,
+               "augment": augment_params(params).model_dump(mode="json"),
+               "seed": tp.seed if tp.seed is not None else params.base.seed,  # the seed training uses
                "review_rule": [ev.target_auto_precision, ev.max_review_rate]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_and_calibrate(settings: Settings, params: Params, profile: str | None, resume: bool,
                         out_dir: Path) -> dict[str, Any]:
-    """`defectops train`: train, then calibrate on the val split; model.pt carries temperature and threshold."""
+    """`defectops train`: train, then calibrate on the val split; model.pt carries temperature and threshold.
+
+    model.pt appears only calibrated, in one rename: the earlier model.pt and calibration.json go first, and
+    the checkpoint stays until calibration is done, so an interruption at any point leaves no model that looks
+    final and `--resume` continues (after the last epoch, it only writes and calibrates the model).
+    """
+    import shutil
+
     from components.data.tracked import tracked_manifest
     from components.evaluation.runner import calibrate, evaluate_params
     from components.predictor import Predictor
-    from components.training.train import run_training
+    from components.training.params import train_params
+    from components.training.train import MODEL_FILE, run_training
 
-    result = run_training(settings, params, profile=profile, resume=resume, out_dir=out_dir)
+    model_path, calibration_path = out_dir / MODEL_FILE, out_dir / CALIBRATION_FILE
+    model_path.unlink(missing_ok=True)
+    calibration_path.unlink(missing_ok=True)
+    result = run_training(settings, params, profile=profile, resume=resume, out_dir=out_dir,
+                          model_file=UNCALIBRATED_FILE, keep_checkpoint=True)
     manifest = tracked_manifest(settings, params)
     predictor = Predictor.from_file(result.model_path, device="cpu")
     calibration = calibrate(predictor, manifest[manifest["split"] == "val"], evaluate_params(params))
     store_calibration(result.model_path, calibration, training_fingerprint(settings, params, profile))
-    (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
-    return {"model_path": result.model_path, "calibration": calibration, **result.metrics}
+    write_text_atomic(calibration_path, json.dumps(calibration, indent=2) + "\n")
+    os.replace(result.model_path, model_path)
+    if not train_params(params).keep_checkpoint:
+        shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+    return {"model_path": model_path, "calibration": calibration, **result.metrics}

@@ -33,7 +33,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +47,7 @@ from torch.utils.data import DataLoader
 from components.config import Params, Settings
 from components.errors import UsageError, one_line
 from components.files import file_sha256, replacing, write_text_atomic
+from components.locks import exclusive
 from components.training.data import (
     EMPTY_MASK,
     ManifestDataset,
@@ -287,6 +289,15 @@ def load_model_file(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     return model, meta
 
 
+@contextmanager
+def _threads_restored(threads: int) -> Iterator[None]:
+    """Put torch's compute thread count back afterwards (the loop adapts it to the machine's load)."""
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fingerprint(
     prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int,
     teacher: Teacher | None = None,
@@ -412,8 +423,15 @@ def run_training(
     manifest: pd.DataFrame | None = None,
     callbacks: Sequence[Callable[[EpochRecord], None]] = (),
     progress: bool = True,
+    model_file: str = MODEL_FILE,
+    keep_checkpoint: bool | None = None,
 ) -> TrainResult:
-    """Train on the 'train' split, early-stop on 'val', write model.pt, train_metrics.json and history.csv."""
+    """Train on the 'train' split, early-stop on 'val', write `model_file`, train_metrics.json and history.csv.
+
+    The checkpoint folder goes once the model is written, unless `keep_checkpoint` (default: the params'
+    `train.keep_checkpoint`): a caller with more to do (calibration) keeps it until that is done too. Two runs
+    of one configuration share that folder, so the second refuses while the first runs.
+    """
     started = time.perf_counter()
     params = _as_params(params)
     tp, aug = train_params(params), augment_params(params)
@@ -456,7 +474,8 @@ def run_training(
     criterion = profile_loss(prof, counts)
     cfg = loop_config(prof, seed, tp.deterministic, normal_index, progress=progress, fingerprint=fingerprint)
     threads_before = torch.get_num_threads()
-    try:
+    with exclusive(settings.locks_dir, f"train-{fingerprint}", "a training run of this configuration"), \
+            _threads_restored(threads_before):
         result: FitResult = fit(
             model,
             train_loader,
@@ -472,8 +491,6 @@ def run_training(
         if prof.design == "dense" and prof.head_refit_epochs:
             head_refit = _refit_head(model, result, train_rows, val_loader, classes, prof, criterion, seed,
                                      params.data.max_image_pixels)
-    finally:
-        torch.set_num_threads(threads_before)
 
     seconds_total = time.perf_counter() - started
     metrics = {
@@ -521,7 +538,7 @@ def run_training(
         seed=seed,
         metrics={k: metrics[k] for k in ("best_val_macro_f1", "best_epoch", "epochs")},
     )
-    model_path = out_dir / MODEL_FILE
+    model_path = out_dir / model_file
     save_model_file(model_path, model, model.state_dict() if head_refit else result.best_state, meta)
     log.info(
         "wrote %s (val macro-F1 %.4f, epoch %d%s, %.0f s)",
@@ -531,6 +548,6 @@ def run_training(
         " and the refit head" if head_refit and head_refit["kept"] else "",
         seconds_total,
     )
-    if not tp.keep_checkpoint:
+    if not (tp.keep_checkpoint if keep_checkpoint is None else keep_checkpoint):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainResult(model_path, metrics_path, history_path, checkpoint_dir, metrics)

@@ -94,3 +94,40 @@ def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path
     assert state.type == StateType.FAILED and "unreachable" in state.message
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert _versions(project) == []
+
+
+def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_it(
+        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.pt appears only calibrated; the checkpoint stays until then, so --resume only calibrates."""
+    import torch
+
+    from components.evaluation import runner
+    from components.training.calibrate import UNCALIBRATED_FILE, train_and_calibrate, training_fingerprint
+
+    _tracked_project(project, tmp_path, num_workers=0)  # in this process: no loader workers forked from pytest
+    params = load_params(project.params_file)
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"an earlier run's model, which the new run's metrics would sit beside")
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "calibrate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_and_calibrate(project, params, None, False, out)
+    assert not (out / "model.pt").exists() and not (out / "calibration.json").exists()
+    assert (out / UNCALIBRATED_FILE).is_file()
+    checkpoints = list((project.home_dir / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "last.pt").is_file()
+
+    done = train_and_calibrate(project, params, None, True, out)
+    assert done["resumed_from_epoch"] == done["epochs"] == 2, "resumed after the last epoch: nothing retrained"
+    blob = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert blob["calibration"] == done["calibration"] and (out / "calibration.json").is_file()
+    assert not (out / UNCALIBRATED_FILE).exists() and not checkpoints[0].exists()
+    # the seed training uses is part of what makes a run the same run
+    seeds = [training_fingerprint(project, load_params(project.params_file, [f"train.seed={s}"]), None)
+             for s in (1, 2)]
+    assert seeds[0] != seeds[1]

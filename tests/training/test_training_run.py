@@ -231,3 +231,20 @@ def test_adaptive_threads_are_rechecked_within_an_epoch(settings, raw_params, ti
         torch.set_num_threads(before)
     changes = [r.getMessage() for r in caplog.records if "compute thread(s)" in r.getMessage()]
     assert changes[-1].startswith("epoch 1: 1 compute thread(s) (other processes: 5.0"), changes
+
+
+def test_a_second_run_of_the_same_configuration_refuses_while_the_first_trains(settings, raw_params, tiny_manifest,
+                                                                               tmp_path):
+    """Both would share the checkpoint folder: the second, started afresh, would delete the first's weights."""
+    from components.errors import ConcurrentRunError
+
+    raw = raw_params(epochs=1)
+    refused: list[str] = []
+
+    def second_run(_record: EpochRecord) -> None:
+        with pytest.raises(ConcurrentRunError, match="a training run of this configuration is already running") as e:
+            _run(settings, raw, tiny_manifest, tmp_path / "second")
+        refused.append(str(e.value))
+
+    first = _run(settings, raw, tiny_manifest, tmp_path / "first", callbacks=[second_run])
+    assert len(refused) == 1 and first.model_path.is_file() and not (tmp_path / "second" / "model.pt").exists()
