@@ -59,12 +59,14 @@ def _check(name: str, value: float | None, op: Literal[">=", "<="], bound: float
 
 
 def _same_test_set(challenger: dict[str, Any], champion: dict[str, Any]) -> dict[str, Any]:
-    """Both reports cover the same number of images of the same classes."""
+    """Both reports cover the same images (by the digest of their paths, where both have it) of the same classes."""
     same_classes = (challenger.get("classes") == champion.get("classes")
                     and challenger.get("normal_class") == champion.get("normal_class"))
-    same = same_classes and challenger.get("n_images") == champion.get("n_images")
+    digests = challenger.get("image_paths_digest"), champion.get("image_paths_digest")
+    same_images = digests[0] == digests[1] if all(digests) else True
+    same = same_classes and same_images and challenger.get("n_images") == champion.get("n_images")
     text = (f"test set: challenger {challenger.get('n_images')} images, champion {champion.get('n_images')} "
-            f"images, {'same' if same_classes else 'different'} classes")
+            f"images{'' if same_images else ' (other images)'}, {'same' if same_classes else 'different'} classes")
     message = f"{text}: ok" if same else (f"{text}: FAILED (re-evaluate the champion on the current golden "
                                           "test split before comparing)")
     return {"name": "same_test_set", "passed": same, "status": "ok" if same else "FAILED",

@@ -78,6 +78,15 @@ def test_different_test_sets_fail() -> None:
     assert "re-evaluate the champion" in result.reasons[0]
 
 
+def test_as_many_other_images_fail() -> None:
+    champion = {**_report(0.88, 0.93, 0.05, (0.9, 0.9, 0.9)), "image_paths_digest": "a1"}
+    challenger = {**_report(0.91, 0.95, 0.05, (0.9, 0.9, 0.9)), "image_paths_digest": "b2"}
+    result = compare(challenger, champion, GateRules())
+    assert not result.passed and result.checks[0]["name"] == "same_test_set" and not result.checks[0]["passed"]
+    assert "images (other images), same classes: FAILED" in result.reasons[0]
+    assert compare({**challenger, "image_paths_digest": "a1"}, champion, GateRules()).passed
+
+
 def test_latency_rule() -> None:
     rules = GateRules(max_latency_ms=50)
     good = _report(0.91, 0.95, 0.05, (0.9, 0.9, 0.9), latency_ms=20.0)
