@@ -273,11 +273,14 @@ class _Lines:
         return (f"{_plural(len(paths), 'file')} without a split: {_listing(paths)}; give each train, val or test in "
                 "splits.csv and build the manifest again (`defectops data manifest`)")
 
+    def _tagged(self, paths: list[str], column: str) -> list[str]:
+        """Each path with its value of `column`: "a.png (tset)"."""
+        return [f"{p} ({v})" for p, v in zip(paths, self.rows.loc[paths, column], strict=True)]
+
     def _split(self, result: dict) -> str:
         paths = _unexpected_paths(result)
-        items = [f"{p} ({s})" for p, s in zip(paths, self.rows.loc[paths, "split"], strict=True)]
-        return (f"{_plural(len(paths), 'file')} with a split not in {list(SPLITS)}: {_listing(items)}; correct them in "
-                "splits.csv and commit it")
+        return (f"{_plural(len(paths), 'file')} with a split not in {list(SPLITS)}: "
+                f"{_listing(self._tagged(paths, 'split'))}; correct them in splits.csv and commit it")
 
     def _group_split(self, result: dict) -> str:
         paths = _unexpected_paths(result)
@@ -308,9 +311,9 @@ class _Lines:
 
     def _mode(self, result: dict) -> str:
         paths = _unexpected_paths(result)
-        items = [f"{p} ({m})" for p, m in zip(paths, self.rows.loc[paths, "mode"], strict=True)]
-        return (f"{_plural(len(paths), 'image')} in a mode not in validate.modes: {_listing(items)}; convert "
-                "them or add the mode to validate.modes in params.yaml")
+        return (f"{_plural(len(paths), 'image')} in a mode not in validate.modes: "
+                f"{_listing(self._tagged(paths, 'mode'))}; convert them or add the mode to validate.modes in "
+                "params.yaml")
 
     def _unique(self, result: dict) -> str:
         paths = _unexpected_paths(result)
