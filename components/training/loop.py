@@ -270,11 +270,12 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> C
 
 
 def classification_metrics(targets: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """Cross-entropy, macro-F1 (over the classes present in `targets`) and accuracy."""
+    """Cross-entropy, macro-F1 and accuracy. Macro-F1 averages over the classes present in `targets` or
+    predicted, as evaluation's does (components/evaluation/metrics.py): a class only predicted counts at 0."""
     from sklearn.metrics import f1_score
 
     predictions = logits.argmax(axis=1)
-    labels = sorted(set(targets.tolist()))
+    labels = sorted(set(targets.tolist()) | set(predictions.tolist()))
     loss = F.cross_entropy(torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(targets)).item()
     return {
         "loss": float(loss),

@@ -19,6 +19,7 @@ from components.training.loop import (
     NONDETERMINISTIC,
     LoopConfig,
     Trainer,
+    classification_metrics,
     cutmix,
     defect_label_weights,
     mixup,
@@ -887,3 +888,15 @@ def test_every_committed_profile_averages_over_a_few_epochs_not_the_whole_run() 
             assert ema_start_share(profile.ema_decay, steps) <= EMA_MAX_START_SHARE, name
             checked += 1
     assert checked >= 2, "the gpu and cpu profiles both average their weights"
+
+
+def test_training_macro_f1_is_evaluations() -> None:
+    """Validation macro-F1 (early stopping, the kept epoch) means what the golden-test one means: a class only
+    predicted counts at F1 0 in both."""
+    from components.evaluation.metrics import evaluate_predictions
+
+    targets = np.array([0, 0, 1, 1])
+    logits = np.eye(3)[[0, 0, 1, 2]] * 5.0  # the last image called class 2, which the labels never have
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    report = evaluate_predictions(probs, targets, ["a", "b", "c"], "a", 0.5, n_boot=0)
+    assert classification_metrics(targets, logits)["macro_f1"] == pytest.approx(report["macro_f1"]) == pytest.approx(5 / 9)
