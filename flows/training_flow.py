@@ -64,10 +64,15 @@ def train_task(profile: str | None, resume: bool, out_dir: str) -> dict:
 @task(name="register-and-gate", retries=2, retry_delay_seconds=10)
 def register_task(out_dir: str, force: bool) -> dict:
     """Register the model as `challenger` and judge it against the champion (retried: the registry may be away)."""
+    from prefect.runtime import task_run
+
     from components.registry.registry import register
 
     settings = get_settings()
-    return _registered(register(settings, load_params(settings.params_file), Path(out_dir), force=force))
+    # its retries share the task run id: a forced registration retried after it created the version returns it
+    origin = f"prefect task run {task_run.get_id()}" if task_run.get_id() else None
+    return _registered(register(settings, load_params(settings.params_file), Path(out_dir), force=force,
+                                origin=origin))
 
 
 def approval_markdown(registered: dict, dataset_version: str) -> str:

@@ -285,10 +285,13 @@ def _failed_registration(version: ModelVersion) -> bool:
     return (version.tags or {}).get("registration") == "failed"
 
 
-def _existing_version(client: MlflowClient, manifest_digest: str, model_sha256: str) -> ModelVersion | None:
+def _existing_version(client: MlflowClient, manifest_digest: str, model_sha256: str,
+                      origin: str | None = None) -> ModelVersion | None:
+    """The latest version of this model file on this dataset (registered from `origin`, when given)."""
     found = client.search_model_versions(f"name='{MODEL_NAME}' and tag.model_sha256='{model_sha256}' "
                                          f"and tag.manifest_digest='{manifest_digest}'")
-    found = [v for v in found if not _failed_registration(v)]
+    found = [v for v in found if not _failed_registration(v)
+             and (origin is None or (v.tags or {}).get("origin") == origin)]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -502,13 +505,20 @@ def _write_comparison(settings: Settings, version: str, markdown: str) -> Path:
     return write_text_atomic(settings.reports_dir / "comparisons" / f"v{version}.md", markdown)
 
 
-def register(settings: Settings, params: Params, train_dir: Path, force: bool = False) -> RegisterResult:
-    """Evaluate a trained model on the golden test split, log and register it, gate it, make it `challenger`."""
+def register(settings: Settings, params: Params, train_dir: Path, force: bool = False,
+             origin: str | None = None) -> RegisterResult:
+    """Evaluate a trained model on the golden test split, log and register it, gate it, make it `challenger`.
+
+    `force` registers the same model and dataset again; `origin` (e.g. a Prefect task run, the same for its
+    retries) is tagged on the version, so a retry of a forced registration that got as far as the version
+    returns it instead of registering the model twice.
+    """
     with _registry_errors("register a model", settings.tracking_uri):
-        return _register(settings, params, train_dir, force)
+        return _register(settings, params, train_dir, force, origin)
 
 
-def _register(settings: Settings, params: Params, train_dir: Path, force: bool) -> RegisterResult:
+def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
+              origin: str | None = None) -> RegisterResult:
     import mlflow
 
     from components.data.tracked import dataset_version, tracked_manifest
@@ -537,7 +547,10 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool) 
     eval_params = evaluate_params(params)
 
     with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
-        existing = None if force else _existing_version(client, digest, model_sha256)
+        if not force:
+            existing = _existing_version(client, digest, model_sha256)
+        else:  # forced: only what this same registration (a retry of it) created already
+            existing = _existing_version(client, digest, model_sha256, origin) if origin else None
         if existing is not None:
             log.info("%s is already registered as version %s (same model file and dataset); nothing to do",
                      model_path, existing.version)
@@ -562,6 +575,7 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool) 
             "gate_status": status, "gate_reasons": _truncate("\n".join(gate.reasons)),
             "compared_with": compared_with, "approval_status": "pending" if gate.passed else "not-eligible",
             "training_fingerprint": _tag(meta.get("training_fingerprint")),
+            **({"origin": _truncate(origin)} if origin else {}),
         }
 
         version: str | None = None

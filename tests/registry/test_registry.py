@@ -93,6 +93,20 @@ def test_registering_the_same_model_again_is_a_no_op(registered) -> None:
     assert _versions(settings) == ["1"]
 
 
+def test_a_forced_registration_retried_returns_the_version_it_made(registry_project, tmp_path: Path) -> None:
+    """A flow retries a registration that failed after its version was made (the run's end, the audit line):
+    with `force`, the retry must not register the model twice; another forced registration does."""
+    from components.registry.registry import register
+
+    settings, params = registry_project, params_with_gate(registry_project, **LENIENT_GATE)
+    train_dir = make_train_dir(tmp_path / "train")
+    first = register(settings, params, train_dir, force=True, origin="prefect task run 1234")
+    retried = register(settings, params, train_dir, force=True, origin="prefect task run 1234")
+    assert first.created and not retried.created and retried.version == first.version == "1"
+    again = register(settings, params, train_dir, force=True, origin="prefect task run 5678")
+    assert again.created and again.version == "2" and _versions(settings) == ["1", "2"]
+
+
 def test_registered_model_loads_for_any_batch_size(registered) -> None:
     import mlflow
     import torch
