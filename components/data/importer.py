@@ -142,18 +142,18 @@ def recover(settings: Settings) -> bool:
 
 
 def _unique_name(item: LabelledImage, sha: str, taken: set[str]) -> LabelledImage:
-    """Keep the source file name unless another image of the class already has it."""
-    if item.relpath not in taken:
+    """Keep the source file name unless another image of the class already has it, or its stem (a.jpg and
+    a.bmp would share the mask masks/<class>/a.png)."""
+    if item.relpath not in taken and item.mask_relpath not in taken:
         return item
-    renamed = LabelledImage(item.path, item.label, item.mask, f"{item.path.stem}-{sha[:8]}{item.path.suffix}")
-    return renamed
+    return LabelledImage(item.path, item.label, item.mask, f"{item.path.stem}-{sha[:8]}{item.path.suffix}")
 
 
 def plan_additions(existing: list[LabelledImage], existing_sha: list[str], incoming: list[LabelledImage],
                    incoming_sha: list[str]) -> tuple[list[LabelledImage], int]:
     """The incoming images not yet in the dataset (same content, same class), with collision-free names."""
     known = {(item.label, sha) for item, sha in zip(existing, existing_sha, strict=True)}
-    taken = {item.relpath for item in existing}
+    taken = {path for item in existing for path in (item.relpath, item.mask_relpath)}
     additions, skipped = [], 0
     for item, sha in zip(incoming, incoming_sha, strict=True):
         if (item.label, sha) in known:
@@ -161,7 +161,7 @@ def plan_additions(existing: list[LabelledImage], existing_sha: list[str], incom
             continue
         item = _unique_name(item, sha, taken)
         known.add((item.label, sha))
-        taken.add(item.relpath)
+        taken.update((item.relpath, item.mask_relpath))
         additions.append(item)
     return additions, skipped
 

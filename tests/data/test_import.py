@@ -337,3 +337,17 @@ def test_magnetic_tile_import_groups_captures_and_validates(project, magnetic_ti
         assert set(rows["split"]) == {"train", "val", "test"}, label
     assert len(list((project.data_dir / "masks").rglob("*.png"))) == 1071
     assert json.loads((result.report_dir / "validation.json").read_text())["success"] is True
+
+
+def test_an_image_whose_stem_is_taken_gets_its_own_name_and_mask(tmp_path: Path) -> None:
+    """a.jpg is tracked; a new a.bmp of the same class would share masks/<class>/a.png: it is renamed."""
+    from components.data.importer import plan_additions
+    from components.data.layout import LabelledImage
+
+    old = LabelledImage(tmp_path / "src" / "exp1_num_5.jpg", "Crack", tmp_path / "src" / "exp1_num_5.png")
+    new = LabelledImage(tmp_path / "new" / "exp1_num_5.bmp", "Crack", tmp_path / "new" / "exp1_num_5.png")
+    other = LabelledImage(tmp_path / "new" / "exp1_num_6.bmp", "Crack")
+    [renamed, kept], skipped = plan_additions([old], ["a" * 64], [new, other], ["b" * 64, "c" * 64])
+    assert skipped == 0 and renamed.relpath == "images/Crack/exp1_num_5-bbbbbbbb.bmp"
+    assert renamed.mask_relpath == "masks/Crack/exp1_num_5-bbbbbbbb.png" != old.mask_relpath
+    assert kept.relpath == "images/Crack/exp1_num_6.bmp"
