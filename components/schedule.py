@@ -54,6 +54,7 @@ class DeploymentSpec:
     description: str | None
     parameters: dict[str, Any]
     schedules: list[Any]
+    concurrency_limit: Any = None  # prefect's ConcurrencyLimitConfig: one flow run at a time, as `prefect deploy`
 
 
 # ------------------------------------------------------------------ prefect.yaml
@@ -96,7 +97,21 @@ def _deployment_spec(path: Path, index: int, entry: Any) -> DeploymentSpec:
     if not isinstance(schedules, list):
         raise UsageError(f"{where}: `schedules` must be a list")
     return DeploymentSpec(name=name, entrypoint=entrypoint, description=entry.get("description"),
-                          parameters=parameters, schedules=[_schedule(where, raw) for raw in schedules])
+                          parameters=parameters, schedules=[_schedule(where, raw) for raw in schedules],
+                          concurrency_limit=_concurrency_limit(where, entry.get("concurrency_limit")))
+
+
+def _concurrency_limit(where: str, raw: Any) -> Any:
+    """prefect.yaml's `concurrency_limit` (a number, or {limit, collision_strategy}) as Prefect's own config."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    if raw is None:
+        return None
+    try:
+        return ConcurrencyLimitConfig.model_validate({"limit": raw} if isinstance(raw, int) else raw)
+    except ValueError as exc:
+        raise UsageError(f"{where}: bad `concurrency_limit` ({_one_line(exc)}); give a number or "
+                         "{limit: 1, collision_strategy: CANCEL_NEW}") from exc
 
 
 def _schedule(where: str, raw: Any) -> Any:
@@ -184,7 +199,8 @@ def load_flows(settings: Settings, specs: Sequence[DeploymentSpec]) -> dict[str,
 def build_deployments(specs: Sequence[DeploymentSpec], flows: dict[str, Any]) -> list[Any]:
     """One `RunnerDeployment` per spec; entrypoints resolve from the working directory (the project root)."""
     return [flows[spec.name].to_deployment(name=spec.name, description=spec.description,
-                                           parameters=spec.parameters, schedules=spec.schedules)
+                                           parameters=spec.parameters, schedules=spec.schedules,
+                                           concurrency_limit=spec.concurrency_limit)
             for spec in specs]
 
 

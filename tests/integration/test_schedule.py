@@ -226,6 +226,9 @@ def test_schedule_serves_the_deployments_on_a_local_server_and_stops_it(tmp_path
         assert schedule["schedule"]["timezone"] == "Europe/Berlin"
         assert deployments["daily-drift"]["parameters"] == {"window_days": 30, "trigger_retraining": True,
                                                             "cooldown_days": 7, "timezone": "Europe/Berlin"}
+        for served in deployments.values():  # one flow run at a time, as `prefect deploy` sets it
+            assert served["global_concurrency_limit"]["limit"] == 1, served["name"]
+            assert served["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", served["name"]
         _poll("serving message", lambda: "Ctrl-C or SIGTERM" in log.read_text(), 60, process, log)
         output = log.read_text()
         assert f"Prefect UI: http://127.0.0.1:{port}" in output
