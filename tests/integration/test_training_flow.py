@@ -82,6 +82,8 @@ def test_invalid_data_stops_before_training(project, tmp_path: Path, prefect_ser
 
 def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path, prefect_server,
                                                           monkeypatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.states import StateType
 
     from flows import training_flow
@@ -92,8 +94,13 @@ def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     state = training_flow.train_challenger(out_dir=str(tmp_path / "train"), return_state=True)
     assert state.type == StateType.FAILED and "unreachable" in state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    [checked] = [run for run in runs if run.name.startswith("already-trained")]
+    assert checked.run_count == 3, "tried once and retried twice before the flow failed"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert _versions(project) == []
+    assert _versions(project) == [], "nothing fell back to the embedded store"
 
 
 def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_it(
