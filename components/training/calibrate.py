@@ -55,9 +55,10 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
                         out_dir: Path) -> dict[str, Any]:
     """`defectops train`: train, then calibrate on the val split; model.pt carries temperature and threshold.
 
-    model.pt appears only calibrated, in one rename: the earlier model.pt and calibration.json go first, and
-    the checkpoint stays until calibration is done, so an interruption at any point leaves no model that looks
-    final and `--resume` continues (after the last epoch, it only writes and calibrates the model).
+    model.pt appears only calibrated, in one rename: the earlier model.pt and calibration.json go once the new
+    run's metrics are written, and the checkpoint stays until calibration is done, so an interruption at any
+    point leaves no model that looks final and `--resume` continues (after the last epoch, it only writes and
+    calibrates the model).
     """
     import shutil
 
@@ -68,10 +69,11 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
     from components.training.train import MODEL_FILE, run_training
 
     model_path, calibration_path = out_dir / MODEL_FILE, out_dir / CALIBRATION_FILE
-    model_path.unlink(missing_ok=True)
-    calibration_path.unlink(missing_ok=True)
     result = run_training(settings, params, profile=profile, resume=resume, out_dir=out_dir,
                           model_file=UNCALIBRATED_FILE, keep_checkpoint=True)
+    # the new run's metrics are written: an earlier model.pt beside them would look like theirs
+    model_path.unlink(missing_ok=True)
+    calibration_path.unlink(missing_ok=True)
     manifest = tracked_manifest(settings, params)
     predictor = Predictor.from_file(result.model_path, device="cpu")
     calibration = calibrate(predictor, manifest[manifest["split"] == "val"], evaluate_params(params))
