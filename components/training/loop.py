@@ -471,6 +471,24 @@ class Trainer:
     def _best(self) -> Path | None:
         return self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
 
+    def _pending_best(self, epoch: int) -> Path:
+        """An epoch's better weights, until last.pt (which records that epoch as the best) is written too."""
+        return self.checkpoint_dir / f"best.pending-{epoch}.pt"
+
+    def save_best(self) -> None:
+        """This epoch's weights as the best: they replace best.pt once save_checkpoint has written last.pt, so a
+        kill in between never leaves a best.pt newer than the best epoch last.pt records."""
+        atomic_save(self.eval_model.state_dict(), self._pending_best(self.epoch))
+
+    def _settle_best(self, best_epoch: int) -> None:
+        """The pending best of `best_epoch` becomes best.pt; a pending best of any other epoch (killed before its
+        last.pt) is dropped: that epoch is trained again."""
+        for pending in self.checkpoint_dir.glob("best.pending-*.pt"):
+            if pending.name == self._pending_best(best_epoch).name:
+                os.replace(pending, self._best())
+            else:
+                pending.unlink(missing_ok=True)
+
     def save_checkpoint(self) -> None:
         if not self.checkpoint_dir:
             return
@@ -493,6 +511,7 @@ class Trainer:
             "rng": _rng_state(),
         }
         atomic_save(state, self._last())
+        self._settle_best(self.best_epoch)
 
     def load_checkpoint(self) -> bool:
         last = self._last()
@@ -523,6 +542,7 @@ class Trainer:
         )
         self.history = [EpochRecord(**r) for r in state["history"]]
         _set_rng_state(state["rng"])
+        self._settle_best(self.best_epoch)
         log.info(
             "resumed from %s after epoch %d (best val macro-F1 %.4f at epoch %d)",
             last,
@@ -752,8 +772,8 @@ def fit(
         log.info("no checkpoint to resume in %s: starting afresh", checkpoint_dir)
     if not resumed and checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        trainer._best().unlink(missing_ok=True)
-        trainer._last().unlink(missing_ok=True)
+        for stale in (trainer._best(), trainer._last(), *checkpoint_dir.glob("best.pending-*.pt")):
+            stale.unlink(missing_ok=True)
     start_epoch = trainer.epoch
     best_state: dict[str, torch.Tensor] | None = None
     log.info(
@@ -784,7 +804,7 @@ def fit(
                 )
                 trainer.bad_epochs = 0
                 if checkpoint_dir is not None:
-                    atomic_save(trainer.eval_model.state_dict(), trainer._best())
+                    trainer.save_best()
                 else:
                     best_state = _cpu_state(trainer.eval_model)
             else:

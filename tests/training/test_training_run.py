@@ -253,3 +253,33 @@ def test_a_second_run_of_the_same_configuration_refuses_while_the_first_trains(s
 
     first = _run(settings, raw, tiny_manifest, tmp_path / "first", callbacks=[second_run])
     assert len(refused) == 1 and first.model_path.is_file() and not (tmp_path / "second" / "model.pt").exists()
+
+
+def test_a_kill_between_the_best_weights_and_last_pt_keeps_them_in_step(settings, raw_params, tiny_manifest,
+                                                                         tmp_path, monkeypatch):
+    """Epoch 2's better weights wait beside best.pt until last.pt records epoch 2: killed in between, best.pt is
+    still epoch 1's, as last.pt says, and the resumed run trains epoch 2 again."""
+    from components.training.loop import Trainer
+
+    raw = raw_params(epochs=2, keep="last")  # every epoch is the kept one
+    real = Trainer.save_checkpoint
+
+    def killed_at_epoch_2(self) -> None:
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        real(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_checkpoint", killed_at_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            _run(settings, raw, tiny_manifest, tmp_path / "out")
+    [folder] = (settings.home_dir / "checkpoints").iterdir()
+    last = torch.load(folder / "last.pt", map_location="cpu", weights_only=False)
+    best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    pending = torch.load(folder / "best.pending-2.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == last["best_epoch"] == 1
+    assert any(not torch.equal(best[k], pending[k]) for k in best if best[k].is_floating_point())
+
+    resumed = _run(settings, raw, tiny_manifest, tmp_path / "out", resume=True)
+    assert resumed.metrics["resumed_from_epoch"] == 1 and resumed.metrics["best_epoch"] == 2
+    assert not folder.exists()
