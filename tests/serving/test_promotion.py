@@ -252,6 +252,42 @@ def test_a_swap_while_a_request_is_still_decoding_answers_it_on_the_old_model() 
     asyncio.run(scenario())
 
 
+def test_the_service_swap_waits_longer_than_one_batchs_latency_budget() -> None:
+    """On CUDA the latency budget is 0.5 s; a request still decoding a large image after that must still be
+    answered by the model it started on, so the service's swap waits up to the request timeout."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from components.serving.batching import Batcher
+    from components.serving.deployment import DeploymentRecord
+    from components.serving.reload import Deployment
+    from components.serving.service import DefectClassifier
+
+    def deployment(version: int, batcher: Batcher) -> Deployment:
+        record = DeploymentRecord(model_uri=f"models:/defect-classifier/{version}",
+                                  model_version=f"defect-classifier/{version}", threshold=0.8, fast_path="fp32",
+                                  deployed_at="2026-11-23T08:00:00+00:00")
+        return Deployment(record, engine=SimpleNamespace(device="cpu"), reference=None, fast_path="fp32",
+                          batcher=batcher, stamp=None)
+
+    async def scenario() -> None:
+        old_batcher = Batcher(lambda items, _stream: [2 * item for item in items], max_batch_size=4,
+                              max_latency_ms=500)
+        new_batcher = Batcher(lambda items, _stream: [3 * item for item in items], max_batch_size=4,
+                              max_latency_ms=500)
+        service = DefectClassifier.inner.__new__(DefectClassifier.inner)
+        service.deployment, service._explainers = deployment(1, old_batcher), {}
+        with service.deployment.serving() as held:
+            await asyncio.to_thread(service._swap, deployment(2, new_batcher))
+            await asyncio.sleep(0.8)  # still decoding, past the 0.5 s budget
+            assert await asyncio.wait_for(held.batcher(21), 5) == 42
+        await asyncio.sleep(0.3)
+        assert old_batcher.stopped and service.deployment.model_version == "defect-classifier/2"
+        new_batcher.shutdown()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["promote", "--no-bento"], "nothing approved to serve"),
     (["rollback", "--by", "qa", "--reason", "bad batch"], "nothing registered is deployed"),
