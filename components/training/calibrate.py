@@ -38,15 +38,14 @@ def training_fingerprint(settings: Settings, params: Params, profile: str | None
     from components.data.tracked import tracked_manifest
     from components.evaluation.runner import evaluate_params
     from components.training.params import augment_params, train_params
-    from components.training.train import choose_profile, manifest_digest
+    from components.training.train import choose_profile, manifest_digest, training_seed
 
-    tp = train_params(params)
-    name, prof = choose_profile(tp, profile)
+    name, prof = choose_profile(train_params(params), profile)
     ev = evaluate_params(params)
     payload = {"data": manifest_digest(tracked_manifest(settings, params)), "profile": name,
                "train": prof.model_dump(mode="json", exclude={"num_workers", "threads"}),
                "augment": augment_params(params).model_dump(mode="json"),
-               "seed": tp.seed if tp.seed is not None else params.base.seed,  # the seed training uses
+               "seed": training_seed(params),
                "review_rule": [ev.target_auto_precision, ev.max_review_rate]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -60,17 +59,14 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
     point leaves no model that looks final and `--resume` continues (after the last epoch, it only writes and
     calibrates the model).
     """
-    import shutil
-
     from components.data.tracked import tracked_manifest
     from components.evaluation.runner import calibrate, evaluate_params
     from components.predictor import Predictor
-    from components.training.params import train_params
-    from components.training.train import MODEL_FILE, run_training
+    from components.training.train import MODEL_FILE, finish_run, run_training
 
     model_path, calibration_path = out_dir / MODEL_FILE, out_dir / CALIBRATION_FILE
     result = run_training(settings, params, profile=profile, resume=resume, out_dir=out_dir,
-                          model_file=UNCALIBRATED_FILE, keep_checkpoint=True)
+                          model_file=UNCALIBRATED_FILE, finish=False)
     # the new run's metrics are written: an earlier model.pt beside them would look like theirs
     model_path.unlink(missing_ok=True)
     calibration_path.unlink(missing_ok=True)
@@ -80,6 +76,5 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
     store_calibration(result.model_path, calibration, training_fingerprint(settings, params, profile))
     write_text_atomic(calibration_path, json.dumps(calibration, indent=2) + "\n")
     os.replace(result.model_path, model_path)
-    if not train_params(params).keep_checkpoint:
-        shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+    finish_run(params, result.checkpoint_dir)
     return {"model_path": model_path, "calibration": calibration, **result.metrics}

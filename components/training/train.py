@@ -289,6 +289,18 @@ def load_model_file(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     return model, meta
 
 
+def training_seed(params: Params) -> int:
+    """The seed a run trains with: `train.seed`, else `base.seed`."""
+    tp = train_params(params)
+    return tp.seed if tp.seed is not None else params.base.seed
+
+
+def finish_run(params: Params, checkpoint_dir: Path) -> None:
+    """A finished run's checkpoint folder goes, unless `train.keep_checkpoint`."""
+    if not train_params(params).keep_checkpoint:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
 @contextmanager
 def _threads_restored(threads: int) -> Iterator[None]:
     """Put torch's compute thread count back afterwards (the loop adapts it to the machine's load)."""
@@ -424,19 +436,19 @@ def run_training(
     callbacks: Sequence[Callable[[EpochRecord], None]] = (),
     progress: bool = True,
     model_file: str = MODEL_FILE,
-    keep_checkpoint: bool | None = None,
+    finish: bool = True,
 ) -> TrainResult:
     """Train on the 'train' split, early-stop on 'val', write `model_file`, train_metrics.json and history.csv.
 
-    The checkpoint folder goes once the model is written, unless `keep_checkpoint` (default: the params'
-    `train.keep_checkpoint`): a caller with more to do (calibration) keeps it until that is done too. Two runs
-    of one configuration share that folder, so the second refuses while the first runs.
+    With `finish`, the run ends here: its checkpoint folder goes (`finish_run`). A caller with more to do
+    (calibration) passes False and calls `finish_run` once that is done too. Two runs of one configuration
+    share that folder, so the second refuses while the first runs.
     """
     started = time.perf_counter()
     params = _as_params(params)
     tp, aug = train_params(params), augment_params(params)
     profile_name, prof = choose_profile(tp, profile)
-    seed = tp.seed if tp.seed is not None else params.base.seed
+    seed = training_seed(params)
     out_dir = Path(out_dir or settings.home_dir / "train")
     dataset_version = None
     if manifest is None:
@@ -548,6 +560,6 @@ def run_training(
         " and the refit head" if head_refit and head_refit["kept"] else "",
         seconds_total,
     )
-    if not (tp.keep_checkpoint if keep_checkpoint is None else keep_checkpoint):
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if finish:
+        finish_run(params, checkpoint_dir)
     return TrainResult(model_path, metrics_path, history_path, checkpoint_dir, metrics)
