@@ -34,6 +34,20 @@ def signal_handler(handler: Any, *signals: signal.Signals) -> Iterator[None]:
                 signal.signal(sig, old)
 
 
+@contextmanager
+def held_back(*signals: signal.Signals) -> Iterator[None]:
+    """Inside the block, `signals` wait; on leaving it, each that arrived is raised again, now under the handlers
+    around the block. A step such as starting a child and naming it cannot be cut between its two halves.
+    (Main thread only; elsewhere signals are not delivered to this thread anyway.)"""
+    arrived: list[int] = []
+    try:
+        with signal_handler(lambda signum, _frame: arrived.append(signum), *signals):
+            yield
+    finally:
+        for signum in arrived:
+            signal.raise_signal(signum)
+
+
 def sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """Inside the block, SIGTERM raises KeyboardInterrupt (Python's default for it is to die on the spot)."""
     return signal_handler(raise_interrupt, signal.SIGTERM)

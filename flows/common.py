@@ -12,7 +12,7 @@ from logging import Logger, LoggerAdapter
 from prefect import get_run_logger
 
 from components.errors import DefectOpsError
-from components.signals import signal_handler
+from components.signals import held_back, signal_handler
 
 STOP_GRACE_S = 10.0  # a child that got SIGTERM cleans up (nothing half-written is kept); then SIGKILL
 
@@ -27,10 +27,12 @@ def run_defectops(args: Sequence[str]) -> None:
     logger = get_run_logger()
     command = [sys.executable, "-m", "components.cli", *args]
     logger.info("running: defectops %s", " ".join(args))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process: subprocess.Popen | None = None
     last_error = ""
     try:
+        with held_back(signal.SIGTERM, signal.SIGINT):  # no interrupt between the child starting and `process`
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
@@ -40,7 +42,8 @@ def run_defectops(args: Sequence[str]) -> None:
                 logger.info(line)
         process.wait()
     except BaseException:
-        _stop(process, logger)
+        if process is not None:
+            _stop(process, logger)
         raise
     if process.returncode != 0:
         raise DefectOpsError(last_error or f"`defectops {' '.join(args)}` failed with exit code {process.returncode}")

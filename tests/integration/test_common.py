@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -29,9 +30,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["obeys-sigterm", "ignores-sigterm"])
+class _SignalledAsItStarts(subprocess.Popen):
+    """Popen whose caller gets SIGTERM the moment the child is up, before `Popen(...)` has even returned: the
+    narrowest window a cancelled run's signal can land in."""
+
+    pidfile: Path
+
+    def __init__(self, args, *rest, **kwargs) -> None:
+        super().__init__(args, *rest, **kwargs)
+        if args[0] == str(self.pidfile.with_name("python")):
+            _wait_for(self.pidfile)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _wait_for(pidfile: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not pidfile.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("case", ["obeys-sigterm", "ignores-sigterm", "signalled-as-it-starts"])
 def test_a_terminated_flow_run_stops_its_defectops_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         prefect_server, ignores_sigterm: bool) -> None:
+                                                         prefect_server, case: str) -> None:
     from prefect import flow, task
     from prefect.exceptions import TerminationSignal
 
@@ -40,7 +60,7 @@ def test_a_terminated_flow_run_stops_its_defectops_child(tmp_path: Path, monkeyp
 
     pidfile = tmp_path / "child.pid"
     child = tmp_path / "python"
-    child.write_text(CHILD.format(pidfile=pidfile, trap="trap '' TERM\n" if ignores_sigterm else ""))
+    child.write_text(CHILD.format(pidfile=pidfile, trap="trap '' TERM\n" if case == "ignores-sigterm" else ""))
     child.chmod(0o755)
     monkeypatch.setattr(flows.common, "STOP_GRACE_S", 1.0)
 
@@ -53,13 +73,16 @@ def test_a_terminated_flow_run_stops_its_defectops_child(tmp_path: Path, monkeyp
         train()
 
     def cancel_once_started() -> None:
-        deadline = time.monotonic() + 60
-        while not pidfile.is_file() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_for(pidfile)
         os.kill(os.getpid(), signal.SIGTERM)  # Prefect's handler raises TerminationSignal in the main thread
 
+    if case == "signalled-as-it-starts":
+        monkeypatch.setattr(_SignalledAsItStarts, "pidfile", pidfile, raising=False)
+        monkeypatch.setattr(subprocess, "Popen", _SignalledAsItStarts)
+        canceller = threading.Thread(target=lambda: None)
+    else:
+        canceller = threading.Thread(target=cancel_once_started)
     passed_on: list[int] = []  # Prefect hands the signal on to the handler it replaced: record it, don't die
-    canceller = threading.Thread(target=cancel_once_started)
     monkeypatch.setattr(sys, "executable", str(child))
     started = time.monotonic()
     try:
