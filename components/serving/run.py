@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from components.config import PACKAGE_ROOT, Params, Settings
 from components.errors import DefectOpsError
 from components.serving.deployment import DeploymentRecord, ensure_deployment, record_path
 from components.serving.params import serve_params
+from components.signals import held_back
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,18 @@ def start_in_background(settings: Settings, port: int, log_file: Path, timeout_s
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if env is None else env, DEFECTOPS_PROJECT=str(settings.project_root),
                DEFECTOPS_HOME=str(settings.home_dir))
-    with log_file.open("ab") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port), "--host",
-                                    host], cwd=settings.project_root, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return wait_until_ready(process, f"http://{host}:{port}/readyz", log_file, timeout_s)
+    process: subprocess.Popen | None = None
+    try:
+        # its own session: a terminal's Ctrl-C reaches only us, so an interrupted start must stop it here
+        with held_back(signal.SIGTERM, signal.SIGINT), log_file.open("ab") as sink:
+            process = subprocess.Popen([sys.executable, "-m", "components.cli", "serve", "--port", str(port),
+                                        "--host", host], cwd=settings.project_root, env=env, stdout=sink,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        return wait_until_ready(process, f"http://{host}:{port}/readyz", log_file, timeout_s)
+    except BaseException:
+        if process is not None:
+            stop_background(process, port=port)
+        raise
 
 
 def wait_until_ready(process: subprocess.Popen, ready_url: str, log_file: Path,
