@@ -1,4 +1,4 @@
-"""Prefect flows of the monthly loop: retraining (ingest -> drift on last month -> train-challenger) and the
+"""Prefect flows of the monthly loop: retraining (drift on last month -> ingest -> train-challenger) and the
 daily drift check that may start retraining early. Thin over components/ and the other flows.
 
 Rolling an approved champion into the running service is flows/promotion_flow.py's `promote_approved`.
@@ -24,17 +24,20 @@ LAST_RETRAINING = "last-retraining.json"
 
 
 @task(name="drift-check")
-def drift_task(window: str, days: int = 30, timezone: str = "UTC") -> dict:
-    """Drift of the production log (`previous_month` in `timezone`, or the last `days` days) against the
-    champion's reference."""
+def drift_task(window: str, days: int | None = None, timezone: str = "UTC") -> dict:
+    """Drift of the production log (`previous_month` in `timezone`, or the last `days` days, by default
+    params.yaml's drift.window_days) against the champion's reference."""
     from components.drift.check import artifact_markdown, run_drift_check
+    from components.drift.params import drift_params
     from components.drift.window import last_days, previous_month
     from components.errors import ModelNotFound
 
     settings = get_settings()
-    span = previous_month(timezone=timezone) if window == "previous_month" else last_days(days)
+    params = load_params(settings.params_file)
+    days = days or drift_params(params).window_days
+    span = previous_month(timezone=timezone) if window == "previous_month" else last_days(days, timezone=timezone)
     try:
-        check = run_drift_check(settings, load_params(settings.params_file), window=span)
+        check = run_drift_check(settings, params, window=span)
     except ModelNotFound as exc:  # no champion yet: reported, not a failure of the loop; any other error fails
         get_run_logger().warning("drift check skipped: %s", exc)
         return {"status": "skipped", "reason": str(exc), "drift": False}
@@ -88,18 +91,21 @@ def last_retraining() -> dict | None:
 @flow(name="monthly-retraining", log_prints=True)
 def monthly_retraining(new_data: str | None = None, reviewed_labels: str | None = None,
                        profile: str | None = None, force: bool = False, timezone: str = "UTC") -> dict:
-    """Ingest reviewed and new data, version + validate it, check last month's drift, train and gate a
+    """Check last month's drift, ingest reviewed and new data, version + validate it, train and gate a
     challenger, request approval. Re-running on the same data version registers nothing new unless forced;
     a second run while one is going refuses; a failed step leaves the champion and the service untouched.
-    `timezone` is the schedule's (prefect.yaml passes it): last month is the plant's calendar month."""
+    `timezone` is the schedule's (prefect.yaml passes it): last month is the plant's calendar month.
+
+    Drift comes first: its reference is the tracked dataset version, which must still be the one the champion
+    knew; after the imports it would hold last month's own reviewed images, and hide their drift."""
     from components.locks import exclusive
 
     settings = get_settings().ensure()
     with exclusive(settings.locks_dir, "monthly", "a monthly retraining run"):
+        drift = drift_task("previous_month", timezone=timezone)
         if reviewed_labels:
             reviewed_task(reviewed_labels)
         dataset = ingest_dataset(source=new_data) if new_data else None
-        drift = drift_task("previous_month", timezone=timezone)
         trained = train_challenger(profile=profile, force=force)
         summary = {"ingested": dataset, "drift_previous_month": drift, **trained}
         _record_retraining(summary)
@@ -107,15 +113,15 @@ def monthly_retraining(new_data: str | None = None, reviewed_labels: str | None 
 
 
 @flow(name="drift-check", log_prints=True)
-def drift_check(window_days: int = 30, trigger_retraining: bool = True, cooldown_days: int = 7,
+def drift_check(window_days: int | None = None, trigger_retraining: bool = True, cooldown_days: int = 7,
                 timezone: str = "UTC") -> dict:
-    """Daily: drift on the last `window_days`; on drift, retrain early at most once per cooldown and only when
-    labelled data arrived since the last training (else: the review queue needs labelling). `timezone` is the
-    plant's, for the retraining's "last month"."""
+    """Daily: drift on the last `window_days` (default: params.yaml's drift.window_days); on drift, retrain
+    early at most once per cooldown and only when labelled data arrived since the last training (else: the
+    review queue needs labelling). `timezone` is the plant's, for its days and the retraining's "last month"."""
     from components.data.tracked import dataset_version
 
     logger = get_run_logger()
-    drift = drift_task("last_days", window_days)
+    drift = drift_task("last_days", window_days, timezone=timezone)
     outcome = {"drift": drift, "action": "none"}
     if not drift.get("drift") or not trigger_retraining:
         return outcome

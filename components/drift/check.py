@@ -6,8 +6,10 @@ Everything goes to `<reports>/drift/<UTC timestamp>/`; `log_to_mlflow` copies a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import shutil
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params, Settings
-from components.drift.current import read_current
-from components.drift.detect import NOT_ENOUGH, compare, not_enough_data
+from components.drift.current import Current, read_current
+from components.drift.detect import NOT_ENOUGH, Comparison, compare, not_enough_data
 from components.drift.params import DriftParams, drift_params
 from components.drift.quality import QUALITY_FILE, quality_report
 from components.drift.reference import load_reference, model_version_of
@@ -27,6 +29,7 @@ from components.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE, HTML_FILE = "summary.json", "drift.html"
+PARTIAL_SUFFIX = ".partial"
 EXIT_DRIFT = 3
 
 
@@ -47,14 +50,25 @@ class DriftCheck:
         return EXIT_DRIFT if self.drift else 0
 
 
-def _report_dir(settings: Settings, now: datetime) -> Path:
+def _reserve_report_dir(settings: Settings, now: datetime) -> tuple[Path, Path]:
+    """(folder, partial): a report folder name that no other check holds, and the folder the reports are written
+    in until all are there (`<folder>.partial`, renamed to `folder` at the end). Making `partial` is the
+    reservation, so two checks started in the same second (the daily flow and a person) get two names."""
     base = settings.reports_dir / "drift" / now.strftime("%Y%m%dT%H%M%SZ")
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    folder.mkdir(parents=True)
-    return folder
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
+        if folder.exists():
+            continue
+        try:
+            partial.mkdir()
+        except FileExistsError:
+            continue
+        if not folder.exists():  # a check that held `partial` may have finished in between
+            return folder, partial
+        partial.rmdir()
+    raise AssertionError("unreachable")
 
 
 def _mlflow_run_active() -> bool:
@@ -88,25 +102,39 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
         comparison = compare(reference.frame, current.frame, drift, reference.model_version)
         model_version, dataset_version = reference.model_version, reference.dataset_version
         reference_info = {"path": str(reference.path), "cached": reference.cached}
-    folder = _report_dir(settings, started)
     summary = {**comparison.summary, **base, "model_version": model_version or
                (model_version_of(predictor) if predictor is not None else None),
-               "dataset_version": dataset_version, "reference": reference_info, "report_dir": str(folder)}
-    files = {"summary": str(folder / SUMMARY_FILE)}
-    if comparison.snapshot is not None:
-        comparison.snapshot.save_html(str(folder / HTML_FILE))
-        files["html"] = str(folder / HTML_FILE)
-    quality = quality_report(current.frame, window, folder, params.profile.normal_class, summary["model_version"])
-    files["quality"] = str(quality.markdown)
-    files["charts"] = [str(p) for p in quality.charts]
-    summary.update(quality=quality.figures, files=files)
-    write_summary(summary, folder)
+               "dataset_version": dataset_version, "reference": reference_info}
+    folder = _write_reports(settings, started, summary, comparison, current, window, params)
     _log_outcome(summary, drift)
     if to_mlflow or (to_mlflow is None and _mlflow_run_active()):
         summary["mlflow_run_id"] = log_to_mlflow(folder, settings)
         if summary["mlflow_run_id"]:
             write_summary(summary, folder)
     return DriftCheck(summary, folder)
+
+
+def _write_reports(settings: Settings, started: datetime, summary: dict[str, Any], comparison: Comparison,
+                   current: Current, window: Window, params: Params) -> Path:
+    """summary.json, drift.html and quality.md with its charts, in a report folder that appears only complete:
+    an interrupted check (Ctrl-C, SIGTERM, an error) leaves no folder behind (a killed one, a `.partial`)."""
+    folder, partial = _reserve_report_dir(settings, started)
+    try:
+        files: dict[str, Any] = {"summary": str(folder / SUMMARY_FILE)}
+        if comparison.snapshot is not None:
+            comparison.snapshot.save_html(str(partial / HTML_FILE))
+            files["html"] = str(folder / HTML_FILE)
+        quality = quality_report(current.frame, window, partial, params.profile.normal_class,
+                                 summary["model_version"])
+        files["quality"] = str(folder / quality.markdown.name)
+        files["charts"] = [str(folder / p.name) for p in quality.charts]
+        summary.update(report_dir=str(folder), quality=quality.figures, files=files)
+        write_summary(summary, partial)
+        partial.rename(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
 
 
 def write_summary(summary: dict[str, Any], folder: Path) -> Path:

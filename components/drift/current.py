@@ -43,6 +43,21 @@ def _embedding(value: Any) -> list[float]:
     return [np.nan] * COMPACT_DIMS
 
 
+def _text(value: Any) -> str | None:
+    """A log field meant as text; anything else (a list, a dict, a number) counts as missing."""
+    return value if isinstance(value, str) else None
+
+
+def _label(value: Any) -> str | None:
+    """A line or camera name: text or a number (camera 3), as text; anything else counts as missing."""
+    return str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else None
+
+
+def _metadata(record: dict[str, Any]) -> dict[str, Any]:
+    metadata = record.get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def current_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Production-log records as a frame: timestamp (UTC), predicted_class, image statistics, emb_* columns."""
     columns = ["timestamp", "predicted_class", *TEXT_FIELDS, *NUMERIC_FIELDS, "line", "camera", *embedding_columns()]
@@ -50,11 +65,11 @@ def current_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame({
         "timestamp": pd.to_datetime([r.get("timestamp") for r in records], utc=True, errors="coerce", format="ISO8601"),
-        "predicted_class": pd.Series([r.get("defect_type") for r in records], dtype="object"),
-        **{name: pd.Series([r.get(name) for r in records], dtype="object") for name in TEXT_FIELDS},
+        "predicted_class": pd.Series([_text(r.get("defect_type")) for r in records], dtype="object"),
+        **{name: pd.Series([_text(r.get(name)) for r in records], dtype="object") for name in TEXT_FIELDS},
         **{name: pd.to_numeric(pd.Series([r.get(name) for r in records], dtype="object"), errors="coerce")
            .astype("float64") for name in NUMERIC_FIELDS},
-        **{name: pd.Series([(r.get("metadata") or {}).get(name) for r in records], dtype="object")
+        **{name: pd.Series([_label(_metadata(r).get(name)) for r in records], dtype="object")
            for name in ("line", "camera")},
     })
     embeddings = pd.DataFrame([_embedding(r.get("embedding")) for r in records], columns=embedding_columns())

@@ -1,9 +1,10 @@
 """The drift decision: an Evidently data drift report over image statistics and predictions, plus embedding drift.
 
 Rule: **drift = dataset drift OR a column alarm OR embedding drift**, where
-- dataset drift is Evidently's own verdict: at least `drift.drift_share` of the report's columns drifted, each
-  column judged by its Evidently test (fixed methods from params, so the verdict does not switch between p-values
-  and distances with the sample size);
+- dataset drift is Evidently's own verdict: at least `drift.drift_share` of `drift.columns` drifted (as a count:
+  3 of 7 stays 3 when columns are left out, `share_for_count`), each column judged by its Evidently test (fixed
+  methods from params, so the verdict does not switch between p-values and distances with the sample size; a
+  column the reference holds constant is compared as a category, `constant_columns`);
 - a column alarm is one column whose distance reaches `drift.column_alarm_factor` times its threshold: sensor
   noise or focus loss moves sharpness far (6-12 times its threshold) and little else, below the share;
 - embedding drift is Evidently's embedding drift method (`drift.embedding.method`) called directly on the compact
@@ -167,11 +168,28 @@ def embedding_drift(reference_emb: pd.DataFrame, current_emb: pd.DataFrame, para
             "n_window": n_window}
 
 
-def _definition(columns: list[str]) -> Any:
+def _definition(columns: list[str], categorical: set[str]) -> Any:
     from evidently import DataDefinition
 
-    return DataDefinition(numerical_columns=[c for c in columns if c not in CATEGORICAL_COLUMNS],
-                          categorical_columns=[c for c in columns if c in CATEGORICAL_COLUMNS])
+    return DataDefinition(numerical_columns=[c for c in columns if c not in categorical],
+                          categorical_columns=[c for c in columns if c in categorical])
+
+
+def constant_columns(reference: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Numerical columns holding one value throughout the reference (a fixed-resolution camera's width/height).
+
+    A distance normed by the reference's spread has none to norm by there (Evidently floors it at 0.001): one
+    image of another size in a window would score 10x the threshold. These columns are compared as categories
+    instead (`drift.cat_method` and `cat_threshold`): a share of other values, so a camera swap still drifts.
+    """
+    return [c for c in columns if c not in CATEGORICAL_COLUMNS and reference[c].dropna().nunique() == 1]
+
+
+def share_for_count(params: DriftParams, n_compared: int) -> float:
+    """Evidently's drift share for the report's `n_compared` columns that keeps `drift.drift_share` a share of
+    `drift.columns`: when columns are left out (a new champion's first days), the number of drifted columns
+    needed stays the same (3 of 7 -> 3 of 5), not the share (which would need only 2 of 5)."""
+    return min(1.0, params.drift_share * len(params.columns) / n_compared)
 
 
 def data_drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str],
@@ -180,13 +198,16 @@ def data_drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: l
     from evidently import Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    definition = _definition(columns)
-    per_method = {c: m for c, m in params.per_column_method.items() if c in columns} or None
-    per_threshold = {c: t for c, t in params.per_column_threshold.items() if c in columns} or None
+    constant = constant_columns(reference, columns)
+    definition = _definition(columns, {*CATEGORICAL_COLUMNS, *constant})
+    per_method = {c: m for c, m in params.per_column_method.items() if c in columns}
+    per_threshold = {c: t for c, t in params.per_column_threshold.items() if c in columns}
+    for column in constant:
+        per_method[column], per_threshold[column] = params.cat_method, params.cat_threshold
     preset = DataDriftPreset(columns=columns, num_method=params.num_method, num_threshold=params.num_threshold,
                              cat_method=params.cat_method, cat_threshold=params.cat_threshold,
-                             per_column_method=per_method, per_column_threshold=per_threshold,
-                             drift_share=params.drift_share)
+                             per_column_method=per_method or None, per_column_threshold=per_threshold or None,
+                             drift_share=share_for_count(params, len(columns)))
     report = Report([preset], include_tests=True)
     return report.run(current_data=Dataset.from_pandas(current[columns].copy(), data_definition=definition),
                       reference_data=Dataset.from_pandas(reference[columns].copy(), data_definition=definition))

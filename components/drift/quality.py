@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from components.drift.window import Window
+from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,14 @@ def _round(value: Any, digits: int = 4) -> Any:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else round(float(value), digits)
 
 
-def daily_table(frame: pd.DataFrame, normal_class: str | None) -> pd.DataFrame:
-    """Per UTC day: predictions, defects, review rate, confidence mean and p10, latency p50 and p99."""
-    day = frame["timestamp"].dt.strftime("%Y-%m-%d")
+def _local(frame: pd.DataFrame, timezone: str) -> pd.Series:
+    """The records' timestamps in the plant's timezone, whose calendar days the per-day figures follow."""
+    return frame["timestamp"].dt.tz_convert(timezone)
+
+
+def daily_table(frame: pd.DataFrame, normal_class: str | None, timezone: str = "UTC") -> pd.DataFrame:
+    """Per plant day: predictions, defects, review rate, confidence mean and p10, latency p50 and p99."""
+    day = _local(frame, timezone).dt.strftime("%Y-%m-%d")
     defect = frame["predicted_class"].ne(normal_class) if normal_class else pd.Series(np.nan, index=frame.index)
     grouped = frame.assign(day=day, defect=defect, review=frame["decision"].eq("review")).groupby("day")
     table = pd.DataFrame({
@@ -52,12 +58,13 @@ def daily_table(frame: pd.DataFrame, normal_class: str | None) -> pd.DataFrame:
     return table
 
 
-def quality_figures(frame: pd.DataFrame, normal_class: str | None) -> dict[str, Any]:
+def quality_figures(frame: pd.DataFrame, normal_class: str | None, timezone: str = "UTC") -> dict[str, Any]:
     """Headline figures of a window: throughput, review and defect rates, confidence, latency p50/p99."""
     if frame.empty:
         return {"n_predictions": 0}
-    hours = frame["timestamp"].dt.floor("h").value_counts()
-    days = frame["timestamp"].dt.floor("D").value_counts()
+    local = _local(frame, timezone).dt.tz_localize(None)  # wall-clock time: a DST day is still one day
+    hours = local.dt.floor("h").value_counts()
+    days = local.dt.floor("D").value_counts()
     defects = frame[frame["predicted_class"] != normal_class] if normal_class else frame.iloc[0:0]
     return {
         "n_predictions": len(frame), "active_days": len(days), "active_hours": len(hours),
@@ -73,7 +80,8 @@ def quality_figures(frame: pd.DataFrame, normal_class: str | None) -> dict[str, 
     }
 
 
-def _charts(frame: pd.DataFrame, table: pd.DataFrame, normal_class: str | None, out_dir: Path) -> list[Path]:
+def _charts(frame: pd.DataFrame, table: pd.DataFrame, normal_class: str | None, out_dir: Path,
+            timezone: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,8 +97,9 @@ def _charts(frame: pd.DataFrame, table: pd.DataFrame, normal_class: str | None, 
         paths.append(out_dir / name)
 
     days = pd.to_datetime(table.index)
+    frame = frame.assign(local=_local(frame, timezone).dt.tz_localize(None))
     defects = frame[frame["predicted_class"] != normal_class] if normal_class else frame
-    by_type = pd.crosstab(defects["timestamp"].dt.floor("D").dt.tz_localize(None), defects["predicted_class"])
+    by_type = pd.crosstab(defects["local"].dt.floor("D"), defects["predicted_class"])
     fig, ax = plt.subplots(figsize=(8, 3.5))
     bottom = np.zeros(len(by_type))
     for name in by_type.columns:
@@ -114,7 +123,7 @@ def _charts(frame: pd.DataFrame, table: pd.DataFrame, normal_class: str | None, 
     ax.legend(fontsize=8)
     save(fig, "confidence.png")
 
-    per_hour = frame.set_index(frame["timestamp"].dt.tz_localize(None)).resample("h").size()
+    per_hour = frame.set_index("local").sort_index().resample("h").size()
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.plot(per_hour.index, per_hour.to_numpy(), linewidth=1)
     ax.set(title="Throughput: predictions per hour", ylabel="predictions")
@@ -134,27 +143,38 @@ def _markdown_table(table: pd.DataFrame) -> str:
     rule = "|" + "---|" * (len(table.columns) + 1)
     rows = []
     for index, row in table.iterrows():
-        cells = [f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else
-                 ("-" if pd.isna(v) else str(int(v)) if isinstance(v, float) else str(v)) for v in row]
+        cells = ["-" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else
+                 str(int(v)) if isinstance(v, float) else str(v) for v in row]
         rows.append("| " + " | ".join([str(index), *cells]) + " |")
     return "\n".join([header, rule, *rows])
 
 
+def _models(frame: pd.DataFrame, model_version: str | None) -> str:
+    """'Model: X' when every record is X's, else each version with its count: the figures cover them all."""
+    counts = frame["model_version"].fillna("unknown").value_counts() if "model_version" in frame else pd.Series()
+    if len(counts) <= 1:
+        return f"Model: {counts.index[0] if len(counts) else model_version or 'any'}"
+    listed = ", ".join(f"{name} ({count})" for name, count in counts.items())
+    return f"Models (the figures cover all): {listed}"
+
+
 def quality_report(frame: pd.DataFrame, window: Window, out_dir: Path, normal_class: str | None,
                    model_version: str | None = None) -> QualityReport:
-    """Write quality.md and its PNG charts for the production records of a window."""
+    """Write quality.md and its PNG charts for the production records of a window (days: the window's
+    timezone, the plant's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = quality_figures(frame, normal_class)
+    zone = window.timezone
+    figures = quality_figures(frame, normal_class, zone)
     lines = [f"# Plant quality report, {window.label} (UTC)", ""]
+    path = out_dir / QUALITY_FILE
     if frame.empty:
         lines += ["No predictions in this window."]
-        path = out_dir / QUALITY_FILE
-        path.write_text("\n".join(lines) + "\n")
+        write_text_atomic(path, "\n".join(lines) + "\n")
         return QualityReport(path, [], figures)
-    table = daily_table(frame, normal_class)
-    charts = _charts(frame, table, normal_class, out_dir)
+    table = daily_table(frame, normal_class, zone)
+    charts = _charts(frame, table, normal_class, out_dir, zone)
     lines += [
-        f"Model: {model_version or 'any'}; normal class: {normal_class or 'unknown'}.", "",
+        f"{_models(frame, model_version)}; normal class: {normal_class or 'unknown'}; days in {zone}.", "",
         "| figure | value |", "|---|---|",
         f"| predictions | {figures['n_predictions']} over {figures['active_days']} active days |",
         (f"| throughput | {figures['predictions_per_active_day']} per active day, "
@@ -164,10 +184,9 @@ def quality_report(frame: pd.DataFrame, window: Window, out_dir: Path, normal_cl
         f"| mean confidence | {figures['confidence_mean']} |",
         f"| latency p50 / p99 | {figures['latency_p50_ms']} / {figures['latency_p99_ms']} ms |",
         "", "Defects by type: " + (", ".join(f"{k} {v}" for k, v in figures["defects_by_type"].items()) or "none"),
-        "", "## Per day", "", _markdown_table(table), "", "## Charts", "",
+        "", f"## Per day ({zone})", "", _markdown_table(table), "", "## Charts", "",
         *[f"![{p.stem.replace('_', ' ')}]({p.name})" for p in charts],
     ]
-    path = out_dir / QUALITY_FILE
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     log.info("quality report %s (%d charts)", path, len(charts))
     return QualityReport(path, charts, figures)

@@ -29,7 +29,7 @@ import pandas as pd
 from components.config import Params, Settings
 from components.drift.params import IMAGE_COLUMNS, DriftParams
 from components.errors import UsageError
-from components.files import replacing
+from components.files import replacing, write_text_atomic
 from components.serving.predlog import COMPACT_DIMS, compact_embedding
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
     frame = build_reference(manifest, predictor, drift)
     with replacing(path) as tmp:
         frame.to_parquet(tmp, index=False)
-    path.with_suffix(".json").write_text(json.dumps({
+    write_text_atomic(path.with_suffix(".json"), json.dumps({
         "dataset_version": version, "model_version": model_version, "created_at": datetime.now(UTC).isoformat(),
         "n_images": len(frame), "n_predictions": int(frame["predicted_class"].notna().sum()),
         "reference_splits": drift.reference_splits, "prediction_split": drift.prediction_split}, indent=2))

@@ -15,10 +15,12 @@ _RELATIVE = re.compile(r"^\s*(\d+)\s*([dh])\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Window:
-    """A half-open UTC interval [since, until) of the production log."""
+    """A half-open UTC interval [since, until) of the production log; `timezone` is the plant's, whose calendar
+    days the quality report's per-day figures follow."""
 
     since: datetime
     until: datetime
+    timezone: str = "UTC"
 
     @property
     def days(self) -> float:
@@ -62,23 +64,27 @@ def resolve_window(since: str | None, until: str | None, default_days: int,
     return Window(start, end)
 
 
-def last_days(days: int, now: datetime | None = None) -> Window:
-    """The daily check's window: the last `days` days up to now."""
+def last_days(days: int, now: datetime | None = None, timezone: str = "UTC") -> Window:
+    """The daily check's window: the last `days` days up to now (per-day figures in the plant's `timezone`)."""
     end = _utc(now or datetime.now(UTC))
-    return Window(end - timedelta(days=days), end)
+    return Window(end - timedelta(days=days), end, _zone(timezone).key)
+
+
+def _zone(timezone: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"timezone {timezone!r}: not an IANA timezone; give the monthly schedule's, as in "
+                         "prefect.yaml (Europe/Berlin, Asia/Shanghai, UTC)") from None
 
 
 def previous_month(today: date | datetime | None = None, timezone: str = "UTC") -> Window:
     """The monthly flow's window: the calendar month before `today` (default now) in `timezone`, the zone of
     the monthly schedule, as UTC. A date is taken as the plant's; a naive datetime as UTC."""
-    try:
-        plant = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(f"timezone {timezone!r}: not an IANA timezone; give the monthly schedule's, as in "
-                         "prefect.yaml (Europe/Berlin, Asia/Shanghai, UTC)") from None
+    plant = _zone(timezone)
     today = today or datetime.now(UTC)
     day = _utc(today).astimezone(plant).date() if isinstance(today, datetime) else today
     first_this = datetime(day.year, day.month, 1, tzinfo=plant)
     last_month = first_this.date() - timedelta(days=1)
     first_last = datetime(last_month.year, last_month.month, 1, tzinfo=plant)
-    return Window(first_last.astimezone(UTC), first_this.astimezone(UTC))
+    return Window(first_last.astimezone(UTC), first_this.astimezone(UTC), plant.key)

@@ -248,8 +248,10 @@ def read_log(folder: Path, since: datetime | date | str | None = None,
                 if not terminated:
                     raise ValueError("unterminated last line")
                 record = json.loads(raw)
+                if not isinstance(record, dict) or not isinstance(record.get("timestamp"), str):
+                    raise TypeError("not a record with a timestamp")
                 stamp = _as_utc(record["timestamp"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, TypeError):
                 result.skipped += 1
                 continue
             if (start and stamp < start) or (end and stamp >= end):

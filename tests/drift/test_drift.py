@@ -221,16 +221,144 @@ def test_predictions_of_another_model_are_left_out() -> None:
 
     from components.drift.detect import compare
     from components.drift.params import DriftParams
+    from components.drift.reference import embedding_columns
 
     rng = np.random.default_rng(0)
     reference, current = log_frame(rng, 400, 200), log_frame(rng, 120, 120)
     current["model_version"] = ["defect-classifier/2"] * 40 + ["defect-classifier/3"] * 80
+    # the old model answered otherwise: all dents, unsure, in another embedding space
+    current.loc[:39, ["predicted_class", "confidence"]] = ["dent", 0.2]
+    current.loc[:39, embedding_columns()] += 3.0
 
-    summary = compare(reference, current, DriftParams(), "defect-classifier/3").summary
+    summary = compare(reference, current, DriftParams(num_threshold=0.25), "defect-classifier/3").summary
 
     assert summary["status"] == "no_drift" and summary["n_current"] == 120 and summary["n_current_model"] == 80
-    assert summary["embedding_drift"]["n_window"] == 80
+    assert not {"predicted_class", "confidence"} & set(summary["drifted_columns"]), summary["columns"]
+    assert summary["embedding_drift"]["n_window"] == 80 and summary["embedding_drift"]["drifted"] is False
     assert "40 records come from other model versions (defect-classifier/2)" in summary["notes"][0]
+
+
+def test_the_drift_share_counts_the_configured_columns_when_some_are_left_out() -> None:
+    """A new champion's first days: its predictions are too few and left out, 5 of the 7 columns remain. Two
+    drifted image columns are still 2 of the 3 needed (0.3 of 7), not 2 of 5 >= 0.3."""
+    import numpy as np
+
+    from components.drift.detect import compare
+    from components.drift.params import DriftParams
+
+    rng = np.random.default_rng(0)
+    reference, current = log_frame(rng, 400, 200), log_frame(rng, 120, 120)
+    current["model_version"] = ["defect-classifier/2"] * 80 + ["defect-classifier/3"] * 40  # 40 < min_current
+    current[["brightness", "contrast"]] *= 0.7  # a dimmer lamp: two columns drift
+    params = DriftParams(num_threshold=0.25, drift_share=0.3, column_alarm_factor=None, embedding={"enabled": False})
+
+    two = compare(reference, current, params, "defect-classifier/3").summary
+    current["sharpness"] *= 0.7
+    three = compare(reference, current, params, "defect-classifier/3").summary
+
+    assert set(two["columns"]) == {"brightness", "contrast", "sharpness", "width", "height"}
+    assert two["drifted_columns"] == ["brightness", "contrast"] and two["dataset_drift"] is False, two
+    assert two["drift_share_threshold"] == pytest.approx(0.3 * 7 / 5)
+    assert three["dataset_drift"] is True and three["status"] == "drift"
+
+
+def test_a_column_the_reference_holds_constant_is_compared_as_a_category() -> None:
+    """A fixed-resolution camera: every reference image is 256 px wide. One odd image is no drift (a distance
+    normed by no spread would score it 10x its threshold); a new camera's size is, and an alarm on its own."""
+    import numpy as np
+
+    from components.drift.detect import compare
+    from components.drift.params import DriftParams
+
+    rng = np.random.default_rng(0)
+    reference, current = log_frame(rng, 400, 200), log_frame(rng, 100, 100)
+    reference["width"] = 256.0
+    current["width"] = [257.0] + [256.0] * 99
+    params = DriftParams(num_threshold=0.25, drift_share=0.3, column_alarm_factor=4.0, embedding={"enabled": False})
+
+    one_odd = compare(reference, current, params, None).summary
+    current["width"] = 320.0
+    new_camera = compare(reference, current, params, None).summary
+
+    assert one_odd["columns"]["width"]["method"] == "jensenshannon" and one_odd["status"] == "no_drift", one_odd
+    assert one_odd["columns"]["height"]["method"] == "wasserstein"  # it varies in the reference
+    assert new_camera["column_alarm"] == ["width"] and new_camera["status"] == "drift"
+
+
+def test_odd_log_lines_are_skipped_or_read_as_missing(tmp_path: Path) -> None:
+    """Lines a foreign writer or a bug may leave: skipped and counted, never a traceback in `defectops drift`."""
+    from components.drift.current import current_frame
+    from components.serving.predlog import read_log
+
+    good = {"timestamp": "2026-06-01T10:00:00+00:00", "defect_type": "normal", "metadata": {"camera": 3}}
+    lines = [{"timestamp": None}, {"timestamp": 5}, {"timestamp": {}}, [1, 2], "text", {"defect_type": "dent"},
+             {**good, "metadata": "cam-1"}, {**good, "defect_type": ["dent"]}, good]
+    (tmp_path / "2026-06-01.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    read = read_log(tmp_path)
+    frame = current_frame(read.records)
+
+    assert read.skipped == 6 and len(read.records) == 3
+    assert frame["predicted_class"].tolist() == ["normal", None, "normal"]
+    assert frame["camera"].tolist() == [None, "3", "3"]
+
+
+def test_an_interrupted_check_leaves_no_report_folder(drift_project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.config import load_params
+    from components.drift import check
+
+    settings = drift_project
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, which the CLI turns into it) while the reports are written
+
+    monkeypatch.setattr(check, "quality_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        check.run_drift_check(settings, load_params(settings.params_file))
+    assert not list((settings.reports_dir / "drift").iterdir())
+
+    monkeypatch.undo()
+    done = check.run_drift_check(settings, load_params(settings.params_file))
+    assert [p.name for p in (settings.reports_dir / "drift").iterdir()] == [done.report_dir.name]
+    assert (done.report_dir / "quality.md").is_file() and (done.report_dir / "summary.json").is_file()
+
+
+def test_two_checks_in_one_second_get_two_report_folders(drift_project) -> None:
+    from components.drift.check import PARTIAL_SUFFIX, _reserve_report_dir
+
+    now = datetime(2026, 6, 1, 6, 0, tzinfo=UTC)
+    killed, _ = _reserve_report_dir(drift_project, now)  # a check killed -9 while writing: its .partial stays
+    first, first_partial = _reserve_report_dir(drift_project, now)
+    second, _ = _reserve_report_dir(drift_project, now)
+    first_partial.rename(first)  # the first finished
+    third, _ = _reserve_report_dir(drift_project, now)
+
+    assert len({killed, first, second, third}) == 4
+    assert first.name == "20260601T060000Z-2" and first_partial.name == first.name + PARTIAL_SUFFIX
+
+
+def test_the_quality_report_follows_the_plants_days_and_names_every_model(tmp_path: Path) -> None:
+    """Days are the plant's (Berlin: 23:30 UTC on 30 June is 1 July); with two models in the window the report
+    says its figures cover both; a missing latency reads '-', not 'nan'."""
+    from components.drift.current import current_frame
+    from components.drift.quality import quality_report
+    from components.drift.window import previous_month
+
+    base = {"defect_type": "normal", "decision": "accept", "confidence": 0.9}
+    records = [{**base, "timestamp": "2026-06-30T23:30:00+00:00", "model_version": "defect-classifier/2"},
+               {**base, "timestamp": "2026-07-01T08:00:00+00:00", "model_version": "defect-classifier/3",
+                "latency_ms": 12.0},
+               {**base, "timestamp": "2026-07-02T08:00:00+00:00", "model_version": "defect-classifier/3"}]
+    window = previous_month(date(2026, 8, 3), timezone="Europe/Berlin")
+
+    report = quality_report(current_frame(records), window, tmp_path, "normal", "defect-classifier/3")
+    text = report.markdown.read_text()
+
+    assert window.timezone == "Europe/Berlin"
+    assert "Models (the figures cover all): defect-classifier/3 (2), defect-classifier/2 (1)" in text
+    assert "| 2026-07-01 | 2 |" in text and "| 2026-06-30 |" not in text, text
+    assert report.figures["active_days"] == 2
+    assert "| 2026-07-02 | 1 | 0 | 0 | 0.900 | 0.900 | - | - |" in text and "nan" not in text, text
 
 
 def test_one_column_far_off_is_drift_on_its_own() -> None:

@@ -93,8 +93,8 @@ def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, p
     assert monthly.work_pool_name == POOL and monthly.entrypoint == "flows/monthly_flow.py:monthly_retraining"
     assert [s.schedule.cron for s in monthly.schedules] == ["0 2 1 * *"]
     assert monthly.schedules[0].schedule.timezone == "Europe/Berlin"
-    assert deployed["daily-drift"].parameters == {"window_days": 30, "trigger_retraining": True, "cooldown_days": 7,
-                                                  "timezone": "Europe/Berlin"}
+    assert deployed["daily-drift"].parameters == {"trigger_retraining": True, "cooldown_days": 7,
+                                                  "timezone": "Europe/Berlin"}  # the window: params.yaml
     run = run_on_worker("promote-approved/promote-approved", POOL, env, project, project)
     assert run.state.is_completed(), (run.state.type, run.state.message)
     assert run.deployment_id == deployed["promote-approved"].id

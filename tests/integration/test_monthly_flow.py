@@ -52,14 +52,28 @@ def test_monthly_retraining_end_to_end_and_idempotent(project, tmp_path: Path, p
     params["train"]["profiles"]["tiny"] = TINY_PROFILE
     params["evaluate"]["n_boot"] = 50
     project.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    first = monthly_retraining(new_data=str(make_imagefolder(tmp_path / "month1", per_class=8)))
+    state = monthly_retraining(new_data=str(make_imagefolder(tmp_path / "month1", per_class=8)), return_state=True)
+    first = state.result()
     assert first["ingested"]["changed"] and first["registered"]["created"]
+    # last month's drift is judged before the imports: its reference must be the dataset the champion knew
+    order = asyncio.run(_task_order(state.state_details.flow_run_id))
+    assert order.index("drift-check") < order.index("ingest-dataset"), order
     # no production log yet (and no champion): reported, never drift, and the loop goes on
     assert first["drift_previous_month"]["status"] in ("skipped", "not_enough_data")
     assert not first["drift_previous_month"]["drift"]
     assert last_retraining()["dataset_version"] == first["dataset_version"]
     again = monthly_retraining(new_data=str(tmp_path / "month1"))
     assert not again["ingested"]["changed"] and again["skipped"], "same data version: no duplicate model"
+
+
+async def _task_order(flow_run_id) -> list[str]:
+    """The names of a flow run's tasks and subflows (without the run-count suffix), in the order they started."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run.name.rsplit("-", 1)[0] for run in sorted(runs, key=lambda run: run.start_time)]
 
 
 def test_two_monthly_runs_at_once_refuse(project, prefect_server) -> None:

@@ -224,8 +224,8 @@ def test_schedule_serves_the_deployments_on_a_local_server_and_stops_it(tmp_path
         assert schedule["active"] is True
         assert schedule["schedule"]["cron"] == "0 2 1 * *"
         assert schedule["schedule"]["timezone"] == "Europe/Berlin"
-        assert deployments["daily-drift"]["parameters"] == {"window_days": 30, "trigger_retraining": True,
-                                                            "cooldown_days": 7, "timezone": "Europe/Berlin"}
+        assert deployments["daily-drift"]["parameters"] == {"trigger_retraining": True, "cooldown_days": 7,
+                                                            "timezone": "Europe/Berlin"}  # window: params.yaml
         for served in deployments.values():  # one flow run at a time, as `prefect deploy` sets it
             assert served["global_concurrency_limit"]["limit"] == 1, served["name"]
             assert served["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", served["name"]
