@@ -4,8 +4,9 @@ The import is a transaction. Nothing in `data/`, `data.dvc`, `splits.csv` or the
 whole candidate dataset (old images plus new) passes validation. While files are being added, a journal under
 the state root lists them together with the previous `data.dvc` and `splits.csv`; an error, Ctrl-C or a kill
 leaves the journal behind, and the next command rolls the half-done import back, unless the import had already
-made its git commit: then that version is whole, and it is kept. A failed push keeps the new version locally
-and marks it unpushed.
+made its git commit: then that version is whole, and it is kept. Every new version is recorded as unpushed before
+the journal goes, and leaves that record only once the remote holds it: a failed or interrupted push, or
+`--no-push`, keeps it listed for `defectops data push`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -71,7 +72,6 @@ class Journal:
     added: list[str]
     backups: dict[str, str | None]
     head: str | None = None  # the git commit before the import
-    push: bool = False  # whether the import was to push its version
 
 
 def _write_journal(settings: Settings, journal: Journal) -> None:
@@ -94,6 +94,14 @@ def _committed_version(settings: Settings, journal: Journal) -> tuple[str, str] 
     return (version, head) if version else None
 
 
+def _workspace_version(project: Path) -> str | None:
+    """The version data.dvc names; None also when a killed import left it unreadable (recovery must go on)."""
+    try:
+        return dataset_version(project)
+    except Exception:  # noqa: BLE001 - half-written YAML, or not the shape DVC writes
+        return None
+
+
 def recover(settings: Settings) -> bool:
     """Finish what an interrupted import left: keep it when it was committed, else roll it back; True when
     there was one. Its staged validation reports go either way (callers hold the data lock: none is live)."""
@@ -102,17 +110,18 @@ def recover(settings: Settings) -> bool:
     path = _journal_path(settings)
     if not path.is_file():
         return False
-    journal = Journal(**{k: v for k, v in json.loads(path.read_text()).items() if k != "report"})
+    known = {f.name for f in fields(Journal)}  # an older defectops wrote more keys
+    journal = Journal(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
     committed = _committed_version(settings, journal)
     if committed is not None:
         version, head = committed
-        if journal.push:
-            DatasetRepo(settings).mark_unpushed(version, head)
+        DatasetRepo(settings).mark_unpushed(version, head)  # whether or not its push had started: it is not done
         path.unlink()
-        log.warning("an interrupted import had already committed dataset version %s (%s): kept it%s", version,
-                    head[:8], "; `defectops data push` sends it to the remote" if journal.push else "")
+        log.warning("an interrupted import had already committed dataset version %s (%s): kept it; "
+                    "`defectops data push` sends it to the remote", version, head[:8])
         return True
     project = settings.project_root
+    abandoned = _workspace_version(project)  # the version the import had made, if it got that far
     for rel in journal.added:
         added = project / rel
         for leftover in [added, *leftover_temporaries(added)]:  # a kill while copying leaves its temporary file
@@ -127,6 +136,8 @@ def recover(settings: Settings) -> bool:
             target.unlink(missing_ok=True)
         else:
             target.write_text(content)
+    if abandoned is not None and abandoned != _workspace_version(project):  # never committed: gone, nothing to push
+        DatasetRepo(settings).forget_uncommitted(abandoned)
     # a kill between `git add` and `git commit` leaves the version files staged: unstage them (the index as at HEAD)
     unstaged = git(project, "reset", "-q", "--", *journal.backups, check=False)
     if unstaged.returncode != 0:
@@ -263,7 +274,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
             _check_disk(settings, additions)
             backups = {name: (project / name).read_text() if (project / name).is_file() else None
                        for name in VERSION_FILES}
-            journal = Journal([], backups, head_commit(project), push)
+            journal = Journal([], backups, head_commit(project))
             try:
                 _copy_into_data(settings, additions, journal)
                 version = repo.add()
@@ -274,6 +285,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
                 if commit_changes:
                     message = f"data: version {version} (+{len(additions)} images from {Path(source).name or source})"
                     commit_id = commit(project, list(VERSION_FILES), message)
+                repo.mark_unpushed(version, commit_id)  # before the journal goes and the push starts
             except BaseException as exc:
                 recover(settings)
                 shutil.rmtree(staging_report, ignore_errors=True)

@@ -1,13 +1,16 @@
 """Dataset versions with DVC (add, push to the configured remote) and git (commit data.dvc).
 
-The version id is the DVC `.dir` md5 of `data/`. A version whose push failed is remembered in
-`$DEFECTOPS_HOME/state/unpushed.json` and pushed by the next import (or `defectops data push`).
+The version id is the DVC `.dir` md5 of `data/`. Every new version is recorded in
+`$DEFECTOPS_HOME/state/unpushed.json` (with its commit) before its push starts, and leaves it only once the remote
+holds it, so a failed or interrupted push, or an import with `--no-push`, leaves it for the next import (or
+`defectops data push`), which pushes each version from its own commit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -93,6 +96,19 @@ def head_commit(project: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def _unsaved_files(exc: BaseException) -> str | None:
+    """When DVC refused to pull over files of data/ that neither the version nor its cache holds (it would lose
+    them; only `force` overrides): the first such file ("" when DVC named none); else None."""
+    from dvc.exceptions import CheckoutError, DvcException
+
+    message = str(exc)
+    if not isinstance(exc, DvcException) or isinstance(exc, CheckoutError) or "without" not in message \
+            or "confirmation" not in message:  # dvc.repo.checkout's refusal, or ConfirmRemoveError
+        return None
+    named = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+    return named[0] if named else ""
+
+
 class DatasetRepo:
     """The project's DVC repo, configured with the remote of these settings."""
 
@@ -135,7 +151,8 @@ class DatasetRepo:
         """Bring the committed dataset version (data.dvc) into data/: from DVC's cache, else the remote.
 
         A fresh clone (a Kubernetes training Job's `git_clone`, a colleague's checkout) has data.dvc but no
-        data/; the images come from the configured remote. Raises a one-line UsageError when they cannot.
+        data/; the images come from the configured remote. Raises a one-line UsageError when they cannot, or
+        (without `force`) when data/ holds files the pull would lose. Interrupted, it leaves no partial data/.
         """
         from dvc.repo import Repo
 
@@ -147,9 +164,21 @@ class DatasetRepo:
         try:
             with dvc_console() as warnings, Repo(str(self.project)) as repo:
                 repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME, force=force)
-        except Exception as exc:  # DVC raises many types for a missing cache or a dead remote
+        except BaseException as exc:  # DVC raises many types for a missing cache or a dead remote; or Ctrl-C
             if not was_there:  # a partial checkout must not pass for the dataset
                 shutil.rmtree(data_dir, ignore_errors=True)
+            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: cleaned up, now stop
+                raise
+            if not force and was_there and (unsaved := _unsaved_files(exc)) is not None:
+                if unsaved and Path(unsaved).is_relative_to(self.project):
+                    unsaved = str(Path(unsaved).relative_to(self.project))
+                example = f" (e.g. {unsaved})" if unsaved else ""
+                raise UsageError(
+                    f"{data_dir} holds changes that are in neither the committed dataset version "
+                    f"{dataset_version(self.project)} nor DVC's cache{example}, so a pull would lose them; "
+                    "`defectops data pull --force` brings the committed version, discarding them (move them out "
+                    "of data/ first to keep them)"
+                ) from exc
             reason = one_line("; ".join([*warnings[:1], str(exc) or type(exc).__name__]), 300)
             raise UsageError(
                 f"the committed dataset version {dataset_version(self.project)} could not be brought into "
@@ -158,31 +187,70 @@ class DatasetRepo:
             ) from exc
 
     def push(self, version: str, commit_id: str | None) -> PushOutcome:
-        """Push the workspace version and any earlier unpushed ones; remember failures for the next run."""
+        """Push `version` and every earlier unpushed one. Each is recorded in unpushed.json first and leaves it only
+        once the remote holds it: a failure, Ctrl-C or kill midway keeps it for the next run."""
+        self.mark_unpushed(version, commit_id)
+        return self._push_unpushed()
+
+    def _push_unpushed(self) -> PushOutcome:
+        """Push each unpushed version from what names it: data.dvc for the workspace version, else its commit."""
         from dvc.repo import Repo
 
-        pending = self._unpushed()
-        pending[version] = commit_id
-        failures = {}
-        with dvc_console(), Repo(str(self.project)) as repo:
-            for ver, rev in list(pending.items()):
+        from components.data.tracked import dataset_version
+
+        current = dataset_version(self.project)
+        pushed: list[str] = []
+        failures: dict[str, str] = {}
+        stranded: list[str] = []
+        with dvc_console() as warnings, Repo(str(self.project)) as repo:
+            # data.dvc as a commit's tree names it (a relative target would follow the working directory)
+            at_rev = posixpath.join("/", *self.project.resolve().relative_to(Path(repo.scm.root_dir).resolve()).parts,
+                                    "data.dvc")
+            for version, commit_id in self._unpushed().items():
+                source = None if version == current else self._commit_naming(version, commit_id)
+                if version != current and source is None:
+                    stranded.append(self._nothing_to_push_from(version, commit_id))
+                    continue
+                seen = len(warnings)
                 try:
-                    if ver == version:
-                        repo.push(remote=REMOTE_NAME)
-                    elif rev:
-                        repo.push(remote=REMOTE_NAME, revs=[rev])
-                    else:
-                        continue  # an uncommitted old version: nothing left to push it from
-                    pending.pop(ver)
+                    if source is None:  # the version data.dvc names now
+                        repo.push(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME)
+                    else:  # an earlier version: its own commit's data.dvc, not the workspace's
+                        repo.push(targets=[at_rev], remote=REMOTE_NAME, revs=[source], workspace=False)
                 except Exception as exc:  # DVC raises many types for a dead remote  # noqa: BLE001
-                    failures[ver] = f"{type(exc).__name__}: {one_line(exc, 200)}"
-        self._save_unpushed(pending)
+                    failures[version] = f"{type(exc).__name__}: {one_line(exc, 200)}"
+                    continue
+                # DVC only warns when files of the version are missing here and on the remote: not pushed
+                if missing := [w for w in warnings[seen:] if "Missing cache files" in w]:
+                    failures[version] = f"dataset version {version}: {one_line(missing[0], 200)}"
+                    continue
+                self.forget_unpushed(version)
+                pushed.append(version)
+        url = self.settings.dvc_remote_url
         if failures:  # the commit waits too: a shared data.dvc must never name images the remote lacks
-            return PushOutcome(False, f"push to {self.settings.dvc_remote_url} failed ({failures[next(iter(failures))]}); "
-                                      "the version is kept locally and the next import or `defectops data push` retries")
-        pushed = f"pushed to {self.settings.dvc_remote_url}"
-        shared = self.push_commits()
-        return PushOutcome(True, pushed) if shared is None else PushOutcome(shared.pushed, f"{pushed}; {shared.message}")
+            kept = "the version is" if len(failures) == 1 else f"{len(failures)} versions are"
+            return PushOutcome(False, f"push to {url} failed ({failures[next(iter(failures))]}); {kept} kept locally "
+                                      "and the next import or `defectops data push` retries")
+        parts = [f"pushed to {url}"] if pushed else []
+        shared = self.push_commits()  # every committed version is on the remote now
+        if shared is not None:
+            parts.append(shared.message)
+        return PushOutcome(not stranded and (shared is None or shared.pushed), "; ".join(parts + stranded))
+
+    def _commit_naming(self, version: str, commit_id: str | None) -> str | None:
+        """A commit whose data.dvc names `version`: the recorded one, else one in data.dvc's history (a version
+        imported with --no-commit and committed by hand); None when none does."""
+        if commit_id and _version_at(self.project, commit_id) == version:
+            return commit_id
+        return next((rev for rev, md5 in _data_dvc_history(self.project, 50) if md5 == version), None)
+
+    def _nothing_to_push_from(self, version: str, commit_id: str | None) -> str:
+        """Why an unpushed version that neither data.dvc nor a commit names stays unpushed, and what to do."""
+        why = (f"its commit {commit_id[:8]} is no longer in this repository" if commit_id else
+               "it was imported with --no-commit")
+        return (f"dataset version {version} not pushed: {why} and neither data.dvc nor a commit names it, so there "
+                "is nothing to push it from; it stays unpushed: put its data.dvc back (e.g. `git stash pop`) and run "
+                f"`defectops data push`, or, if it is abandoned, delete its entry from {self.unpushed_file}")
 
     def push_commits(self) -> PushOutcome | None:
         """Push this branch's dataset commits to the git remote `DEFECTOPS_GIT_REMOTE` (None when unset), so a
@@ -218,21 +286,29 @@ class DatasetRepo:
         write_text_atomic(self.git_pending_file, remote)
 
     def retry_pending(self) -> PushOutcome | None:
-        """Push versions (and dataset commits) whose push failed earlier; None when there are none."""
-        pending = self._unpushed()
-        if not pending:
+        """Push the versions (and dataset commits) not yet on the remote; None when there are none."""
+        if not self._unpushed():
             return self.push_commits() if self.git_pending_file.is_file() else None
-        from components.data.tracked import dataset_version
-
-        current = dataset_version(self.project)
-        version = current if current in pending else next(iter(pending))
-        return self.push(version, pending.get(version))
+        return self._push_unpushed()
 
     def mark_unpushed(self, version: str, commit_id: str | None) -> None:
         """Remember a version for the next push (`defectops data push`, or the next import)."""
         pending = self._unpushed()
-        pending[version] = commit_id
+        pending[version] = commit_id or pending.get(version)
         self._save_unpushed(pending)
+
+    def forget_unpushed(self, version: str) -> None:
+        """Drop a version from the unpushed ones: the remote holds it, or it no longer exists."""
+        pending = self._unpushed()
+        if version in pending:
+            del pending[version]
+            self._save_unpushed(pending)
+
+    def forget_uncommitted(self, version: str) -> None:
+        """Drop a version that no commit records from the unpushed ones (an import rolled back before its commit)."""
+        pending = self._unpushed()
+        if version in pending and pending[version] is None:
+            self.forget_unpushed(version)
 
     def unpushed_versions(self) -> list[str]:
         return list(self._unpushed())
@@ -254,17 +330,25 @@ class DatasetRepo:
         write_text_atomic(self.unpushed_file, json.dumps(pending, indent=2))
 
 
-def previous_version(project: Path, current: str | None) -> str | None:
-    """The dataset version committed before `current` (from the git history of data.dvc)."""
+def _version_at(project: Path, rev: str) -> str | None:
+    """The dataset version (`.dir` md5) that data.dvc names at commit `rev`; None when it names none, or `rev` is
+    not in the repository."""
     import yaml
 
-    log_out = git(project, "log", "--format=%H", "-n", "20", "--", "data.dvc", check=False).stdout.split()
-    for rev in log_out:
-        shown = git(project, "show", f"{rev}:data.dvc", check=False)
-        if shown.returncode != 0:
-            continue
-        outs = (yaml.safe_load(shown.stdout) or {}).get("outs") or []
-        md5 = outs[0].get("md5") if outs else None
-        if md5 and md5 != current:
-            return md5
-    return None
+    shown = git(project, "show", f"{rev}:data.dvc", check=False)
+    if shown.returncode != 0:
+        return None
+    outs = (yaml.safe_load(shown.stdout) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def _data_dvc_history(project: Path, limit: int) -> Iterator[tuple[str, str]]:
+    """(commit, dataset version) of the last `limit` commits that changed data.dvc, newest first."""
+    for rev in git(project, "log", "--format=%H", "-n", str(limit), "--", "data.dvc", check=False).stdout.split():
+        if md5 := _version_at(project, rev):
+            yield rev, md5
+
+
+def previous_version(project: Path, current: str | None) -> str | None:
+    """The dataset version committed before `current` (from the git history of data.dvc)."""
+    return next((md5 for _, md5 in _data_dvc_history(project, 20) if md5 != current), None)

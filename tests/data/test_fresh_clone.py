@@ -15,6 +15,7 @@ from components.data.importer import import_data
 from components.data.tracked import dataset_version, tracked_manifest
 from components.errors import UsageError
 from tests.conftest import S3_KEYS, make_imagefolder, s3_server
+from tests.data.interrupting import terminated_while_moving_files
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +151,44 @@ def test_an_import_into_a_clone_that_cannot_pull_the_committed_version_is_refuse
 
     restored = import_data(str(first), lost, load_params(lost.params_file))  # exactly the committed version
     assert restored.restored and restored.version == imported.version and state() == before
+
+
+def test_a_pull_over_files_that_only_data_holds_names_the_force_fix_and_keeps_them(project, tmp_path: Path) -> None:
+    """An extra or edited file in data/ is neither in the committed version nor in DVC's cache: `data pull`
+    keeps it and says that `--force` discards it (the remote is fine, so its settings are not the fix)."""
+    from components.cli import app
+
+    import_data(str(make_imagefolder(tmp_path / "batch", per_class=4)), project, load_params(project.params_file))
+    original = _digests(project.data_dir / "images")
+    extra = project.data_dir / "images" / "dent" / "extra.png"
+    extra.write_bytes(b"someone's file")
+
+    refused = CliRunner().invoke(app, ["data", "pull"])
+    message = refused.output.strip().splitlines()[-1]
+    assert refused.exit_code == 2 and message.startswith("error: "), refused.output
+    assert "`defectops data pull --force`" in message and "data/images/dent/extra.png" in message, message
+    assert "DEFECTOPS_DVC_REMOTE" not in message, message
+    assert extra.read_bytes() == b"someone's file", "nothing lost"
+
+    pulled = CliRunner().invoke(app, ["data", "pull", "--force"])
+    assert pulled.exit_code == 0, pulled.output
+    assert _digests(project.data_dir / "images") == original
+
+
+def test_a_pull_into_a_fresh_clone_stopped_by_sigterm_leaves_no_partial_data(
+        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM while `data pull` writes data/ in a fresh clone: no partial data/ is left to pass for the
+    dataset; the next pull brings the whole version."""
+    imported = import_data(str(make_imagefolder(tmp_path / "batch", per_class=4)), project,
+                           load_params(project.params_file))
+    clone = _clone(project, tmp_path, "clone", monkeypatch, project.dvc_remote_url)
+
+    stopped = terminated_while_moving_files(clone.data_dir, "data", "pull", after=3)
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert not clone.data_dir.exists(), sorted(_digests(clone.data_dir))
+
+    from components.cli import app
+
+    pulled = CliRunner().invoke(app, ["data", "pull"])
+    assert pulled.exit_code == 0 and f"dataset version {imported.version}: 12 images" in pulled.output, pulled.output
+    assert _digests(clone.data_dir / "images") == _digests(project.data_dir / "images")
