@@ -10,11 +10,14 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from components.errors import DefectOpsError, UsageError, ValidationFailed
+
+if TYPE_CHECKING:
+    from components.config import Settings
 
 app = typer.Typer(
     help="Keep the line's defect classifier trained, validated, approved and served.",
@@ -54,20 +57,25 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _json_target(path: Path | None) -> Path | None:
-    """Check a `--json` path before any work is done: a folder, or a parent that cannot be made, is an error."""
-    if path is None:
-        return None
+def _output_target(path: Path, option: str, example: str) -> Path:
+    """Check an output file path before any work is done: a folder, or a parent that cannot be made or written
+    to, is a usage error naming `option`."""
     if path.is_dir():
-        raise UsageError(f"--json {path}: is a folder; give a file path, e.g. {path / 'report.json'}")
+        raise UsageError(f"{option} {path}: is a folder; give a file path, e.g. {path / example}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--json {path}: cannot create {path.parent} ({exc.strerror}); choose a writable path") \
-            from None
+        blocking = next((folder for folder in path.parents if folder.exists()), None)
+        why = f"{blocking} is a file" if blocking is not None and not blocking.is_dir() else exc.strerror
+        raise UsageError(f"{option} {path}: cannot create {path.parent} ({why}); choose a writable path") from None
     if not os.access(path.parent, os.W_OK):
-        raise UsageError(f"--json {path}: {path.parent} is not writable; choose a writable path")
+        raise UsageError(f"{option} {path}: {path.parent} is not writable; choose a writable path")
     return path
+
+
+def _json_target(path: Path | None) -> Path | None:
+    """Check a `--json` path before any work is done: a folder, or a parent that cannot be made, is an error."""
+    return None if path is None else _output_target(path, "--json", "report.json")
 
 
 def _write_json(path: Path, value: Any) -> Path:
@@ -100,26 +108,87 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             raise _fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted; nothing half-written was kept, run the command again", 130) from None
+        except Exception as exc:
+            if (known := _dvc_error(exc)) is None:
+                raise
+            raise _fail(str(known), known.exit_code) from None
 
     return wrapper
 
 
+def _dvc_error(exc: Exception) -> DefectOpsError | None:
+    """A DVC exception that reached the command as the one-line error it means for the user; None for anything
+    else. DVC is looked up in sys.modules, never imported here: a DVC error implies DVC is loaded."""
+    from components.errors import ConcurrentRunError, one_line
+
+    exceptions = sys.modules.get("dvc.exceptions")
+    if exceptions is None or not isinstance(exc, exceptions.DvcException):
+        return None
+    from dvc.config import ConfigError
+    from dvc.lock import LockError
+
+    if isinstance(exc, LockError):
+        return ConcurrentRunError("another DVC operation holds the lock on this project (.dvc/tmp/lock); wait for "
+                                  "it to finish, then run the command again")
+    reason = one_line(exc, 200)
+    if isinstance(exc, ConfigError):
+        remote = os.environ.get("DEFECTOPS_DVC_REMOTE")
+        where = f"DEFECTOPS_DVC_REMOTE={remote}" if remote else "DEFECTOPS_DVC_REMOTE"
+        return UsageError(f"DVC refused its configuration ({reason}); check {where} (an s3://, gs://, ssh:// ... "
+                          "URL or a folder) and the project's .dvc/config and .dvc/config.local")
+    cause = getattr(exc, "exc", None) or exc.__cause__  # e.g. a schema error's detail, which DVC prints apart
+    if cause is not None and str(cause) and str(cause) not in str(exc):
+        reason = one_line(f"{exc}: {cause}", 240)
+    return DefectOpsError(f"DVC failed: {reason}")
+
+
 @app.callback()
+@friendly
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     """Keep the line's defect classifier trained, validated, approved and served."""
-    from components.config import get_settings
-
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server's first start creates its database: 20 s is not enough on a loaded 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    home = get_settings().home_dir  # the libraries' own state lives under the one state root too
+    home = _checked_settings().home_dir  # the libraries' own state lives under the one state root too
     for var, sub in (("PREFECT_HOME", "prefect"), ("BENTOML_HOME", "bentoml"), ("MPLCONFIGDIR", "matplotlib")):
         if var not in os.environ:
+            try:
+                (home / sub).mkdir(parents=True, exist_ok=True)  # Prefect's sqlite cannot create its folder
+            except OSError as exc:
+                raise UsageError(f"the state root {home} (DEFECTOPS_HOME): cannot create {home / sub} "
+                                 f"({exc.strerror}); set DEFECTOPS_HOME to a writable folder") from None
             os.environ[var] = str(home / sub)
-            (home / sub).mkdir(parents=True, exist_ok=True)  # Prefect's sqlite cannot create its folder
     _setup_logging(verbose)
+
+
+def _checked_settings() -> Settings:
+    """The settings, or a one-line usage error naming the environment variable that is wrong: a value of the
+    wrong type (DEFECTOPS_WORKERS=abc), or a state root that cannot be a folder (DEFECTOPS_HOME under a file)."""
+    from pydantic import ValidationError
+
+    from components.config import Settings, get_settings
+    from components.errors import first_validation_error
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first.get("loc") else ""
+        info = Settings.model_fields.get(field)
+        variable = field if info is None else str(info.validation_alias or f"DEFECTOPS_{field.upper()}")
+        reason = first_validation_error(exc).removeprefix(f"{field}: ")
+        about = f" ({info.description})" if info is not None and info.description else ""
+        raise UsageError(f"{variable}={os.environ.get(variable, first.get('input'))!r}: {reason}; set {variable} "
+                         f"to a valid value{about} or unset it") from None
+    home = settings.home_dir
+    blocking = next((folder for folder in (home, *home.parents) if folder.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        where = f"DEFECTOPS_HOME={home}" if settings.home is not None else \
+            f"the state root {home} (DEFECTOPS_HOME unset: <project>/.defectops)"
+        raise UsageError(f"{where}: {blocking} is a file, not a folder; set DEFECTOPS_HOME to a folder path")
+    return settings
 
 
 def _context():
@@ -155,8 +224,16 @@ def data_import(
                    f"previous {result.previous_version or 'none'})")
         typer.echo("  images per class: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
         typer.echo(f"  committed: {result.committed or 'no (--no-commit)'}; report: {result.report_dir}")
+    _echo_push(result, asked=not no_push)
+
+
+def _echo_push(result: Any, asked: bool = True) -> None:
+    """An import's push outcome: a line, or a warning on stderr when the push failed (the version stands locally);
+    with --no-push (`asked` False), how a new version reaches the remote later."""
     if result.pushed is not None:
         typer.echo(("  " if result.pushed else "warning: ") + result.push_message, err=not result.pushed)
+    elif not asked and result.changed:
+        typer.echo("  not pushed (--no-push): `defectops data push` sends it to the remote")
 
 
 @data_app.command("validate")
@@ -165,16 +242,20 @@ def data_validate(
     source: Annotated[str | None, typer.Argument(help="Folder, archive or URL to check without importing it. "
                                                       "Default: the tracked dataset.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="Validate this manifest (Parquet) instead.")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Validate this manifest (Parquet) instead of a SOURCE.")] = None,
 ) -> None:
     """Run the Great Expectations suite; exit 0 when it passes, 1 when expectations fail, 2 on usage errors."""
     from components.data.importer import recover
     from components.data.sources import open_source
     from components.data.tracked import dataset_version, manifest_of, tracked_manifest
     from components.data.versioning import previous_version
+    from components.errors import SourceError
     from components.locks import exclusive
     from components.validation.suite import class_shares, validate_manifest
 
+    if source is not None and manifest is not None:
+        raise UsageError(f"give SOURCE ({source}) or --manifest ({manifest}), not both: validate one of them at a "
+                         "time")
     json_out = _json_target(json_out)
     settings, params = _context()
     settings.ensure()
@@ -183,8 +264,11 @@ def data_validate(
     if manifest is not None:
         frame, report_dir, what = _read_manifest(manifest), settings.reports_dir / "pipeline", str(manifest)
     elif source is not None:
-        with open_source(source, settings.staging_dir) as root:
-            frame = manifest_of(root, settings, params, progress=True)
+        try:
+            with open_source(source, settings.staging_dir) as root:
+                frame = manifest_of(root, settings, params, progress=True)
+        except SourceError as exc:  # exit 1 means "expectations failed": a source never read is a usage error
+            raise UsageError(str(exc)) from exc
         report_dir, what = settings.reports_dir / "validations" / f"{stamp}-{Path(source).name}", source
     else:
         with exclusive(settings.locks_dir, "data", "a dataset import"):  # never "recover" a live import
@@ -225,12 +309,17 @@ def data_manifest(
 ) -> None:
     """Write the manifest of the tracked dataset (one row per image) with its committed splits."""
     from components.data.tracked import tracked_manifest
+    from components.files import replacing
 
+    out = _output_target(out, "--out", "manifest.parquet")
     settings, params = _context()
     settings.ensure()
     frame = tracked_manifest(settings, params, progress=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.drop(columns=["file"]).to_parquet(out, index=False)
+    try:
+        with replacing(out) as partial:  # an interrupted write leaves the previous manifest, never half a file
+            frame.drop(columns=["file"]).to_parquet(partial, index=False)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write it ({exc.strerror}); choose a writable path") from None
     typer.echo(f"{out}: {len(frame)} images, " + ", ".join(
         f"{s} {n}" for s, n in frame["split"].value_counts().sort_index().items()))
 
@@ -258,13 +347,21 @@ def data_synth(
 @data_app.command("push")
 @friendly
 def data_push() -> None:
-    """Push dataset versions (and dataset commits, to DEFECTOPS_GIT_REMOTE) whose earlier push failed."""
+    """Push the dataset versions not yet on the remote (a failed or interrupted push, --no-push), and dataset
+    commits to DEFECTOPS_GIT_REMOTE."""
+    from components.data.importer import recover
     from components.data.versioning import DatasetRepo
+    from components.locks import exclusive
 
     settings, _ = _context()
+    settings.ensure()
     repo = DatasetRepo(settings)
-    repo.ensure_initialised()
-    outcome = repo.retry_pending()
+    # never beside an import, a pull or another push; an import a kill left half-done is settled first (one
+    # that had committed is kept and its version pushed here)
+    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
+        recover(settings)
+        repo.ensure_initialised()
+        outcome = repo.retry_pending()
     if outcome is None:
         typer.echo("nothing to push: every dataset version is on the remote")
     elif not outcome.pushed:
@@ -279,13 +376,10 @@ def data_pull(
     force: Annotated[bool, typer.Option("--force", help="Discard what differs in data/ (local changes).")] = False,
 ) -> None:
     """Bring the committed dataset version (data.dvc) into data/ from DVC's cache or the remote (a fresh clone)."""
-    from components.data.tracked import dataset_version, restore_data
+    from components.data.tracked import restore_data
 
     settings, _ = _context()
-    version = dataset_version(settings.project_root)
-    if version is None:
-        raise UsageError("no dataset version is committed (no data.dvc); run `defectops data import SOURCE` first")
-    restore_data(settings, force=force)
+    version = restore_data(settings, force=force)  # after settling an import a kill left half-done
     count = sum(1 for f in (settings.data_dir / "images").rglob("*") if f.is_file())
     typer.echo(f"dataset version {version}: {count} images in {settings.data_dir / 'images'}")
 
@@ -472,7 +566,10 @@ def approve(
     version: Annotated[str, typer.Argument(help="Model version to make champion (see `defectops models`).")],
     by: Annotated[str, typer.Option("--by", help="Who approves (name or e-mail); recorded in the audit trail.")],
     note: Annotated[str | None, typer.Option(help="Why, ticket number, review notes.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Approve although the gate failed (needs --note).")]
+    force: Annotated[bool, typer.Option("--force", help="Approve although the gate failed or is stale (gated "
+                                                        "against a replaced champion), or a person rejected or "
+                                                        "rolled the version back; needs --note, and what was "
+                                                        "overridden stays on record.")]
     = False,
 ) -> None:
     """Promote a version whose gate passed: move the `champion` alias to it and record who and why."""
@@ -600,6 +697,7 @@ def review_import(
                              progress=True)
     typer.echo(f"dataset version {result.version} (+{result.added} reviewed images, {result.skipped} already "
                f"tracked); {result.review_items_imported} review items moved to imported/")
+    _echo_push(result, asked=not no_push)
 
 
 def _promotion_lines(result: Any) -> list[str]:

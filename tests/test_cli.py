@@ -123,3 +123,11 @@ def test_library_homes_are_created_under_the_state_root(project, monkeypatch) ->
     result = runner.invoke(app, ["data", "status"])
     assert result.exit_code == 0, result.output
     assert (project.home_dir / "prefect").is_dir() and (project.home_dir / "bentoml").is_dir()
+
+
+def test_approve_force_help_names_everything_it_overrides() -> None:
+    result = runner.invoke(app, ["approve", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    for overridden in ("gate failed", "stale", "rejected", "rolled the version back", "--note"):
+        assert overridden in text, overridden

@@ -22,7 +22,18 @@ def dataset_version(project: Path) -> str | None:
     dvc_file = project / "data.dvc"
     if not dvc_file.is_file():
         return None
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    try:
+        recorded = yaml.safe_load(dvc_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UsageError(f"{dvc_file} is not valid YAML{where} (a merge conflict?): resolve it, e.g. keep one side "
+                         "with `git checkout --theirs -- data.dvc splits.csv`, then `defectops data pull --force` "
+                         "and import the other side's images again") from None
+    outs = (recorded.get("outs") or []) if isinstance(recorded, dict) else None
+    if not isinstance(outs, list) or not all(isinstance(out, dict) for out in outs):
+        raise UsageError(f"{dvc_file} does not read as DVC's record of data/ (an `outs:` list); restore it from git, "
+                         "e.g. `git checkout HEAD -- data.dvc`")
     return outs[0].get("md5") if outs else None
 
 
@@ -106,14 +117,22 @@ def finish_interrupted_import(settings: Settings) -> None:
         recover(settings)
 
 
-def restore_data(settings: Settings, force: bool = False) -> None:
-    """Pull the committed dataset version into data/, under the data lock (never beside an import); `force`
-    discards what differs in data/."""
+def restore_data(settings: Settings, force: bool = False) -> str:
+    """Pull the committed dataset version into data/, under the data lock (never beside an import), and return
+    it; `force` discards what differs in data/. What an import killed midway left is settled first, under the
+    same lock, so the version brought is the one the next command sees (not one it then rolls back)."""
+    from components.data.importer import recover
     from components.data.versioning import DatasetRepo
     from components.locks import exclusive
 
     settings.ensure()
     with exclusive(settings.locks_dir, "data", "a dataset import"):
+        recover(settings)
+        version = dataset_version(settings.project_root)
+        if version is None:
+            raise UsageError("no dataset version is committed (no data.dvc); run `defectops data import SOURCE` "
+                             "first")
         log.info("bringing the committed dataset version %s into %s (from the cache or %s)",
-                 dataset_version(settings.project_root), settings.data_dir, settings.dvc_remote_url)
+                 version, settings.data_dir, settings.dvc_remote_url)
         DatasetRepo(settings).restore(force=force)
+    return version
