@@ -30,7 +30,7 @@ import yaml
 
 from components.config import Settings
 from components.errors import DefectOpsError, UsageError
-from components.signals import in_main_thread, signal_handler, sigterm_as_interrupt
+from components.signals import held_back, in_main_thread, signal_handler, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,9 @@ class LocalServer:
         env.pop("PREFECT_API_URL", None)
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port)]
         command = _dying_with_parent(command)
-        with self.log_file.open("w") as log_stream:
+        # held back: an interrupt cannot land between the server starting and `self.process` naming it (stop()
+        # would then find nothing to stop)
+        with held_back(signal.SIGTERM, signal.SIGINT), self.log_file.open("w") as log_stream:
             # its own session: a terminal's Ctrl-C reaches only us, and we stop it after serve() has finished
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_stream,
                                             stderr=subprocess.STDOUT, env=env, cwd=self.prefect_home,

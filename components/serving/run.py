@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -130,6 +131,9 @@ def stop_background(process: subprocess.Popen, timeout_s: float = 30.0, port: in
             return
         process.terminate()
         _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+        if process.poll() is None:  # hung: a worker it started after the first listing is killed too
+            with contextlib.suppress(psutil.NoSuchProcess):
+                alive += [p for p in psutil.Process(process.pid).children(recursive=True) if p not in alive]
         for leftover in alive:  # BentoML workers run in sessions of their own: never leave one serving
             leftover.kill()
         psutil.wait_procs(alive, timeout=10)

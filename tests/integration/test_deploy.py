@@ -84,8 +84,8 @@ def test_deployments_from_prefect_yaml_run_on_a_process_worker(tmp_path: Path, p
 
     async def deployments() -> dict[str, object]:
         async with get_client() as client:
-            found = await client.read_deployments()
-            return {d.name: d for d in found}
+            found = await client.read_deployments()  # the session's server: other tests deploy to other pools
+            return {d.name: d for d in found if d.work_pool_name == POOL}
 
     deployed = asyncio.run(deployments())
     assert set(deployed) == {"monthly-retraining", "daily-drift", "promote-approved"}

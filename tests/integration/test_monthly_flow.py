@@ -71,8 +71,13 @@ async def _task_order(flow_run_id) -> list[str]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    for _ in range(100):  # the server records task runs from events, a moment after the flow returns
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(run.start_time for run in runs) and {"drift-check", "ingest-dataset"} <= {
+                run.name.rsplit("-", 1)[0] for run in runs}:
+            break
+        await asyncio.sleep(0.2)
     return [run.name.rsplit("-", 1)[0] for run in sorted(runs, key=lambda run: run.start_time)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -94,11 +95,16 @@ def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     state = training_flow.train_challenger(out_dir=str(tmp_path / "train"), return_state=True)
     assert state.type == StateType.FAILED and "unreachable" in state.message
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    [checked] = [run for run in runs if run.name.startswith("already-trained")]
-    assert checked.run_count == 3, "tried once and retried twice before the flow failed"
+    deadline = time.monotonic() + 30  # the server records task-run states from events, a moment after the run
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        checked = [run for run in runs if run.name.startswith("already-trained")]
+        if (checked and checked[0].run_count == 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(checked) == 1 and checked[0].run_count == 3, "tried once and retried twice before the flow failed"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert _versions(project) == [], "nothing fell back to the embedded store"
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,16 @@ def make_tiny_model(path: Path, threshold: float = THRESHOLD, seed: int = 0) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_file(path, model, model.state_dict(), meta)
     return path
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll `check` every 10 ms until it holds (a thread of the code under test got there); fail after `timeout`:
+    no fixed sleep that a loaded machine can outlast."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout:.0f} s")
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

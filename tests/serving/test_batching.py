@@ -10,6 +10,7 @@ import pytest
 from bentoml.exceptions import ServiceUnavailable
 
 from components.serving.batching import Batcher
+from tests.serving.conftest import until
 
 
 class Recorder:
@@ -138,7 +139,7 @@ def test_shutdown_refuses_queued_and_new_images_and_stops_the_threads() -> None:
 
     async def scenario():
         tasks = [asyncio.ensure_future(batcher(i)) for i in range(6)]
-        await asyncio.sleep(0.05)  # two computing, four queued
+        await until(lambda: sum(batcher._running) == 2)  # two computing, four queued
         await asyncio.to_thread(batcher.shutdown)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         with pytest.raises(ServiceUnavailable, match="retired"):
@@ -148,8 +149,8 @@ def test_shutdown_refuses_queued_and_new_images_and_stops_the_threads() -> None:
     outcomes = asyncio.run(scenario())
     assert sum(isinstance(o, ServiceUnavailable) for o in outcomes) == 4
     assert sorted(o for o in outcomes if isinstance(o, int)) == [0, 2], "the running batches finish"
-    time.sleep(0.1)
-    assert batcher.stopped and batcher.pending == 0
+    asyncio.run(until(lambda: batcher.stopped))
+    assert batcher.pending == 0
 
 
 class _Fatal(BaseException):

@@ -28,6 +28,7 @@ from tests.serving.conftest import (
     register_model_file,
     start_server,
     stop_server,
+    until,
     write_probe_images,
 )
 
@@ -246,8 +247,7 @@ def test_a_swap_while_a_request_is_still_decoding_answers_it_on_the_old_model() 
             await asyncio.sleep(0.3)  # ... and the drain looks while the request is still decoding
             assert await asyncio.wait_for(held.batcher(21), 5) == 42
             assert not batcher.stopped
-        await asyncio.sleep(0.3)
-        assert batcher.stopped  # retired once nothing holds it
+        await until(lambda: batcher.stopped, what="the retired batcher stopped")  # once nothing holds it
 
     asyncio.run(scenario())
 
@@ -281,8 +281,8 @@ def test_the_service_swap_waits_longer_than_one_batchs_latency_budget() -> None:
             await asyncio.to_thread(service._swap, deployment(2, new_batcher))
             await asyncio.sleep(0.8)  # still decoding, past the 0.5 s budget
             assert await asyncio.wait_for(held.batcher(21), 5) == 42
-        await asyncio.sleep(0.3)
-        assert old_batcher.stopped and service.deployment.model_version == "defect-classifier/2"
+        await until(lambda: old_batcher.stopped, what="the swapped-out batcher stopped")
+        assert service.deployment.model_version == "defect-classifier/2"
         new_batcher.shutdown()
 
     asyncio.run(scenario())
