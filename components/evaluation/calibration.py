@@ -42,12 +42,19 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
 
 
 def fit_temperature(logits_val: np.ndarray, labels_val: np.ndarray) -> float:
-    """The temperature minimising validation NLL, clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+    """The temperature minimising validation NLL, clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]; 1 when every
+    validation image is right (no optimum: the NLL falls without end as the temperature falls)."""
     logits = _check_logits(logits_val)
     labels = check_labels(labels_val, logits.shape[0], logits.shape[1])
     if logits.shape[0] == 0:
         raise UsageError("cannot fit a temperature on an empty validation set")
     rows = np.arange(logits.shape[0])
+    if np.array_equal(logits.argmax(axis=1), labels):
+        log.warning("every one of the %d validation images is classified correctly: the validation NLL keeps falling "
+                    "as the temperature falls, so it has no optimum and would sharpen every confidence to 1.0; "
+                    "kept temperature 1 (the model's own probabilities). A larger or harder validation split "
+                    "calibrates", logits.shape[0])
+        return 1.0
 
     def nll(log_t: float) -> float:
         return float(-log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())

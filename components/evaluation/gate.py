@@ -167,6 +167,30 @@ def _change(challenger: dict[str, Any], champion: dict[str, Any] | None, key: st
     return "—" if ours is None or theirs is None else f"{ours - theirs:+.3f}"
 
 
+def _resampled(report: dict[str, Any]) -> str:
+    """What the bootstrap resampled: whole capture groups, or images (also when every group is one image)."""
+    boot = report.get("bootstrap") or {}
+    if boot.get("unit") == "group" and boot.get("n_units") not in (None, report.get("n_images")):
+        return f"resampling whole capture groups ({boot['n_units']} groups)."
+    return "resampling images" + (" (every capture group is one image)." if boot.get("unit") == "group" else ".")
+
+
+def _review_rule_lines(report: dict[str, Any], version: str) -> list[str]:
+    """A warning line when the challenger's review threshold missed its validation target, or was never tuned:
+    its escapes and review rate are then not what the plant asked for, whatever the gate says."""
+    rule = report.get("review_rule", "absent")
+    if rule == "absent":  # a report from before review_rule was recorded
+        return []
+    if rule is None:
+        return [(f"**Warning:** {version} has no stored calibration: temperature 1 and threshold 0.5, not tuned on "
+                "validation.")]
+    if rule.get("target_met") is False:
+        return [(f"**Warning:** {version}'s review threshold missed its validation target (auto precision "
+                f"{_fmt(rule.get('target_auto_precision'))} within review rate {_fmt(rule.get('max_review_rate'))}): "
+                f"{rule.get('reason') or 'no reason recorded'}.")]
+    return []
+
+
 def comparison_markdown(challenger: dict[str, Any], champion: dict[str, Any] | None, gate_result: GateResult,
                         challenger_version: str, champion_version: str | None = None) -> str:
     """A markdown report: key figures side by side with 95% intervals, recall per class, the gate outcome."""
@@ -177,9 +201,8 @@ def comparison_markdown(challenger: dict[str, Any], champion: dict[str, Any] | N
         f"Golden test set: {challenger.get('n_images')} images; decision threshold "
         f"{_fmt(challenger.get('threshold'))} (challenger)"
         + (f", {_fmt(champion.get('threshold'))} (champion)." if champion is not None else "."),
-        "Intervals are 95% bootstrap intervals"
-        + (" resampling whole capture groups." if (challenger.get("bootstrap") or {}).get("unit") == "group"
-           else " resampling images."),
+        "Intervals are 95% bootstrap intervals " + _resampled(challenger),
+        *_review_rule_lines(challenger, challenger_version),
         "",
         f"| figure | challenger {challenger_version} | {champion_name} | change |",
         "|---|---|---|---|",

@@ -107,6 +107,13 @@ def evaluate_rows(predictor: Any, rows: pd.DataFrame, params: EvaluateParams,
                                   groups=groups, n_boot=params.n_boot, seed=0)
     report["ece_uncalibrated"] = expected_calibration_error(softmax(logits, 1.0), labels)
     report["temperature"] = predictor.temperature
+    stored = predictor.meta.get("calibration") or {}
+    if not stored:
+        log.warning("%s has no stored calibration: evaluated with temperature 1 and decision threshold 0.5, not "
+                    "tuned on validation", model_version or "the model")
+    report["review_rule"] = {key: stored.get(key) for key in ("target_auto_precision", "max_review_rate",
+                                                               "val_auto_precision", "val_review_rate",
+                                                               "target_met", "reason")} if stored else None
     report["latency_ms"] = latency_ms
     report["model_version"] = model_version
     report["image_paths_digest"] = _digest(rows["path"] if "path" in rows else rows["file"])

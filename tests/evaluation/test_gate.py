@@ -122,9 +122,32 @@ def test_markdown_on_real_reports() -> None:
     low, high = challenger["intervals"]["macro_f1"].values()
     assert f"| macro F1 | {challenger['macro_f1']:.3f} [{low:.3f}, {high:.3f}] |" in text
     assert "| latency (ms) | 12.5 | n/a | — |" in text
-    assert f"## Gate: {'PASSED' if result.passed else 'FAILED'}" in text
+    assert result.passed and "## Gate: PASSED" in text  # a far stronger challenger
     assert all(f"- {reason}" in text for reason in result.reasons)
-    assert "resampling whole capture groups" in text
+    assert "resampling whole capture groups (30 groups)." in text
+    assert "Warning" not in text  # reports without a recorded review rule say nothing about it
 
     alone = comparison_markdown(challenger, None, compare(challenger, None, GateRules()), "v1")
     assert "champion (none)" in alone and "(no champion)" in alone
+
+
+def test_markdown_warns_when_the_review_threshold_missed_its_target_or_was_never_tuned() -> None:
+    """The gate judges figures, not the review rule's tuning: a threshold that missed its validation target
+    (or a model never calibrated) must be visible to the engineer who approves."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    probs = rng.dirichlet([1, 1, 1], size=60)
+    report = evaluate_predictions(probs, labels, CLASSES, "normal", 0.7, [f"g{i}" for i in range(60)], n_boot=20)
+    missed = {**report, "review_rule": {"target_auto_precision": 0.995, "max_review_rate": 0.15, "target_met": False,
+                                        "reason": "auto_precision 0.97 at most within the review budget"}}
+    never = {**report, "review_rule": None}
+    met = {**report, "review_rule": {**missed["review_rule"], "target_met": True}}
+
+    def text(challenger):
+        return comparison_markdown(challenger, None, compare(challenger, None, GateRules()), "v3")
+
+    assert ("**Warning:** v3's review threshold missed its validation target (auto precision 0.995 within review "
+            "rate 0.150): auto_precision 0.97 at most within the review budget.") in text(missed)
+    assert "**Warning:** v3 has no stored calibration" in text(never)
+    assert "Warning" not in text(met)
+    assert "resampling images (every capture group is one image)." in text(met)
