@@ -16,7 +16,11 @@ Prints one table. Figures:
 Every row also gives CPU milliseconds per image (this process and its worker processes), which stay meaningful
 when other jobs share the cores and the wall-clock rates drop. First manifests run in a freshly spawned
 interpreter, as `defectops` would; the OS page cache is warm throughout.
-Targets for context: >= 500 images/s for a first manifest, < 5 s to re-validate an unchanged dataset.
+Targets: >= 500 images/s for a first manifest, < 5 s to re-validate an unchanged dataset in a new process
+(start-up + the work, the row that says so). A missed target is a figure, not an error: printed as NOT MET, the
+exit status stays 0. The exit status is non-zero, with one line after the table, when the validation of the
+unchanged set FAILED, a first manifest found no images or gave no rate, or the Magnetic Tile folder has no
+images (pass --skip-magnetic to leave them out on purpose).
 """
 
 from __future__ import annotations
@@ -131,10 +135,27 @@ def fresh_first_manifest(root: Path, cache_dir: Path, workers: int, profile_name
         return pool.submit(_first_manifest, root, cache_dir, workers, profile_name).result()
 
 
+def _rate_verdict(images: int, seconds: float | None) -> str:
+    """The first-manifest target, judged on `images` in `seconds`."""
+    rate = images / seconds if images and seconds else 0.0
+    return f"target >= {TARGET_RATE:.0f}/s: " + ("met" if rate >= TARGET_RATE else "NOT MET")
+
+
+def has_magnetic_tile(data: Path) -> bool:
+    """Whether `data` holds the Magnetic Tile classes (MT_Free at the top or one level down)."""
+    return (data / "MT_Free").is_dir() or any(data.glob("*/MT_Free"))
+
+
+def failures(rows: list[Row]) -> list[str]:
+    """What makes the run's figures meaningless: a failed validation, a first manifest without images or rate."""
+    problems = [f"{r.dataset} {r.measure}: {r.note}" for r in rows if r.note.startswith("FAILED")]
+    problems += [f"{r.dataset} {r.measure}: {r.images or 0} images in {r.seconds} s, no rate" for r in rows
+                 if "first manifest" in r.measure and not r.rate]
+    return problems
+
+
 def magnetic_tile(data: Path, bench_dir: Path, workers: int) -> list[Row]:
     """First manifest of the Magnetic Tile images, empty cache."""
-    if not (data / "MT_Free").is_dir() and not any(data.glob("*/MT_Free")):
-        return [Row("magnetic-tile", "first manifest", None, None, note=f"skipped: no images at {data}")]
     cache = Path(tempfile.mkdtemp(prefix="cache-mt-", dir=bench_dir))
     try:
         found, built, common = fresh_first_manifest(data, cache, workers, "magnetic-tile")
@@ -146,8 +167,7 @@ def magnetic_tile(data: Path, bench_dir: Path, workers: int) -> list[Row]:
                 f"most common {common}"),
             Row("magnetic-tile", "discover + first manifest", n, found.seconds + built.seconds,
                 (found.cpu or 0) + (built.cpu or 0),
-                "meets target" if n / (found.seconds + built.seconds) >= TARGET_RATE else
-                f"below {TARGET_RATE:.0f}/s")]
+                _rate_verdict(n, found.seconds + built.seconds))]
 
 
 def generation_rate(bench_dir: Path, workers: int, count: int = 2000, size: int = 128) -> Row:
@@ -204,7 +224,7 @@ def synthetic(out: Path, count: int, size: int, bench_dir: Path, workers: int) -
         n = found.images or 0
         rows += [Row(label, "discover", n, found.seconds, found.cpu),
                  Row(label, "first manifest (build_manifest, empty cache)", n, built.seconds, built.cpu,
-                     "meets target" if n / built.seconds >= TARGET_RATE else f"below {TARGET_RATE:.0f}/s")]
+                     _rate_verdict(n, built.seconds))]
 
         import great_expectations  # noqa: F401 - the import is start-up cost, measured apart below
 
@@ -228,7 +248,7 @@ def synthetic(out: Path, count: int, size: int, bench_dir: Path, workers: int) -
     rows += startup
     total = startup[0].seconds + work
     rows.append(Row(label, "re-validate, new process: start-up as installed + 1st work", n, total,
-                    note="meets target" if total < TARGET_REVALIDATE else f"over {TARGET_REVALIDATE:.0f} s"))
+                    note=f"target < {TARGET_REVALIDATE:.0f} s: " + ("met" if total < TARGET_REVALIDATE else "NOT MET")))
     return rows
 
 
@@ -329,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     from components.config import cpu_workers, get_settings
 
     workers = args.workers or cpu_workers(get_settings())
+    if not args.skip_magnetic and not has_magnetic_tile(args.demo_data.resolve()):
+        raise SystemExit(f"no Magnetic Tile images at {args.demo_data.resolve()} (no MT_Free folder); pass "
+                         "--demo-data DIR, set DEFECTOPS_DEMO_DATA, or --skip-magnetic to leave them out")
     args.bench_dir.mkdir(parents=True, exist_ok=True)
     synth_dir = args.bench_dir / f"synth{args.synth_count / 1000:g}k-{args.size}px"
     print(f"python {sys.version.split()[0]}, {workers} worker processes, {len(os.sched_getaffinity(0))} cores, "
@@ -347,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:45s} {ms:7.2f}")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end; with other jobs on the cores the wall-clock rates "
           "drop, the CPU ms per image does not")
+    problems = failures(rows)
+    if problems:
+        raise SystemExit(f"manifest_throughput FAILED: {'; '.join(problems)}")
 
 
 if __name__ == "__main__":

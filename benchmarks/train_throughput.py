@@ -6,21 +6,27 @@ Run on demand (never a test):
 
 Images: the 'train' split of the Magnetic Tile manifest (--data, else DEFECTOPS_DEMO_DATA, else
 ../shared/datasets/magnetic-tile), the first --images of them, profile and augmentation from params.yaml.
-Measured in one process, alternating, each --repeats times (the median is reported):
+Measured in one process, alternating, each --repeats times (the median is reported; each round starts with the
+next loop, so none always runs first):
 - ours:          `Trainer.train_epoch` (progress bar, finite-loss check, scheduler, scaler, EMA if configured,
                  per-epoch reseeding) over the profile's DataLoader (decode cache, augmentation, workers);
-- bare+loader:   a plain `for x, y in loader: forward/backward/step` over the same DataLoader;
+- bare+loader:   a plain `for x, y in loader: forward/backward/step` over the same DataLoader, with our loop's
+                 optimiser choice (fused AdamW on CUDA), grad scaler (fp16 on CUDA) and per-step `loss.item()`
+                 (the sync our loop makes each step), so the two compare like for like on a GPU too;
 - bare+tensors:  the same plain loop over batches already in memory (the compute-only ceiling).
 Overhead of our loop = 1 - ours / bare+loader (target < 10%). Data loading is the bottleneck when the loop
 waits on the loader for a large share of the epoch, or when bare+loader is well below bare+tensors.
 Every row also gives CPU seconds per 100 images of this process and its workers, which stay meaningful
 when other jobs share the cores and the wall-clock rates drop.
+A missed overhead target is a figure, not an error: printed as NOT MET, the exit status stays 0. The exit status
+is non-zero, with one line, when a loop processed no images or a rate came out zero or NaN.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import resource
 import statistics
@@ -141,7 +147,10 @@ def main() -> None:
         return len(loader) * prof.batch_size
 
     bare_model = fresh_model()
-    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=prof.lr, weight_decay=prof.weight_decay)
+    # the optimiser kind and the scaler as our Trainer makes them (fused AdamW and a live scaler only on CUDA)
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=prof.lr, weight_decay=prof.weight_decay,
+                                 fused=device.type == "cuda" or None)
+    bare_scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     bare_loss = profile_loss(prof, counts).to(device)
 
     def bare_step(batch: list[torch.Tensor]) -> None:
@@ -153,8 +162,10 @@ def main() -> None:
         if defect is not None and len(batch) == 4:  # the same loss on the masks as ours
             loss = loss + mask_loss(defect, batch[2].to(device), batch[3].to(device), y, cfg)
         bare_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        bare_opt.step()
+        bare_scaler.scale(loss).backward()
+        bare_scaler.step(bare_opt)
+        bare_scaler.update()
+        loss.item()  # our loop reads the loss every step (a device sync on a GPU)
 
     def bare_loader() -> int:
         n = 0
@@ -178,10 +189,11 @@ def main() -> None:
     bare_tensors()  # warm-up: oneDNN primitives, allocator, loader workers
     waits.clear()
     runs: dict[str, list[tuple[float, float, float]]] = {"ours": [], "bare+loader": [], "bare+tensors": []}
-    for _ in range(args.repeats):
-        runs["ours"].append(_measure(ours))
-        runs["bare+loader"].append(_measure(bare_loader))
-        runs["bare+tensors"].append(_measure(bare_tensors))
+    loops = [("ours", ours), ("bare+loader", bare_loader), ("bare+tensors", bare_tensors)]
+    for round_index in range(args.repeats):
+        first = round_index % len(loops)  # each round starts with the next loop: none always runs first
+        for label, loop in loops[first:] + loops[:first]:
+            runs[label].append(_measure(loop))
 
     images = len(loader) * prof.batch_size
     print(
@@ -197,10 +209,13 @@ def main() -> None:
         wall = statistics.median(v[1] for v in values)
         cpu = statistics.median(v[2] for v in values)
         print(f"{label:<14}{rate[label]:>10.1f}{wall:>9.2f}{100 * cpu / images:>15.2f}")
+    broken = [f"{label} {value}" for label, value in rate.items() if not math.isfinite(value) or value <= 0]
+    if broken:
+        raise SystemExit(f"train_throughput FAILED: images/s of {', '.join(broken)}; the loader gave no batches?")
     overhead = 1 - rate["ours"] / rate["bare+loader"]
     wait_share = statistics.median(waits) / statistics.median(v[1] for v in runs["ours"])
     loader_cost = 1 - rate["bare+loader"] / rate["bare+tensors"]
-    verdict = "PASS" if overhead < TARGET_OVERHEAD else "FAIL"
+    verdict = "MET" if overhead < TARGET_OVERHEAD else "NOT MET"
     print(
         f"\noverhead of our loop vs bare loop on the same loader: {100 * overhead:+.1f}% "
         f"(target < {100 * TARGET_OVERHEAD:.0f}%: {verdict})"

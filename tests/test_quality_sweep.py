@@ -20,8 +20,8 @@ def test_the_table_marks_deadline_and_early_stops_apart_and_averages_finished_ce
              _cell("long", 42, 0.5, "time budget of 3 min reached"), {"variant": "long", "seed": 7, "failed": "exit 1"}]
     lines = quality_sweep._table(cells, ["base", "long"], [42, 7])
     base, long = lines[1].split(), lines[2].split()
-    assert base == ["base", "0.600", "(0.50)", "0.400", "(0.50)e", "0.500", "0.900"]
-    assert long == ["long", "0.500", "(0.50)*", "exit", "1", "0.500", "0.900"]
+    assert base == ["base", "0.600", "(0.50)", "0.400", "(0.50)e", "0.500", "2/2", "0.900"]
+    assert long == ["long", "0.500", "(0.50)*", "exit", "1", "0.500*", "1/2!", "0.900"]  # one split, deadline-stopped
 
 
 def test_no_run_starts_after_the_deadline(tmp_path) -> None:
