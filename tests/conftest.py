@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -49,6 +50,32 @@ def make_imagefolder(root: Path, per_class: int = 6, classes: list[str] | None =
         for i in range(per_class):
             write_image(root / label / f"{prefix}_{i:03d}.png", seed * 10_000 + c * 1000 + i)
     return root
+
+
+def sleeping_python(folder: Path, ignores_sigterm: bool = False) -> tuple[Path, Path]:
+    """(script, pidfile): a stand-in for `sys.executable` that writes its pid to `pidfile` (whole, by a rename),
+    then sleeps two minutes whatever it was asked to run; with `ignores_sigterm`, as a child stuck in a long C
+    call would. Tests set `sys.executable` to it to see whether the code under test stops the process it started."""
+    script, pidfile = folder / "python", folder / "child.pid"
+    trap = "trap '' TERM\n" if ignores_sigterm else ""
+    script.write_text(f'#!/bin/sh\n{trap}echo $$ > "{pidfile}.tmp" && mv "{pidfile}.tmp" "{pidfile}"\nexec sleep 120\n')
+    script.chmod(0o755)
+    return script, pidfile
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of this pid exists (a zombie counts: reap it first)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_leftover(pidfile: Path) -> None:
+    """SIGKILL the process `pidfile` names, if it still runs (a test's clean-up whatever its outcome)."""
+    if pidfile.is_file() and alive(pid := int(pidfile.read_text())):
+        os.kill(pid, signal.SIGKILL)
 
 
 def git_init(folder: Path) -> None:

@@ -3,7 +3,6 @@ run gets) stops the `defectops` child too, so a rerun never trains beside a left
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,21 +13,9 @@ from pathlib import Path
 import pytest
 
 from components.signals import signal_handler
+from tests.conftest import alive, kill_leftover, sleeping_python
 
 pytestmark = pytest.mark.integration
-
-# stands in for `python -m components.cli train ...`: says who it is, then trains (sleeps) for two minutes;
-# with the trap it ignores SIGTERM too, as a child stuck in a long C call would
-CHILD = '#!/bin/sh\n{trap}echo $$ > "{pidfile}.tmp" && mv "{pidfile}.tmp" "{pidfile}"\nexec sleep 120\n'
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
 
 class _SignalledAsItStarts(subprocess.Popen):
     """Popen whose caller gets SIGTERM the moment the child is up, before `Popen(...)` has even returned: the
@@ -38,7 +25,7 @@ class _SignalledAsItStarts(subprocess.Popen):
 
     def __init__(self, args, *rest, **kwargs) -> None:
         super().__init__(args, *rest, **kwargs)
-        if args[0] == str(self.pidfile.with_name("python")):
+        if args[0] == str(self.pidfile.with_name("python")):  # the stand-in, not another process
             _wait_for(self.pidfile)
             signal.raise_signal(signal.SIGTERM)  # to this (the main) thread
 
@@ -58,10 +45,8 @@ def test_a_terminated_flow_run_stops_its_defectops_child(tmp_path: Path, monkeyp
     import flows.common
     from flows.common import run_defectops
 
-    pidfile = tmp_path / "child.pid"
-    child = tmp_path / "python"
-    child.write_text(CHILD.format(pidfile=pidfile, trap="trap '' TERM\n" if case == "ignores-sigterm" else ""))
-    child.chmod(0o755)
+    # stands in for `python -m components.cli train ...`
+    child, pidfile = sleeping_python(tmp_path, ignores_sigterm=case == "ignores-sigterm")
     monkeypatch.setattr(flows.common, "STOP_GRACE_S", 1.0)
 
     @task
@@ -95,9 +80,8 @@ def test_a_terminated_flow_run_stops_its_defectops_child(tmp_path: Path, monkeyp
             canceller.join()
         seconds = time.monotonic() - started
         pid = int(pidfile.read_text())
-        assert not _alive(pid), "the defectops child outlived its cancelled flow run"
+        assert not alive(pid), "the defectops child outlived its cancelled flow run"
         assert seconds < 60, "the flow run ended only when its child did"
         assert passed_on == [signal.SIGTERM]
     finally:
-        if pidfile.is_file() and _alive(int(pidfile.read_text())):
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        kill_leftover(pidfile)

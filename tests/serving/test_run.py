@@ -4,7 +4,6 @@ left behind, it would hold the port and make the next demo fail."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -15,27 +14,14 @@ import pytest
 
 from components.config import Settings
 from components.signals import signal_handler
+from tests.conftest import alive, kill_leftover, sleeping_python
 from tests.serving.conftest import free_port
-
-# stands in for `python -m components.cli serve ...`: says who it is, then starts up for two minutes
-SLOW_SERVER = '#!/bin/sh\necho $$ > "{pidfile}.tmp" && mv "{pidfile}.tmp" "{pidfile}"\nexec sleep 120\n'
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_an_interrupted_start_stops_the_server_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from components.serving.run import start_in_background
 
-    pidfile = tmp_path / "server.pid"
-    server = tmp_path / "python"
-    server.write_text(SLOW_SERVER.format(pidfile=pidfile))
-    server.chmod(0o755)
+    server, pidfile = sleeping_python(tmp_path)  # stands in for `python -m components.cli serve ...`
     monkeypatch.setattr(sys, "executable", str(server))
 
     def interrupt_once_started() -> None:
@@ -54,7 +40,6 @@ def test_an_interrupted_start_stops_the_server_it_started(tmp_path: Path, monkey
             start_in_background(Settings(project=tmp_path, home=tmp_path / "home"), free_port(),
                                 tmp_path / "serve.log", timeout_s=90)
         canceller.join()
-        assert not _alive(int(pidfile.read_text())), "the interrupted start left its server running"
+        assert not alive(int(pidfile.read_text())), "the interrupted start left its server running"
     finally:
-        if pidfile.is_file() and _alive(int(pidfile.read_text())):
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        kill_leftover(pidfile)
