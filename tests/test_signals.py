@@ -1,25 +1,42 @@
 """components.signals: a handler set for a block is put back after it; a signal held back during a block is
-raised again once it ends."""
+raised again once it ends.
+
+Each case runs in a fresh interpreter: late in the suite, any signal raised inside pytest's own process (SIGUSR1
+included) has killed it with SIGSEGV, after something loaded earlier; a product command gets its signals in a
+process of its own, as here."""
 
 from __future__ import annotations
 
-import signal
+import subprocess
+import sys
+import textwrap
 
-from components.signals import held_back, signal_handler
+from tests.conftest import REPO_ROOT
+
+
+def _run(body: str) -> None:
+    script = "import signal\nfrom components.signals import held_back, signal_handler\n" + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_block_handler_is_put_back() -> None:
-    seen: list[int] = []
-    before = signal.getsignal(signal.SIGUSR1)
-    with signal_handler(lambda signum, _frame: seen.append(signum), signal.SIGUSR1):
-        signal.raise_signal(signal.SIGUSR1)
-    assert seen == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) == before
+    _run("""
+        seen = []
+        before = signal.getsignal(signal.SIGUSR1)
+        with signal_handler(lambda signum, _frame: seen.append(signum), signal.SIGUSR1):
+            signal.raise_signal(signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) == before, (seen, before)
+    """)
 
 
 def test_a_held_back_signal_is_raised_again_after_the_block() -> None:
-    seen: list[str] = []
-    with signal_handler(lambda _signum, _frame: seen.append("handled"), signal.SIGUSR1):
-        with held_back(signal.SIGUSR1):
-            signal.raise_signal(signal.SIGUSR1)
-            seen.append("block went on")  # the block was not cut short ...
-        assert seen == ["block went on", "handled"]  # ... and the signal reached the handler around it after
+    _run("""
+        seen = []
+        with signal_handler(lambda _signum, _frame: seen.append("handled"), signal.SIGUSR1):
+            with held_back(signal.SIGUSR1):
+                signal.raise_signal(signal.SIGUSR1)
+                seen.append("block went on")  # the block was not cut short ...
+            assert seen == ["block went on", "handled"], seen  # ... and the handler around it got the signal
+    """)
