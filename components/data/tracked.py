@@ -17,24 +17,32 @@ from components.validation.manifest import build_manifest
 log = logging.getLogger(__name__)
 
 
+def version_in(text: str) -> str | None:
+    """The DVC `.dir` md5 a data.dvc's text records (None when it records no output). Raises yaml.YAMLError when
+    the text is not YAML, ValueError when it is not DVC's record of data/ (an `outs:` list of mappings)."""
+    recorded = yaml.safe_load(text) or {}
+    outs = (recorded.get("outs") or []) if isinstance(recorded, dict) else None
+    if not isinstance(outs, list) or not all(isinstance(out, dict) for out in outs):
+        raise ValueError("not DVC's record of data/ (an `outs:` list)")
+    return outs[0].get("md5") if outs else None
+
+
 def dataset_version(project: Path) -> str | None:
     """The DVC `.dir` md5 recorded in data.dvc (None when no dataset is tracked yet)."""
     dvc_file = project / "data.dvc"
     if not dvc_file.is_file():
         return None
     try:
-        recorded = yaml.safe_load(dvc_file.read_text()) or {}
+        return version_in(dvc_file.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise UsageError(f"{dvc_file} is not valid YAML{where} (a merge conflict?): resolve it, e.g. keep one side "
                          "with `git checkout --theirs -- data.dvc splits.csv`, then `defectops data pull --force` "
                          "and import the other side's images again") from None
-    outs = (recorded.get("outs") or []) if isinstance(recorded, dict) else None
-    if not isinstance(outs, list) or not all(isinstance(out, dict) for out in outs):
+    except ValueError:
         raise UsageError(f"{dvc_file} does not read as DVC's record of data/ (an `outs:` list); restore it from git, "
-                         "e.g. `git checkout HEAD -- data.dvc`")
-    return outs[0].get("md5") if outs else None
+                         "e.g. `git checkout HEAD -- data.dvc`") from None
 
 
 def manifest_of(root: Path, settings: Settings, params: Params, previous_splits: dict[str, str] | None = None,

@@ -333,13 +333,10 @@ class DatasetRepo:
 def _version_at(project: Path, rev: str) -> str | None:
     """The dataset version (`.dir` md5) that data.dvc names at commit `rev`; None when it names none, or `rev` is
     not in the repository."""
-    import yaml
+    from components.data.tracked import version_in
 
     shown = git(project, "show", f"{rev}:data.dvc", check=False)
-    if shown.returncode != 0:
-        return None
-    outs = (yaml.safe_load(shown.stdout) or {}).get("outs") or []
-    return outs[0].get("md5") if outs else None
+    return version_in(shown.stdout) if shown.returncode == 0 else None
 
 
 def _data_dvc_history(project: Path, limit: int) -> Iterator[tuple[str, str]]:
