@@ -65,12 +65,17 @@ def _output_target(path: Path, option: str, example: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocking = next((folder for folder in path.parents if folder.exists()), None)
+        blocking = _nearest_existing(path.parent)
         why = f"{blocking} is a file" if blocking is not None and not blocking.is_dir() else exc.strerror
         raise UsageError(f"{option} {path}: cannot create {path.parent} ({why}); choose a writable path") from None
     if not os.access(path.parent, os.W_OK):
         raise UsageError(f"{option} {path}: {path.parent} is not writable; choose a writable path")
     return path
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """`path` or its nearest ancestor that exists: the file in the way when a folder cannot be made."""
+    return next((folder for folder in (path, *path.parents) if folder.exists()), None)
 
 
 def _json_target(path: Path | None) -> Path | None:
@@ -183,7 +188,7 @@ def _checked_settings() -> Settings:
         raise UsageError(f"{variable}={os.environ.get(variable, first.get('input'))!r}: {reason}; set {variable} "
                          f"to a valid value{about} or unset it") from None
     home = settings.home_dir
-    blocking = next((folder for folder in (home, *home.parents) if folder.exists()), None)
+    blocking = _nearest_existing(home)
     if blocking is not None and not blocking.is_dir():
         where = f"DEFECTOPS_HOME={home}" if settings.home is not None else \
             f"the state root {home} (DEFECTOPS_HOME unset: <project>/.defectops)"
