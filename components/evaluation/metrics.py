@@ -7,7 +7,10 @@ Plant figures (normal-vs-defect level; `decision` holds the accept / reject / re
     escape_rate            defective images decided `accept` / defective images
     auto_precision         `accept` on normal plus `reject` on defective images / accept and reject decisions
 A figure whose denominator is empty is None. Every figure is a ratio of per-image counts, so the bootstrap
-sums per-group counts under resampled group multiplicities: whole capture groups are drawn with replacement.
+sums per-group counts under resampled group multiplicities: whole capture groups are drawn with replacement,
+within their class (a group's most common label). Each replicate so holds as many groups of each class as the
+test split does, and its macro-F1 averages over the same classes as the point figure: a rare class's one
+missed group cannot drop out of a replicate and lift it.
 """
 
 from __future__ import annotations
@@ -102,21 +105,31 @@ def _group_ids(groups: list[str] | None, n_images: int) -> np.ndarray:
     return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].reshape(-1)
 
 
+def _strata(group_counts: np.ndarray, n_classes: int) -> list[np.ndarray]:
+    """The groups of each class, a group counted in the class most of its images carry."""
+    support = group_counts[:, : n_classes * n_classes].reshape(-1, n_classes, n_classes).sum(axis=2)
+    group_class = support.argmax(axis=1)
+    return [np.flatnonzero(group_class == c) for c in np.unique(group_class)]
+
+
 def bootstrap_intervals(group_counts: np.ndarray, n_classes: int, normal: int, n_boot: int, seed: int,
                         level: float = CONFIDENCE_LEVEL) -> dict[str, dict[str, float] | None]:
-    """Percentile intervals of each figure, resampling rows of per-group counts (G, F) with replacement.
+    """Percentile intervals of each figure, resampling rows of per-group counts (G, F) with replacement
+    within each class's groups (stratified: every replicate keeps the split's number of groups per class).
 
-    Replicates where a figure is undefined (e.g. no defective image drawn) are left out of its interval;
-    a figure undefined in every replicate gets None.
+    Replicates where a figure is undefined (e.g. everything drawn went to review) are left out of its
+    interval; a figure undefined in every replicate gets None.
     """
     n_groups = group_counts.shape[0]
     if n_boot <= 0 or n_groups == 0:
         return {name: None for name in INTERVAL_FIGURES}
+    strata = _strata(group_counts, n_classes)
     rng = np.random.default_rng(seed)
     replicates: dict[str, list[np.ndarray]] = {name: [] for name in INTERVAL_FIGURES}
     for start in range(0, n_boot, _BOOT_CHUNK):
         size = min(_BOOT_CHUNK, n_boot - start)
-        drawn = rng.integers(0, n_groups, size=(size, n_groups))
+        drawn = np.concatenate([members[rng.integers(0, len(members), size=(size, len(members)))]
+                                for members in strata], axis=1)
         offsets = (np.arange(size)[:, None] * n_groups + drawn).ravel()
         weights = np.bincount(offsets, minlength=size * n_groups).reshape(size, n_groups).astype(np.float64)
         for name, values in _figures(weights @ group_counts, n_classes, normal).items():
@@ -139,8 +152,8 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: list[st
                          seed: int = 0) -> dict[str, Any]:
     """A JSON-serialisable report of classification and plant figures, with 95% bootstrap intervals.
 
-    `groups` holds the capture group of each image (intervals resample whole groups); None resamples
-    single images. `n_boot=0` skips the intervals.
+    `groups` holds the capture group of each image (intervals resample whole groups within their class);
+    None resamples single images within their class. `n_boot=0` skips the intervals.
     """
     probs = check_probs(probs, classes)
     labels = check_labels(labels, probs.shape[0], len(classes))

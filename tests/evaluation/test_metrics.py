@@ -142,3 +142,21 @@ def test_labels_in_another_case_are_the_models_classes_and_unknown_ones_are_refu
         label_indices(pd.DataFrame({"label": ["crack", "dent"]}), CLASSES)
     with pytest.raises(UsageError, match="does not know"):  # two classes differing only in case: no guessing
         label_indices(pd.DataFrame({"label": ["CRACK"]}), ["crack", "Crack"])
+
+
+def test_every_replicate_keeps_each_class_so_a_missed_rare_class_cannot_drop_out() -> None:
+    # ten right captures of normal and of crack, and one scratch capture, always called crack: a replicate
+    # drawn without that capture (a third of them, unstratified) would score macro-F1 1.0 on two classes
+    n_groups, per_group = 21, 3
+    group_labels = np.array([NORMAL] * 10 + [CRACK] * 10 + [SCRATCH])
+    labels = np.repeat(group_labels, per_group)
+    predicted = np.where(labels == SCRATCH, CRACK, labels)
+    probs = np.full((len(labels), 3), 0.05)
+    probs[np.arange(len(labels)), predicted] = 0.9
+    groups = [f"capture-{g}" for g in np.repeat(np.arange(n_groups), per_group)]
+
+    report = evaluate_predictions(probs, labels, CLASSES, "normal", 0.8, groups=groups, n_boot=400)
+    assert report["macro_f1"] == pytest.approx((1 + 2 * 30 / 63 + 0) / 3)
+    # scratch's F1 is 0 and crack's precision 30/33 in every replicate: the figure cannot move
+    assert report["intervals"]["macro_f1"] == pytest.approx({"low": report["macro_f1"], "high": report["macro_f1"]})
+    assert report["intervals"]["defect_detection_rate"] == {"low": 1.0, "high": 1.0}
