@@ -1,9 +1,10 @@
 """components.signals: a handler set for a block is put back after it; a signal held back during a block is
 raised again once it ends.
 
-Each case runs in a fresh interpreter: late in the suite, any signal raised inside pytest's own process (SIGUSR1
-included) has killed it with SIGSEGV, after something loaded earlier; a product command gets its signals in a
-process of its own, as here."""
+Each case runs in a fresh interpreter, as a product command gets its signals in a process of its own. (Late in
+the suite, any signal raised inside pytest's own process used to kill it with SIGSEGV: OpenVINO Cores freed in
+the order they were made had left the main thread's alternate signal stack on unmapped memory. Engines now share
+one Core, `components.serving.engines.openvino_core`, and test_parity.py has that case.)"""
 
 from __future__ import annotations
 

@@ -28,6 +28,28 @@ log = logging.getLogger(__name__)
 ENGINES = ("openvino", "onnxruntime", "bf16", "fp16", "fp32")
 REFERENCE = "fp32"
 
+_openvino_core: Any = None
+_openvino_core_lock = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one OpenVINO Core, made on first use and kept to the end.
+
+    Every Core loads a CPU plugin of its own, and each plugin swaps the calling thread's alternate signal
+    stack for one it unmaps when it is destroyed, restoring the stack it found only if its own is still
+    installed (openvino 2026.4, intel_cpu SigAltStackSetup). Two Cores freed in the order they were made (a
+    hot swap's old engine, then its new one) so leave the thread's alternate stack on unmapped memory, and the
+    next signal the thread takes (Ctrl-C, SIGTERM: Python runs every handler on that stack) kills the process
+    with SIGSEGV instead of stopping it cleanly. One Core loads one plugin, whose stack lives as long as it does.
+    """
+    global _openvino_core
+    with _openvino_core_lock:
+        if _openvino_core is None:
+            import openvino as ov
+
+            _openvino_core = ov.Core()
+        return _openvino_core
+
 
 def device_kind(device: str | None = None) -> str:
     """'cuda' when CUDA is present (or asked for), else 'cpu'."""
@@ -117,13 +139,11 @@ class ExportedPredictor(Predictor):
         self._lock = threading.Lock()
         threads = threads or max(1, len(os.sched_getaffinity(0)))
         if engine == "openvino":
-            import openvino as ov
-
             # Default precision: bf16 on CPUs with AVX-512 BF16 or AMX, else fp32 (parity.py checks the result).
             # One image runs on a latency-tuned compile (all cores on one request); a batch is split over the
             # parallel requests of a throughput-tuned compile (one stream per core group), which on this
             # 2-core CPU gives ~10 % more images/s and degrades less when other processes take a core.
-            core = ov.Core()
+            core = openvino_core()
             single = core.compile_model(str(onnx_path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                                                 "INFERENCE_NUM_THREADS": threads})
             batched = core.compile_model(str(onnx_path), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from components.serving.deployment import pin_deployment, read_record
 from components.serving.engines import build_engine, resolve_fast_path
 from components.serving.params import ParityParams
 from components.serving.parity import check_parity, choose_engine, parity_images
+from tests.conftest import REPO_ROOT
 from tests.serving.conftest import PROBES, probe_png, write_project
 
 BOUNDS = ParityParams(min_top1_agreement=0.995, max_prob_diff=0.05, images=20)
@@ -86,6 +91,36 @@ def test_pin_deployment_records_the_failed_parity_and_fp32(tiny_model: Path, pro
     assert record.fast_path == "fp32" and record.requested_fast_path == "onnxruntime"
     assert record.parity["passed"] is False and "failed parity" in record.fast_path_reason
     assert record.model_uri == str(tiny_model.resolve()) and record.threshold == pytest.approx(0.8)
+
+
+# a hot swap in a fresh interpreter: the new engine is built while the old one serves, the old one goes, then the
+# new one (the next swap, or the end); then the service is stopped with a signal, which its handler must get
+SWAP_THEN_SIGNAL = textwrap.dedent("""
+    import gc, signal, sys
+    from pathlib import Path
+    from components.predictor import Predictor
+    from components.serving.engines import build_engine
+
+    reference = Predictor.from_file(Path(sys.argv[1]), device="cpu")
+    old = build_engine(reference, "openvino", Path(sys.argv[2]))
+    new = build_engine(reference, "openvino", Path(sys.argv[2]))
+    del old; gc.collect()
+    del new; gc.collect()
+    seen = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    signal.raise_signal(signal.SIGTERM)
+    print("handled", seen)
+""")
+
+
+def test_a_signal_after_openvino_engines_come_and_go_reaches_its_handler(tiny_model: Path, onnx_cache: Path) -> None:
+    """Each OpenVINO Core's CPU plugin swaps the thread's alternate signal stack and unmaps its own when freed;
+    with one Core per engine, two freed in the order they were made left the stack unmapped, and SIGTERM then
+    killed the process with SIGSEGV (exit -11) instead of running the handler. Engines now share one Core."""
+    done = subprocess.run([sys.executable, "-c", SWAP_THEN_SIGNAL, str(tiny_model), str(onnx_cache)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert f"handled [{int(signal.SIGTERM)}]" in done.stdout
 
 
 @pytest.mark.realdata
