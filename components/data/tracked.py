@@ -11,7 +11,7 @@ import yaml
 from components.config import Params, Settings, cpu_workers
 from components.data.layout import discover
 from components.data.split import read_splits
-from components.errors import UsageError
+from components.errors import ConcurrentRunError, UsageError
 from components.validation.manifest import build_manifest
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,21 @@ def tracked_manifest(settings: Settings, params: Params, progress: bool = False)
         restore_data(settings)
     elif problem := workspace_problem(settings):
         raise UsageError(problem)
-    return committed_manifest(settings, params, progress)
+    before = _version_state(settings)
+    manifest = committed_manifest(settings, params, progress)
+    if _version_state(settings) != before:  # read without the data lock, so that readers never block each other
+        raise ConcurrentRunError("the tracked dataset changed while it was read (a dataset import ran beside this "
+                                 "command); run it again once the import is done")
+    return manifest
+
+
+def _version_state(settings: Settings) -> tuple[str | None, int | None, bool]:
+    """What an import changes when it writes data/: the version data.dvc names, splits.csv, its journal."""
+    from components.data.importer import JOURNAL
+
+    splits = settings.splits_file
+    return (dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None,
+            (settings.state_dir / JOURNAL).is_file())
 
 
 def committed_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:

@@ -268,6 +268,38 @@ def test_nothing_reads_a_version_that_a_killed_import_left_uncommitted(project, 
         tracked_manifest(project, load_params(project.params_file))
 
 
+def test_a_manifest_read_beside_an_import_is_refused_not_mixed(project, tmp_path: Path, monkeypatch) -> None:
+    """tracked_manifest reads data/ without the data lock (two trainings may read at once): an import that
+    committed a version, or was still copying, while the rows were read makes the read fail, rather than rows of
+    one version go out beside data.dvc's next one. Read again afterwards, the rows are whole."""
+    from components.data import tracked
+
+    first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    params = load_params(project.params_file)
+    real_read = tracked.committed_manifest
+    during: list = []
+
+    def read_while(*args, **kwargs):
+        rows = real_read(*args, **kwargs)
+        if during:
+            during.pop()()
+        return rows
+
+    monkeypatch.setattr(tracked, "committed_manifest", read_while)
+    during.append(lambda: _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new")))
+    with pytest.raises(ConcurrentRunError, match="changed while it was read"):
+        tracked_manifest(project, params)
+    second = dataset_version(project.project_root)
+    assert second != first.version and len(tracked_manifest(project, params)) == 24
+
+    during.append(lambda: _killed_import(make_imagefolder(tmp_path / "m3", per_class=4, seed=5, prefix="more"),
+                                         "copy"))
+    with pytest.raises(ConcurrentRunError, match="changed while it was read"):
+        tracked_manifest(project, params)
+    assert len(tracked_manifest(project, params)) == 24, "the killed import is rolled back first"
+    assert dataset_version(project.project_root) == second
+
+
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C or SIGTERM between the git commit and the journal's removal: the version is whole, so it stays;
     rolling its files back would leave HEAD naming a dataset the workspace no longer holds."""
