@@ -9,8 +9,9 @@ Plant figures (normal-vs-defect level; `decision` holds the accept / reject / re
 A figure whose denominator is empty is None. Every figure is a ratio of per-image counts, so the bootstrap
 sums per-group counts under resampled group multiplicities: whole capture groups are drawn with replacement,
 within their class (a group's most common label). Each replicate so holds as many groups of each class as the
-test split does, and its macro-F1 averages over the same classes as the point figure: a rare class's one
-missed group cannot drop out of a replicate and lift it.
+test split does, and its macro-F1 averages over the same classes as the point figure: a rare class's few
+groups cannot drop out of a replicate (a missed class's, lifting it; a found class's that the model still
+predicts elsewhere, scoring it 0).
 """
 
 from __future__ import annotations
