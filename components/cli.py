@@ -807,7 +807,12 @@ def drift(
                                                                                "again.")] = False,
 ) -> None:
     """Compare a production-log window with the training reference: exit 0 no drift, 3 drift, 1/2 errors."""
-    from components.drift.check import describe_column_alarm, describe_embedding, run_drift_check
+    from components.drift.check import (
+        describe_answers,
+        describe_column_alarm,
+        describe_embedding,
+        run_drift_check,
+    )
 
     for name in DRIFT_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -828,8 +833,9 @@ def drift(
                    f"{s['drift_share_threshold']}); drifted: {', '.join(s['drifted_columns']) or 'none'}")
         typer.echo(f"  column alarm: {describe_column_alarm(s)}")
         emb = s["embedding_drift"]
-        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb)})"
+        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb, s)})"
                                              if emb else "not computed"))
+        typer.echo(f"  answers and embeddings compared with {describe_answers(s)}")
         typer.echo(("DRIFT DETECTED" if check.drift else "no drift") + f" ({s['rule']})")
     for note in s.get("notes") or []:  # records of other model versions, columns left out, no embedding check
         typer.echo(f"  note: {note}")

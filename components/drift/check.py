@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params, Settings
+from components.drift.baseline import prediction_reference
 from components.drift.current import Current, read_current
 from components.drift.detect import NOT_ENOUGH, Comparison, compare, not_enough_data
 from components.drift.params import DriftParams, drift_params
@@ -99,9 +100,10 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
 
             predictor = load_predictor(settings, model)
         reference = load_reference(settings, params, predictor, drift, rebuild=rebuild_reference)
-        comparison = compare(reference.frame, current.frame, drift, reference.model_version)
+        answers = prediction_reference(settings, reference.frame, drift, reference.model_version, window)
+        comparison = compare(answers.frame, current.frame, drift, reference.model_version)
         model_version, dataset_version = reference.model_version, reference.dataset_version
-        reference_info = {"path": str(reference.path), "cached": reference.cached}
+        reference_info = {"path": str(reference.path), "cached": reference.cached, "predictions": answers.info}
     summary = {**comparison.summary, **base, "model_version": model_version or
                (model_version_of(predictor) if predictor is not None else None),
                "dataset_version": dataset_version, "reference": reference_info}
@@ -206,13 +208,30 @@ def log_to_mlflow(summary_dir: Path, settings: Settings) -> str | None:
         return None
 
 
-def describe_embedding(emb: dict[str, Any]) -> str:
-    """'distance, score 0.829 against 1.042 (a bootstrap null over 27 capture groups)' from an embedding verdict."""
+def baseline_of(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The production baseline the window's answers were compared with; None for the validation split."""
+    info = (summary.get("reference") or {}).get("predictions") or {}
+    return info if info.get("source") == "production" else None
+
+
+def describe_answers(summary: dict[str, Any]) -> str:
+    """What the window's answers were compared with: 'the production baseline of ...' or 'the val split: why'."""
+    info = (summary.get("reference") or {}).get("predictions") or {}
+    if baseline := baseline_of(summary):
+        return (f"the production baseline of {baseline['model_version']} ({baseline['n']} records, "
+                f"{baseline['since']} .. {baseline['until']})")
+    return f"the {info.get('split', 'validation')} split" + (f" ({info['why']})" if info.get("why") else "")
+
+
+def describe_embedding(emb: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
+    """'distance, score 0.829 against 1.042 (a bootstrap null over 27 capture groups)' from an embedding verdict
+    (production records instead of capture groups when the summary's answers came from a production baseline)."""
     text = f"{emb['method']}, score {emb['score']:.3f}"
     if emb.get("threshold") is not None:
         text += f" against {emb['threshold']:.3f}"
     if emb.get("n_reference_groups"):
-        text += f" (a bootstrap null over {emb['n_reference_groups']} capture groups)"
+        unit = "production records" if summary and baseline_of(summary) else "capture groups"
+        text += f" (a bootstrap null over {emb['n_reference_groups']} {unit})"
     elif emb.get("bootstrap"):
         text += " (Evidently's bootstrap null over single images)"
     return text
@@ -246,7 +265,8 @@ def artifact_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Column alarm: {describe_column_alarm(summary)}"]
         emb = summary.get("embedding_drift")
         lines += ["", f"Embedding drift: {'**drifted**' if emb['drifted'] else 'not drifted'} "
-                  f"({describe_embedding(emb)})" if emb else "Embedding drift: not computed"]
+                  f"({describe_embedding(emb, summary)})" if emb else "Embedding drift: not computed"]
+        lines += ["", f"Answers and embeddings compared with {describe_answers(summary)}."]
     files = summary.get("files") or {}
     links = [f"[{name}]({Path(files[key]).resolve().as_uri()})" for key, name in
              (("html", "Evidently report"), ("quality", "plant quality report"), ("summary", "summary.json"))
@@ -258,4 +278,4 @@ def artifact_markdown(summary: dict[str, Any]) -> str:
 
 
 __all__ = ["EXIT_DRIFT", "HTML_FILE", "QUALITY_FILE", "SUMMARY_FILE", "DriftCheck", "artifact_markdown",
-           "describe_embedding", "log_to_mlflow", "run_drift_check", "write_summary"]
+           "describe_answers", "describe_embedding", "log_to_mlflow", "run_drift_check", "write_summary"]

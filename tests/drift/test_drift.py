@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from components.cli import app
 from components.drift.simulate import write_log
+from tests.conftest import TEST_CLASSES
 from tests.drift.conftest import DARKER, production_records
 
 runner = CliRunner()
@@ -78,6 +79,75 @@ def test_lighting_change_is_drift_with_exit_3(drift_project, drift_model: Path) 
     code, _, again = drift_cli("--model", str(drift_model), "--since", "7d")  # the daily check reads the cache
     assert code == 3 and again["reference"]["cached"] is True
     assert again["reference"]["path"] == summary["reference"]["path"]
+
+
+@pytest.mark.slow
+def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_project, drift_model: Path) -> None:
+    """A line whose parts get an answer the validation split rarely got: against validation `predicted_class`
+    drifts in every window of a healthy line; against the model's first two weeks after its deployment (the
+    default once those weeks lie before the window) it does not, while the image statistics stay compared with
+    the training images. Before those weeks are over, and without a deployment record, validation it is."""
+    import yaml
+
+    from components.config import load_params
+    from components.drift.params import drift_params
+    from components.drift.reference import load_reference, model_version_of
+    from components.drift.simulate import restamp
+    from components.registry.registry import load_predictor
+    from components.serving.deployment import DeploymentRecord, write_record
+
+    settings = drift_project
+    params_file = settings.project_root / "params.yaml"
+    predictor = load_predictor(settings, str(drift_model))
+    version = model_version_of(predictor)
+    validation = load_reference(settings, load_params(params_file), predictor,
+                                drift_params(load_params(params_file))).frame
+    answers = validation["predicted_class"].dropna()
+    rare = min(TEST_CLASSES, key=lambda name: int((answers == name).sum()))  # the class val answered least
+    assert (answers == rare).mean() < 0.34
+
+    now = datetime.now(UTC)
+    made = production_records(settings, drift_model, range(5000, 5200))
+    for record in made:
+        record["defect_type"] = rare  # what this line's parts get
+    baseline = restamp(made[:100], [now - timedelta(days=40, hours=-3 * i) for i in range(100)])
+    window = restamp(made[100:], [now - timedelta(days=10, hours=-2 * i) for i in range(100)])
+    write_log(settings.prod_log_dir, baseline + window)
+
+    def deployed(days_ago: float) -> None:
+        write_record(settings, DeploymentRecord(model_uri=str(drift_model), model_version=version, threshold=0.5,
+                                                fast_path="fp32", deployed_at=(now - timedelta(days=days_ago))
+                                                .isoformat(timespec="seconds")))
+
+    code, output, summary = drift_cli("--model", str(drift_model), "--since", "20d")  # nothing deployed
+    assert code in (0, 3), output
+    assert summary["reference"]["predictions"]["source"] == "validation", summary["reference"]
+    assert "no deployment of" in summary["reference"]["predictions"]["why"]
+    assert "predicted_class" in summary["drifted_columns"], summary["columns"]["predicted_class"]
+
+    deployed(days_ago=41)
+    code, output, summary = drift_cli("--model", str(drift_model), "--since", "20d")
+    predictions = summary["reference"]["predictions"]
+    assert predictions["source"] == "production" and predictions["n"] == 100, predictions
+    assert predictions["model_version"] == version
+    assert "predicted_class" not in summary["drifted_columns"], summary["columns"]["predicted_class"]
+    assert summary["n_reference_predictions"] == 100
+    assert summary["embedding_drift"]["n_reference_groups"] == 100
+    assert "compared with the production baseline of" in output and "production records)" in output
+    assert summary["n_reference"] - 100 == len(validation)  # the image statistics: still the training images'
+
+    deployed(days_ago=12)  # its first two weeks are not over when the window starts
+    _, _, summary = drift_cli("--model", str(drift_model), "--since", "20d")
+    assert summary["reference"]["predictions"]["source"] == "validation"
+    assert "is not over before the window starts" in summary["reference"]["predictions"]["why"]
+
+    raw = yaml.safe_load(params_file.read_text())
+    raw["drift"]["prediction_reference"] = "validation"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    deployed(days_ago=41)
+    _, _, summary = drift_cli("--model", str(drift_model), "--since", "20d")
+    assert summary["reference"]["predictions"] == {"source": "validation", "split": "val"}
+    assert "predicted_class" in summary["drifted_columns"]
 
 
 def test_too_few_records_is_not_enough_data_not_drift(drift_project, drift_model: Path) -> None:

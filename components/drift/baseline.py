@@ -1,0 +1,92 @@
+"""What a model's answers are compared with: its first weeks on the line (its production baseline), or the
+validation split.
+
+The validation split holds the dataset's class mix (Magnetic Tile: about 71% normal), a real line its own (most
+parts normal), so against validation `predicted_class` and the mean embedding drift in every window of a healthy
+line. With `drift.prediction_reference: production`, once the deployed model has served `drift.baseline_days`
+after its deployment, and those days lie before the window, the model's answers of those days replace the
+validation split's as the reference of the prediction columns and the embeddings. The image statistics stay
+compared with the training images: a line that slowly darkens is still drift, whatever the baseline saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.config import Settings
+from components.drift.current import current_frame
+from components.drift.params import PREDICTION_COLUMNS, DriftParams
+from components.drift.reference import embedding_columns
+from components.drift.window import Window
+from components.serving.predlog import read_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictionReference:
+    """The reference frame to compare with, and where its answers come from (summary.json's `prediction_reference`)."""
+
+    frame: pd.DataFrame
+    info: dict[str, Any]
+
+
+def deployed_at(settings: Settings, model_version: str) -> datetime | None:
+    """When `model_version` was deployed on this state root; None without a deployment record of it."""
+    from components.serving.deployment import read_record
+
+    record = read_record(settings)
+    if record is None or record.model_version != model_version:
+        return None
+    try:
+        stamp = datetime.fromisoformat(record.deployed_at)
+    except ValueError:  # a record edited by hand: no baseline rather than no drift check
+        log.warning("deployment record: deployed_at %r is not an ISO time; no production baseline", record.deployed_at)
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)  # the service writes UTC
+
+
+def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
+    """The training reference's image statistics, with the baseline's answers as the only answers: each
+    production record its own group, since each is a part of its own."""
+    images = reference.copy()
+    images["predicted_class"] = pd.Series([None] * len(images), index=images.index, dtype="object")
+    images["confidence"] = np.nan
+    images[embedding_columns()] = np.nan
+    baseline = pd.DataFrame({"split": "production", "group": [f"production-{i}" for i in range(len(answers))],
+                             **{c: answers[c].to_numpy() for c in (*PREDICTION_COLUMNS, *embedding_columns())}})
+    return pd.concat([images, baseline], ignore_index=True)
+
+
+def prediction_reference(settings: Settings, reference: pd.DataFrame, params: DriftParams, model_version: str,
+                         window: Window) -> PredictionReference:
+    """The reference whose answers the window's are compared with (see the module docstring)."""
+    validation = {"source": "validation", "split": params.prediction_split}
+    if params.prediction_reference == "validation":
+        return PredictionReference(reference, validation)
+    start = deployed_at(settings, model_version)
+    if start is None:
+        why = f"no deployment of {model_version} is recorded under {settings.state_dir}"
+    elif (end := start + timedelta(days=params.baseline_days)) > window.since:
+        why = (f"the production baseline of {model_version} (its first {params.baseline_days} days from "
+               f"{start.isoformat(timespec='seconds')}) is not over before the window starts")
+    else:
+        answers = current_frame(read_log(settings.prod_log_dir, start, end).records)
+        answers = answers[(answers["model_version"] == model_version) & answers["predicted_class"].notna()]
+        answers = answers.dropna(subset=embedding_columns())
+        if len(answers) >= params.min_current:
+            info = {"source": "production", "model_version": model_version, "n": len(answers),
+                    "since": start.isoformat(timespec="seconds"), "until": end.isoformat(timespec="seconds")}
+            log.info("answers compared with the production baseline of %s: %d records, %s .. %s", model_version,
+                     len(answers), info["since"], info["until"])
+            return PredictionReference(with_baseline(reference, answers), info)
+        why = (f"the production baseline of {model_version} holds {len(answers)} answers, fewer than "
+               f"drift.min_current ({params.min_current})")
+    log.info("answers compared with the %s split: %s", params.prediction_split, why)
+    return PredictionReference(reference, {**validation, "why": why})
