@@ -11,9 +11,12 @@ compared with the training images: a line that slowly darkens is still drift, wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +25,10 @@ import pandas as pd
 from components.config import Settings
 from components.drift.current import current_frame
 from components.drift.params import PREDICTION_COLUMNS, DriftParams
-from components.drift.reference import embedding_columns
+from components.drift.reference import embedding_columns, file_slug
 from components.drift.window import Window
-from components.serving.predlog import read_log
+from components.files import replacing
+from components.serving.predlog import COMPACT_DIMS, read_log
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,35 @@ def deployed_at(settings: Settings, model_version: str) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)  # the service writes UTC
 
 
+def baseline_path(settings: Settings, params: DriftParams, model_version: str, start: datetime) -> Path:
+    """Where the baseline of this model and deployment is cached (it no longer changes once it is used)."""
+    identity = json.dumps([model_version, start.isoformat(), params.baseline_days, params.baseline_max, COMPACT_DIMS])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
+    return settings.reports_dir / "drift" / "baseline" / f"{file_slug(model_version)}-{digest}.parquet"
+
+
+def baseline_answers(settings: Settings, params: DriftParams, model_version: str, start: datetime,
+                     end: datetime) -> pd.DataFrame:
+    """The model's answers (with embeddings) logged in [start, end): a seeded sample of at most
+    `baseline_max`, read from the cache or, the first time, from the production log."""
+    path = baseline_path(settings, params, model_version, start)
+    if path.is_file():
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as exc:  # a torn or foreign file: read the log again
+            log.warning("drift baseline %s unreadable (%s); reading the production log again", path, exc)
+    frame = current_frame(read_log(settings.prod_log_dir, start, end).records)
+    frame = frame[(frame["model_version"] == model_version) & frame["predicted_class"].notna()]
+    frame = frame.dropna(subset=embedding_columns())
+    if len(frame) > params.baseline_max:
+        frame = frame.sample(n=params.baseline_max, random_state=0).sort_index()
+    answers = frame[[*PREDICTION_COLUMNS, *embedding_columns()]].reset_index(drop=True)
+    if len(answers) >= params.min_current:
+        with replacing(path) as tmp:
+            answers.to_parquet(tmp, index=False)
+    return answers
+
+
 def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
     """The training reference's image statistics, with the baseline's answers as the only answers: each
     production record its own group, since each is a part of its own."""
@@ -77,9 +110,7 @@ def prediction_reference(settings: Settings, reference: pd.DataFrame, params: Dr
         why = (f"the production baseline of {model_version} (its first {params.baseline_days} days from "
                f"{start.isoformat(timespec='seconds')}) is not over before the window starts")
     else:
-        answers = current_frame(read_log(settings.prod_log_dir, start, end).records)
-        answers = answers[(answers["model_version"] == model_version) & answers["predicted_class"].notna()]
-        answers = answers.dropna(subset=embedding_columns())
+        answers = baseline_answers(settings, params, model_version, start, end)
         if len(answers) >= params.min_current:
             info = {"source": "production", "model_version": model_version, "n": len(answers),
                     "since": start.isoformat(timespec="seconds"), "until": end.isoformat(timespec="seconds")}

@@ -75,6 +75,9 @@ class DriftParams(_Section):
         "prediction_split, whose class mix is the dataset's, not the line's")
     baseline_days: int = Field(14, ge=1, description="production: days after the deployment that form the "
                                "model's production baseline")
+    baseline_max: int = Field(5000, ge=10, description="production: a seeded sample of at most this many of the "
+                              "baseline's answers, so reading and testing against it does not grow with the "
+                              "line's rate (it is cached per model and deployment)")
 
     @model_validator(mode="after")
     def _known_columns(self) -> DriftParams:

@@ -110,7 +110,8 @@ def build_reference(manifest: pd.DataFrame, predictor: Any, params: DriftParams)
     return frame
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
+    """Text as a short file-name part: runs of other characters become one dash."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "model"
 
 
@@ -130,7 +131,7 @@ def reference_path(settings: Settings, dataset_version: str, predictor: Any, par
     identity = json.dumps([REFERENCE_FORMAT, dataset_version, _model_identity(predictor), params.reference_splits,
                            params.prediction_split, COMPACT_DIMS])
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-    name = f"{dataset_version.removesuffix('.dir')[:12]}-{_slug(model_version_of(predictor))}-{digest}"
+    name = f"{dataset_version.removesuffix('.dir')[:12]}-{file_slug(model_version_of(predictor))}-{digest}"
     return settings.reports_dir / "drift" / "reference" / f"{name}.parquet"
 
 

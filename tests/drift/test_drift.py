@@ -135,6 +135,20 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     assert summary["embedding_drift"]["n_reference_groups"] == 100
     assert "compared with the production baseline of" in output and "production records)" in output
     assert summary["n_reference"] - 100 == len(validation)  # the image statistics: still the training images'
+    cached = list((settings.reports_dir / "drift" / "baseline").glob("*.parquet"))
+    assert len(cached) == 1
+    for day_file in settings.prod_log_dir.glob("*.jsonl"):  # the baseline's days leave the log (rotated away)
+        if day_file.name < (now - timedelta(days=20)).date().isoformat():
+            day_file.unlink()
+    _, _, again = drift_cli("--model", str(drift_model), "--since", "20d")
+    assert again["reference"]["predictions"] == predictions, "read from the cache"
+
+    raw = yaml.safe_load(params_file.read_text())
+    raw["drift"]["baseline_max"] = 60
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_log(settings.prod_log_dir, baseline)
+    _, _, sampled = drift_cli("--model", str(drift_model), "--since", "20d")
+    assert sampled["reference"]["predictions"]["n"] == 60 and sampled["n_reference_predictions"] == 60
 
     deployed(days_ago=12)  # its first two weeks are not over when the window starts
     _, _, summary = drift_cli("--model", str(drift_model), "--since", "20d")
