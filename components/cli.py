@@ -252,7 +252,7 @@ def data_validate(
     """Run the Great Expectations suite; exit 0 when it passes, 1 when expectations fail, 2 on usage errors."""
     from components.data.importer import recover
     from components.data.sources import open_source
-    from components.data.tracked import dataset_version, manifest_of, tracked_manifest
+    from components.data.tracked import manifest_of, tracked_data
     from components.data.versioning import previous_version
     from components.errors import SourceError
     from components.locks import exclusive
@@ -278,8 +278,8 @@ def data_validate(
     else:
         with exclusive(settings.locks_dir, "data", "a dataset import"):  # never "recover" a live import
             recover(settings)
-        frame = tracked_manifest(settings, params, progress=True)
-        version = dataset_version(settings.project_root) or "untracked"
+        tracked = tracked_data(settings, params, progress=True)
+        frame, version = tracked.manifest, tracked.version or "untracked"
         report_dir, what = settings.dataset_report_dir(version), f"tracked dataset {version}"
         before = previous_version(settings.project_root, version)
         stored = settings.dataset_report_dir(before) / "manifest.parquet" if before else None
@@ -827,7 +827,7 @@ def drift(
         typer.echo(f"warning: {s['message']}", err=True)
     else:
         typer.echo(f"  model {s['model_version']}, dataset {(s['dataset_version'] or '-')[:8]}: reference "
-                   f"{s['n_reference']} images ({s['n_reference_predictions']} predicted)")
+                   f"{s['n_reference']} images, {s['n_reference_predictions']} answers")
         typer.echo(f"  dataset drift: {'yes' if s['dataset_drift'] else 'no'} ({s['n_drifted_columns']} of "
                    f"{len(s['columns'])} columns, share {s['drift_share']:.2f}, threshold "
                    f"{s['drift_share_threshold']}); drifted: {', '.join(s['drifted_columns']) or 'none'}")

@@ -15,14 +15,15 @@ from flows.common import run_defectops
 @task(name="validate-tracked-data")
 def validate_task() -> str:
     """The tracked dataset must pass its suite before anything trains."""
-    from components.data.tracked import dataset_version, tracked_manifest
+    from components.data.tracked import tracked_data
     from components.errors import ValidationFailed
     from components.validation.suite import validate_manifest
 
     settings = get_settings()
     params = load_params(settings.params_file)
-    version = dataset_version(settings.project_root) or "untracked"
-    report = validate_manifest(tracked_manifest(settings, params), params.profile, params.validate_, None,
+    tracked = tracked_data(settings, params)
+    version = tracked.version or "untracked"
+    report = validate_manifest(tracked.manifest, params.profile, params.validate_, None,
                                settings.dataset_report_dir(version))
     if not report.success:
         raise ValidationFailed(f"dataset {version} fails validation, not training on it: {report.failures[0]}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -71,36 +72,61 @@ def usable_rows(rows: pd.DataFrame, what: str, refuse_unreadable: bool = False) 
     return rows.reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class TrackedData:
+    """The tracked dataset's manifest and the version data.dvc named all the while it was read."""
+
+    manifest: pd.DataFrame
+    version: str | None
+
+
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
-    """Manifest of `data/` with the splits committed in splits.csv.
+    """Manifest of `data/` with the splits committed in splits.csv (`tracked_data` also says its version)."""
+    return tracked_data(settings, params, progress).manifest
+
+
+def tracked_data(settings: Settings, params: Params, progress: bool = False) -> TrackedData:
+    """Manifest of `data/` with the splits committed in splits.csv, and the version it is.
 
     data/ must hold the version data.dvc commits, which is what a model records it was trained on: a
     missing data/ (a fresh clone) is pulled first; a data/ that differs (edited by hand, or a `git pull` that
     brought a newer data.dvc) is refused, since pulling over it would discard changes. What an import killed
     midway left is settled first, as the next import would (a version it had not committed is rolled back).
+    It is read without the data lock, so that readers never block each other: an import that starts copying or
+    commits a version while it is read makes it fail (ConcurrentRunError), and callers record `version`, the
+    one checked, rather than reading data.dvc again.
     """
     finish_interrupted_import(settings)
+    problem = None
     if not (settings.data_dir / "images").is_dir():
         if dataset_version(settings.project_root) is None:
             raise UsageError(f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` first")
         restore_data(settings)
-    elif problem := workspace_problem(settings):
+    else:
+        problem = workspace_problem(settings)
+    before = _version_state(settings)  # an import copying by now: that, not "data/ is modified, pull --force"
+    if problem:
         raise UsageError(problem)
-    before = _version_state(settings)
     manifest = committed_manifest(settings, params, progress)
-    if _version_state(settings) != before:  # read without the data lock, so that readers never block each other
-        raise ConcurrentRunError("the tracked dataset changed while it was read (a dataset import ran beside this "
-                                 "command); run it again once the import is done")
-    return manifest
+    if _version_state(settings) != before:
+        raise _changed_while_read()
+    return TrackedData(manifest, before[0])
 
 
-def _version_state(settings: Settings) -> tuple[str | None, int | None, bool]:
-    """What an import changes when it writes data/: the version data.dvc names, splits.csv, its journal."""
+def _changed_while_read() -> ConcurrentRunError:
+    return ConcurrentRunError("the tracked dataset changed while it was read (a dataset import ran beside this "
+                              "command); run it again once the import is done")
+
+
+def _version_state(settings: Settings) -> tuple[str | None, int | None]:
+    """What an import changes in data/'s version: the version data.dvc names and splits.csv. An import that is
+    copying (its journal exists) is changing them now: ConcurrentRunError, before data.dvc is read half-written."""
     from components.data.importer import JOURNAL
 
+    if (settings.state_dir / JOURNAL).is_file():
+        raise _changed_while_read()
     splits = settings.splits_file
-    return (dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None,
-            (settings.state_dir / JOURNAL).is_file())
+    return dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None
 
 
 def committed_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:

@@ -35,6 +35,7 @@ from components.serving.predlog import COMPACT_DIMS, compact_embedding
 log = logging.getLogger(__name__)
 
 REFERENCE_FORMAT = 2  # bump when the reference's columns or their meaning change
+BASELINE_SPLIT = "production"  # the `split` of a production baseline's rows (components/drift/baseline.py)
 EMBEDDING_PREFIX = "emb_"
 
 
@@ -144,12 +145,12 @@ def _manifest_digest(manifest: pd.DataFrame) -> str:
 def load_reference(settings: Settings, params: Params, predictor: Any, drift: DriftParams,
                    rebuild: bool = False) -> Reference:
     """The cached reference for the tracked dataset version and this model, built (and cached) when missing."""
-    from components.data.tracked import dataset_version, tracked_manifest
+    from components.data.tracked import dataset_version, tracked_data
 
     version = dataset_version(settings.project_root)
     manifest = None
     if version is None:  # an untracked data/ folder: key the cache by its content
-        manifest = tracked_manifest(settings, params)
+        manifest = tracked_data(settings, params).manifest
         version = _manifest_digest(manifest)
     path = reference_path(settings, version, predictor, drift)
     model_version = model_version_of(predictor)
@@ -160,7 +161,12 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
             return Reference(frame, version, model_version, path, cached=True)
         except (OSError, ValueError) as exc:  # a torn or foreign file: build it again
             log.warning("drift reference %s unreadable (%s); building it again", path, exc)
-    manifest = manifest if manifest is not None else tracked_manifest(settings, params)
+    if manifest is None:
+        tracked = tracked_data(settings, params)  # the version it is: an import may have committed since
+        manifest = tracked.manifest
+        if tracked.version is not None and tracked.version != version:
+            version = tracked.version
+            path = reference_path(settings, version, predictor, drift)
     frame = build_reference(manifest, predictor, drift)
     with replacing(path) as tmp:
         frame.to_parquet(tmp, index=False)

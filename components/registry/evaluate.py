@@ -17,7 +17,7 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
                    split: str | None = None) -> dict[str, Any]:
     """Figures of `model` on a folder/archive (all images by default) or on the tracked dataset (test split)."""
     from components.data.sources import open_source
-    from components.data.tracked import dataset_version, manifest_of, tracked_manifest, usable_rows
+    from components.data.tracked import manifest_of, tracked_data, usable_rows
     from components.evaluation.runner import evaluate_params, evaluate_rows
     from components.registry.registry import load_predictor
 
@@ -28,7 +28,8 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
     predictor = load_predictor(settings, model)
     eval_params = evaluate_params(params)
     if data is None:
-        manifest, what = tracked_manifest(settings, params), f"tracked dataset {dataset_version(settings.project_root)}"
+        tracked = tracked_data(settings, params)
+        manifest, what = tracked.manifest, f"tracked dataset {tracked.version}"
         rows = manifest if split == "all" else manifest[manifest["split"] == split]
         report = evaluate_rows(predictor, usable_rows(rows, f"the {split} split of the {what}"), eval_params,
                                predictor.model_version)

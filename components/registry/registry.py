@@ -521,7 +521,7 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
               origin: str | None = None) -> RegisterResult:
     import mlflow
 
-    from components.data.tracked import dataset_version, tracked_manifest
+    from components.data.tracked import tracked_data
     from components.data.versioning import head_commit
     from components.evaluation.gate import comparison_markdown
     from components.evaluation.runner import evaluate_params
@@ -531,7 +531,10 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
     settings.ensure()
     train_dir = Path(train_dir)
     model, meta, train_metrics, history, model_path = _read_train_dir(train_dir)
-    data_version = dataset_version(settings.project_root)
+    client = connect(settings)  # an unreachable server fails here, before any slow work
+    model_sha256 = file_sha256(model_path)
+    tracked = tracked_data(settings, params)  # the golden split and the version it is, read together
+    manifest, data_version = tracked.manifest, tracked.version
     trained_on = meta.get("dataset_version")
     if trained_on and trained_on != data_version:
         raise UsageError(
@@ -539,9 +542,6 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
             "golden-test figures would not compare with the champion's, and the test split may hold pictures it "
             f"trained on; check out the commit whose data.dvc names {trained_on} (then `defectops data pull`), "
             "or train again on this version")
-    client = connect(settings)  # an unreachable server fails here, before any slow work
-    model_sha256 = file_sha256(model_path)
-    manifest = tracked_manifest(settings, params)
     digest = manifest_digest(manifest)
     rows = golden_test_split(manifest)
     eval_params = evaluate_params(params)

@@ -452,11 +452,10 @@ def run_training(
     out_dir = Path(out_dir or settings.home_dir / "train")
     dataset_version = None
     if manifest is None:
-        from components.data.tracked import dataset_version as tracked_version
-        from components.data.tracked import tracked_manifest
+        from components.data.tracked import tracked_data
 
-        manifest = tracked_manifest(settings, params, progress=progress)
-        dataset_version = tracked_version(settings.project_root)
+        tracked = tracked_data(settings, params, progress=progress)
+        manifest, dataset_version = tracked.manifest, tracked.version
     classes, normal = list(params.profile.classes), params.profile.normal_class
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     digest = manifest_digest(pd.concat([train_rows, val_rows]))

@@ -299,6 +299,20 @@ def test_a_manifest_read_beside_an_import_is_refused_not_mixed(project, tmp_path
     assert len(tracked_manifest(project, params)) == 24, "the killed import is rolled back first"
     assert dataset_version(project.project_root) == second
 
+    # one that starts copying after the dead ones are settled but before the read: its journal is there already
+    real_problem = tracked.workspace_problem
+
+    def import_starts(settings):
+        _killed_import(make_imagefolder(tmp_path / "m4", per_class=4, seed=7, prefix="late"), "copy")
+        return real_problem(settings)
+
+    monkeypatch.setattr(tracked, "workspace_problem", import_starts)
+    with pytest.raises(ConcurrentRunError, match="changed while it was read"):
+        tracked_manifest(project, params)
+    monkeypatch.setattr(tracked, "workspace_problem", real_problem)
+    read = tracked.tracked_data(project, params)
+    assert len(read.manifest) == 24 and read.version == second
+
 
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C or SIGTERM between the git commit and the journal's removal: the version is whole, so it stays;
