@@ -4,9 +4,10 @@ validation split.
 The validation split holds the dataset's class mix (Magnetic Tile: about 71% normal), a real line its own (most
 parts normal), so against validation `predicted_class` and the mean embedding drift in every window of a healthy
 line. With `drift.prediction_reference: production`, once the deployed model has served `drift.baseline_days`
-after its deployment, and those days lie before the window, the model's answers of those days replace the
-validation split's as the reference of the prediction columns and the embeddings. The image statistics stay
-compared with the training images: a line that slowly darkens is still drift, whatever the baseline saw.
+after its deployment (by the window's end), the model's answers of those days replace the validation split's as
+the reference of the prediction columns and the embeddings; where the window reaches back into those days, its
+answers from then are left out (they would be compared with themselves). The image statistics stay compared
+with the training images: a line that slowly darkens is still drift, whatever the baseline saw.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import pandas as pd
 from components.config import Settings
 from components.drift.current import current_frame
 from components.drift.params import PREDICTION_COLUMNS, DriftParams
-from components.drift.reference import embedding_columns, file_slug
+from components.drift.reference import BASELINE_SPLIT, embedding_columns, file_slug
 from components.drift.window import Window
+from components.errors import DefectOpsError
 from components.files import replacing
 from components.serving.predlog import COMPACT_DIMS, read_log
 
@@ -35,24 +37,43 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PredictionReference:
-    """The reference frame to compare with, and where its answers come from (summary.json's `prediction_reference`)."""
+    """The reference frame to compare with, where its answers come from (summary.json's
+    `reference.predictions`), and from when on the window's answers count (None: all of them)."""
 
     frame: pd.DataFrame
     info: dict[str, Any]
+    answers_from: datetime | None = None
+
+    def window(self, current: pd.DataFrame) -> pd.DataFrame:
+        """The window's records, with the answers (and embeddings) logged before `answers_from` left out: a
+        window that reaches back into the baseline's days would otherwise be compared partly with itself."""
+        if self.answers_from is None:
+            return current
+        early = current["timestamp"] < self.answers_from
+        if not early.any():
+            return current
+        current = current.copy()
+        current.loc[early, list(PREDICTION_COLUMNS)] = None
+        current.loc[early, embedding_columns()] = np.nan
+        return current
 
 
-def deployed_at(settings: Settings, model_version: str) -> datetime | None:
-    """When `model_version` was deployed on this state root; None without a deployment record of it."""
+def deployed_at(settings: Settings, model_version: str) -> datetime | str:
+    """When `model_version` was deployed on this state root, or why that is not known."""
     from components.serving.deployment import read_record
 
-    record = read_record(settings)
-    if record is None or record.model_version != model_version:
-        return None
+    try:
+        record = read_record(settings)
+    except (DefectOpsError, OSError) as exc:  # an unreadable record: no baseline, but still a drift check
+        return f"the deployment record is unreadable ({exc})"
+    if record is None:
+        return f"no deployment is recorded under {settings.state_dir}"
+    if record.model_version != model_version:
+        return f"the deployment record names {record.model_version}, not {model_version}"
     try:
         stamp = datetime.fromisoformat(record.deployed_at)
-    except ValueError:  # a record edited by hand: no baseline rather than no drift check
-        log.warning("deployment record: deployed_at %r is not an ISO time; no production baseline", record.deployed_at)
-        return None
+    except ValueError:  # a record edited by hand
+        return f"the deployment record's deployed_at {record.deployed_at!r} is not an ISO time"
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)  # the service writes UTC
 
 
@@ -92,7 +113,7 @@ def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFram
     images["predicted_class"] = pd.Series([None] * len(images), index=images.index, dtype="object")
     images["confidence"] = np.nan
     images[embedding_columns()] = np.nan
-    baseline = pd.DataFrame({"split": "production", "group": [f"production-{i}" for i in range(len(answers))],
+    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": [f"production-{i}" for i in range(len(answers))],
                              **{c: answers[c].to_numpy() for c in (*PREDICTION_COLUMNS, *embedding_columns())}})
     return pd.concat([images, baseline], ignore_index=True)
 
@@ -104,20 +125,23 @@ def prediction_reference(settings: Settings, reference: pd.DataFrame, params: Dr
     if params.prediction_reference == "validation":
         return PredictionReference(reference, validation)
     start = deployed_at(settings, model_version)
-    if start is None:
-        why = f"no deployment of {model_version} is recorded under {settings.state_dir}"
-    elif (end := start + timedelta(days=params.baseline_days)) > window.since:
+    if isinstance(start, str):
+        why = start
+    elif (end := start + timedelta(days=params.baseline_days)) > window.until:
         why = (f"the production baseline of {model_version} (its first {params.baseline_days} days from "
-               f"{start.isoformat(timespec='seconds')}) is not over before the window starts")
+               f"{start.isoformat(timespec='seconds')}) is not over by the window's end")
     else:
         answers = baseline_answers(settings, params, model_version, start, end)
         if len(answers) >= params.min_current:
             info = {"source": "production", "model_version": model_version, "n": len(answers),
                     "since": start.isoformat(timespec="seconds"), "until": end.isoformat(timespec="seconds")}
+            answers_from = end if end > window.since else None
+            if answers_from:
+                info["window_answers_from"] = info["until"]
             log.info("answers compared with the production baseline of %s: %d records, %s .. %s", model_version,
                      len(answers), info["since"], info["until"])
-            return PredictionReference(with_baseline(reference, answers), info)
-        why = (f"the production baseline of {model_version} holds {len(answers)} answers, fewer than "
-               f"drift.min_current ({params.min_current})")
+            return PredictionReference(with_baseline(reference, answers), info, answers_from)
+        why = (f"the production baseline of {model_version} holds {len(answers)} answers with embeddings, fewer "
+               f"than drift.min_current ({params.min_current})")
     log.info("answers compared with the %s split: %s", params.prediction_split, why)
     return PredictionReference(reference, {**validation, "why": why})

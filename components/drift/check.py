@@ -101,7 +101,7 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
             predictor = load_predictor(settings, model)
         reference = load_reference(settings, params, predictor, drift, rebuild=rebuild_reference)
         answers = prediction_reference(settings, reference.frame, drift, reference.model_version, window)
-        comparison = compare(answers.frame, current.frame, drift, reference.model_version)
+        comparison = compare(answers.frame, answers.window(current.frame), drift, reference.model_version)
         model_version, dataset_version = reference.model_version, reference.dataset_version
         reference_info = {"path": str(reference.path), "cached": reference.cached, "predictions": answers.info}
     summary = {**comparison.summary, **base, "model_version": model_version or
@@ -197,7 +197,9 @@ def log_to_mlflow(summary_dir: Path, settings: Settings) -> str | None:
             mlflow.log_metrics(_metrics(summary))
             mlflow.set_tags({"drift.window": f"{summary['window']['since']}..{summary['window']['until']}",
                              "drift.model_version": str(summary.get("model_version")),
-                             "drift.dataset_version": str(summary.get("dataset_version"))})
+                             "drift.dataset_version": str(summary.get("dataset_version")),
+                             "drift.prediction_reference": str(((summary.get("reference") or {}).get("predictions")
+                                                                or {}).get("source"))})
             mlflow.log_artifacts(str(summary_dir), artifact_path=f"drift/{summary_dir.name}")
             run_id = run.info.run_id
         log.info("drift report logged to MLflow run %s", run_id)

@@ -15,7 +15,9 @@ Rule: **drift = dataset drift OR a column alarm OR embedding drift**, where
   single images as Evidently's own bootstrap does: the reference holds several exposures of each spot, and new
   spots differ from the reference's spots by more than its images differ from each other.
 Predictions and embeddings are compared only for production records of the reference's model version (another
-model's embeddings live in another space); image statistics use every record.
+model's embeddings live in another space); image statistics use every record. The reference's answers are the
+validation split's or, once the model has served its first weeks, those weeks' (`components/drift/baseline.py`:
+each production record is then its own group in the embedding null).
 Fewer than `drift.min_current` records is "not enough production data": reported, never drift.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from components.drift.params import CATEGORICAL_COLUMNS, PREDICTION_COLUMNS, DriftParams
-from components.drift.reference import embedding_columns
+from components.drift.reference import BASELINE_SPLIT, embedding_columns
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,8 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
             model_version: str | None = None) -> Comparison:
     """Compare a production window with the reference; see the module docstring for the rule."""
     n_current = len(current)
-    counts = {"n_reference": len(reference), "n_reference_predictions": int(reference["predicted_class"].notna().sum())}
+    n_images = int((reference["split"] != BASELINE_SPLIT).sum()) if "split" in reference else len(reference)
+    counts = {"n_reference": n_images, "n_reference_predictions": int(reference["predicted_class"].notna().sum())}
     if n_current < params.min_current:
         return not_enough_data(n_current, params, **counts)
     current = current.copy()

@@ -171,7 +171,7 @@ def _resampled(report: dict[str, Any]) -> str:
     """What the bootstrap resampled: whole capture groups, or images (also when every group is one image)."""
     boot = report.get("bootstrap") or {}
     if boot.get("unit") == "group" and boot.get("n_units") not in (None, report.get("n_images")):
-        return f"resampling whole capture groups ({boot['n_units']} groups)."
+        return f"resampling whole capture groups within each class ({boot['n_units']} groups)."
     return "resampling images" + (" (every capture group is one image)." if boot.get("unit") == "group" else ".")
 
 

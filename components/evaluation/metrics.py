@@ -11,7 +11,8 @@ sums per-group counts under resampled group multiplicities: whole capture groups
 within their class (a group's most common label). Each replicate so holds as many groups of each class as the
 test split does, and its macro-F1 averages over the same classes as the point figure: a rare class's few
 groups cannot drop out of a replicate (a missed class's, lifting it; a found class's that the model still
-predicts elsewhere, scoring it 0).
+predicts elsewhere, scoring it 0). The intervals are conditional on the class mix: a class with one group
+adds no spread of its own.
 """
 
 from __future__ import annotations

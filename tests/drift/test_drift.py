@@ -86,7 +86,8 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     """A line whose parts get an answer the validation split rarely got: against validation `predicted_class`
     drifts in every window of a healthy line; against the model's first two weeks after its deployment (the
     default once those weeks lie before the window) it does not, while the image statistics stay compared with
-    the training images. Before those weeks are over, and without a deployment record, validation it is."""
+    the training images. Before those weeks are over, and without a deployment record, validation it is; a window
+    reaching back into them counts only the answers from their end on."""
     import yaml
 
     from components.config import load_params
@@ -94,7 +95,7 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     from components.drift.reference import load_reference, model_version_of
     from components.drift.simulate import restamp
     from components.registry.registry import load_predictor
-    from components.serving.deployment import DeploymentRecord, write_record
+    from components.serving.deployment import DeploymentRecord, record_path, write_record
 
     settings = drift_project
     params_file = settings.project_root / "params.yaml"
@@ -122,7 +123,7 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     code, output, summary = drift_cli("--model", str(drift_model), "--since", "20d")  # nothing deployed
     assert code in (0, 3), output
     assert summary["reference"]["predictions"]["source"] == "validation", summary["reference"]
-    assert "no deployment of" in summary["reference"]["predictions"]["why"]
+    assert "no deployment is recorded" in summary["reference"]["predictions"]["why"]
     assert "predicted_class" in summary["drifted_columns"], summary["columns"]["predicted_class"]
 
     deployed(days_ago=41)
@@ -134,7 +135,7 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     assert summary["n_reference_predictions"] == 100
     assert summary["embedding_drift"]["n_reference_groups"] == 100
     assert "compared with the production baseline of" in output and "production records)" in output
-    assert summary["n_reference"] - 100 == len(validation)  # the image statistics: still the training images'
+    assert summary["n_reference"] == len(validation)  # the image statistics: still the training images'
     cached = list((settings.reports_dir / "drift" / "baseline").glob("*.parquet"))
     assert len(cached) == 1
     for day_file in settings.prod_log_dir.glob("*.jsonl"):  # the baseline's days leave the log (rotated away)
@@ -150,10 +151,23 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     _, _, sampled = drift_cli("--model", str(drift_model), "--since", "20d")
     assert sampled["reference"]["predictions"]["n"] == 60 and sampled["n_reference_predictions"] == 60
 
-    deployed(days_ago=12)  # its first two weeks are not over when the window starts
+    deployed(days_ago=12)  # its first two weeks are not over yet
     _, _, summary = drift_cli("--model", str(drift_model), "--since", "20d")
     assert summary["reference"]["predictions"]["source"] == "validation"
-    assert "is not over before the window starts" in summary["reference"]["predictions"]["why"]
+    assert "is not over by the window's end" in summary["reference"]["predictions"]["why"]
+
+    deployed(days_ago=15)  # over a day ago: the window's answers are all of its baseline's days, left out
+    _, output, summary = drift_cli("--model", str(drift_model), "--since", "20d")
+    predictions = summary["reference"]["predictions"]
+    assert predictions["source"] == "production" and predictions["n"] == 60, predictions  # baseline_max 60
+    assert predictions["window_answers_from"] == predictions["until"]
+    assert {"predicted_class", "confidence"} <= set(summary["columns_skipped"]), summary["columns_skipped"]
+    assert summary["embedding_drift"] is None and summary["n_current"] == 100
+
+    record_path(settings).write_text("{not json")  # an unreadable record: still a drift check
+    code, output, summary = drift_cli("--model", str(drift_model), "--since", "20d")
+    assert code in (0, 3) and summary["reference"]["predictions"]["source"] == "validation", output
+    assert "the deployment record is unreadable" in summary["reference"]["predictions"]["why"]
 
     raw = yaml.safe_load(params_file.read_text())
     raw["drift"]["prediction_reference"] = "validation"

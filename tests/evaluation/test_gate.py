@@ -124,7 +124,7 @@ def test_markdown_on_real_reports() -> None:
     assert "| latency (ms) | 12.5 | n/a | — |" in text
     assert result.passed and "## Gate: PASSED" in text  # a far stronger challenger
     assert all(f"- {reason}" in text for reason in result.reasons)
-    assert "resampling whole capture groups (30 groups)." in text
+    assert "resampling whole capture groups within each class (30 groups)." in text
     assert "Warning" not in text  # reports without a recorded review rule say nothing about it
 
     alone = comparison_markdown(challenger, None, compare(challenger, None, GateRules()), "v1")
