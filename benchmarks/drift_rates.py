@@ -9,6 +9,12 @@ Every embedding drift method is also scored on the same windows, to choose `drif
     .venv/bin/python benchmarks/drift_rates.py --model champion            # the tracked dataset
     .venv/bin/python benchmarks/drift_rates.py --model path/to/model.pt --data ../shared/datasets/magnetic-tile
     .venv/bin/python benchmarks/drift_rates.py --model RUN/seed-7/model.pt --data ... --split-seed 7   # another split
+
+`--line-normal-share 0.95` draws windows as a mostly-normal line would send them (the test split has the
+dataset's mix). `--prediction-reference production` compares the answers with a production baseline instead of
+val's, as `defectops drift` does once a model has served its first weeks: the test images' capture groups are
+halved (seeded), the clean records of one half, drawn with the same line mix, form the baseline, and the windows
+come from the other half only, so no window holds a baseline part.
 """
 
 from __future__ import annotations
@@ -69,6 +75,11 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--embedding", choices=["on", "off"], default=None,
                         help="override drift.embedding.enabled")
     parser.add_argument("--no-alternatives", action="store_true", help="skip scoring every embedding method")
+    parser.add_argument("--line-normal-share", type=float, default=None, help="draw windows (and the baseline) "
+                        "with this share of normal images; default: the test split's own mix")
+    parser.add_argument("--prediction-reference", choices=["validation", "production"], default="validation",
+                        help="what the answers are compared with (see the module docstring)")
+    parser.add_argument("--baseline-size", type=int, default=500, help="production: records in the baseline")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     return parser.parse_args()
 
@@ -122,10 +133,14 @@ def main() -> None:
         from components.data.split import assign_splits
         manifest = manifest.assign(split=assign_splits(manifest, params.data.split, args.split_seed, None))
     reference = build_reference(manifest, predictor, drift)
-    pool = manifest[(manifest["split"] == "test") & (manifest["readable"] == True)]
+    pool = manifest[(manifest["split"] == "test") & (manifest["readable"] == True)].reset_index(drop=True)
     pools = _pool_records(predictor, pool["file"].astype(str).tolist(), shifts)
     setup_s = time.perf_counter() - began
     version = model_version_of(predictor)
+    weights = _line_weights(pool, params.profile.normal_class, args.line_normal_share)
+    drawn_from = np.arange(len(pool))
+    if args.prediction_reference == "production":
+        reference, drawn_from = _with_production_baseline(reference, pool, pools["clean"], weights, args)
     predicted = reference[reference["predicted_class"].notna()].reset_index(drop=True)
     ref_emb, ref_groups = predicted[embedding_columns()], predicted["group"]
     alternatives = {} if args.no_alternatives else {
@@ -133,15 +148,18 @@ def main() -> None:
             **drift.embedding.model_dump(exclude={"method", "threshold", "bootstrap", "quantile_probability",
                                                   "bootstrap_unit"}),
             **spec})}) for name, spec in EMBEDDING_METHODS.items()}
-    print(f"model {version}; reference {len(reference)} images ({int(reference['predicted_class'].notna().sum())} "
-          f"predicted); pool {len(pool)} test images; {args.windows} windows per variant; setup {setup_s:.0f} s")
+    print(f"model {version}; reference {len(reference)} rows ({int(reference['predicted_class'].notna().sum())} "
+          f"answers from {args.prediction_reference}); pool {len(pool)} test images, windows from {len(drawn_from)} "
+          f"(normal share {'as the split' if weights is None else args.line_normal_share}); {args.windows} windows "
+          f"per variant; setup {setup_s:.0f} s")
     print(f"params: num {drift.num_method} >= {drift.num_threshold}, cat {drift.cat_method} >= {drift.cat_threshold}, "
           f"per column {drift.per_column_threshold or '-'}, drift_share {drift.drift_share}, "
           f"column alarm {drift.column_alarm_factor}x, "
           f"embedding {drift.embedding.model_dump(exclude={'enabled'})}")
     everything = {}
     for size in [int(v) for v in str(args.window_size).split(",")]:
-        results = _run_windows(pools, reference, (ref_emb, ref_groups), drift, alternatives, version, size, args)
+        results = _run_windows(pools, reference, (ref_emb, ref_groups), drift, alternatives, version, size, args,
+                               drawn_from, weights)
         _print(results, shifts, size, drift, args.windows)
         everything[size] = {v: {**o, "columns": dict(o["columns"]), "alternatives": dict(o["alternatives"])}
                             for v, o in results.items()}
@@ -149,11 +167,44 @@ def main() -> None:
         args.json.write_text(json.dumps(everything, indent=2, default=float))
 
 
+def _line_weights(pool: Any, normal_class: str, normal_share: float | None) -> np.ndarray | None:
+    """Per-image draw weights giving `normal_share` normal images (None: the pool's own mix)."""
+    if normal_share is None:
+        return None
+    if not 0 < normal_share < 1:
+        raise SystemExit(f"--line-normal-share {normal_share} must lie strictly between 0 and 1")
+    normal = (pool["label"] == normal_class).to_numpy()
+    if normal.all() or not normal.any():
+        raise SystemExit("--line-normal-share needs both normal and defective test images")
+    return np.where(normal, normal_share / normal.sum(), (1 - normal_share) / (~normal).sum())
+
+
+def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, Any]], weights: np.ndarray | None,
+                              args: argparse.Namespace) -> tuple[Any, np.ndarray]:
+    """The reference with a production baseline's answers (clean records of half the test capture groups, drawn
+    with the line's mix), and the indices of the other half, which the windows are drawn from."""
+    from components.drift.baseline import with_baseline
+    from components.drift.current import current_frame
+
+    rng = np.random.default_rng(args.seed + 1)
+    groups = pool["group"].astype(str).to_numpy()
+    names = np.unique(groups)
+    baseline_groups = set(rng.choice(names, len(names) // 2, replace=False))
+    in_baseline = np.array([g in baseline_groups for g in groups])
+    base_idx, window_idx = np.flatnonzero(in_baseline), np.flatnonzero(~in_baseline)
+    p = None if weights is None else weights[base_idx] / weights[base_idx].sum()
+    picked = rng.choice(base_idx, args.baseline_size, replace=True, p=p)
+    # records drawn again and again from a dozen spots: the embedding null must resample spots, not records
+    return with_baseline(reference, current_frame([clean[i] for i in picked]), groups[picked].tolist()), window_idx
+
+
 def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddings: tuple[Any, Any], drift: Any,
-                 alternatives: dict[str, Any], version: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+                 alternatives: dict[str, Any], version: str, size: int, args: argparse.Namespace,
+                 drawn_from: np.ndarray, weights: np.ndarray | None) -> dict[str, Any]:
     """Compare `args.windows` random windows of `size` records of every variant with the reference.
 
-    `embeddings` are the reference's embeddings and their capture groups, for the alternative embedding methods.
+    `embeddings` are the reference's embeddings and their capture groups, for the alternative embedding methods;
+    windows draw from the pool images `drawn_from`, with `weights` (None: uniformly).
     """
     from components.drift.current import current_frame
     from components.drift.detect import compare, embedding_drift
@@ -168,7 +219,8 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
                                    "alternatives": Counter(), "drift_share": [], "embedding_score": [],
                                    "scores": {}, "seconds": [], "windows": []}
         for _ in range(args.windows):
-            picked = rng.choice(len(records), size, replace=size > len(records))
+            p = None if weights is None else weights[drawn_from] / weights[drawn_from].sum()
+            picked = rng.choice(drawn_from, size, replace=weights is not None or size > len(drawn_from), p=p)
             frame = current_frame([records[i] for i in picked])
             started = time.perf_counter()
             summary = compare(reference, frame, drift, version).summary

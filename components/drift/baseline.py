@@ -106,14 +106,16 @@ def baseline_answers(settings: Settings, params: DriftParams, model_version: str
     return answers
 
 
-def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
-    """The training reference's image statistics, with the baseline's answers as the only answers: each
-    production record its own group, since each is a part of its own."""
+def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame, groups: list[str] | None = None) -> pd.DataFrame:
+    """The training reference's image statistics, with the baseline's answers as the only answers. Each production
+    record is its own group (a part of its own) unless `groups` says which records show one spot (a simulation
+    that draws the baseline from a few capture groups, benchmarks/drift_rates.py)."""
     images = reference.copy()
     images["predicted_class"] = pd.Series([None] * len(images), index=images.index, dtype="object")
     images["confidence"] = np.nan
     images[embedding_columns()] = np.nan
-    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": [f"production-{i}" for i in range(len(answers))],
+    keys = groups if groups is not None else [f"production-{i}" for i in range(len(answers))]
+    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": list(keys),
                              **{c: answers[c].to_numpy() for c in (*PREDICTION_COLUMNS, *embedding_columns())}})
     return pd.concat([images, baseline], ignore_index=True)
 
