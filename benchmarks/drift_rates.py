@@ -13,8 +13,10 @@ Every embedding drift method is also scored on the same windows, to choose `drif
 `--line-normal-share 0.95` draws windows as a mostly-normal line would send them (the test split has the
 dataset's mix). `--prediction-reference production` compares the answers with a production baseline instead of
 val's, as `defectops drift` does once a model has served its first weeks: the test images' capture groups are
-halved (seeded), the clean records of one half, drawn with the same line mix, form the baseline, and the windows
-come from the other half only, so no window holds a baseline part.
+halved (seeded); the baseline is the clean records of one half, spot after spot (each spot's exposures one after
+another, as a line that photographs a spot several times logs them; spots drawn with the same line mix), grouped
+for the embedding null as the product groups a log (`drift.baseline_block`); the windows come from the other
+half only, so no window holds a baseline spot.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--prediction-reference", choices=["validation", "production"], default="validation",
                         help="what the answers are compared with (see the module docstring)")
     parser.add_argument("--baseline-size", type=int, default=500, help="production: records in the baseline")
+    parser.add_argument("--baseline-block", type=int, default=None, help="production: override "
+                        "drift.baseline_block (1 = every record its own part in the embedding null)")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     return parser.parse_args()
 
@@ -140,7 +144,8 @@ def main() -> None:
     weights = _line_weights(pool, params.profile.normal_class, args.line_normal_share)
     drawn_from = np.arange(len(pool))
     if args.prediction_reference == "production":
-        reference, drawn_from = _with_production_baseline(reference, pool, pools["clean"], weights, args)
+        block = args.baseline_block or drift.baseline_block
+        reference, drawn_from = _with_production_baseline(reference, pool, pools["clean"], weights, block, args)
     predicted = reference[reference["predicted_class"].notna()].reset_index(drop=True)
     ref_emb, ref_groups = predicted[embedding_columns()], predicted["group"]
     alternatives = {} if args.no_alternatives else {
@@ -180,22 +185,28 @@ def _line_weights(pool: Any, normal_class: str, normal_share: float | None) -> n
 
 
 def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, Any]], weights: np.ndarray | None,
-                              args: argparse.Namespace) -> tuple[Any, np.ndarray]:
-    """The reference with a production baseline's answers (clean records of half the test capture groups, drawn
-    with the line's mix), and the indices of the other half, which the windows are drawn from."""
+                              block: int, args: argparse.Namespace) -> tuple[Any, np.ndarray]:
+    """The reference with a production baseline's answers (the clean records of half the test capture groups,
+    spot after spot, spots drawn with the line's mix), and the indices of the other half, for the windows."""
+    from datetime import UTC, datetime, timedelta
+
     from components.drift.baseline import with_baseline
     from components.drift.current import current_frame
+    from components.drift.simulate import restamp
 
     rng = np.random.default_rng(args.seed + 1)
     groups = pool["group"].astype(str).to_numpy()
     names = np.unique(groups)
-    baseline_groups = set(rng.choice(names, len(names) // 2, replace=False))
-    in_baseline = np.array([g in baseline_groups for g in groups])
-    base_idx, window_idx = np.flatnonzero(in_baseline), np.flatnonzero(~in_baseline)
-    p = None if weights is None else weights[base_idx] / weights[base_idx].sum()
-    picked = rng.choice(base_idx, args.baseline_size, replace=True, p=p)
-    # records drawn again and again from a dozen spots: the embedding null must resample spots, not records
-    return with_baseline(reference, current_frame([clean[i] for i in picked]), groups[picked].tolist()), window_idx
+    baseline_groups = rng.choice(names, len(names) // 2, replace=False)
+    members = [np.flatnonzero(groups == g) for g in baseline_groups]
+    spot_weight = np.array([1.0 if weights is None else weights[m].sum() for m in members])
+    picked: list[int] = []
+    while len(picked) < args.baseline_size:  # whole spots, one after another
+        picked.extend(members[rng.choice(len(members), p=spot_weight / spot_weight.sum())].tolist())
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    records = restamp([clean[i] for i in picked], [start + timedelta(seconds=i) for i in range(len(picked))])
+    window_idx = np.flatnonzero(~np.isin(groups, baseline_groups))
+    return with_baseline(reference, current_frame(records), block), window_idx
 
 
 def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddings: tuple[Any, Any], drift: Any,

@@ -34,6 +34,8 @@ from components.serving.predlog import COMPACT_DIMS, read_log
 
 log = logging.getLogger(__name__)
 
+BASELINE_FORMAT = 2  # bump when the cached baseline's columns change
+
 
 @dataclass(frozen=True)
 class PredictionReference:
@@ -79,7 +81,8 @@ def deployed_at(settings: Settings, model_version: str) -> datetime | str:
 
 def baseline_path(settings: Settings, params: DriftParams, model_version: str, start: datetime) -> Path:
     """Where the baseline of this model and deployment is cached (it no longer changes once it is used)."""
-    identity = json.dumps([model_version, start.isoformat(), params.baseline_days, params.baseline_max, COMPACT_DIMS])
+    identity = json.dumps([BASELINE_FORMAT, model_version, start.isoformat(), params.baseline_days,
+                           params.baseline_max, COMPACT_DIMS])
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
     return settings.reports_dir / "drift" / "baseline" / f"{file_slug(model_version)}-{digest}.parquet"
 
@@ -99,23 +102,30 @@ def baseline_answers(settings: Settings, params: DriftParams, model_version: str
     frame = frame.dropna(subset=embedding_columns())
     if len(frame) > params.baseline_max:
         frame = frame.sample(n=params.baseline_max, random_state=0).sort_index()
-    answers = frame[[*PREDICTION_COLUMNS, *embedding_columns()]].reset_index(drop=True)
+    answers = frame[["timestamp", "camera", *PREDICTION_COLUMNS, *embedding_columns()]].reset_index(drop=True)
     if len(answers) >= params.min_current:
         with replacing(path) as tmp:
             answers.to_parquet(tmp, index=False)
     return answers
 
 
-def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame, groups: list[str] | None = None) -> pd.DataFrame:
-    """The training reference's image statistics, with the baseline's answers as the only answers. Each production
-    record is its own group (a part of its own) unless `groups` says which records show one spot (a simulation
-    that draws the baseline from a few capture groups, benchmarks/drift_rates.py)."""
+def blocks(answers: pd.DataFrame, block: int) -> list[str]:
+    """Each record's block: runs of `block` consecutive records (in time order) of one camera."""
+    ordered = answers.sort_values("timestamp", kind="stable") if "timestamp" in answers else answers
+    camera = (ordered["camera"].fillna("-").astype(str) if "camera" in ordered
+              else pd.Series("-", index=ordered.index))
+    run = camera.groupby(camera).cumcount() // block
+    return (camera + "-" + run.astype(str)).reindex(answers.index).tolist()
+
+
+def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame, block: int = 1) -> pd.DataFrame:
+    """The training reference's image statistics, with the baseline's answers as the only answers, grouped for
+    the embedding null into `blocks` of consecutive records (block 1: every record a part of its own)."""
     images = reference.copy()
     images["predicted_class"] = pd.Series([None] * len(images), index=images.index, dtype="object")
     images["confidence"] = np.nan
     images[embedding_columns()] = np.nan
-    keys = groups if groups is not None else [f"production-{i}" for i in range(len(answers))]
-    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": list(keys),
+    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": blocks(answers, block),
                              **{c: answers[c].to_numpy() for c in (*PREDICTION_COLUMNS, *embedding_columns())}})
     return pd.concat([images, baseline], ignore_index=True)
 
@@ -142,7 +152,7 @@ def prediction_reference(settings: Settings, reference: pd.DataFrame, params: Dr
                 info["window_answers_from"] = info["until"]
             log.info("answers compared with the production baseline of %s: %d records, %s .. %s", model_version,
                      len(answers), info["since"], info["until"])
-            return PredictionReference(with_baseline(reference, answers), info, answers_from)
+            return PredictionReference(with_baseline(reference, answers, params.baseline_block), info, answers_from)
         why = (f"the production baseline of {model_version} holds {len(answers)} answers with embeddings, fewer "
                f"than drift.min_current ({params.min_current})")
     log.info("answers compared with the %s split: %s", params.prediction_split, why)

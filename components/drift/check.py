@@ -227,12 +227,12 @@ def describe_answers(summary: dict[str, Any]) -> str:
 
 def describe_embedding(emb: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
     """'distance, score 0.829 against 1.042 (a bootstrap null over 27 capture groups)' from an embedding verdict
-    (production records instead of capture groups when the summary's answers came from a production baseline)."""
+    (runs of production records, `drift.baseline_block`, when the summary's answers came from a production baseline)."""
     text = f"{emb['method']}, score {emb['score']:.3f}"
     if emb.get("threshold") is not None:
         text += f" against {emb['threshold']:.3f}"
     if emb.get("n_reference_groups"):
-        unit = "production records" if summary and baseline_of(summary) else "capture groups"
+        unit = "runs of production records" if summary and baseline_of(summary) else "capture groups"
         text += f" (a bootstrap null over {emb['n_reference_groups']} {unit})"
     elif emb.get("bootstrap"):
         text += " (Evidently's bootstrap null over single images)"

@@ -133,8 +133,8 @@ def test_answers_are_compared_with_the_models_first_weeks_on_the_line(drift_proj
     assert predictions["model_version"] == version
     assert "predicted_class" not in summary["drifted_columns"], summary["columns"]["predicted_class"]
     assert summary["n_reference_predictions"] == 100
-    assert summary["embedding_drift"]["n_reference_groups"] == 100
-    assert "compared with the production baseline of" in output and "production records)" in output
+    assert summary["embedding_drift"]["n_reference_groups"] == 17  # runs of 6 records of the one camera
+    assert "compared with the production baseline of" in output and "17 runs of production records)" in output
     assert summary["n_reference"] == len(validation)  # the image statistics: still the training images'
     cached = list((settings.reports_dir / "drift" / "baseline").glob("*.parquet"))
     assert len(cached) == 1
@@ -530,3 +530,16 @@ def test_the_embedding_null_spans_capture_groups() -> None:
     # a 95% null: about one trial in twenty; Evidently's image bootstrap calls new spots drift nearly always
     assert flagged["new spots"] <= 3 and flagged["new spots, image null"] >= 17, flagged
     assert flagged["shifted spots"] == 20, flagged
+
+
+def test_baseline_blocks_are_runs_of_consecutive_records_of_one_camera() -> None:
+    """Several exposures of one part arrive one after another from one camera: the embedding null resamples runs
+    of `drift.baseline_block` such records together, whatever order the records come in."""
+    import pandas as pd
+
+    from components.drift.baseline import blocks
+
+    stamps = pd.to_datetime([f"2026-01-01T00:00:0{s}" for s in (3, 1, 2, 0, 4, 5, 6)], utc=True)
+    answers = pd.DataFrame({"timestamp": stamps, "camera": ["a", "a", "b", "a", "a", None, "a"]})
+    assert blocks(answers, 2) == ["a-1", "a-0", "b-0", "a-0", "a-1", "--0", "a-2"]
+    assert len(set(blocks(answers, 1))) == len(answers)
