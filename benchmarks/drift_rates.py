@@ -84,6 +84,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--baseline-size", type=int, default=500, help="production: records in the baseline")
     parser.add_argument("--baseline-block", type=int, default=None, help="production: override "
                         "drift.baseline_block (1 = every record its own part in the embedding null)")
+    parser.add_argument("--baseline-null", choices=["product", "spots"], default="product", help="production: "
+                        "the embedding null over the product's runs of records, or over the true spots (capture "
+                        "groups) the simulated baseline repeats")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     return parser.parse_args()
 
@@ -206,7 +209,8 @@ def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, A
     start = datetime(2025, 1, 1, tzinfo=UTC)
     records = restamp([clean[i] for i in picked], [start + timedelta(seconds=i) for i in range(len(picked))])
     window_idx = np.flatnonzero(~np.isin(groups, baseline_groups))
-    return with_baseline(reference, current_frame(records), block), window_idx
+    spots = groups[picked].tolist() if args.baseline_null == "spots" else None
+    return with_baseline(reference, current_frame(records), block, spots), window_idx
 
 
 def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddings: tuple[Any, Any], drift: Any,

@@ -118,14 +118,16 @@ def blocks(answers: pd.DataFrame, block: int) -> list[str]:
     return (camera + "-" + run.astype(str)).reindex(answers.index).tolist()
 
 
-def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame, block: int = 1) -> pd.DataFrame:
+def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame, block: int = 1,
+                  groups: list[str] | None = None) -> pd.DataFrame:
     """The training reference's image statistics, with the baseline's answers as the only answers, grouped for
-    the embedding null into `blocks` of consecutive records (block 1: every record a part of its own)."""
+    the embedding null into `blocks` of consecutive records (block 1: every record a part of its own), or by
+    `groups` where the caller knows which records show one spot (benchmarks/drift_rates.py)."""
     images = reference.copy()
     images["predicted_class"] = pd.Series([None] * len(images), index=images.index, dtype="object")
     images["confidence"] = np.nan
     images[embedding_columns()] = np.nan
-    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": blocks(answers, block),
+    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": groups if groups is not None else blocks(answers, block),
                              **{c: answers[c].to_numpy() for c in (*PREDICTION_COLUMNS, *embedding_columns())}})
     return pd.concat([images, baseline], ignore_index=True)
 
