@@ -2,8 +2,8 @@
 validation split.
 
 The validation split holds the dataset's class mix (Magnetic Tile: about 71% normal), a real line its own (most
-parts normal), so against validation `predicted_class` and the mean embedding drift in every window of a healthy
-line. With `drift.prediction_reference: production`, once the deployed model has served `drift.baseline_days`
+parts normal), so against validation `predicted_class` drifts in every window of a healthy line, and the mean
+embedding, which follows the class mix, often too (README "Drift" has the measured rates). With `drift.prediction_reference: production`, once the deployed model has served `drift.baseline_days`
 after its deployment (by the window's end), the model's answers of those days replace the validation split's as
 the reference of the prediction columns and the embeddings; where the window reaches back into those days, its
 answers from then are left out (they would be compared with themselves). The image statistics stay compared
