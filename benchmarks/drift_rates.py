@@ -13,10 +13,9 @@ Every embedding drift method is also scored on the same windows, to choose `drif
 `--line-normal-share 0.95` draws windows as a mostly-normal line would send them (the test split has the
 dataset's mix). `--prediction-reference production` compares the answers with a production baseline instead of
 val's, as `defectops drift` does once a model has served its first weeks: the test images' capture groups are
-halved (seeded); the baseline is the clean records of one half, spot after spot (each spot's exposures one after
-another, as a line that photographs a spot several times logs them; spots drawn with the same line mix), grouped
-for the embedding null as the product groups a log (`drift.baseline_block`); the windows come from the other
-half only, so no window holds a baseline spot.
+halved (seeded); the baseline is the clean records of one half, spot after spot (spots drawn with the same line
+mix); the windows come from the other half only, so no window holds a baseline spot. The embeddings are always
+compared with val's (`drift.embedding.classes` says which).
 """
 
 from __future__ import annotations
@@ -82,12 +81,6 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--prediction-reference", choices=["validation", "production"], default="validation",
                         help="what the answers are compared with (see the module docstring)")
     parser.add_argument("--baseline-size", type=int, default=500, help="production: records in the baseline")
-    parser.add_argument("--baseline-block", type=int, default=None, help="production: override "
-                        "drift.baseline_block (1 = every record its own part in the embedding null)")
-    parser.add_argument("--baseline-null", choices=["product", "spots"], default="product", help="production: "
-                        "the embedding null over the product's runs of records, or over the true spots (capture "
-                        "groups) the simulated baseline repeats")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     return parser.parse_args()
 
 
@@ -147,9 +140,9 @@ def main() -> None:
     weights = _line_weights(pool, params.profile.normal_class, args.line_normal_share)
     drawn_from = np.arange(len(pool))
     if args.prediction_reference == "production":
-        block = args.baseline_block or drift.baseline_block
-        reference, drawn_from = _with_production_baseline(reference, pool, pools["clean"], weights, block, args)
-    predicted = reference[reference["predicted_class"].notna()].reset_index(drop=True)
+        reference, drawn_from = _with_production_baseline(reference, pool, pools["clean"], weights, args)
+    predicted = reference[reference["predicted_class"].notna()].dropna(subset=embedding_columns())
+    predicted = predicted.reset_index(drop=True)  # val's answers: a baseline's rows hold no embeddings
     ref_emb, ref_groups = predicted[embedding_columns()], predicted["group"]
     alternatives = {} if args.no_alternatives else {
         name: drift.model_copy(update={"embedding": EmbeddingDriftParams(**{
@@ -167,7 +160,7 @@ def main() -> None:
     everything = {}
     for size in [int(v) for v in str(args.window_size).split(",")]:
         results = _run_windows(pools, reference, (ref_emb, ref_groups), drift, alternatives, version, size, args,
-                               drawn_from, weights)
+                               drawn_from, weights, params.profile.normal_class)
         _print(results, shifts, size, drift, args.windows)
         everything[size] = {v: {**o, "columns": dict(o["columns"]), "alternatives": dict(o["alternatives"])}
                             for v, o in results.items()}
@@ -188,7 +181,7 @@ def _line_weights(pool: Any, normal_class: str, normal_share: float | None) -> n
 
 
 def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, Any]], weights: np.ndarray | None,
-                              block: int, args: argparse.Namespace) -> tuple[Any, np.ndarray]:
+                              args: argparse.Namespace) -> tuple[Any, np.ndarray]:
     """The reference with a production baseline's answers (the clean records of half the test capture groups,
     spot after spot, spots drawn with the line's mix), and the indices of the other half, for the windows."""
     from datetime import UTC, datetime, timedelta
@@ -209,13 +202,12 @@ def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, A
     start = datetime(2025, 1, 1, tzinfo=UTC)
     records = restamp([clean[i] for i in picked], [start + timedelta(seconds=i) for i in range(len(picked))])
     window_idx = np.flatnonzero(~np.isin(groups, baseline_groups))
-    spots = groups[picked].tolist() if args.baseline_null == "spots" else None
-    return with_baseline(reference, current_frame(records), block, spots), window_idx
+    return with_baseline(reference, current_frame(records)), window_idx
 
 
 def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddings: tuple[Any, Any], drift: Any,
                  alternatives: dict[str, Any], version: str, size: int, args: argparse.Namespace,
-                 drawn_from: np.ndarray, weights: np.ndarray | None) -> dict[str, Any]:
+                 drawn_from: np.ndarray, weights: np.ndarray | None, normal_class: str) -> dict[str, Any]:
     """Compare `args.windows` random windows of `size` records of every variant with the reference.
 
     `embeddings` are the reference's embeddings and their capture groups, for the alternative embedding methods;
@@ -238,7 +230,7 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
             picked = rng.choice(drawn_from, size, replace=weights is not None or size > len(drawn_from), p=p)
             frame = current_frame([records[i] for i in picked])
             started = time.perf_counter()
-            summary = compare(reference, frame, drift, version).summary
+            summary = compare(reference, frame, drift, version, normal_class).summary
             outcome["seconds"].append(time.perf_counter() - started)
             outcome["overall"] += summary["drift"]
             outcome["dataset"] += summary["dataset_drift"]

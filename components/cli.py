@@ -833,9 +833,9 @@ def drift(
                    f"{s['drift_share_threshold']}); drifted: {', '.join(s['drifted_columns']) or 'none'}")
         typer.echo(f"  column alarm: {describe_column_alarm(s)}")
         emb = s["embedding_drift"]
-        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb, s)})"
+        typer.echo("  embedding drift: " + (f"{'yes' if emb['drifted'] else 'no'} ({describe_embedding(emb)})"
                                              if emb else "not computed"))
-        typer.echo(f"  answers and embeddings compared with {describe_answers(s)}")
+        typer.echo(f"  answers compared with {describe_answers(s)}")
         typer.echo(("DRIFT DETECTED" if check.drift else "no drift") + f" ({s['rule']})")
     for note in s.get("notes") or []:  # records of other model versions, columns left out, no embedding check
         typer.echo(f"  note: {note}")

@@ -2,12 +2,14 @@
 validation split.
 
 The validation split holds the dataset's class mix (Magnetic Tile: about 71% normal), a real line its own (most
-parts normal), so against validation `predicted_class` drifts in every window of a healthy line, and the mean
-embedding, which follows the class mix, often too (README "Drift" has the measured rates). With `drift.prediction_reference: production`, once the deployed model has served `drift.baseline_days`
-after its deployment (by the window's end), the model's answers of those days replace the validation split's as
-the reference of the prediction columns and the embeddings; where the window reaches back into those days, its
-answers from then are left out (they would be compared with themselves). The image statistics stay compared
-with the training images: a line that slowly darkens is still drift, whatever the baseline saw.
+parts normal), so against validation `predicted_class` drifts in every window of a healthy line (README "Drift"
+has the measured rates). With `drift.prediction_reference: production`, once the deployed model has served
+`drift.baseline_days` after its deployment (by the window's end), the model's answers of those days replace the
+validation split's as the reference of the prediction columns (predicted class, confidence); where the window
+reaches back into those days, its answers from then are left out (they would be compared with themselves). The
+image statistics stay compared with the training images (a line that slowly darkens is still drift, whatever
+the baseline saw), and the embeddings with val's, of the parts called normal only (`drift.embedding.classes`),
+which does not depend on the class mix and keeps the null over val's capture groups.
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from components.config import Settings
 from components.drift.current import current_frame
 from components.drift.params import PREDICTION_COLUMNS, DriftParams
-from components.drift.reference import BASELINE_SPLIT, embedding_columns, file_slug
+from components.drift.reference import BASELINE_SPLIT, file_slug
 from components.drift.window import Window
 from components.errors import DefectOpsError
 from components.files import replacing
@@ -34,7 +35,7 @@ from components.serving.predlog import COMPACT_DIMS, read_log
 
 log = logging.getLogger(__name__)
 
-BASELINE_FORMAT = 2  # bump when the cached baseline's columns change
+BASELINE_FORMAT = 3  # bump when the cached baseline's columns change
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class PredictionReference:
     answers_from: datetime | None = None
 
     def window(self, current: pd.DataFrame) -> pd.DataFrame:
-        """The window's records, with the answers (and embeddings) logged before `answers_from` left out: a
-        window that reaches back into the baseline's days would otherwise be compared partly with itself."""
+        """The window's records, with the answers logged before `answers_from` left out: a window that reaches
+        back into the baseline's days would otherwise be compared partly with itself."""
         if self.answers_from is None:
             return current
         early = current["timestamp"] < self.answers_from
@@ -56,7 +57,6 @@ class PredictionReference:
             return current
         current = current.copy()
         current.loc[early, list(PREDICTION_COLUMNS)] = None
-        current.loc[early, embedding_columns()] = np.nan
         return current
 
 
@@ -89,7 +89,7 @@ def baseline_path(settings: Settings, params: DriftParams, model_version: str, s
 
 def baseline_answers(settings: Settings, params: DriftParams, model_version: str, start: datetime,
                      end: datetime) -> pd.DataFrame:
-    """The model's answers (with embeddings) logged in [start, end): a seeded sample of at most
+    """The model's answers (class and confidence) logged in [start, end): a seeded sample of at most
     `baseline_max`, read from the cache or, the first time, from the production log."""
     path = baseline_path(settings, params, model_version, start)
     if path.is_file():
@@ -99,37 +99,20 @@ def baseline_answers(settings: Settings, params: DriftParams, model_version: str
             log.warning("drift baseline %s unreadable (%s); reading the production log again", path, exc)
     frame = current_frame(read_log(settings.prod_log_dir, start, end).records)
     frame = frame[(frame["model_version"] == model_version) & frame["predicted_class"].notna()]
-    frame = frame.dropna(subset=embedding_columns())
     if len(frame) > params.baseline_max:
         frame = frame.sample(n=params.baseline_max, random_state=0).sort_index()
-    answers = frame[["timestamp", "camera", *PREDICTION_COLUMNS, *embedding_columns()]].reset_index(drop=True)
+    answers = frame[list(PREDICTION_COLUMNS)].reset_index(drop=True)
     if len(answers) >= params.min_current:
         with replacing(path) as tmp:
             answers.to_parquet(tmp, index=False)
     return answers
 
 
-def blocks(answers: pd.DataFrame, block: int) -> list[str]:
-    """Each record's block: runs of `block` consecutive records (in time order) of one camera."""
-    ordered = answers.sort_values("timestamp", kind="stable") if "timestamp" in answers else answers
-    camera = (ordered["camera"].fillna("-").astype(str) if "camera" in ordered
-              else pd.Series("-", index=ordered.index))
-    run = camera.groupby(camera).cumcount() // block
-    return (camera + "-" + run.astype(str)).reindex(answers.index).tolist()
-
-
-def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame, block: int = 1,
-                  groups: list[str] | None = None) -> pd.DataFrame:
-    """The training reference's image statistics, with the baseline's answers as the only answers, grouped for
-    the embedding null into `blocks` of consecutive records (block 1: every record a part of its own), or by
-    `groups` where the caller knows which records show one spot (benchmarks/drift_rates.py)."""
-    images = reference.copy()
-    images["predicted_class"] = pd.Series([None] * len(images), index=images.index, dtype="object")
-    images["confidence"] = np.nan
-    images[embedding_columns()] = np.nan
-    baseline = pd.DataFrame({"split": BASELINE_SPLIT, "group": groups if groups is not None else blocks(answers, block),
-                             **{c: answers[c].to_numpy() for c in (*PREDICTION_COLUMNS, *embedding_columns())}})
-    return pd.concat([images, baseline], ignore_index=True)
+def with_baseline(reference: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
+    """The reference with the baseline's answers as rows of their own (split BASELINE_SPLIT, no image statistics,
+    no embeddings): `detect.compare` compares the prediction columns with those rows only."""
+    baseline = pd.DataFrame({"split": BASELINE_SPLIT, **{c: answers[c].to_numpy() for c in PREDICTION_COLUMNS}})
+    return pd.concat([reference, baseline], ignore_index=True)
 
 
 def prediction_reference(settings: Settings, reference: pd.DataFrame, params: DriftParams, model_version: str,
@@ -154,8 +137,8 @@ def prediction_reference(settings: Settings, reference: pd.DataFrame, params: Dr
                 info["window_answers_from"] = info["until"]
             log.info("answers compared with the production baseline of %s: %d records, %s .. %s", model_version,
                      len(answers), info["since"], info["until"])
-            return PredictionReference(with_baseline(reference, answers, params.baseline_block), info, answers_from)
-        why = (f"the production baseline of {model_version} holds {len(answers)} answers with embeddings, fewer "
-               f"than drift.min_current ({params.min_current})")
+            return PredictionReference(with_baseline(reference, answers), info, answers_from)
+        why = (f"the production baseline of {model_version} holds {len(answers)} answers, fewer than "
+               f"drift.min_current ({params.min_current})")
     log.info("answers compared with the %s split: %s", params.prediction_split, why)
     return PredictionReference(reference, {**validation, "why": why})

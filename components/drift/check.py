@@ -101,7 +101,8 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
             predictor = load_predictor(settings, model)
         reference = load_reference(settings, params, predictor, drift, rebuild=rebuild_reference)
         answers = prediction_reference(settings, reference.frame, drift, reference.model_version, window)
-        comparison = compare(answers.frame, answers.window(current.frame), drift, reference.model_version)
+        comparison = compare(answers.frame, answers.window(current.frame), drift, reference.model_version,
+                             params.profile.normal_class)
         model_version, dataset_version = reference.model_version, reference.dataset_version
         reference_info = {"path": str(reference.path), "cached": reference.cached, "predictions": answers.info}
     summary = {**comparison.summary, **base, "model_version": model_version or
@@ -225,17 +226,17 @@ def describe_answers(summary: dict[str, Any]) -> str:
     return f"the {info.get('split', 'validation')} split" + (f" ({info['why']})" if info.get("why") else "")
 
 
-def describe_embedding(emb: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
-    """'distance, score 0.829 against 1.042 (a bootstrap null over 27 capture groups)' from an embedding verdict
-    (runs of production records, `drift.baseline_block`, when the summary's answers came from a production baseline)."""
+def describe_embedding(emb: dict[str, Any]) -> str:
+    """'distance, score 0.829 against 1.042 (a bootstrap null over 27 capture groups)' from an embedding verdict."""
     text = f"{emb['method']}, score {emb['score']:.3f}"
     if emb.get("threshold") is not None:
         text += f" against {emb['threshold']:.3f}"
     if emb.get("n_reference_groups"):
-        unit = "runs of production records" if summary and baseline_of(summary) else "capture groups"
-        text += f" (a bootstrap null over {emb['n_reference_groups']} {unit})"
+        text += f" (a bootstrap null over {emb['n_reference_groups']} capture groups)"
     elif emb.get("bootstrap"):
         text += " (Evidently's bootstrap null over single images)"
+    if emb.get("classes") not in (None, "all"):
+        text += f"; images called {emb['classes']}"
     return text
 
 
@@ -267,8 +268,8 @@ def artifact_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Column alarm: {describe_column_alarm(summary)}"]
         emb = summary.get("embedding_drift")
         lines += ["", f"Embedding drift: {'**drifted**' if emb['drifted'] else 'not drifted'} "
-                  f"({describe_embedding(emb, summary)})" if emb else "Embedding drift: not computed"]
-        lines += ["", f"Answers and embeddings compared with {describe_answers(summary)}."]
+                  f"({describe_embedding(emb)})" if emb else "Embedding drift: not computed"]
+        lines += ["", f"Answers compared with {describe_answers(summary)}."]
     files = summary.get("files") or {}
     links = [f"[{name}]({Path(files[key]).resolve().as_uri()})" for key, name in
              (("html", "Evidently report"), ("quality", "plant quality report"), ("summary", "summary.json"))

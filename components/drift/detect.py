@@ -230,10 +230,21 @@ def not_enough_data(n_current: int, params: DriftParams, message: str | None = N
 
 
 def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
-            model_version: str | None = None) -> Comparison:
-    """Compare a production window with the reference; see the module docstring for the rule."""
+            model_version: str | None = None, normal_class: str | None = None) -> Comparison:
+    """Compare a production window with the reference; see the module docstring for the rule.
+
+    Rows of a production baseline (split BASELINE_SPLIT) are the only answers the columns are compared with;
+    the embedding check always uses the held-out images' (val), of the normal class only when
+    `drift.embedding.classes` is `normal` and `normal_class` is given.
+    """
     n_current = len(current)
-    n_images = int((reference["split"] != BASELINE_SPLIT).sum()) if "split" in reference else len(reference)
+    baseline = (reference["split"] == BASELINE_SPLIT) if "split" in reference \
+        else pd.Series(False, index=reference.index)
+    embedded = reference.loc[~baseline & reference["predicted_class"].notna()].dropna(subset=embedding_columns())
+    if baseline.any():
+        reference = reference.copy()
+        reference.loc[~baseline, list(PREDICTION_COLUMNS)] = None
+    n_images = int((~baseline).sum())
     counts = {"n_reference": n_images, "n_reference_predictions": int(reference["predicted_class"].notna().sum())}
     if n_current < params.min_current:
         return not_enough_data(n_current, params, **counts)
@@ -267,10 +278,14 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
                                "check the log format or drift.columns", **counts, notes=notes)
     snapshot = data_drift_report(reference, current, columns, params)
     summary = snapshot_summary(snapshot)
-    ref_rows = reference.loc[reference["predicted_class"].notna()].dropna(subset=embedding_columns())
+    ref_rows, cur_rows = embedded, current.loc[same_model]
+    normal_only = params.embedding.classes == "normal" and normal_class is not None
+    if normal_only:  # like with like: independent of the class mix
+        ref_rows = ref_rows[ref_rows["predicted_class"] == normal_class]
+        cur_rows = cur_rows[cur_rows["predicted_class"] == normal_class]
     ref_emb = ref_rows[embedding_columns()].astype("float64")
     ref_groups = ref_rows["group"] if "group" in ref_rows else pd.Series(range(len(ref_rows)), index=ref_rows.index)
-    cur_emb = current.loc[same_model, embedding_columns()].dropna().astype("float64")
+    cur_emb = cur_rows[embedding_columns()].dropna().astype("float64")
     if not params.embedding.enabled:
         embedding = None
     elif len(cur_emb) < params.min_current or len(ref_emb) < MIN_REFERENCE_EMBEDDINGS:
@@ -283,7 +298,8 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
                      f"{n_groups} capture groups, at least {MIN_REFERENCE_GROUPS} needed for the capture-group null "
                      "(drift.embedding.bootstrap_unit)")
     else:
-        embedding = embedding_drift(ref_emb, cur_emb, params, ref_groups)
+        embedding = {**embedding_drift(ref_emb, cur_emb, params, ref_groups),
+                     "classes": normal_class if normal_only else "all"}
     alarms = column_alarms(summary["columns"], params.column_alarm_factor)
     drift = bool(summary["dataset_drift"] or alarms or (embedding and embedding["drifted"]))
     for note in notes:

@@ -38,6 +38,10 @@ class EmbeddingDriftParams(_Section):
     max_current: int | None = Field(150, ge=10, description="compare a seeded sample of at most this many "
                                     "current embeddings, so the test's power and its bootstrap null do not "
                                     "change with the window's length (null = all)")
+    classes: Literal["normal", "all"] = Field(
+        "normal", description="normal = compare the embeddings of images the model called normal only, on both "
+        "sides, so the check does not follow the line's class mix (a mostly-normal line against val's ~71%); "
+        "all = every answered image")
     enabled: bool = True
 
 
@@ -75,10 +79,6 @@ class DriftParams(_Section):
         "prediction_split, whose class mix is the dataset's, not the line's")
     baseline_days: int = Field(14, ge=1, description="production: days after the deployment that form the "
                                "model's production baseline")
-    baseline_block: int = Field(6, ge=1, description="production: the embedding null resamples runs of this many "
-                                "consecutive records of one camera (a block bootstrap), so that several exposures "
-                                "of one part, which arrive one after another, count together (Magnetic Tile: up "
-                                "to six per spot); 1 = every record a part of its own")
     baseline_max: int = Field(5000, ge=10, description="production: a seeded sample of at most this many of the "
                               "baseline's answers, so reading and testing against it does not grow with the "
                               "line's rate (it is cached per model and deployment)")
