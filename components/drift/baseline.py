@@ -31,7 +31,7 @@ from components.drift.reference import BASELINE_SPLIT, file_slug
 from components.drift.window import Window
 from components.errors import DefectOpsError
 from components.files import replacing
-from components.serving.predlog import COMPACT_DIMS, read_log
+from components.serving.predlog import read_log
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def deployed_at(settings: Settings, model_version: str) -> datetime | str:
 def baseline_path(settings: Settings, params: DriftParams, model_version: str, start: datetime) -> Path:
     """Where the baseline of this model and deployment is cached (it no longer changes once it is used)."""
     identity = json.dumps([BASELINE_FORMAT, model_version, start.isoformat(), params.baseline_days,
-                           params.baseline_max, COMPACT_DIMS])
+                           params.baseline_max])
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
     return settings.reports_dir / "drift" / "baseline" / f"{file_slug(model_version)}-{digest}.parquet"
 

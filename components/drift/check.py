@@ -199,8 +199,7 @@ def log_to_mlflow(summary_dir: Path, settings: Settings) -> str | None:
             mlflow.set_tags({"drift.window": f"{summary['window']['since']}..{summary['window']['until']}",
                              "drift.model_version": str(summary.get("model_version")),
                              "drift.dataset_version": str(summary.get("dataset_version")),
-                             "drift.prediction_reference": str(((summary.get("reference") or {}).get("predictions")
-                                                                or {}).get("source"))})
+                             "drift.prediction_reference": str(_answers_reference(summary).get("source"))})
             mlflow.log_artifacts(str(summary_dir), artifact_path=f"drift/{summary_dir.name}")
             run_id = run.info.run_id
         log.info("drift report logged to MLflow run %s", run_id)
@@ -211,18 +210,17 @@ def log_to_mlflow(summary_dir: Path, settings: Settings) -> str | None:
         return None
 
 
-def baseline_of(summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The production baseline the window's answers were compared with; None for the validation split."""
-    info = (summary.get("reference") or {}).get("predictions") or {}
-    return info if info.get("source") == "production" else None
+def _answers_reference(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `reference.predictions`: where the window's answers were compared with ({} when none)."""
+    return (summary.get("reference") or {}).get("predictions") or {}
 
 
 def describe_answers(summary: dict[str, Any]) -> str:
     """What the window's answers were compared with: 'the production baseline of ...' or 'the val split: why'."""
-    info = (summary.get("reference") or {}).get("predictions") or {}
-    if baseline := baseline_of(summary):
-        return (f"the production baseline of {baseline['model_version']} ({baseline['n']} records, "
-                f"{baseline['since']} .. {baseline['until']})")
+    info = _answers_reference(summary)
+    if info.get("source") == "production":
+        return (f"the production baseline of {info['model_version']} ({info['n']} records, "
+                f"{info['since']} .. {info['until']})")
     return f"the {info.get('split', 'validation')} split" + (f" ({info['why']})" if info.get("why") else "")
 
 

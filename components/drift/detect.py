@@ -16,8 +16,8 @@ Rule: **drift = dataset drift OR a column alarm OR embedding drift**, where
   spots differ from the reference's spots by more than its images differ from each other.
 Predictions and embeddings are compared only for production records of the reference's model version (another
 model's embeddings live in another space); image statistics use every record. The reference's answers are the
-validation split's or, once the model has served its first weeks, those weeks' (`components/drift/baseline.py`:
-each production record is then its own group in the embedding null).
+validation split's or, once the model has served its first weeks, those weeks' (`components/drift/baseline.py`);
+the embeddings are always val's, of the parts called normal only by default (`drift.embedding.classes`).
 Fewer than `drift.min_current` records is "not enough production data": reported, never drift.
 """
 

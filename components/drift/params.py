@@ -73,10 +73,10 @@ class DriftParams(_Section):
         "confidence and embeddings look like production's)")
     batch_size: int = Field(32, ge=1, description="images per forward pass when building the reference")
     prediction_reference: Literal["production", "validation"] = Field(
-        "production", description="what the model's answers (predicted class, confidence, embeddings) are compared "
-        "with: production = its first baseline_days on the line after its deployment, once they lie before the "
-        "window (until then, and without a deployment record, the validation split); validation = always the "
-        "prediction_split, whose class mix is the dataset's, not the line's")
+        "production", description="what the model's answers (predicted class, confidence) are compared with: "
+        "production = its first baseline_days on the line after its deployment, once they are over by the window's "
+        "end (until then, and without a deployment record, the validation split); validation = always the "
+        "prediction_split, whose class mix is the dataset's, not the line's (embeddings: always val's)")
     baseline_days: int = Field(14, ge=1, description="production: days after the deployment that form the "
                                "model's production baseline")
     baseline_max: int = Field(5000, ge=10, description="production: a seeded sample of at most this many of the "

@@ -145,12 +145,12 @@ def _manifest_digest(manifest: pd.DataFrame) -> str:
 def load_reference(settings: Settings, params: Params, predictor: Any, drift: DriftParams,
                    rebuild: bool = False) -> Reference:
     """The cached reference for the tracked dataset version and this model, built (and cached) when missing."""
-    from components.data.tracked import dataset_version, tracked_data
+    from components.data.tracked import dataset_version, tracked_data, tracked_manifest
 
     version = dataset_version(settings.project_root)
     manifest = None
     if version is None:  # an untracked data/ folder: key the cache by its content
-        manifest = tracked_data(settings, params).manifest
+        manifest = tracked_manifest(settings, params)
         version = _manifest_digest(manifest)
     path = reference_path(settings, version, predictor, drift)
     model_version = model_version_of(predictor)
