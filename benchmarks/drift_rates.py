@@ -81,6 +81,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--prediction-reference", choices=["validation", "production"], default="validation",
                         help="what the answers are compared with (see the module docstring)")
     parser.add_argument("--baseline-size", type=int, default=500, help="production: records in the baseline")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     return parser.parse_args()
 
 
@@ -184,11 +185,8 @@ def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, A
                               args: argparse.Namespace) -> tuple[Any, np.ndarray]:
     """The reference with a production baseline's answers (the clean records of half the test capture groups,
     spot after spot, spots drawn with the line's mix), and the indices of the other half, for the windows."""
-    from datetime import UTC, datetime, timedelta
-
     from components.drift.baseline import with_baseline
     from components.drift.current import current_frame
-    from components.drift.simulate import restamp
 
     rng = np.random.default_rng(args.seed + 1)
     groups = pool["group"].astype(str).to_numpy()
@@ -199,10 +197,8 @@ def _with_production_baseline(reference: Any, pool: Any, clean: list[dict[str, A
     picked: list[int] = []
     while len(picked) < args.baseline_size:  # whole spots, one after another
         picked.extend(members[rng.choice(len(members), p=spot_weight / spot_weight.sum())].tolist())
-    start = datetime(2025, 1, 1, tzinfo=UTC)
-    records = restamp([clean[i] for i in picked], [start + timedelta(seconds=i) for i in range(len(picked))])
     window_idx = np.flatnonzero(~np.isin(groups, baseline_groups))
-    return with_baseline(reference, current_frame(records)), window_idx
+    return with_baseline(reference, current_frame([clean[i] for i in picked])), window_idx
 
 
 def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddings: tuple[Any, Any], drift: Any,
@@ -220,13 +216,13 @@ def _run_windows(pools: dict[str, list[dict[str, Any]]], reference: Any, embeddi
     ref_emb, ref_groups = embeddings
 
     rng = np.random.default_rng(args.seed)
+    p = None if weights is None else weights[drawn_from] / weights[drawn_from].sum()
     results: dict[str, Any] = {}
     for variant, records in pools.items():
         outcome: dict[str, Any] = {"overall": 0, "dataset": 0, "alarm": 0, "embedding": 0, "columns": Counter(),
                                    "alternatives": Counter(), "drift_share": [], "embedding_score": [],
                                    "scores": {}, "seconds": [], "windows": []}
         for _ in range(args.windows):
-            p = None if weights is None else weights[drawn_from] / weights[drawn_from].sum()
             picked = rng.choice(drawn_from, size, replace=weights is not None or size > len(drawn_from), p=p)
             frame = current_frame([records[i] for i in picked])
             started = time.perf_counter()
