@@ -276,7 +276,7 @@ def data_validate(
             raise UsageError(str(exc)) from exc
         report_dir, what = settings.reports_dir / "validations" / f"{stamp}-{Path(source).name}", source
     else:
-        with exclusive(settings.locks_dir, "data", "a dataset import"):  # never "recover" a live import
+        with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):  # never "recover" a live import
             recover(settings)
         tracked = tracked_data(settings, params, progress=True)
         frame, version = tracked.manifest, tracked.version or "untracked"

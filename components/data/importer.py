@@ -224,7 +224,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
     from components.validation.suite import class_shares, validate_manifest
 
     settings.ensure()
-    with exclusive(settings.locks_dir, "data", "a dataset import"):
+    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
         recover(settings)
         repo = DatasetRepo(settings)
         repo.ensure_initialised()

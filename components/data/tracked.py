@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,13 @@ from components.config import Params, Settings, cpu_workers
 from components.data.layout import discover
 from components.data.split import read_splits
 from components.errors import ConcurrentRunError, UsageError
+from components.files import write_text_atomic
 from components.validation.manifest import build_manifest
 
 log = logging.getLogger(__name__)
+
+PULLS = "data-pulls"      # under the state root: how many pulls began to change data/, ever
+PULLING = "data-pulling"  # under the state root while a pull changes data/ (a killed one leaves it)
 
 
 def version_in(text: str) -> str | None:
@@ -78,6 +84,15 @@ class TrackedData:
 
     manifest: pd.DataFrame
     version: str | None
+    pulls: int = field(default=0, repr=False)  # pulls begun before the read: what `still_there` compares with
+
+    def still_there(self, settings: Settings) -> None:
+        """Raise ConcurrentRunError when a pull has begun since the read: the images listed may be gone, or other
+        pictures now. Call it after reading them (training's calibration, an evaluation's predictions), before
+        writing what came of them. An import since is let pass: it only adds images."""
+        if _pulls_begun(settings) != self.pulls:
+            raise ConcurrentRunError("a `data pull` changed data/ while this command read its images; run it "
+                                     "again once the pull is done")
 
 
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
@@ -93,10 +108,12 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     brought a newer data.dvc) is refused, since pulling over it would discard changes. What an import killed
     midway left is settled first, as the next import would (a version it had not committed is rolled back).
     It is read without the data lock, so that readers never block each other: an import that starts copying or
-    commits a version while it is read makes it fail (ConcurrentRunError), and callers record `version`, the
-    one checked, rather than reading data.dvc again.
+    commits a version (or is rolled back: that rewrites splits.csv), or a pull that changes data/, while it is
+    read makes it fail (ConcurrentRunError), and callers record `version`, the one checked, rather than reading
+    data.dvc again.
+    A caller that goes on to read the images checks `still_there` once it has.
     """
-    finish_interrupted_import(settings)
+    finish_interrupted_changes(settings)
     problem = None
     if not (settings.data_dir / "images").is_dir():
         if dataset_version(settings.project_root) is None:
@@ -110,23 +127,44 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     manifest = committed_manifest(settings, params, progress)
     if _version_state(settings) != before:
         raise _changed_while_read()
-    return TrackedData(manifest, before[0])
+    return TrackedData(manifest, before[0], before[2])
 
 
 def _changed_while_read() -> ConcurrentRunError:
-    return ConcurrentRunError("the tracked dataset changed while it was read (a dataset import ran beside this "
-                              "command); run it again once the import is done")
+    return ConcurrentRunError("the tracked dataset changed while it was read (a dataset import or `data pull` ran "
+                              "beside this command); run it again once that is done")
 
 
-def _version_state(settings: Settings) -> tuple[str | None, int | None]:
-    """What an import changes in data/'s version: the version data.dvc names and splits.csv. An import that is
-    copying (its journal exists) is changing them now: ConcurrentRunError, before data.dvc is read half-written."""
+def _version_state(settings: Settings) -> tuple[str | None, int | None, int]:
+    """What changes with data/'s contents: the version data.dvc names, splits.csv (an import's commit or roll-back
+    rewrites it), and the pulls begun (one that brings the committed pictures back over a changed data/ leaves the
+    other two as they were). An import that is copying (its journal exists) or a pull under way is changing them
+    now: ConcurrentRunError, before data.dvc is read half-written."""
     from components.data.importer import JOURNAL
 
-    if (settings.state_dir / JOURNAL).is_file():
+    if (settings.state_dir / JOURNAL).is_file() or (settings.state_dir / PULLING).is_file():
         raise _changed_while_read()
     splits = settings.splits_file
-    return dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None
+    return (dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None,
+            _pulls_begun(settings))
+
+
+def _pulls_begun(settings: Settings) -> int:
+    path = settings.state_dir / PULLS
+    return int(path.read_text()) if path.is_file() else 0
+
+
+@contextmanager
+def pulling(settings: Settings) -> Iterator[None]:
+    """Mark a pull that changes data/ as under way, and count it (the caller holds the data lock): readers refuse
+    until it ends, and one that read before it began fails `still_there`."""
+    write_text_atomic(settings.state_dir / PULLS, str(_pulls_begun(settings) + 1))
+    marker = settings.state_dir / PULLING
+    write_text_atomic(marker, "a `data pull` is bringing a dataset version into data/")
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def committed_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
@@ -153,16 +191,18 @@ def workspace_problem(settings: Settings) -> str | None:
             "`defectops data pull --force` brings it, discarding the changes in data/")
 
 
-def finish_interrupted_import(settings: Settings) -> None:
-    """Roll back (or keep, when it had committed) an import that a kill left half-done, under the data lock;
-    while an import still runs, its one-line ConcurrentRunError: its data/ is not yet a version."""
+def finish_interrupted_changes(settings: Settings) -> None:
+    """Roll back (or keep, when it had committed) an import that a kill left half-done, and drop the mark of a
+    killed pull (what it left in data/ is `workspace_problem`'s to name), under the data lock; while an import
+    or pull still runs, its one-line ConcurrentRunError: its data/ is not yet a version."""
     from components.data.importer import JOURNAL, recover
     from components.locks import exclusive
 
-    if not (settings.state_dir / JOURNAL).is_file():
+    if not any((settings.state_dir / name).is_file() for name in (JOURNAL, PULLING)):
         return
-    with exclusive(settings.locks_dir, "data", "a dataset import"):
+    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
         recover(settings)
+        (settings.state_dir / PULLING).unlink(missing_ok=True)
 
 
 def restore_data(settings: Settings, force: bool = False) -> str:
@@ -174,7 +214,7 @@ def restore_data(settings: Settings, force: bool = False) -> str:
     from components.locks import exclusive
 
     settings.ensure()
-    with exclusive(settings.locks_dir, "data", "a dataset import"):
+    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
         recover(settings)
         version = dataset_version(settings.project_root)
         if version is None:

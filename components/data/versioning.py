@@ -14,7 +14,7 @@ import posixpath
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,13 +156,16 @@ class DatasetRepo:
         """
         from dvc.repo import Repo
 
-        from components.data.tracked import dataset_version
+        from components.data.tracked import dataset_version, pulling, workspace_problem
 
         self.ensure_initialised()
         data_dir = self.settings.data_dir
         was_there = data_dir.exists()
+        # a pull that changes data/ is marked, so that a command reading the images beside it fails, not mixes
+        changes = not was_there or workspace_problem(self.settings) is not None
         try:
-            with dvc_console() as warnings, Repo(str(self.project)) as repo:
+            with pulling(self.settings) if changes else nullcontext(), dvc_console() as warnings, \
+                    Repo(str(self.project)) as repo:
                 repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME, force=force)
         except BaseException as exc:  # DVC raises many types for a missing cache or a dead remote; or Ctrl-C
             if not was_there:  # a partial checkout must not pass for the dataset

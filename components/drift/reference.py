@@ -161,6 +161,7 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
             return Reference(frame, version, model_version, path, cached=True)
         except (OSError, ValueError) as exc:  # a torn or foreign file: build it again
             log.warning("drift reference %s unreadable (%s); building it again", path, exc)
+    tracked = None
     if manifest is None:
         tracked = tracked_data(settings, params)  # the version it is: an import may have committed since
         manifest = tracked.manifest
@@ -168,6 +169,8 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
             version = tracked.version
             path = reference_path(settings, version, predictor, drift)
     frame = build_reference(manifest, predictor, drift)
+    if tracked is not None:
+        tracked.still_there(settings)  # before the cache keeps what the pictures gave
     with replacing(path) as tmp:
         frame.to_parquet(tmp, index=False)
     write_text_atomic(path.with_suffix(".json"), json.dumps({

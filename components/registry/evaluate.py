@@ -33,6 +33,7 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
         rows = manifest if split == "all" else manifest[manifest["split"] == split]
         report = evaluate_rows(predictor, usable_rows(rows, f"the {split} split of the {what}"), eval_params,
                                predictor.model_version)
+        tracked.still_there(settings)
     else:
         with open_source(data, settings.staging_dir) as root:
             manifest = manifest_of(root, settings, params)

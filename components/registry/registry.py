@@ -578,6 +578,7 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
             **({"origin": _truncate(origin)} if origin else {}),
         }
 
+        tracked.still_there(settings)  # the golden pictures both models just read: nothing registered otherwise
         version: str | None = None
         logged_model_id: str | None = None
         comparison_path: Path | None = None

@@ -6,12 +6,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from components.config import Params, Settings
 from components.files import write_text_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,11 @@ def store_calibration(model_path: Path, calibration: dict[str, Any], fingerprint
     atomic_save(blob, model_path)
 
 
-def training_fingerprint(settings: Settings, params: Params, profile: str | None) -> str:
-    """What makes a training run the same run: the exact images and splits, the profile, augmentation, seed and
-    review-rule targets. The monthly flow skips training when a registered version already has it."""
+def training_fingerprint(settings: Settings, params: Params, profile: str | None,
+                         manifest: pd.DataFrame | None = None) -> str:
+    """What makes a training run the same run: the exact images and splits (of `manifest`, by default the tracked
+    dataset's), the profile, augmentation, seed and review-rule targets. The monthly flow skips training when a
+    registered version already has it."""
     import hashlib
 
     from components.data.tracked import tracked_manifest
@@ -42,7 +47,8 @@ def training_fingerprint(settings: Settings, params: Params, profile: str | None
 
     name, prof = choose_profile(train_params(params), profile)
     ev = evaluate_params(params)
-    payload = {"data": manifest_digest(tracked_manifest(settings, params)), "profile": name,
+    manifest = tracked_manifest(settings, params) if manifest is None else manifest
+    payload = {"data": manifest_digest(manifest), "profile": name,
                "train": prof.model_dump(mode="json", exclude={"num_workers", "threads"}),
                "augment": augment_params(params).model_dump(mode="json"),
                "seed": training_seed(params),
@@ -59,21 +65,23 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
     point leaves no model that looks final and `--resume` continues (after the last epoch, it only writes and
     calibrates the model).
     """
-    from components.data.tracked import tracked_manifest
+    from components.data.tracked import tracked_data
     from components.evaluation.runner import calibrate, evaluate_params
     from components.predictor import Predictor
     from components.training.train import MODEL_FILE, finish_run, run_training
 
     model_path, calibration_path = out_dir / MODEL_FILE, out_dir / CALIBRATION_FILE
+    tracked = tracked_data(settings, params, progress=True)  # one read for training, calibration and fingerprint
     result = run_training(settings, params, profile=profile, resume=resume, out_dir=out_dir,
-                          model_file=UNCALIBRATED_FILE, finish=False)
+                          model_file=UNCALIBRATED_FILE, finish=False, tracked=tracked)
     # the new run's metrics are written: an earlier model.pt beside them would look like theirs
     model_path.unlink(missing_ok=True)
     calibration_path.unlink(missing_ok=True)
-    manifest = tracked_manifest(settings, params)
+    manifest = tracked.manifest
     predictor = Predictor.from_file(result.model_path, device="cpu")
     calibration = calibrate(predictor, manifest[manifest["split"] == "val"], evaluate_params(params))
-    store_calibration(result.model_path, calibration, training_fingerprint(settings, params, profile))
+    tracked.still_there(settings)  # val's pictures were read again just now
+    store_calibration(result.model_path, calibration, training_fingerprint(settings, params, profile, manifest))
     write_text_atomic(calibration_path, json.dumps(calibration, indent=2) + "\n")
     os.replace(result.model_path, model_path)
     finish_run(params, result.checkpoint_dir)

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -67,6 +67,9 @@ from components.training.transforms import (
     model_input,
     train_transform,
 )
+
+if TYPE_CHECKING:
+    from components.data.tracked import TrackedData
 
 log = logging.getLogger(__name__)
 
@@ -437,12 +440,15 @@ def run_training(
     progress: bool = True,
     model_file: str = MODEL_FILE,
     finish: bool = True,
+    tracked: TrackedData | None = None,
 ) -> TrainResult:
     """Train on the 'train' split, early-stop on 'val', write `model_file`, train_metrics.json and history.csv.
 
-    With `finish`, the run ends here: its checkpoint folder goes (`finish_run`). A caller with more to do
-    (calibration) passes False and calls `finish_run` once that is done too. Two runs of one configuration
-    share that folder, so the second refuses while the first runs.
+    The rows come from `manifest` (a folder's, recorded as no dataset version), else `tracked` (the tracked
+    dataset as a caller read it), else the tracked dataset read now. With `finish`, the run ends here: its
+    checkpoint folder goes (`finish_run`). A caller with more to do (calibration) passes False and calls
+    `finish_run` once that is done too. Two runs of one configuration share that folder, so the second refuses
+    while the first runs.
     """
     started = time.perf_counter()
     params = _as_params(params)
@@ -454,8 +460,10 @@ def run_training(
     if manifest is None:
         from components.data.tracked import tracked_data
 
-        tracked = tracked_data(settings, params, progress=progress)
+        tracked = tracked or tracked_data(settings, params, progress=progress)
         manifest, dataset_version = tracked.manifest, tracked.version
+    else:
+        tracked = None
     classes, normal = list(params.profile.classes), params.profile.normal_class
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     digest = manifest_digest(pd.concat([train_rows, val_rows]))
@@ -475,6 +483,8 @@ def run_training(
     train_loader, val_loader, train_targets = build_loaders(
         train_rows, val_rows, classes, prof, aug, seed, params.data.max_image_pixels, normal, progress
     )
+    if tracked is not None and prof.cache_images:
+        tracked.still_there(settings)  # every picture is decoded now: a later pull cannot change what trains
     counts = class_counts(train_targets, len(classes))
     for name, count in zip(classes, counts, strict=True):
         if count == 0:
@@ -503,6 +513,8 @@ def run_training(
             head_refit = _refit_head(model, result, train_rows, val_loader, classes, prof, criterion, seed,
                                      params.data.max_image_pixels)
 
+    if tracked is not None and not prof.cache_images:
+        tracked.still_there(settings)  # the pictures were read from data/ every epoch
     seconds_total = time.perf_counter() - started
     metrics = {
         "best_val_macro_f1": (head_refit["val_macro_f1_after"] if head_refit and head_refit["kept"]

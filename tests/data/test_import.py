@@ -314,6 +314,88 @@ def test_a_manifest_read_beside_an_import_is_refused_not_mixed(project, tmp_path
     assert len(read.manifest) == 24 and read.version == second
 
 
+def _read_while(monkeypatch, action) -> None:
+    """The next read of the tracked rows runs `action` once, after the rows are built."""
+    from components.data import tracked
+
+    real_read = tracked.committed_manifest
+
+    def read_while(*args, **kwargs):
+        rows = real_read(*args, **kwargs)
+        monkeypatch.setattr(tracked, "committed_manifest", real_read)
+        action()
+        return rows
+
+    monkeypatch.setattr(tracked, "committed_manifest", read_while)
+
+
+def test_a_read_beside_an_import_rolled_back_within_it_or_a_pull_is_refused(project, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """An import that copies and is rolled back (an error) while the rows are read, and a pull that brings the
+    committed pictures back over a changed data/, leave data.dvc naming the version it named: the read still
+    fails (the roll-back rewrote splits.csv; the pull is counted), since its rows came from a changing data/."""
+    from components.data.tracked import restore_data
+
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    params = load_params(project.params_file)
+
+    def import_fails_after_its_copy():
+        real_add = DatasetRepo.add
+
+        def add_fails(self):
+            raise OSError(errno.EIO, "the disk went away")
+
+        monkeypatch.setattr(DatasetRepo, "add", add_fails)
+        with pytest.raises(OSError, match="disk went away"):
+            _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"))
+        monkeypatch.setattr(DatasetRepo, "add", real_add)
+
+    before = _snapshot(project)
+    _read_while(monkeypatch, import_fails_after_its_copy)
+    with pytest.raises(ConcurrentRunError, match="changed while it was read"):
+        tracked_manifest(project, params)
+    assert _snapshot(project) == before, "the failed import was rolled back"
+
+    victim = next((project.data_dir / "images").rglob("*.png"))
+
+    def pull_over_a_changed_data():
+        victim.write_bytes(b"edited by hand")
+        restore_data(project, force=True)
+
+    _read_while(monkeypatch, pull_over_a_changed_data)
+    with pytest.raises(ConcurrentRunError, match="changed while it was read"):
+        tracked_manifest(project, params)
+    assert _snapshot(project) == before
+    assert len(tracked_manifest(project, params)) == 12
+
+
+def test_images_read_after_the_rows_are_checked_against_a_pull_since(project, tmp_path: Path) -> None:
+    """A command that reads the pictures after the rows (training's calibration, an evaluation) fails when a pull
+    changed data/ since; a pull that found data/ as committed changes nothing and is let pass, as is an import,
+    which only adds pictures."""
+    from components.data.tracked import PULLING, restore_data, tracked_data
+
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    params = load_params(project.params_file)
+    read = tracked_data(project, params)
+    restore_data(project)  # data/ holds the committed version already
+    _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"))
+    read.still_there(project)
+
+    next((project.data_dir / "images").rglob("*.png")).write_bytes(b"edited by hand")
+    restore_data(project, force=True)
+    with pytest.raises(ConcurrentRunError, match="a `data pull` changed data/ while this command read its images"):
+        read.still_there(project)
+    tracked_data(project, params).still_there(project)
+
+    marker = project.state_dir / PULLING  # a pull still running, or killed
+    with exclusive(project.locks_dir, "data", "a dataset import, pull or push"):
+        marker.write_text("pulling")
+        with pytest.raises(ConcurrentRunError, match="already running"):
+            tracked_data(project, params)
+    assert len(tracked_data(project, params).manifest) == 24 and not marker.exists(), "a killed pull's mark goes"
+
+
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C or SIGTERM between the git commit and the journal's removal: the version is whole, so it stays;
     rolling its files back would leave HEAD naming a dataset the workspace no longer holds."""
@@ -352,7 +434,7 @@ def test_two_imports_at_once_refuse(project, tmp_path: Path) -> None:
 
     with exclusive(project.locks_dir, "data", "a dataset import"):  # its journal must not be "recovered" under it
         validating = CliRunner().invoke(app, ["data", "validate"])
-    assert validating.exit_code != 0 and f"a dataset import is already running ({holder})" in validating.output
+    assert validating.exit_code != 0 and f"a dataset import, pull or push is already running ({holder})" in validating.output
 
 
 def test_no_commit_and_fallback_identity(project, tmp_path: Path, monkeypatch) -> None:

@@ -10,6 +10,7 @@ import yaml
 
 from components.config import load_params
 from components.data.importer import import_data
+from components.errors import ConcurrentRunError
 from tests.conftest import make_imagefolder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -111,7 +112,8 @@ def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path
 
 def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_it(
         project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """model.pt appears only calibrated; the checkpoint stays until then, so --resume only calibrates."""
+    """model.pt appears only calibrated; the checkpoint stays until then, so --resume only calibrates. A pull
+    that changes data/ while calibration reads val's pictures fails it the same way."""
     import torch
 
     from components.evaluation import runner
@@ -134,6 +136,21 @@ def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_
     assert (out / UNCALIBRATED_FILE).is_file()
     checkpoints = list((project.home_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "last.pt").is_file()
+
+    real_calibrate = runner.calibrate
+
+    def calibrate_beside_a_pull(*args, **kwargs):  # val's pictures are read while a pull changes data/
+        from components.data.tracked import restore_data
+
+        next((project.data_dir / "images").rglob("*.png")).write_bytes(b"edited by hand")
+        restore_data(project, force=True)
+        return real_calibrate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "calibrate", calibrate_beside_a_pull)
+        with pytest.raises(ConcurrentRunError, match="a `data pull` changed data/"):
+            train_and_calibrate(project, params, None, True, out)
+    assert not (out / "model.pt").exists() and (checkpoints[0] / "last.pt").is_file()
 
     done = train_and_calibrate(project, params, None, True, out)
     assert done["resumed_from_epoch"] == done["epochs"] == 2, "resumed after the last epoch: nothing retrained"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from components.errors import DefectOpsError, UsageError
+from components.errors import ConcurrentRunError, DefectOpsError, UsageError
 from tests.conftest import make_imagefolder
 from tests.registry.conftest import LENIENT_GATE, make_train_dir, params_with_gate
 
@@ -176,6 +176,33 @@ def test_a_model_trained_on_another_dataset_version_is_refused(registry_project,
                                          r"holds .*\.dir: .*check out the commit whose data.dvc names"):
         register(settings, params_with_gate(settings, **LENIENT_GATE), elsewhere)
     assert list_versions(settings) == []
+
+
+def test_a_pull_while_the_golden_pictures_are_read_registers_nothing(registry_project, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The golden figures must be of the pictures the version records: a `data pull` that changes data/ while
+    they are read fails the registration before any run or version exists."""
+    from components.data.tracked import restore_data
+    from components.registry import registry
+    from components.registry.registry import list_versions, register
+
+    settings = registry_project
+    real_evaluate = registry._evaluate
+
+    def evaluate_beside_a_pull(*args, **kwargs):
+        picture = next((settings.data_dir / "images").rglob("*.png"))
+        kept = picture.read_bytes()
+        picture.write_bytes(b"edited by hand")
+        restore_data(settings, force=True)
+        assert picture.read_bytes() == kept
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_evaluate", evaluate_beside_a_pull)
+    with pytest.raises(ConcurrentRunError, match="a `data pull` changed data/ while this command read its images"):
+        register(settings, params_with_gate(settings, **LENIENT_GATE), make_train_dir(tmp_path / "train"))
+    assert list_versions(settings) == []
+    client = _client(settings)
+    assert client.search_runs([client.get_experiment_by_name("defectops").experiment_id]) == []
 
 
 def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
