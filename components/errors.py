@@ -43,6 +43,10 @@ class ConcurrentRunError(DefectOpsError):
     """Another defectops process holds the lock this command needs."""
 
 
+class PicturesChanged(ConcurrentRunError):
+    """A `data pull` changed or removed pictures of data/ while a command read them (TrackedData.still_there)."""
+
+
 def one_line(text: object, limit: int = 240) -> str:
     """A library's message on one line (whitespace runs collapsed, terminal colour codes removed), cut at `limit`
     characters."""

@@ -14,14 +14,14 @@ import yaml
 from components.config import Params, Settings, cpu_workers
 from components.data.layout import discover
 from components.data.split import read_splits
-from components.errors import ConcurrentRunError, UsageError
+from components.errors import ConcurrentRunError, PicturesChanged, UsageError
 from components.files import write_text_atomic
 from components.validation.manifest import build_manifest
 
 log = logging.getLogger(__name__)
 
-PULLS = "data-pulls"      # under the state root: how many pulls began to change data/, ever
-PULLING = "data-pulling"  # under the state root while a pull changes data/ (a killed one leaves it)
+PULLS = "defectops-pulls"      # under the checkout's .dvc/tmp: how many pulls changed or removed pictures, ever
+PULLING = "defectops-pulling"  # ... and while a pull writes into data/ (a killed one leaves it)
 
 
 def version_in(text: str) -> str | None:
@@ -84,15 +84,16 @@ class TrackedData:
 
     manifest: pd.DataFrame
     version: str | None
-    pulls: int = field(default=0, repr=False)  # pulls begun before the read: what `still_there` compares with
+    pulls: int = field(repr=False)  # pulls that changed pictures before the read: what `still_there` compares with
 
     def still_there(self, settings: Settings) -> None:
-        """Raise ConcurrentRunError when a pull has begun since the read: the images listed may be gone, or other
-        pictures now. Call it after reading them (training's calibration, an evaluation's predictions), before
-        writing what came of them. An import since is let pass: it only adds images."""
-        if _pulls_begun(settings) != self.pulls:
-            raise ConcurrentRunError("a `data pull` changed data/ while this command read its images; run it "
-                                     "again once the pull is done")
+        """Raise PicturesChanged when a pull has changed or removed pictures of data/ since the read: those listed
+        may be gone, or other pictures now. Call it after reading them (training's decoding, calibration, an
+        evaluation's predictions), before writing what came of them. A pull or import since that only added
+        pictures is let pass."""
+        if _pulls_changed(settings) != self.pulls:
+            raise PicturesChanged("a `data pull` changed or removed pictures in data/ while this command read "
+                                  "them; run it again once the pull is done")
 
 
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
@@ -108,8 +109,8 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     brought a newer data.dvc) is refused, since pulling over it would discard changes. What an import killed
     midway left is settled first, as the next import would (a version it had not committed is rolled back).
     It is read without the data lock, so that readers never block each other: an import that starts copying or
-    commits a version (or is rolled back: that rewrites splits.csv), or a pull that changes data/, while it is
-    read makes it fail (ConcurrentRunError), and callers record `version`, the one checked, rather than reading
+    commits a version (or is rolled back: that rewrites splits.csv), or a pull that writes into data/, while it
+    is read makes it fail (ConcurrentRunError), and callers record `version`, the one checked, rather than reading
     data.dvc again.
     A caller that goes on to read the images checks `still_there` once it has.
     """
@@ -137,33 +138,51 @@ def _changed_while_read() -> ConcurrentRunError:
 
 def _version_state(settings: Settings) -> tuple[str | None, int | None, int]:
     """What changes with data/'s contents: the version data.dvc names, splits.csv (an import's commit or roll-back
-    rewrites it), and the pulls begun (one that brings the committed pictures back over a changed data/ leaves the
-    other two as they were). An import that is copying (its journal exists) or a pull under way is changing them
-    now: ConcurrentRunError, before data.dvc is read half-written."""
+    rewrites it), and the pulls that changed pictures (one that brings the committed pictures back over a changed
+    data/ leaves the other two as they were). An import that is copying (its journal exists) or a pull that is
+    writing is changing them now: ConcurrentRunError, before data.dvc is read half-written. The count is read
+    before the marks, and a pull marks before it counts: a pull that overlaps a read shows one or the other."""
     from components.data.importer import JOURNAL
 
-    if (settings.state_dir / JOURNAL).is_file() or (settings.state_dir / PULLING).is_file():
+    pulls = _pulls_changed(settings)
+    if (settings.state_dir / JOURNAL).is_file() or _pull_file(settings, PULLING).is_file():
         raise _changed_while_read()
     splits = settings.splits_file
-    return (dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None,
-            _pulls_begun(settings))
+    return dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None, pulls
 
 
-def _pulls_begun(settings: Settings) -> int:
-    path = settings.state_dir / PULLS
+def _pull_file(settings: Settings, name: str) -> Path:
+    """A file of the checkout's own record of pulls into its data/: under .dvc/tmp (git-ignored), since other
+    checkouts (Kubernetes Jobs' clones) share the state root but not data/."""
+    return settings.project_root / ".dvc" / "tmp" / name
+
+
+def _pulls_changed(settings: Settings) -> int:
+    path = _pull_file(settings, PULLS)
     return int(path.read_text()) if path.is_file() else 0
+
+
+def _pictures(data_dir: Path) -> dict[Path, tuple[int, int, int]]:
+    """Each file under data_dir with what a rewrite changes (inode, size, mtime)."""
+    if not data_dir.is_dir():
+        return {}
+    return {path: (info.st_ino, info.st_size, info.st_mtime_ns)
+            for path in data_dir.rglob("*") if path.is_file() for info in [path.stat()]}
 
 
 @contextmanager
 def pulling(settings: Settings) -> Iterator[None]:
-    """Mark a pull that changes data/ as under way, and count it (the caller holds the data lock): readers refuse
-    until it ends, and one that read before it began fails `still_there`."""
-    write_text_atomic(settings.state_dir / PULLS, str(_pulls_begun(settings) + 1))
-    marker = settings.state_dir / PULLING
-    write_text_atomic(marker, "a `data pull` is bringing a dataset version into data/")
+    """Mark a pull's writing into data/ as under way (the caller holds the data lock): tracked reads refuse until
+    it ends. When it ends, having changed or removed any picture that was there (not only added some), it is
+    counted, before the mark goes, so that a command which read before it fails `still_there`."""
+    marker, before = _pull_file(settings, PULLING), _pictures(settings.data_dir)
+    write_text_atomic(marker, "a `data pull` is writing into data/")
     try:
         yield
     finally:
+        after = _pictures(settings.data_dir)
+        if any(after.get(path) != facts for path, facts in before.items()):
+            write_text_atomic(_pull_file(settings, PULLS), str(_pulls_changed(settings) + 1))
         marker.unlink(missing_ok=True)
 
 
@@ -198,11 +217,12 @@ def finish_interrupted_changes(settings: Settings) -> None:
     from components.data.importer import JOURNAL, recover
     from components.locks import exclusive
 
-    if not any((settings.state_dir / name).is_file() for name in (JOURNAL, PULLING)):
+    marker = _pull_file(settings, PULLING)
+    if not (settings.state_dir / JOURNAL).is_file() and not marker.is_file():
         return
     with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
         recover(settings)
-        (settings.state_dir / PULLING).unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
 
 
 def restore_data(settings: Settings, force: bool = False) -> str:

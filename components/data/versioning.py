@@ -14,7 +14,7 @@ import posixpath
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,20 +156,23 @@ class DatasetRepo:
         """
         from dvc.repo import Repo
 
-        from components.data.tracked import dataset_version, pulling, workspace_problem
+        from components.data.tracked import dataset_version, pulling
 
         self.ensure_initialised()
         data_dir = self.settings.data_dir
         was_there = data_dir.exists()
-        # a pull that changes data/ is marked, so that a command reading the images beside it fails, not mixes
-        changes = not was_there or workspace_problem(self.settings) is not None
+        targets = [str(self.project / "data.dvc")]
         try:
-            with pulling(self.settings) if changes else nullcontext(), dvc_console() as warnings, \
-                    Repo(str(self.project)) as repo:
-                repo.pull(targets=[str(self.project / "data.dvc")], remote=REMOTE_NAME, force=force)
+            with dvc_console() as warnings, Repo(str(self.project)) as repo:
+                repo.fetch(targets=targets, remote=REMOTE_NAME)  # `dvc pull`, downloading before data/ is touched
+                with pulling(self.settings):  # a command reading data/ meanwhile fails rather than mixes
+                    try:
+                        repo.checkout(targets=targets, force=force)
+                    except BaseException:
+                        if not was_there:  # a partial checkout must not pass for the dataset
+                            shutil.rmtree(data_dir, ignore_errors=True)
+                        raise
         except BaseException as exc:  # DVC raises many types for a missing cache or a dead remote; or Ctrl-C
-            if not was_there:  # a partial checkout must not pass for the dataset
-                shutil.rmtree(data_dir, ignore_errors=True)
             if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: cleaned up, now stop
                 raise
             if not force and was_there and (unsaved := _unsaved_files(exc)) is not None:

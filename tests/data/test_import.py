@@ -371,29 +371,70 @@ def test_a_read_beside_an_import_rolled_back_within_it_or_a_pull_is_refused(proj
 
 def test_images_read_after_the_rows_are_checked_against_a_pull_since(project, tmp_path: Path) -> None:
     """A command that reads the pictures after the rows (training's calibration, an evaluation) fails when a pull
-    changed data/ since; a pull that found data/ as committed changes nothing and is let pass, as is an import,
-    which only adds pictures."""
-    from components.data.tracked import PULLING, restore_data, tracked_data
+    changed or removed pictures of data/ since. Pulls that change nothing, only add pictures, or are refused let
+    it pass, as does an import (it only adds), and so does a pull into another checkout of the same state root
+    (a Kubernetes Job's clone)."""
+    from components.config import Settings
+    from components.data.tracked import restore_data, tracked_data
+    from components.errors import PicturesChanged, UsageError
+
+    root = project.project_root
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"))
+    params = load_params(project.params_file)
+    subprocess.run(["git", "checkout", "HEAD~1", "--", "data.dvc", "splits.csv"], cwd=root, check=True)
+    restore_data(project)  # back to the first version: the second one's pictures go
+    read = tracked_data(project, params)
+    assert len(read.manifest) == 12
+    restore_data(project)  # data/ holds the committed version already
+    subprocess.run(["git", "checkout", "HEAD", "--", "data.dvc", "splits.csv"], cwd=root, check=True)
+    restore_data(project)  # the newer version: it only adds pictures
+    _run(project, make_imagefolder(tmp_path / "m3", per_class=4, seed=5, prefix="more"))
+    stray = project.data_dir / "images" / "normal" / "stray.png"
+    stray.write_bytes(b"a file in neither the version nor the cache")
+    with pytest.raises(UsageError, match="would lose them"):
+        restore_data(project)  # refused before it touches anything
+    stray.unlink()
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    (clone / "params.yaml").write_text(project.params_file.read_text())
+    other = Settings(project=clone, home=project.home_dir)
+    assert len(tracked_data(other, params).manifest) == 36, "the clone pulled its data/ from the cache"
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", "HEAD~1", "--", "data.dvc", "splits.csv"], check=True)
+    restore_data(other)  # the clone's pictures go
+    read.still_there(project)
+
+    newer = tracked_data(project, params)
+    subprocess.run(["git", "checkout", "HEAD~1", "--", "data.dvc", "splits.csv"], cwd=root, check=True)
+    restore_data(project)  # a version without the third import's pictures
+    with pytest.raises(PicturesChanged, match="a `data pull` changed or removed pictures in data/ while this "
+                                              "command read them; run it again once the pull is done"):
+        newer.still_there(project)
+    subprocess.run(["git", "checkout", "HEAD", "--", "data.dvc", "splits.csv"], cwd=root, check=True)
+    restore_data(project)
+    newest = tracked_data(project, params)
+    next((project.data_dir / "images").rglob("*.png")).write_bytes(b"edited by hand")
+    restore_data(project, force=True)  # the same version, one picture put back
+    with pytest.raises(PicturesChanged):
+        newest.still_there(project)
+
+
+def test_a_pull_under_way_or_killed_is_not_read(project, tmp_path: Path, monkeypatch) -> None:
+    """A pull marks data/ while it writes there: a read that finds the mark at its end fails; one that finds it
+    at its start waits for the pull's lock, or clears the mark of a pull that was killed."""
+    from components.data import tracked
 
     _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
     params = load_params(project.params_file)
-    read = tracked_data(project, params)
-    restore_data(project)  # data/ holds the committed version already
-    _run(project, make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"))
-    read.still_there(project)
-
-    next((project.data_dir / "images").rglob("*.png")).write_bytes(b"edited by hand")
-    restore_data(project, force=True)
-    with pytest.raises(ConcurrentRunError, match="a `data pull` changed data/ while this command read its images"):
-        read.still_there(project)
-    tracked_data(project, params).still_there(project)
-
-    marker = project.state_dir / PULLING  # a pull still running, or killed
-    with exclusive(project.locks_dir, "data", "a dataset import, pull or push"):
-        marker.write_text("pulling")
-        with pytest.raises(ConcurrentRunError, match="already running"):
-            tracked_data(project, params)
-    assert len(tracked_data(project, params).manifest) == 24 and not marker.exists(), "a killed pull's mark goes"
+    marker = tracked._pull_file(project, tracked.PULLING)
+    _read_while(monkeypatch, lambda: marker.write_text("a pull began writing"))
+    with pytest.raises(ConcurrentRunError, match="changed while it was read"):
+        tracked_manifest(project, params)
+    with exclusive(project.locks_dir, "data", "a dataset import, pull or push"), \
+            pytest.raises(ConcurrentRunError, match="already running"):
+        tracked_manifest(project, params)  # the pull still holds the lock
+    assert marker.exists()
+    assert len(tracked_manifest(project, params)) == 12 and not marker.exists(), "a killed pull's mark goes"
 
 
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:

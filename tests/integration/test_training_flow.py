@@ -10,7 +10,7 @@ import yaml
 
 from components.config import load_params
 from components.data.importer import import_data
-from components.errors import ConcurrentRunError
+from components.errors import PicturesChanged
 from tests.conftest import make_imagefolder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -110,6 +110,49 @@ def test_unreachable_registry_retries_then_fails_cleanly(project, tmp_path: Path
     assert _versions(project) == [], "nothing fell back to the embedded store"
 
 
+def _pull_over_an_edit(settings) -> None:
+    """A `data pull --force` that puts back a picture edited by hand: it changes a picture of data/."""
+    from components.data.tracked import restore_data
+
+    next((settings.data_dir / "images").rglob("*.png")).write_bytes(b"edited by hand")
+    restore_data(settings, force=True)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["decoded-first", "read-every-epoch"])
+def test_a_pull_while_training_reads_the_pictures_stops_it_before_any_output(
+        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+    """Training decodes every picture before its first epoch (`cache_images`), else reads them every epoch: a pull
+    that changes one meanwhile stops it before it writes a model; a run whose epochs read a changed picture
+    leaves no checkpoint for `--resume` to carry on from."""
+    from components.training import train
+    from components.training.calibrate import train_and_calibrate
+
+    _tracked_project(project, tmp_path, num_workers=0, cache_images=cached)
+    params = load_params(project.params_file)
+    out = tmp_path / "train"
+    if cached:
+        real_build = train.build_loaders
+
+        def build_beside_a_pull(*args, **kwargs):
+            loaders = real_build(*args, **kwargs)
+            _pull_over_an_edit(project)
+            return loaders
+
+        monkeypatch.setattr(train, "build_loaders", build_beside_a_pull)
+    else:
+        real_fit = train.fit
+
+        def fit_beside_a_pull(*args, callbacks=(), **kwargs):
+            return real_fit(*args, callbacks=[lambda _record: _pull_over_an_edit(project), *callbacks], **kwargs)
+
+        monkeypatch.setattr(train, "fit", fit_beside_a_pull)
+    with pytest.raises(PicturesChanged):
+        train_and_calibrate(project, params, None, False, out)
+    assert not list(out.glob("*.pt")) and not (out / "train_metrics.json").exists()
+    checkpoints = project.home_dir / "checkpoints"
+    assert not (checkpoints.is_dir() and any(checkpoints.iterdir())), "no checkpoint of a fit on changed pictures"
+
+
 def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_it(
         project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.pt appears only calibrated; the checkpoint stays until then, so --resume only calibrates. A pull
@@ -140,15 +183,12 @@ def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_
     real_calibrate = runner.calibrate
 
     def calibrate_beside_a_pull(*args, **kwargs):  # val's pictures are read while a pull changes data/
-        from components.data.tracked import restore_data
-
-        next((project.data_dir / "images").rglob("*.png")).write_bytes(b"edited by hand")
-        restore_data(project, force=True)
+        _pull_over_an_edit(project)
         return real_calibrate(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(runner, "calibrate", calibrate_beside_a_pull)
-        with pytest.raises(ConcurrentRunError, match="a `data pull` changed data/"):
+        with pytest.raises(PicturesChanged, match="a `data pull` changed or removed pictures in data/"):
             train_and_calibrate(project, params, None, True, out)
     assert not (out / "model.pt").exists() and (checkpoints[0] / "last.pt").is_file()
 

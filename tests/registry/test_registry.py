@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from components.errors import ConcurrentRunError, DefectOpsError, UsageError
+from components.errors import DefectOpsError, PicturesChanged, UsageError
 from tests.conftest import make_imagefolder
 from tests.registry.conftest import LENIENT_GATE, make_train_dir, params_with_gate
 
@@ -178,31 +178,62 @@ def test_a_model_trained_on_another_dataset_version_is_refused(registry_project,
     assert list_versions(settings) == []
 
 
-def test_a_pull_while_the_golden_pictures_are_read_registers_nothing(registry_project, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The golden figures must be of the pictures the version records: a `data pull` that changes data/ while
-    they are read fails the registration before any run or version exists."""
+def _pull_over_an_edit(settings) -> None:
+    """A `data pull --force` that puts back a picture edited by hand: it changes a picture of data/."""
     from components.data.tracked import restore_data
+
+    picture = next((settings.data_dir / "images").rglob("*.png"))
+    kept = picture.read_bytes()
+    picture.write_bytes(b"edited by hand")
+    restore_data(settings, force=True)
+    assert picture.read_bytes() == kept
+
+
+def test_a_pull_while_the_golden_pictures_are_read_leaves_no_figures(registry_project, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures must be of the pictures their dataset version names: a `data pull` that changes data/ while
+    register, evaluate or the drift reference read them fails that command before it writes anything (no run,
+    no version, no cached reference)."""
+    from components.drift import reference
+    from components.drift.params import drift_params
+    from components.evaluation import runner
+    from components.predictor import Predictor
     from components.registry import registry
+    from components.registry.evaluate import evaluate_model
     from components.registry.registry import list_versions, register
 
     settings = registry_project
-    real_evaluate = registry._evaluate
+    params = params_with_gate(settings, **LENIENT_GATE)
+    train_dir = make_train_dir(tmp_path / "train")
 
-    def evaluate_beside_a_pull(*args, **kwargs):
-        picture = next((settings.data_dir / "images").rglob("*.png"))
-        kept = picture.read_bytes()
-        picture.write_bytes(b"edited by hand")
-        restore_data(settings, force=True)
-        assert picture.read_bytes() == kept
-        return real_evaluate(*args, **kwargs)
+    def beside_a_pull(real):
+        def read_while_pulled(*args, **kwargs):
+            _pull_over_an_edit(settings)
+            return real(*args, **kwargs)
+        return read_while_pulled
 
-    monkeypatch.setattr(registry, "_evaluate", evaluate_beside_a_pull)
-    with pytest.raises(ConcurrentRunError, match="a `data pull` changed data/ while this command read its images"):
-        register(settings, params_with_gate(settings, **LENIENT_GATE), make_train_dir(tmp_path / "train"))
+    changed = "a `data pull` changed or removed pictures in data/ while this command read them"
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "_evaluate", beside_a_pull(registry._evaluate))
+        with pytest.raises(PicturesChanged, match=changed):
+            register(settings, params, train_dir)
     assert list_versions(settings) == []
     client = _client(settings)
     assert client.search_runs([client.get_experiment_by_name("defectops").experiment_id]) == []
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "evaluate_rows", beside_a_pull(runner.evaluate_rows))
+        with pytest.raises(PicturesChanged, match=changed):
+            evaluate_model(settings, params, str(train_dir / "model.pt"))
+
+    drift = drift_params(params)
+    predictor = Predictor.from_file(train_dir / "model.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "build_reference", beside_a_pull(reference.build_reference))
+        with pytest.raises(PicturesChanged, match=changed):
+            reference.load_reference(settings, params, predictor, drift)
+    assert not list(settings.reports_dir.rglob("*.parquet")), "no reference cached"
+    assert not reference.load_reference(settings, params, predictor, drift).cached
 
 
 def test_gate_approve_and_reject(registry_project, tmp_path: Path) -> None:
