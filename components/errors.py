@@ -40,7 +40,7 @@ class ModelNotFound(DefectOpsError):
 
 
 class ConcurrentRunError(DefectOpsError):
-    """Another defectops process holds the lock this command needs."""
+    """Another defectops process holds the lock this command needs, or changed what this command was reading."""
 
 
 class PicturesChanged(ConcurrentRunError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from components.validation.manifest import build_manifest
 
 log = logging.getLogger(__name__)
 
-PULLS = "defectops-pulls"      # under the checkout's .dvc/tmp: how many pulls changed or removed pictures, ever
+PULLED = "defectops-pulled"    # under the checkout's .dvc/tmp: the id of the last pull that changed pictures
 PULLING = "defectops-pulling"  # ... and while a pull writes into data/ (a killed one leaves it)
 
 
@@ -84,14 +85,15 @@ class TrackedData:
 
     manifest: pd.DataFrame
     version: str | None
-    pulls: int = field(repr=False)  # pulls that changed pictures before the read: what `still_there` compares with
+    pulled: str = field(repr=False)  # the last pull that changed pictures before the read: what `still_there` checks
 
     def still_there(self, settings: Settings) -> None:
-        """Raise PicturesChanged when a pull has changed or removed pictures of data/ since the read: those listed
-        may be gone, or other pictures now. Call it after reading them (training's decoding, calibration, an
-        evaluation's predictions), before writing what came of them. A pull or import since that only added
-        pictures is let pass."""
-        if _pulls_changed(settings) != self.pulls:
+        """Raise PicturesChanged when a pull has changed or removed pictures of data/ since the read, or is
+        writing there now: those listed may be gone, or other pictures now. Call it after reading them (training's
+        decoding, calibration, an evaluation's predictions), before writing what came of them. A pull or import
+        since that only added pictures is let pass. (The mark first: once it is gone, a pull that overlapped
+        has left its id.)"""
+        if _pull_file(settings, PULLING).is_file() or _last_changing_pull(settings) != self.pulled:
             raise PicturesChanged("a `data pull` changed or removed pictures in data/ while this command read "
                                   "them; run it again once the pull is done")
 
@@ -108,21 +110,24 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     missing data/ (a fresh clone) is pulled first; a data/ that differs (edited by hand, or a `git pull` that
     brought a newer data.dvc) is refused, since pulling over it would discard changes. What an import killed
     midway left is settled first, as the next import would (a version it had not committed is rolled back).
-    It is read without the data lock, so that readers never block each other: an import that starts copying or
-    commits a version (or is rolled back: that rewrites splits.csv), or a pull that writes into data/, while it
-    is read makes it fail (ConcurrentRunError), and callers record `version`, the one checked, rather than reading
-    data.dvc again.
-    A caller that goes on to read the images checks `still_there` once it has.
+    It is read without the data lock, so that readers never block each other: an import that is copying, or
+    commits a version (or is rolled back: that rewrites splits.csv), or a pull that is writing into data/ or
+    changes pictures there, before the rows are read to the end makes it fail (ConcurrentRunError); data.dvc is
+    checked against data/ in between, so a pull that only adds pictures has nothing to add. Callers record
+    `version`, the one checked, rather than reading data.dvc again, and a caller that goes on to read the
+    pictures checks `still_there` once it has.
     """
     finish_interrupted_changes(settings)
-    problem = None
+    restored = False
     if not (settings.data_dir / "images").is_dir():
         if dataset_version(settings.project_root) is None:
             raise UsageError(f"{settings.data_dir}: no tracked dataset; run `defectops data import SOURCE` first")
         restore_data(settings)
-    else:
-        problem = workspace_problem(settings)
-    before = _version_state(settings)  # an import copying by now: that, not "data/ is modified, pull --force"
+        restored = True
+    before = _version_state(settings)  # an import copying now: that, not "data/ is modified, pull --force"
+    problem = None if restored else workspace_problem(settings)
+    if _version_state(settings) != before:  # ... and one that began during DVC's status, or a `git pull`
+        raise _changed_while_read()
     if problem:
         raise UsageError(problem)
     manifest = committed_manifest(settings, params, progress)
@@ -136,19 +141,21 @@ def _changed_while_read() -> ConcurrentRunError:
                               "beside this command); run it again once that is done")
 
 
-def _version_state(settings: Settings) -> tuple[str | None, int | None, int]:
+def _version_state(settings: Settings) -> tuple[str | None, int | None, str]:
     """What changes with data/'s contents: the version data.dvc names, splits.csv (an import's commit or roll-back
-    rewrites it), and the pulls that changed pictures (one that brings the committed pictures back over a changed
-    data/ leaves the other two as they were). An import that is copying (its journal exists) or a pull that is
-    writing is changing them now: ConcurrentRunError, before data.dvc is read half-written. The count is read
-    before the marks, and a pull marks before it counts: a pull that overlaps a read shows one or the other."""
+    rewrites it), and the last pull that changed pictures (one that brings the committed pictures back over a
+    changed data/ leaves the other two as they were). An import that is copying (its journal exists) or a pull
+    that is writing is changing them now: ConcurrentRunError. A pull marks, writes, leaves its id, then unmarks;
+    the id is read before and after the marks, so a state taken at either end of a read sees any pull that
+    overlapped it (its mark, or an id that moved)."""
     from components.data.importer import JOURNAL
 
-    pulls = _pulls_changed(settings)
-    if (settings.state_dir / JOURNAL).is_file() or _pull_file(settings, PULLING).is_file():
+    pulled = _last_changing_pull(settings)
+    if (settings.state_dir / JOURNAL).is_file() or _pull_file(settings, PULLING).is_file() \
+            or _last_changing_pull(settings) != pulled:
         raise _changed_while_read()
     splits = settings.splits_file
-    return dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None, pulls
+    return dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None, pulled
 
 
 def _pull_file(settings: Settings, name: str) -> Path:
@@ -157,9 +164,15 @@ def _pull_file(settings: Settings, name: str) -> Path:
     return settings.project_root / ".dvc" / "tmp" / name
 
 
-def _pulls_changed(settings: Settings) -> int:
-    path = _pull_file(settings, PULLS)
-    return int(path.read_text()) if path.is_file() else 0
+def _last_changing_pull(settings: Settings) -> str:
+    """The id of the last pull that changed or removed pictures of data/ ("" before the first): a random id, so
+    that a .dvc/tmp cleared by hand never brings back one a reader holds."""
+    path = _pull_file(settings, PULLED)
+    return path.read_text() if path.is_file() else ""
+
+
+def _note_changing_pull(settings: Settings) -> None:
+    write_text_atomic(_pull_file(settings, PULLED), uuid.uuid4().hex)
 
 
 def _pictures(data_dir: Path) -> dict[Path, tuple[int, int, int]]:
@@ -173,17 +186,19 @@ def _pictures(data_dir: Path) -> dict[Path, tuple[int, int, int]]:
 @contextmanager
 def pulling(settings: Settings) -> Iterator[None]:
     """Mark a pull's writing into data/ as under way (the caller holds the data lock): tracked reads refuse until
-    it ends. When it ends, having changed or removed any picture that was there (not only added some), it is
-    counted, before the mark goes, so that a command which read before it fails `still_there`."""
+    it ends. When it ends, having changed or removed any picture that was there (not only added some), it leaves
+    its id before the mark goes, so that a command which read before it fails `still_there`."""
     marker, before = _pull_file(settings, PULLING), _pictures(settings.data_dir)
     write_text_atomic(marker, "a `data pull` is writing into data/")
     try:
         yield
     finally:
-        after = _pictures(settings.data_dir)
-        if any(after.get(path) != facts for path, facts in before.items()):
-            write_text_atomic(_pull_file(settings, PULLS), str(_pulls_changed(settings) + 1))
-        marker.unlink(missing_ok=True)
+        try:
+            after = _pictures(settings.data_dir)
+            if any(after.get(path) != facts for path, facts in before.items()):
+                _note_changing_pull(settings)
+        finally:
+            marker.unlink(missing_ok=True)
 
 
 def committed_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
@@ -222,7 +237,9 @@ def finish_interrupted_changes(settings: Settings) -> None:
         return
     with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
         recover(settings)
-        marker.unlink(missing_ok=True)
+        if marker.is_file():  # what the killed pull changed is unknown: a command that read before it must fail
+            _note_changing_pull(settings)
+            marker.unlink()
 
 
 def restore_data(settings: Settings, force: bool = False) -> str:

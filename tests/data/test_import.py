@@ -420,21 +420,29 @@ def test_images_read_after_the_rows_are_checked_against_a_pull_since(project, tm
 
 
 def test_a_pull_under_way_or_killed_is_not_read(project, tmp_path: Path, monkeypatch) -> None:
-    """A pull marks data/ while it writes there: a read that finds the mark at its end fails; one that finds it
-    at its start waits for the pull's lock, or clears the mark of a pull that was killed."""
+    """A pull marks data/ while it writes there: a read that finds the mark at its end fails, as does a command
+    checking pictures it read earlier; a read that finds it at its start fails at once naming the lock's holder,
+    or, when the pull was killed, clears the mark and counts that pull as one that changed pictures (what it did
+    is unknown)."""
     from components.data import tracked
+    from components.errors import PicturesChanged
 
     _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
     params = load_params(project.params_file)
     marker = tracked._pull_file(project, tracked.PULLING)
+    earlier = tracked.tracked_data(project, params)
     _read_while(monkeypatch, lambda: marker.write_text("a pull began writing"))
     with pytest.raises(ConcurrentRunError, match="changed while it was read"):
         tracked_manifest(project, params)
+    with pytest.raises(PicturesChanged):
+        earlier.still_there(project)  # the pull is still writing
     with exclusive(project.locks_dir, "data", "a dataset import, pull or push"), \
             pytest.raises(ConcurrentRunError, match="already running"):
         tracked_manifest(project, params)  # the pull still holds the lock
     assert marker.exists()
     assert len(tracked_manifest(project, params)) == 12 and not marker.exists(), "a killed pull's mark goes"
+    with pytest.raises(PicturesChanged):
+        earlier.still_there(project)  # the killed pull may have changed what it read
 
 
 def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path, monkeypatch) -> None:
