@@ -252,10 +252,9 @@ def data_validate(
     """Run the Great Expectations suite; exit 0 when it passes, 1 when expectations fail, 2 on usage errors."""
     from components.data.importer import recover
     from components.data.sources import open_source
-    from components.data.tracked import manifest_of, tracked_data
+    from components.data.tracked import data_lock, manifest_of, tracked_data
     from components.data.versioning import previous_version
     from components.errors import SourceError
-    from components.locks import exclusive
     from components.validation.suite import class_shares, validate_manifest
 
     if source is not None and manifest is not None:
@@ -276,7 +275,7 @@ def data_validate(
             raise UsageError(str(exc)) from exc
         report_dir, what = settings.reports_dir / "validations" / f"{stamp}-{Path(source).name}", source
     else:
-        with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):  # never "recover" a live import
+        with data_lock(settings):  # never "recover" a live import
             recover(settings)
         tracked = tracked_data(settings, params, progress=True)
         frame, version = tracked.manifest, tracked.version or "untracked"
@@ -355,15 +354,15 @@ def data_push() -> None:
     """Push the dataset versions not yet on the remote (a failed or interrupted push, --no-push), and dataset
     commits to DEFECTOPS_GIT_REMOTE."""
     from components.data.importer import recover
+    from components.data.tracked import data_lock
     from components.data.versioning import DatasetRepo
-    from components.locks import exclusive
 
     settings, _ = _context()
     settings.ensure()
     repo = DatasetRepo(settings)
     # never beside an import, a pull or another push; an import a kill left half-done is settled first (one
     # that had committed is kept and its version pushed here)
-    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
+    with data_lock(settings):
         recover(settings)
         repo.ensure_initialised()
         outcome = repo.retry_pending()

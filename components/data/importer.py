@@ -25,11 +25,10 @@ from components.config import Params, Settings, cpu_workers
 from components.data.layout import LabelledImage, discover
 from components.data.sources import open_source
 from components.data.split import read_splits, write_splits
-from components.data.tracked import dataset_version, workspace_problem
+from components.data.tracked import data_lock, dataset_version, workspace_problem
 from components.data.versioning import DatasetRepo, commit, git, head_commit
 from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed, one_line
 from components.files import leftover_temporaries, replacing, write_text_atomic
-from components.locks import exclusive
 from components.validation.manifest import build_manifest, inspect
 
 log = logging.getLogger(__name__)
@@ -224,7 +223,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
     from components.validation.suite import class_shares, validate_manifest
 
     settings.ensure()
-    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
+    with data_lock(settings):
         recover(settings)
         repo = DatasetRepo(settings)
         repo.ensure_initialised()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,17 +225,24 @@ def workspace_problem(settings: Settings) -> str | None:
             "`defectops data pull --force` brings it, discarding the changes in data/")
 
 
+def data_lock(settings: Settings) -> AbstractContextManager[None]:
+    """The lock every writer of data/ holds (an import, a pull, a push, the recovery of a killed one): taken at
+    once or refused in one line naming its holder."""
+    from components.locks import exclusive
+
+    return exclusive(settings.locks_dir, "data", "a dataset import, pull or push")
+
+
 def finish_interrupted_changes(settings: Settings) -> None:
     """Roll back (or keep, when it had committed) an import that a kill left half-done, and drop the mark of a
     killed pull (what it left in data/ is `workspace_problem`'s to name), under the data lock; while an import
     or pull still runs, its one-line ConcurrentRunError: its data/ is not yet a version."""
     from components.data.importer import JOURNAL, recover
-    from components.locks import exclusive
 
     marker = _pull_file(settings, PULLING)
     if not (settings.state_dir / JOURNAL).is_file() and not marker.is_file():
         return
-    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
+    with data_lock(settings):
         recover(settings)
         if marker.is_file():  # what the killed pull changed is unknown: a command that read before it must fail
             _note_changing_pull(settings)
@@ -248,10 +255,9 @@ def restore_data(settings: Settings, force: bool = False) -> str:
     same lock, so the version brought is the one the next command sees (not one it then rolls back)."""
     from components.data.importer import recover
     from components.data.versioning import DatasetRepo
-    from components.locks import exclusive
 
     settings.ensure()
-    with exclusive(settings.locks_dir, "data", "a dataset import, pull or push"):
+    with data_lock(settings):
         recover(settings)
         version = dataset_version(settings.project_root)
         if version is None:
