@@ -1,12 +1,13 @@
 """Import images into the tracked dataset: validate first, then add, version (DVC), commit (git), push.
 
 The import is a transaction. Nothing in `data/`, `data.dvc`, `splits.csv` or the remote changes unless the
-whole candidate dataset (old images plus new) passes validation. While files are being added, a journal under
-the state root lists them together with the previous `data.dvc` and `splits.csv`; an error, Ctrl-C or a kill
-leaves the journal behind, and the next command rolls the half-done import back, unless the import had already
-made its git commit: then that version is whole, and it is kept. Every new version is recorded as unpushed before
-the journal goes, and leaves that record only once the remote holds it: a failed or interrupted push, or
-`--no-push`, keeps it listed for `defectops data push`.
+whole candidate dataset (old images plus new) passes validation. While files are being added, a journal in the
+checkout (its .dvc/tmp: other checkouts sharing the state root have their own data/) lists them together with
+the previous `data.dvc` and `splits.csv`; an error, Ctrl-C or a kill leaves the journal behind, and the next
+command in that checkout rolls the half-done import back, unless the import had already made its git commit:
+then that version is whole, and it is kept. Every new version is recorded as unpushed before the journal goes,
+and leaves that record only once the remote holds it: a failed or interrupted push, or `--no-push`, keeps it
+listed for `defectops data push`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from components.config import Params, Settings, cpu_workers
 from components.data.layout import LabelledImage, discover
 from components.data.sources import open_source
 from components.data.split import read_splits, write_splits
-from components.data.tracked import data_lock, dataset_version, workspace_problem
+from components.data.tracked import (
+    IMPORT_JOURNAL,
+    checkout_file,
+    data_lock,
+    dataset_version,
+    workspace_problem,
+)
 from components.data.versioning import DatasetRepo, commit, git, head_commit
 from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed, one_line
 from components.files import leftover_temporaries, replacing, write_text_atomic
@@ -33,7 +40,6 @@ from components.validation.manifest import build_manifest, inspect
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "import-journal.json"
 VERSION_FILES = ("data.dvc", "splits.csv", ".gitignore")
 
 
@@ -59,8 +65,9 @@ class ImportResult:
 # ------------------------------------------------------------------ journal
 
 
-def _journal_path(settings: Settings) -> Path:
-    return settings.state_dir / JOURNAL
+def journal_path(settings: Settings) -> Path:
+    """Where an import into this checkout's data/ keeps its journal while it copies."""
+    return checkout_file(settings, IMPORT_JOURNAL)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class Journal:
 
 
 def _write_journal(settings: Settings, journal: Journal) -> None:
-    write_text_atomic(_journal_path(settings), json.dumps(asdict(journal)))
+    write_text_atomic(journal_path(settings), json.dumps(asdict(journal)))
 
 
 def _committed_version(settings: Settings, journal: Journal) -> tuple[str, str] | None:
@@ -106,7 +113,7 @@ def recover(settings: Settings) -> bool:
     there was one. Its staged validation reports go either way (callers hold the data lock: none is live)."""
     for stale in settings.staging_dir.glob("report-*"):  # also of an import killed before its journal existed
         shutil.rmtree(stale, ignore_errors=True)
-    path = _journal_path(settings)
+    path = journal_path(settings)
     if not path.is_file():
         return False
     known = {f.name for f in fields(Journal)}  # an older defectops wrote more keys
@@ -292,7 +299,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
                     raise SourceError(f"{settings.project_root}: disk full during import; nothing was changed, "
                                       "free some space and import again") from exc
                 raise
-            _journal_path(settings).unlink(missing_ok=True)
+            journal_path(settings).unlink(missing_ok=True)
 
         report_dir = settings.dataset_report_dir(version)
         if report_dir.exists():

@@ -21,8 +21,10 @@ from components.validation.manifest import build_manifest
 
 log = logging.getLogger(__name__)
 
-PULLED = "defectops-pulled"    # under the checkout's .dvc/tmp: the id of the last pull that changed pictures
-PULLING = "defectops-pulling"  # ... and while a pull writes into data/ (a killed one leaves it)
+# The checkout's own records of what writes into its data/, under its .dvc/tmp (`checkout_file`):
+PULLED = "defectops-pulled"    # the id of the last pull that changed pictures
+PULLING = "defectops-pulling"  # there while a pull writes into data/ (a killed one leaves it)
+IMPORT_JOURNAL = "defectops-import-journal.json"  # there while an import copies (a killed one leaves it)
 
 
 def version_in(text: str) -> str | None:
@@ -93,7 +95,7 @@ class TrackedData:
         decoding, calibration, an evaluation's predictions), before writing what came of them. A pull or import
         since that only added pictures is let pass. (The mark first: once it is gone, a pull that overlapped
         has left its id.)"""
-        if _pull_file(settings, PULLING).is_file() or _last_changing_pull(settings) != self.pulled:
+        if checkout_file(settings, PULLING).is_file() or _last_changing_pull(settings) != self.pulled:
             raise PicturesChanged("a `data pull` changed or removed pictures in data/ while this command read "
                                   "them; run it again once the pull is done")
 
@@ -148,31 +150,30 @@ def _version_state(settings: Settings) -> tuple[str | None, int | None, str]:
     that is writing is changing them now: ConcurrentRunError. A pull marks, writes, leaves its id, then unmarks;
     the id is read before and after the marks, so a state taken at either end of a read sees any pull that
     overlapped it (its mark, or an id that moved)."""
-    from components.data.importer import JOURNAL
-
     pulled = _last_changing_pull(settings)
-    if (settings.state_dir / JOURNAL).is_file() or _pull_file(settings, PULLING).is_file() \
+    if checkout_file(settings, IMPORT_JOURNAL).is_file() or checkout_file(settings, PULLING).is_file() \
             or _last_changing_pull(settings) != pulled:
         raise _changed_while_read()
     splits = settings.splits_file
     return dataset_version(settings.project_root), splits.stat().st_mtime_ns if splits.is_file() else None, pulled
 
 
-def _pull_file(settings: Settings, name: str) -> Path:
-    """A file of the checkout's own record of pulls into its data/: under .dvc/tmp (git-ignored), since other
-    checkouts (Kubernetes Jobs' clones) share the state root but not data/."""
+def checkout_file(settings: Settings, name: str) -> Path:
+    """A file of the checkout's own record of what writes into its data/ (an import's journal, a pull's mark and
+    id): under .dvc/tmp (git-ignored), not the state root, since other checkouts (Kubernetes Jobs' clones) share
+    the state root but not data/; an import or pull in one never holds up or settles reads in another."""
     return settings.project_root / ".dvc" / "tmp" / name
 
 
 def _last_changing_pull(settings: Settings) -> str:
     """The id of the last pull that changed or removed pictures of data/ ("" before the first): a random id, so
     that a .dvc/tmp cleared by hand never brings back one a reader holds."""
-    path = _pull_file(settings, PULLED)
+    path = checkout_file(settings, PULLED)
     return path.read_text() if path.is_file() else ""
 
 
 def _note_changing_pull(settings: Settings) -> None:
-    write_text_atomic(_pull_file(settings, PULLED), uuid.uuid4().hex)
+    write_text_atomic(checkout_file(settings, PULLED), uuid.uuid4().hex)
 
 
 def _pictures(data_dir: Path) -> dict[Path, tuple[int, int, int]]:
@@ -188,7 +189,7 @@ def pulling(settings: Settings) -> Iterator[None]:
     """Mark a pull's writing into data/ as under way (the caller holds the data lock): tracked reads refuse until
     it ends. When it ends, having changed or removed any picture that was there (not only added some), it leaves
     its id before the mark goes, so that a command which read before it fails `still_there`."""
-    marker, before = _pull_file(settings, PULLING), _pictures(settings.data_dir)
+    marker, before = checkout_file(settings, PULLING), _pictures(settings.data_dir)
     write_text_atomic(marker, "a `data pull` is writing into data/")
     try:
         yield
@@ -237,10 +238,10 @@ def finish_interrupted_changes(settings: Settings) -> None:
     """Roll back (or keep, when it had committed) an import that a kill left half-done, and drop the mark of a
     killed pull (what it left in data/ is `workspace_problem`'s to name), under the data lock; while an import
     or pull still runs, its one-line ConcurrentRunError: its data/ is not yet a version."""
-    from components.data.importer import JOURNAL, recover
+    from components.data.importer import recover
 
-    marker = _pull_file(settings, PULLING)
-    if not (settings.state_dir / JOURNAL).is_file() and not marker.is_file():
+    marker = checkout_file(settings, PULLING)
+    if not checkout_file(settings, IMPORT_JOURNAL).is_file() and not marker.is_file():
         return
     with data_lock(settings):
         recover(settings)

@@ -261,11 +261,36 @@ def test_nothing_reads_a_version_that_a_killed_import_left_uncommitted(project, 
     assert dataset_version(project.project_root) != first.version
     rows = tracked_manifest(project, load_params(project.params_file))
     assert len(rows) == 12 and dataset_version(project.project_root) == first.version
-    assert not (project.state_dir / importer.JOURNAL).exists()
+    assert not importer.journal_path(project).exists()
     project.ensure()
     with exclusive(project.locks_dir, "data", "a dataset import"), pytest.raises(ConcurrentRunError):
-        (project.state_dir / importer.JOURNAL).write_text("{}")  # an import still running: never read its data/
+        importer.journal_path(project).write_text("{}")  # an import still running: never read its data/
         tracked_manifest(project, load_params(project.params_file))
+
+
+def test_an_import_is_settled_only_in_its_own_checkout(project, tmp_path: Path) -> None:
+    """An import's journal belongs to the checkout it copies into. Another checkout on the same state root (a
+    Kubernetes Job's clone) reads its own data/ while that import copies, and never takes a killed one's
+    journal for its own (rolling its own version files back to the other's, or leaving the other's half-made
+    version to be read there); the import's own checkout rolls it back on its next command."""
+    from components.config import Settings
+
+    first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    params = load_params(project.params_file)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project.project_root), str(clone)], check=True)
+    (clone / "params.yaml").write_text(project.params_file.read_text())
+    other = Settings(project=clone, home=project.home_dir)
+    assert len(tracked_manifest(other, params)) == 12, "the clone pulled its data/"
+    _killed_import(make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"), "commit")
+    assert importer.journal_path(project).is_file() and dataset_version(project.project_root) != first.version
+    before = _snapshot(other)
+    with exclusive(project.locks_dir, "data", "a dataset import"):  # as while that import still copies
+        assert len(tracked_manifest(other, params)) == 12
+    assert len(tracked_manifest(other, params)) == 12 and _snapshot(other) == before
+    assert importer.journal_path(project).is_file(), "left for the checkout it belongs to"
+    assert len(tracked_manifest(project, params)) == 12 and dataset_version(project.project_root) == first.version
+    assert not importer.journal_path(project).exists()
 
 
 def test_a_manifest_read_beside_an_import_is_refused_not_mixed(project, tmp_path: Path, monkeypatch) -> None:
@@ -429,7 +454,7 @@ def test_a_pull_under_way_or_killed_is_not_read(project, tmp_path: Path, monkeyp
 
     _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
     params = load_params(project.params_file)
-    marker = tracked._pull_file(project, tracked.PULLING)
+    marker = tracked.checkout_file(project, tracked.PULLING)
     earlier = tracked.tracked_data(project, params)
     _read_while(monkeypatch, lambda: marker.write_text("a pull began writing"))
     with pytest.raises(ConcurrentRunError, match="changed while it was read"):
@@ -465,7 +490,7 @@ def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path,
     assert shown.stdout == (root / "data.dvc").read_text()
     status = subprocess.run(["git", "status", "--porcelain", "--", "data.dvc", "splits.csv"], cwd=root,
                             capture_output=True, text=True, check=True).stdout
-    assert status == "" and not (project.state_dir / importer.JOURNAL).exists()
+    assert status == "" and not importer.journal_path(project).exists()
     assert len(list((project.data_dir / "images").rglob("*.png"))) == 2 * len(list((tmp_path / "m1").rglob("*.png")))
     assert DatasetRepo(project).unpushed_versions() == [version], "the push it did not reach is pending"
     assert not list(project.staging_dir.glob("report-*")), "its staged validation report is removed"
