@@ -761,9 +761,12 @@ def fit(
     resume: bool = False,
     callbacks: Sequence[Callable[[EpochRecord], None]] = (),
     teacher: nn.Module | None = None,
+    checks: Sequence[Callable[[], None]] = (),
 ) -> FitResult:
     """Train with early stopping on validation macro-F1; returns the best weights and the history. With a
-    `teacher`, the class loss is partly its softened probabilities on the same pictures (cfg.distill_*)."""
+    `teacher`, the class loss is partly its softened probabilities on the same pictures (cfg.distill_*).
+    `checks` run after each epoch's validation, before anything of that epoch is saved: one that raises stops
+    the fit with the checkpoint at the epoch before (`callbacks` run once the epoch is saved)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed, cfg.deterministic)
     trainer = Trainer(model, train_loader, val_loader, criterion, cfg, device, checkpoint_dir, teacher)
@@ -796,6 +799,8 @@ def fit(
                 epoch_train = trainer.train_epoch()
             trainer.epoch += 1
             metrics = trainer.validate()
+            for check in checks:
+                check()
             if trainer.improved(metrics) or cfg.keep == "last":
                 trainer.best_f1, trainer.best_loss, trainer.best_epoch = (
                     metrics["macro_f1"],

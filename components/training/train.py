@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.config import Params, Settings
-from components.errors import PicturesChanged, UsageError, one_line
+from components.errors import UsageError, one_line
 from components.files import file_sha256, replacing, write_text_atomic
 from components.locks import exclusive
 from components.training.data import (
@@ -495,26 +495,23 @@ def run_training(
     criterion = profile_loss(prof, counts)
     cfg = loop_config(prof, seed, tp.deterministic, normal_index, progress=progress, fingerprint=fingerprint)
     threads_before = torch.get_num_threads()
-    per_epoch = list(callbacks)
-    if tracked is not None and not prof.cache_images:  # every epoch reads the pictures from data/ again
-        per_epoch.append(lambda _record: tracked.still_there(settings))
+    # every epoch reads the pictures from data/ again: one that read changed pictures is not saved (the checkpoint
+    # keeps the epochs before it, on the pictures a `--resume` with the same fingerprint finds)
+    checks = [lambda: tracked.still_there(settings)] if tracked is not None and not prof.cache_images else []
     with exclusive(settings.locks_dir, f"train-{fingerprint}", "a training run of this configuration"), \
             _threads_restored(threads_before):
-        try:
-            result: FitResult = fit(
-                model,
-                train_loader,
-                val_loader,
-                criterion,
-                cfg,
-                checkpoint_dir=checkpoint_dir,
-                resume=resume,
-                callbacks=per_epoch,
-                teacher=teacher.model if teacher else None,
-            )
-        except PicturesChanged:  # its epochs read pictures that changed: `--resume` must not carry on from them
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            raise
+        result: FitResult = fit(
+            model,
+            train_loader,
+            val_loader,
+            criterion,
+            cfg,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+            teacher=teacher.model if teacher else None,
+            checks=checks,
+        )
         head_refit = None
         if prof.design == "dense" and prof.head_refit_epochs:
             head_refit = _refit_head(model, result, train_rows, val_loader, classes, prof, criterion, seed,

@@ -122,9 +122,12 @@ def _pull_over_an_edit(settings) -> None:
 def test_a_pull_while_training_reads_the_pictures_stops_it_before_any_output(
         project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
     """Training decodes every picture before its first epoch (`cache_images`), else reads them every epoch: a pull
-    that changes one meanwhile stops it before it writes a model; a run whose epochs read a changed picture
-    leaves no checkpoint for `--resume` to carry on from."""
-    from components.training import train
+    that changes one meanwhile stops it before it writes a model. An epoch that read a changed picture is not
+    checkpointed: the checkpoint keeps the epochs before it, and with the committed pictures back (the same
+    fingerprint) `--resume` carries on from them."""
+    import torch
+
+    from components.training import loop, train
     from components.training.calibrate import train_and_calibrate
 
     _tracked_project(project, tmp_path, num_workers=0, cache_images=cached)
@@ -140,17 +143,26 @@ def test_a_pull_while_training_reads_the_pictures_stops_it_before_any_output(
 
         monkeypatch.setattr(train, "build_loaders", build_beside_a_pull)
     else:
-        real_fit = train.fit
+        real_validate = loop.Trainer.validate
 
-        def fit_beside_a_pull(*args, callbacks=(), **kwargs):
-            return real_fit(*args, callbacks=[lambda _record: _pull_over_an_edit(project), *callbacks], **kwargs)
+        def validate_beside_a_pull(trainer):
+            if trainer.epoch == 2:  # the second epoch reads the pictures while a pull puts one back
+                _pull_over_an_edit(project)
+            return real_validate(trainer)
 
-        monkeypatch.setattr(train, "fit", fit_beside_a_pull)
+        monkeypatch.setattr(loop.Trainer, "validate", validate_beside_a_pull)
     with pytest.raises(PicturesChanged):
         train_and_calibrate(project, params, None, False, out)
     assert not list(out.glob("*.pt")) and not (out / "train_metrics.json").exists()
-    checkpoints = project.home_dir / "checkpoints"
-    assert not (checkpoints.is_dir() and any(checkpoints.iterdir())), "no checkpoint of a fit on changed pictures"
+    checkpoints = [d for d in (project.home_dir / "checkpoints").glob("*") if any(d.iterdir())]
+    if cached:
+        assert checkpoints == [], "no epoch ran"
+        return
+    assert len(checkpoints) == 1 and sorted(f.name for f in checkpoints[0].iterdir()) == ["best.pt", "last.pt"]
+    assert torch.load(checkpoints[0] / "last.pt", weights_only=False)["epoch"] == 1, "the epoch on changed pictures"
+    monkeypatch.undo()
+    metrics = train_and_calibrate(project, params, None, True, out)
+    assert (out / "model.pt").is_file() and metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2
 
 
 def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_it(
