@@ -797,8 +797,10 @@ def drift(
                                                    "Default: drift.window_days before --until.")] = None,
     until: Annotated[str | None, typer.Option(help="Window end, exclusive: ISO date/time or 2d ago. "
                                                    "Default: now.")] = None,
-    model: Annotated[str, typer.Option(help="Model of the reference: champion, challenger, a version, "
-                                            "models:/... URI or a model.pt path.")] = "champion",
+    model: Annotated[str | None, typer.Option(help="Model of the reference: champion, challenger, a version, "
+                                                   "models:/... URI or a model.pt path. Default: the one the "
+                                                   "service serves (its deployment record), else champion.")
+                     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the summary JSON here.")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow", help="Log the reports to MLflow (they are logged anyway "
                                                           "when an MLflow run is active).")] = False,

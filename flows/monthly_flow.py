@@ -26,7 +26,8 @@ LAST_RETRAINING = "last-retraining.json"
 @task(name="drift-check")
 def drift_task(window: str, days: int | None = None, timezone: str = "UTC") -> dict:
     """Drift of the production log (`previous_month` in `timezone`, or the last `days` days, by default
-    params.yaml's drift.window_days) against the champion's reference."""
+    params.yaml's drift.window_days) against the reference of the model served (the champion before the first
+    deployment)."""
     from components.drift.check import artifact_markdown, run_drift_check
     from components.drift.params import drift_params
     from components.drift.window import last_days, previous_month

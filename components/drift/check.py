@@ -78,10 +78,21 @@ def _mlflow_run_active() -> bool:
     return bool(mlflow is not None and mlflow.active_run() is not None)
 
 
-def run_drift_check(settings: Settings, params: Params, model: str = "champion", since: str | None = None,
+def served_model(settings: Settings) -> str:
+    """The model the service serves: the deployment record's pinned URI, or `champion` while nothing is deployed.
+    Not `champion` itself: between an approval and its promotion (or while a promotion fails) it names a model
+    that answered none of the logged predictions."""
+    from components.serving.deployment import read_record
+
+    record = read_record(settings)
+    return record.model_uri if record is not None else "champion"
+
+
+def run_drift_check(settings: Settings, params: Params, model: str | None = None, since: str | None = None,
                     until: str | None = None, window: Window | None = None, predictor: Any = None,
                     to_mlflow: bool | None = None, rebuild_reference: bool = False) -> DriftCheck:
-    """Compare a window of the production log with the reference of the tracked dataset and `model`."""
+    """Compare a window of the production log with the reference of the tracked dataset and `model` (default: the
+    one served, `served_model`)."""
     drift = drift_params(params)
     window = window or resolve_window(since, until, drift.window_days)
     started = datetime.now(UTC)
@@ -98,7 +109,7 @@ def run_drift_check(settings: Settings, params: Params, model: str = "champion",
         if predictor is None:
             from components.registry.registry import load_predictor
 
-            predictor = load_predictor(settings, model)
+            predictor = load_predictor(settings, model or served_model(settings))
         reference = load_reference(settings, params, predictor, drift, rebuild=rebuild_reference)
         answers = prediction_reference(settings, reference.frame, drift, reference.model_version, window)
         comparison = compare(answers.frame, answers.window(current.frame), drift, reference.model_version,

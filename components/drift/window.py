@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -9,6 +10,8 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from components.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([dh])\s*$", re.IGNORECASE)
 
@@ -54,9 +57,14 @@ def parse_moment(text: str, now: datetime, option: str = "--since") -> datetime:
 
 def resolve_window(since: str | None, until: str | None, default_days: int,
                    now: datetime | None = None) -> Window:
-    """The window for `--since`/`--until`: until defaults to now, since to `default_days` before until."""
+    """The window for `--since`/`--until`: until defaults to now, since to `default_days` before until. An until
+    in the future ends the window now: nothing is logged there yet, and a window reaching into it would pass for
+    one whose days were all served (the production baseline of a new deployment, say)."""
     now = _utc(now or datetime.now(UTC))
     end = parse_moment(until, now, "--until") if until else now
+    if end > now:
+        log.info("--until %s is in the future: the window ends now, %s", end.isoformat(), now.isoformat())
+        end = now
     start = parse_moment(since, now, "--since") if since else end - timedelta(days=default_days)
     if start >= end:
         raise UsageError(f"window {start.isoformat()} .. {end.isoformat()} is empty; --since must be before "

@@ -200,16 +200,24 @@ def test_too_few_records_is_not_enough_data_not_drift(drift_project, drift_model
 def test_the_drift_flow_skips_only_without_a_champion_and_fails_when_the_registry_fails(
         drift_project, drift_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """"No champion yet" is the normal state before the first approval; a registry that cannot answer is an
-    alarm: the scheduled drift check must fail, not report "skipped" every day."""
+    alarm: the scheduled drift check must fail, not report "skipped" every day. Once a model is deployed, the
+    reference is that one's, not `champion`'s."""
     from components.config import load_params
     from components.drift.check import run_drift_check
     from components.errors import DefectOpsError, ModelNotFound
+    from components.serving.deployment import DeploymentRecord, record_path, write_record
     from flows.monthly_flow import drift_task
 
     settings = drift_project
     write_log(settings.prod_log_dir, production_records(settings, drift_model, range(5000, 5060)))
     with pytest.raises(ModelNotFound, match="no version of defect-classifier has alias 'champion'"):
         run_drift_check(settings, load_params(settings.params_file))
+    served = DeploymentRecord(model_uri=str(drift_model), model_version=f"file:{drift_model}", threshold=0.5,
+                              fast_path="fp32", deployed_at=datetime.now(UTC).isoformat())
+    write_record(settings, served)  # what the service serves, whichever version `champion` names
+    check = run_drift_check(settings, load_params(settings.params_file))
+    assert check.summary["model_version"] == f"file:{drift_model}" and check.summary["n_current"] == 60
+    record_path(settings).unlink()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with pytest.raises(DefectOpsError, match="MLflow tracking server at http://127.0.0.1:9 is unreachable") as failed:
         drift_task.fn("last_days", 30)
@@ -227,6 +235,7 @@ def test_a_bad_window_is_a_usage_error(drift_project) -> None:
 
 def test_windows() -> None:
     from components.drift.window import previous_month, resolve_window
+    from components.errors import UsageError
 
     now = datetime(2025, 3, 15, 12, tzinfo=UTC)
     assert previous_month(date(2025, 3, 15)).as_dict() == {
@@ -235,6 +244,10 @@ def test_windows() -> None:
     assert resolve_window(None, None, 30, now).since == now - timedelta(days=30)
     window = resolve_window("2025-03-01", "12h", 30, now)
     assert (window.since, window.until) == (datetime(2025, 3, 1, tzinfo=UTC), now - timedelta(hours=12))
+    month_so_far = resolve_window("2025-03-01", "2025-04-01", 30, now)  # nothing is served after now yet
+    assert (month_so_far.since, month_so_far.until) == (datetime(2025, 3, 1, tzinfo=UTC), now)
+    with pytest.raises(UsageError, match="is empty"):
+        resolve_window("2025-03-20", "2025-04-01", 30, now)
 
 
 @pytest.mark.parametrize(("zone", "run_utc", "month"), [
