@@ -281,8 +281,30 @@ def _read_train_dir(train_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any
 
 
 def _failed_registration(version: ModelVersion) -> bool:
-    """A version left by a registration that failed and could not be deleted (see `_undo_registration`)."""
-    return (version.tags or {}).get("registration") == "failed"
+    """A version left by a registration that failed and could not be deleted (see `_undo_registration`), or
+    that was killed before it was complete (`registration` stays `incomplete` until the alias has moved)."""
+    return (version.tags or {}).get("registration") in ("failed", "incomplete")
+
+
+def _drop_cut_off(client: MlflowClient, settings: Settings, manifest_digest: str, model_sha256: str) -> None:
+    """Delete what an earlier registration of this model and dataset left when it was killed (`kill -9`, an OOM
+    kill: no clean-up ran) before it was complete: the version, its logged model, its comparison; its run ends
+    FAILED. The caller holds the registry lock, so no registration of this home is still under way."""
+    cut_off = client.search_model_versions(f"name='{MODEL_NAME}' and tag.model_sha256='{model_sha256}' "
+                                           f"and tag.manifest_digest='{manifest_digest}' "
+                                           "and tag.registration='incomplete'")
+    for version in cut_off:
+        log.warning("an earlier registration of this model was cut off before it was complete (%s version %s, "
+                    "run %s): removing what it left, then registering again", MODEL_NAME, version.version,
+                    version.run_id)
+        run = client.get_run(version.run_id)
+        logged = client.search_logged_models([run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{version.run_id}'")
+        _undo_registration(client, version.run_id, None, _comparison_path(settings, str(version.version)))
+        for model in logged:
+            client.delete_logged_model(model.model_id)
+        if run.info.status == "RUNNING":
+            client.set_terminated(version.run_id, "FAILED")
 
 
 def _existing_version(client: MlflowClient, manifest_digest: str, model_sha256: str,
@@ -501,8 +523,12 @@ def _log_model(model: Any, meta: dict[str, Any]) -> Any:
                                         input_example=example.numpy(), metadata={"defectops": meta})
 
 
+def _comparison_path(settings: Settings, version: str) -> Path:
+    return settings.reports_dir / "comparisons" / f"v{version}.md"
+
+
 def _write_comparison(settings: Settings, version: str, markdown: str) -> Path:
-    return write_text_atomic(settings.reports_dir / "comparisons" / f"v{version}.md", markdown)
+    return write_text_atomic(_comparison_path(settings, version), markdown)
 
 
 def register(settings: Settings, params: Params, train_dir: Path, force: bool = False,
@@ -547,6 +573,7 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
     eval_params = evaluate_params(params)
 
     with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
+        _drop_cut_off(client, settings, digest, model_sha256)
         if not force:
             existing = _existing_version(client, digest, model_sha256)
         else:  # forced: only what this same registration (a retry of it) created already
@@ -576,6 +603,7 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
             "compared_with": compared_with, "approval_status": "pending" if gate.passed else "not-eligible",
             "training_fingerprint": _tag(meta.get("training_fingerprint")),
             **({"origin": _truncate(origin)} if origin else {}),
+            "registration": "incomplete",  # until the alias has moved: a kill before leaves it to _drop_cut_off
         }
 
         tracked.still_there(settings)  # the golden pictures both models just read: nothing registered otherwise
@@ -602,6 +630,8 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
                 comparison_path = _write_comparison(settings, version, markdown)
                 mlflow.set_tags({"registered_version": version, "gate_status": status})
                 client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version)
+                client.set_model_version_tag(MODEL_NAME, version, "registration", "complete")
+                version_tags["registration"] = "complete"
             except BaseException:
                 _undo_registration(client, run.info.run_id, logged_model_id, comparison_path)
                 raise
@@ -797,9 +827,10 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
 def _refuse_unless_eligible(version: str, tags: dict[str, str], champion: str | None) -> None:
     """Without --force, a version is approved only if its gate passed against the champion it would replace
     and no person rejected it or rolled it back."""
-    if tags.get("registration") == "failed":
-        raise DefectOpsError(f"version {version} is what a failed registration left behind (registration=failed: "
-                             "an MLflow admin can delete it); register the model again with `defectops register`")
+    if tags.get("registration") in ("failed", "incomplete"):
+        raise DefectOpsError(f"version {version} is what a failed or cut-off registration left behind (registration="
+                             f"{tags['registration']}: an MLflow admin can delete it); register the model again "
+                             "with `defectops register`")
     if tags.get("gate_status") != "passed":
         raise DefectOpsError(f"version {version} did not pass the gate ({_failed_reasons(tags)}); register a "
                              "better model, or approve with --force and a --note giving the reason")
@@ -967,7 +998,8 @@ def list_versions(settings: Settings) -> list[dict[str, Any]]:
             "version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
             "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
             "dataset_version": tags.get("dataset_version"), "gate_status": tags.get("gate_status"),
-            "approval_status": tags.get("approval_status"),
+            "approval_status": (f"registration {tags['registration']}" if _failed_registration(v)
+                                else tags.get("approval_status")),
             **{name: _as_float(tags.get(name)) for name in ("macro_f1", "defect_detection_rate", "escape_rate",
                                                             "review_rate", "false_alarm_rate")},
             "approved_by": tags.get("approved_by"), "run_id": v.run_id,

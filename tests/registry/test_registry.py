@@ -473,7 +473,63 @@ def test_a_failed_registration_left_behind_is_not_taken_for_the_model(registry_p
     left = _client(registry_project).get_model_version(NAME, "1").tags
     assert left["registration"] == "failed" and left["approval_status"] == "not-eligible"
     assert registry.find_trained(registry_project, left["training_fingerprint"]) is None
-    with pytest.raises(DefectOpsError, match="version 1 is what a failed registration left behind"):
+    with pytest.raises(DefectOpsError, match="version 1 is what a failed or cut-off registration left behind"):
         registry.approve(registry_project, "1", by="alice")
     again = registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
     assert again.created and again.version == "2" and again.gate_passed
+
+
+# A registration in its own process that SIGKILLs itself once its version exists, at the comparison's write
+# (no clean-up can run): what an OOM kill or a container killed after its grace period leaves.
+KILLED_REGISTRATION = """
+import os, signal, sys
+import yaml
+from components.config import Params, get_settings
+from components.registry import registry
+
+def killed(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+registry._write_comparison = killed
+settings = get_settings()
+raw = yaml.safe_load(settings.params_file.read_text())
+raw["evaluate"] = {**raw.get("evaluate", {}), "gate": {"min_macro_f1": 0.0, "min_defect_detection_rate": 0.0,
+                                                       "max_false_alarm_rate": 1.0}}
+registry.register(settings, Params.model_validate(raw), sys.argv[1])
+"""
+
+
+def test_a_registration_killed_after_its_version_exists_is_redone_not_taken_for_done(
+        registry_project, tmp_path: Path) -> None:
+    """The version is created before its comparison, alias and tags are all written; a kill -9 in between leaves
+    it marked incomplete: never approved, never found as the trained model, and registering again removes it
+    (its run ends FAILED) and makes a whole one."""
+    import subprocess
+    import sys
+
+    from components.registry import registry
+    from tests.conftest import REPO_ROOT
+
+    train_dir = make_train_dir(tmp_path / "train")
+    killed = subprocess.run([sys.executable, "-c", KILLED_REGISTRATION, str(train_dir)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = _client(registry_project).get_model_version(NAME, "1")
+    assert left.tags["registration"] == "incomplete" and _aliases(registry_project) == {}
+    assert registry.find_trained(registry_project, left.tags["training_fingerprint"]) is None
+    with pytest.raises(DefectOpsError, match="version 1 is what a failed or cut-off registration left behind"):
+        registry.approve(registry_project, "1", by="alice")
+    assert [r["approval_status"] for r in registry.list_versions(registry_project)] == ["registration incomplete"]
+
+    again = registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
+    assert again.created and again.version == "2" and _versions(registry_project) == ["2"]
+    assert _aliases(registry_project) == {"challenger": "2"}
+    assert _client(registry_project).get_model_version(NAME, "2").tags["registration"] == "complete"
+    assert _client(registry_project).get_run(left.run_id).info.status == "FAILED"
+    experiment_ids = [_client(registry_project).get_experiment_by_name("defectops").experiment_id]
+    import mlflow
+
+    assert len(mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list")) == 1, \
+        "the cut-off registration's logged model went with it"
+    assert not registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE),
+                                 train_dir).created, "a whole registration is found again"
