@@ -77,11 +77,22 @@ def read_deployments(settings: Settings, only: Sequence[str] = ()) -> list[Deplo
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{path}: no `deployments` list; define each deployment there once")
     names = [entry.get("name") if isinstance(entry, dict) else None for entry in entries]
+    _check_unique_names(path, entries, names)
     unknown = [name for name in only if name not in names]
     if unknown:
         raise UsageError(f"--only {', '.join(unknown)}: no such deployment in {path}; "
                          f"known: {', '.join(str(n) for n in names)}")
     return [_deployment_spec(path, i, entry) for i, entry in enumerate(entries) if not only or names[i] in only]
+
+
+def _check_unique_names(path: Path, entries: list[Any], names: list[Any]) -> None:
+    """Refuse a shared name: here it is a deployment's identity (`--only`, messages), though Prefect allows it."""
+    for later, name in enumerate(names):
+        if name and name in names[:later]:
+            first = names.index(name)
+            raise UsageError(f"{path}: deployments #{first + 1} ({entries[first].get('entrypoint')}) and "
+                             f"#{later + 1} ({entries[later].get('entrypoint')}) are both named {name!r}; "
+                             "give each a unique `name`")
 
 
 def _deployment_spec(path: Path, index: int, entry: Any) -> DeploymentSpec:
@@ -130,9 +141,12 @@ def _schedule(where: str, raw: Any) -> Any:
         if "interval" in values:
             values["interval"] = timedelta(seconds=float(values["interval"]))
         schedule = Schedule(**values)
-        next_runs(schedule, 1)  # Prefect's own schedule model checks the timezone and the rest
+        upcoming = next_runs(schedule, 1)  # Prefect's own schedule model checks the timezone and the rest
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: invalid schedule {raw} ({_one_line(exc)}); fix prefect.yaml") from exc
+    if not upcoming:
+        raise UsageError(f"{where}: schedule {describe(schedule)} has no future run (its UNTIL or COUNT is "
+                         "past); fix or remove it in prefect.yaml")
     return schedule
 
 
@@ -160,6 +174,12 @@ def describe(schedule: Any) -> str:
 
 def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S %Z" if moment.second else "%Y-%m-%d %H:%M %Z").strip()
+
+
+def _next(schedule: Any) -> str:
+    """The next run, or `none`: a schedule checked when prefect.yaml was read may have ended while the server started."""
+    upcoming = next_runs(schedule, 1)
+    return _when(upcoming[0]) if upcoming else "none (it has ended)"
 
 
 # ------------------------------------------------------------------ flows and deployments
@@ -396,7 +416,7 @@ def _serve(specs: Sequence[DeploymentSpec], deployments: list[Any], api_url: str
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     for spec in specs:
-        plan = "; ".join(f"{describe(s)}, next {_when(next_runs(s, 1)[0])}" for s in spec.schedules)
+        plan = "; ".join(f"{describe(s)}, next {_next(s)}" for s in spec.schedules)
         echo(f"  {spec.name:<20} {plan or 'no schedule (manual runs only)'}")
     ui_url = api_url.rstrip("/").removesuffix("/api")
     with temporary_settings({PREFECT_API_URL: api_url}):

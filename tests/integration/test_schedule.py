@@ -66,6 +66,22 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+@pytest.fixture
+def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that expects an error before any server starts fails fast, instead of starting one."""
+    from components.schedule import LocalServer, ServerError
+
+    def refuse(self: LocalServer, timeout: float = 0) -> None:
+        raise ServerError("the test expected an error before the server starts")
+
+    monkeypatch.setattr(LocalServer, "start", refuse)
+
+
+def schedule_options(check: bool) -> list[str]:
+    """`--check`, or what serves on a free port."""
+    return ["--check"] if check else ["--port", str(free_port())]
+
+
 def write_prefect_yaml(root: Path, deployments: list[dict]) -> None:
     (root / "prefect.yaml").write_text(yaml.safe_dump({"name": "defectops", "deployments": deployments},
                                                       sort_keys=False))
@@ -129,6 +145,35 @@ def test_a_bad_prefect_yaml_is_a_one_line_error(tiny_project: Path, change: dict
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert "nightly" in lines[0] and "prefect.yaml" in lines[0]
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "serve"])
+def test_two_deployments_with_one_name_are_refused_before_any_server_starts(no_server: None, tiny_project: Path,
+                                                                           check: bool) -> None:
+    """Prefect allows it (names are unique per flow), but here a name is a deployment's identity (`--only`)."""
+    (tiny_project / "flows" / "other_flow.py").write_text(TINY_FLOW.replace("def tiny", "def other"))
+    write_prefect_yaml(tiny_project, [
+        {"name": "nightly", "entrypoint": "flows/tiny_flow.py:tiny", "schedules": [{"cron": "30 1 * * *"}]},
+        {"name": "nightly", "entrypoint": "flows/other_flow.py:other", "schedules": [{"interval": 300}]},
+    ])
+    result = runner.invoke(app, ["schedule", *schedule_options(check)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "nightly" in lines[0] and "flows/tiny_flow.py:tiny" in lines[0] and "flows/other_flow.py:other" in lines[0]
+    assert "unique `name`" in lines[0]
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "serve"])
+def test_a_schedule_without_future_runs_is_refused_before_any_server_starts(no_server: None, tiny_project: Path,
+                                                                           check: bool) -> None:
+    write_prefect_yaml(tiny_project, [{"name": "nightly", "entrypoint": "flows/tiny_flow.py:tiny",
+                                       "schedules": [{"rrule": "FREQ=DAILY;UNTIL=20200101T000000"}]}])
+    result = runner.invoke(app, ["schedule", *schedule_options(check)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "nightly" in lines[0] and "no future run" in lines[0] and "UNTIL" in lines[0]
 
 
 def test_the_repository_prefect_yaml_with_a_wrong_entrypoint_is_refused(tmp_path: Path,
