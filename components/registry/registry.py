@@ -784,7 +784,7 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
         previous = aliases.get(CHAMPION)
         # the alias moved in the MLflow UI already: record the approval, since that click left no tags
         moved_in_ui = previous == version
-        if moved_in_ui and approval_problem(tags) is None:
+        if moved_in_ui and champion_approval_problem(tags) is None:
             if _approval_recorded(settings, version, tags["approved_at"]):
                 log.info("version %s is already the approved champion; nothing to do", version)
                 return {"version": version, "previous_champion": previous, "changed": False}
@@ -918,6 +918,18 @@ def approval_problem(tags: dict[str, str]) -> str | None:
     return None
 
 
+def champion_approval_problem(tags: dict[str, str]) -> str | None:
+    """Why the version `champion` names does not count as approved as champion (None when it does):
+    `approval_problem`'s reasons, or an approval another one has replaced since, when the alias was moved back
+    onto it in the MLflow UI: that click left no tags, and its old approval was for another time."""
+    problem = approval_problem(tags)
+    replaced_by = tags.get("replaced_by", "none")
+    if problem is None and replaced_by != "none":
+        return (f"its approval of {tags.get('approved_at', '?')} was replaced by version {replaced_by}'s (the "
+                "alias was moved back onto it in the MLflow UI?)")
+    return problem
+
+
 def record_deployment(settings: Settings, version: str, by: str, details: dict[str, Any],
                       previous: str | None) -> str:
     """Tag `version` as the deployed one (who, when, how) and `previous` as retired; one audit line. Returns when."""
@@ -949,7 +961,14 @@ def rollback(settings: Settings, current: str, by: str, reason: str) -> dict[str
     with exclusive(settings.locks_dir, "registry", "a model registration or approval"):
         target = None
         for candidate in reversed(deployed_history(settings)):
-            if candidate != current and approval_problem(dict(_get_version(client, candidate).tags or {})) is None:
+            if candidate == current:
+                continue
+            try:
+                tags = dict(_get_version(client, candidate).tags or {})
+            except ModelNotFound:  # deleted since it was deployed: an earlier one may still serve
+                log.info("version %s, deployed before, no longer exists: not a rollback target", candidate)
+                continue
+            if approval_problem(tags) is None:
                 target = candidate
                 break
         if target is None:

@@ -84,7 +84,7 @@ def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:
     """The pinned URI and tags of the `champion` version; NothingToServe unless it is approved."""
     from mlflow.exceptions import MlflowException
 
-    from components.registry.registry import approval_problem, not_found, registry_failed
+    from components.registry.registry import champion_approval_problem, not_found, registry_failed
     from components.registry.tracking import MODEL_NAME, connect
 
     client = connect(settings)
@@ -97,7 +97,7 @@ def approved_champion(settings: Settings) -> tuple[str, dict[str, str]]:
         raise NothingToServe(f"nothing approved to serve: no deployment record ({record_path(settings)}) and no "
                              f"{MODEL_NAME}@{CHAMPION} in {settings.tracking_uri}; {how}") from exc
     tags = dict(version.tags or {})
-    problem = approval_problem(tags)
+    problem = champion_approval_problem(tags)
     if problem:
         raise NotApproved(f"nothing approved to serve: {MODEL_NAME} version {version.version} holds "
                              f"'{CHAMPION}' but {problem}; approve it with `defectops approve {version.version} "

@@ -316,6 +316,32 @@ def test_approve_records_a_champion_made_in_the_mlflow_ui(registry_project, tmp_
     assert not approve(settings, version, by="dana")["changed"]
 
 
+def test_a_former_champion_moved_back_in_the_ui_needs_a_new_approval(registry_project, tmp_path: Path) -> None:
+    """Its old approval was replaced by the next champion's: serving refuses it until someone approves it again,
+    and that approval is recorded (not taken for the old one); a rollback skips a deployed version since deleted."""
+    from components.registry.registry import approve, audit_trail, record_deployment, register, rollback
+    from components.serving.deployment import NotApproved, approved_champion
+
+    settings, lenient = registry_project, params_with_gate(registry_project, **LENIENT_GATE)
+    for n, who in ((1, "alice"), (2, "bob"), (3, "dana")):
+        version = register(settings, lenient, make_train_dir(tmp_path / f"m{n}", seed=n)).version
+        approve(settings, version, by=who, note=f"model {n}", force=True)
+        record_deployment(settings, version, who, {"engine": "fp32"}, None if n == 1 else str(n - 1))
+    _client(settings).set_registered_model_alias(NAME, "champion", "1")  # a click in the UI, no approval
+    with pytest.raises(NotApproved, match="version 1 holds 'champion' but its approval of .* was replaced by "
+                                          "version 2's"):
+        approved_champion(settings)
+    outcome = approve(settings, "1", by="carol", note="back to v1 after the camera swap")
+    assert outcome["changed"] and audit_trail(settings)[-1]["by"] == "carol"
+    tags = _client(settings).get_model_version(NAME, "1").tags
+    assert tags["approved_by"] == "carol" and tags["replaced_by"] == "none"
+    assert approved_champion(settings)[0] == f"models:/{NAME}/1"
+
+    _client(settings).set_registered_model_alias(NAME, "champion", "3")
+    _client(settings).delete_model_version(NAME, "2")  # deployed once, deleted by an admin since
+    assert rollback(settings, "3", by="qa lead", reason="misses blowholes")["version"] == "1"
+
+
 def test_unreachable_tracking_server_registers_nothing(registry_project, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from components.cli import app
