@@ -88,16 +88,24 @@ class TrackedData:
     manifest: pd.DataFrame
     version: str | None
     pulled: str = field(repr=False)  # the last pull that changed pictures before the read: what `still_there` checks
+    pictures: dict[Path, tuple[int, int, int]] = field(default_factory=dict, repr=False)  # data/'s files then
 
     def still_there(self, settings: Settings) -> None:
         """Raise PicturesChanged when a pull has changed or removed pictures of data/ since the read, or is
-        writing there now: those listed may be gone, or other pictures now. Call it after reading them (training's
-        decoding, calibration, an evaluation's predictions), before writing what came of them. A pull or import
-        since that only added pictures is let pass. (The mark first: once it is gone, a pull that overlapped
-        has left its id.)"""
+        writing there now, or any file of data/ then was rewritten or removed since (an edit by hand, which a
+        later pull may even have put back): those listed may be gone, or other pictures now. Call it after
+        reading them (training's decoding and uncached epochs, calibration, an evaluation's predictions), before
+        writing what came of them. A pull or import since that only added pictures is let pass. (The mark first:
+        once it is gone, a pull that overlapped has left its id.)"""
         if checkout_file(settings, PULLING).is_file() or _last_changing_pull(settings) != self.pulled:
             raise PicturesChanged("a `data pull` changed or removed pictures in data/ while this command read "
                                   "them; run it again once the pull is done")
+        now = _pictures(settings.data_dir)
+        changed = [path for path, facts in self.pictures.items() if now.get(path) != facts]
+        if changed:
+            raise PicturesChanged(f"{len(changed)} file(s) of data/ were rewritten or removed while this command "
+                                  f"read them (e.g. {changed[0]}: edited by hand?); run it again once data/ holds "
+                                  "the committed version (`defectops data status` says what differs)")
 
 
 def tracked_manifest(settings: Settings, params: Params, progress: bool = False) -> pd.DataFrame:
@@ -127,6 +135,7 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
         restore_data(settings)
         restored = True
     before = _version_state(settings)  # an import copying now: that, not "data/ is modified, pull --force"
+    pictures = _pictures(settings.data_dir)  # before DVC's status says they are the version's
     problem = None if restored else workspace_problem(settings)
     if _version_state(settings) != before:  # ... and one that began during DVC's status, or a `git pull`
         raise _changed_while_read()
@@ -135,7 +144,7 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     manifest = committed_manifest(settings, params, progress)
     if _version_state(settings) != before:
         raise _changed_while_read()
-    return TrackedData(manifest, before[0], before[2])
+    return TrackedData(manifest, before[0], before[2], pictures)
 
 
 def _changed_while_read() -> ConcurrentRunError:

@@ -118,41 +118,43 @@ def _pull_over_an_edit(settings) -> None:
     restore_data(settings, force=True)
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["decoded-first", "read-every-epoch"])
+@pytest.mark.parametrize(("cached", "by_hand"), [(True, False), (False, False), (False, True)],
+                         ids=["decoded-first", "read-every-epoch", "edited-by-hand"])
 def test_a_pull_while_training_reads_the_pictures_stops_it_before_any_output(
-        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+        project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool, by_hand: bool) -> None:
     """Training decodes every picture before its first epoch (`cache_images`), else reads them every epoch: a pull
-    that changes one meanwhile stops it before it writes a model. An epoch that read a changed picture is not
-    checkpointed: the checkpoint keeps the epochs before it, and with the committed pictures back (the same
-    fingerprint) `--resume` carries on from them."""
+    that changes one meanwhile, or an edit by hand, stops it before it writes a model. An epoch that read a
+    changed picture is not checkpointed: the checkpoint keeps the epochs before it, and with the committed
+    pictures back (the same fingerprint) `--resume` carries on from them."""
     import torch
 
+    from components.data.tracked import restore_data
     from components.training import loop, train
     from components.training.calibrate import train_and_calibrate
 
     _tracked_project(project, tmp_path, num_workers=0, cache_images=cached)
     params = load_params(project.params_file)
     out = tmp_path / "train"
-    if cached:
-        real_build = train.build_loaders
+    real_build, real_validate = train.build_loaders, loop.Trainer.validate
+    edit = next((project.data_dir / "images").rglob("*.png"))
 
-        def build_beside_a_pull(*args, **kwargs):
-            loaders = real_build(*args, **kwargs)
-            _pull_over_an_edit(project)
-            return loaders
+    def build_beside_a_pull(*args, **kwargs):
+        loaders = real_build(*args, **kwargs)
+        _pull_over_an_edit(project)
+        return loaders
 
-        monkeypatch.setattr(train, "build_loaders", build_beside_a_pull)
-    else:
-        real_validate = loop.Trainer.validate
+    def validate_beside_a_change(trainer):
+        if trainer.epoch == 2:  # the second epoch reads the pictures while one changes
+            edit.write_bytes(edit.read_bytes()[:-1]) if by_hand else _pull_over_an_edit(project)
+        return real_validate(trainer)
 
-        def validate_beside_a_pull(trainer):
-            if trainer.epoch == 2:  # the second epoch reads the pictures while a pull puts one back
-                _pull_over_an_edit(project)
-            return real_validate(trainer)
-
-        monkeypatch.setattr(loop.Trainer, "validate", validate_beside_a_pull)
-    with pytest.raises(PicturesChanged):
-        train_and_calibrate(project, params, None, False, out)
+    with monkeypatch.context() as patch:
+        if cached:
+            patch.setattr(train, "build_loaders", build_beside_a_pull)
+        else:
+            patch.setattr(loop.Trainer, "validate", validate_beside_a_change)
+        with pytest.raises(PicturesChanged, match="edited by hand" if by_hand else "a `data pull` changed"):
+            train_and_calibrate(project, params, None, False, out)
     assert not list(out.glob("*.pt")) and not (out / "train_metrics.json").exists()
     checkpoints = [d for d in (project.home_dir / "checkpoints").glob("*") if any(d.iterdir())]
     if cached:
@@ -160,7 +162,7 @@ def test_a_pull_while_training_reads_the_pictures_stops_it_before_any_output(
         return
     assert len(checkpoints) == 1 and sorted(f.name for f in checkpoints[0].iterdir()) == ["best.pt", "last.pt"]
     assert torch.load(checkpoints[0] / "last.pt", weights_only=False)["epoch"] == 1, "the epoch on changed pictures"
-    monkeypatch.undo()
+    restore_data(project, force=True)  # the committed pictures back (a no-op after the pull)
     metrics = train_and_calibrate(project, params, None, True, out)
     assert (out / "model.pt").is_file() and metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2
 
