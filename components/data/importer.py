@@ -70,6 +70,22 @@ def journal_path(settings: Settings) -> Path:
     return checkout_file(settings, IMPORT_JOURNAL)
 
 
+def legacy_journal_path(settings: Settings) -> Path:
+    """Where a defectops before 2026-12-07 kept it, under the state root that other checkouts share."""
+    return settings.state_dir / "import-journal.json"
+
+
+def _refuse_legacy_journal(settings: Settings) -> None:
+    """A journal at the old place belongs to whichever checkout that import ran in, which this one cannot tell:
+    rolling it back here could undo this checkout's own version files, ignoring it would leave that import
+    half-done there."""
+    legacy = legacy_journal_path(settings)
+    if legacy.is_file():
+        raise UsageError(f"{legacy}: an import an earlier defectops left unfinished; move it to "
+                         f"<checkout>/.dvc/tmp/{IMPORT_JOURNAL} in the checkout that import ran in (its next command "
+                         "rolls the import back), or delete it if that checkout is gone")
+
+
 @dataclass(frozen=True)
 class Journal:
     """What an import in progress has to undo: the files it adds, the version files as they were, and what
@@ -111,6 +127,7 @@ def _workspace_version(project: Path) -> str | None:
 def recover(settings: Settings) -> bool:
     """Finish what an interrupted import left: keep it when it was committed, else roll it back; True when
     there was one. Its staged validation reports go either way (callers hold the data lock: none is live)."""
+    _refuse_legacy_journal(settings)
     for stale in settings.staging_dir.glob("report-*"):  # also of an import killed before its journal existed
         shutil.rmtree(stale, ignore_errors=True)
     path = journal_path(settings)

@@ -247,10 +247,11 @@ def finish_interrupted_changes(settings: Settings) -> None:
     """Roll back (or keep, when it had committed) an import that a kill left half-done, and drop the mark of a
     killed pull (what it left in data/ is `workspace_problem`'s to name), under the data lock; while an import
     or pull still runs, its one-line ConcurrentRunError: its data/ is not yet a version."""
-    from components.data.importer import recover
+    from components.data.importer import legacy_journal_path, recover
 
     marker = checkout_file(settings, PULLING)
-    if not checkout_file(settings, IMPORT_JOURNAL).is_file() and not marker.is_file():
+    if not any(path.is_file() for path in (checkout_file(settings, IMPORT_JOURNAL), marker,
+                                           legacy_journal_path(settings))):
         return
     with data_lock(settings):
         recover(settings)

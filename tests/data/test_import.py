@@ -293,6 +293,26 @@ def test_an_import_is_settled_only_in_its_own_checkout(project, tmp_path: Path) 
     assert not importer.journal_path(project).exists()
 
 
+def test_a_journal_an_earlier_defectops_left_in_the_state_root_is_named_not_ignored(project, tmp_path: Path) -> None:
+    """Which checkout an old journal (under the shared state root) belongs to is unknown: every read and import
+    refuses in one line saying where to move it; moved there, the next command rolls the import back."""
+    from components.errors import UsageError
+
+    first = _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    params = load_params(project.params_file)
+    _killed_import(make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"), "commit")
+    legacy = importer.legacy_journal_path(project)
+    importer.journal_path(project).replace(legacy)  # where an import killed before the upgrade left it
+    with pytest.raises(UsageError, match="an import an earlier defectops left unfinished; move it to "
+                                         "<checkout>/.dvc/tmp/defectops-import-journal.json"):
+        tracked_manifest(project, params)
+    with pytest.raises(UsageError, match="left unfinished"):
+        _run(project, make_imagefolder(tmp_path / "m3", per_class=4, seed=5, prefix="more"))
+    assert legacy.is_file() and dataset_version(project.project_root) != first.version, "nothing touched"
+    legacy.replace(importer.journal_path(project))
+    assert len(tracked_manifest(project, params)) == 12 and dataset_version(project.project_root) == first.version
+
+
 def test_a_manifest_read_beside_an_import_is_refused_not_mixed(project, tmp_path: Path, monkeypatch) -> None:
     """tracked_manifest reads data/ without the data lock (two trainings may read at once): an import that
     committed a version, or was still copying, while the rows were read makes the read fail, rather than rows of
