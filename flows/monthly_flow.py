@@ -97,8 +97,9 @@ def monthly_retraining(new_data: str | None = None, reviewed_labels: str | None 
     a second run while one is going refuses; a failed step leaves the champion and the service untouched.
     `timezone` is the schedule's (prefect.yaml passes it): last month is the plant's calendar month.
 
-    Drift comes first: its reference is the tracked dataset version, which must still be the one the champion
-    knew; after the imports it would hold last month's own reviewed images, and hide their drift."""
+    Drift comes first: its reference is the dataset version the served model was trained on, picked out of data/
+    through git; a shallow clone after the imports could only use the new version, which holds last month's own
+    reviewed images and would hide their drift."""
     from components.locks import exclusive
 
     settings = get_settings().ensure()

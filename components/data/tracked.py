@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 from collections.abc import Iterator
@@ -145,6 +146,28 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     if _version_state(settings) != before:
         raise _changed_while_read()
     return TrackedData(manifest, before[0], before[2], pictures)
+
+
+def version_images(settings: Settings, version: str) -> set[str] | None:
+    """The images dataset `version` held: splits.csv of the latest commit whose data.dvc names it (imports only
+    add, so they are tracked rows of any later version too); None when no commit of this clone does (a shallow
+    clone, or a version never committed)."""
+    from components.data.versioning import git
+
+    project = settings.project_root
+    commits = git(project, "log", "--format=%H", "--", "data.dvc", check=False)
+    for commit in commits.stdout.split() if commits.returncode == 0 else []:
+        shown = git(project, "show", f"{commit}:data.dvc", check=False)
+        try:
+            if shown.returncode != 0 or version_in(shown.stdout) != version:
+                continue
+        except (yaml.YAMLError, ValueError):  # a commit with a broken data.dvc names no version
+            continue
+        splits = git(project, "show", f"{commit}:splits.csv", check=False)
+        if splits.returncode != 0:
+            return None
+        return set(pd.read_csv(io.StringIO(splits.stdout), dtype=str, keep_default_na=False)["path"])
+    return None
 
 
 def _changed_while_read() -> ConcurrentRunError:

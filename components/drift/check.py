@@ -115,7 +115,8 @@ def run_drift_check(settings: Settings, params: Params, model: str | None = None
         comparison = compare(answers.frame, answers.window(current.frame), drift, reference.model_version,
                              params.profile.normal_class)
         model_version, dataset_version = reference.model_version, reference.dataset_version
-        reference_info = {"path": str(reference.path), "cached": reference.cached, "predictions": answers.info}
+        reference_info = {"path": str(reference.path) if reference.path else None, "cached": reference.cached,
+                          "predictions": answers.info, **({"note": reference.note} if reference.note else {})}
     summary = {**comparison.summary, **base, "model_version": model_version or
                (model_version_of(predictor) if predictor is not None else None),
                "dataset_version": dataset_version, "reference": reference_info}

@@ -58,6 +58,7 @@ class Reference:
     model_version: str
     path: Path | None
     cached: bool
+    note: str | None = None  # why it is not of the dataset version the model was trained on
 
     @property
     def n_images(self) -> int:
@@ -142,9 +143,41 @@ def _manifest_digest(manifest: pd.DataFrame) -> str:
     return "untracked-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _trained_on(predictor: Any) -> str | None:
+    return (getattr(predictor, "meta", None) or {}).get("dataset_version")
+
+
+def _rows_the_model_knew(settings: Settings, tracked: Any, predictor: Any) -> tuple[pd.DataFrame, str, str | None]:
+    """The tracked rows of the dataset version the model was trained on, that version, and None; or, when they
+    cannot be picked out, the tracked version's rows, that version and a note saying so. After a monthly import
+    the tracked version also holds last month's production images, which would hide their drift."""
+    from components.data.tracked import version_images
+    from components.training.train import training_digest
+
+    manifest, version, trained_on = tracked.manifest, tracked.version, _trained_on(predictor)
+    if not trained_on or trained_on == version:
+        return manifest, version, None
+    held = version_images(settings, trained_on)
+    if held is None:
+        why = "no commit of this clone records that version (a shallow clone?)"
+    else:
+        rows = manifest[manifest["path"].isin(held)].reset_index(drop=True)
+        recorded = predictor.meta.get("manifest_digest")
+        if recorded is None or training_digest(rows) == recorded:
+            log.info("drift reference: the %d images of dataset version %s, which %s was trained on (data/ holds "
+                     "%s)", len(rows), trained_on, model_version_of(predictor), version)
+            return rows, trained_on, None
+        why = "its images here are not the ones it was trained on"
+    note = (f"the model was trained on dataset version {trained_on}, but {why}: the reference is the tracked "
+            f"version {version}, which may hold images the model never saw")
+    log.warning("drift reference: %s", note)
+    return manifest, version, note
+
+
 def load_reference(settings: Settings, params: Params, predictor: Any, drift: DriftParams,
                    rebuild: bool = False) -> Reference:
-    """The cached reference for the tracked dataset version and this model, built (and cached) when missing."""
+    """The cached reference for the dataset version the model was trained on (else the tracked one) and this
+    model, built (and cached) when missing."""
     from components.data.tracked import dataset_version, tracked_data, tracked_manifest
 
     version = dataset_version(settings.project_root)
@@ -152,6 +185,8 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
     if version is None:  # an untracked data/ folder: key the cache by its content
         manifest = tracked_manifest(settings, params)
         version = _manifest_digest(manifest)
+    else:
+        version = _trained_on(predictor) or version
     path = reference_path(settings, version, predictor, drift)
     model_version = model_version_of(predictor)
     if path.is_file() and not rebuild:
@@ -161,21 +196,20 @@ def load_reference(settings: Settings, params: Params, predictor: Any, drift: Dr
             return Reference(frame, version, model_version, path, cached=True)
         except (OSError, ValueError) as exc:  # a torn or foreign file: build it again
             log.warning("drift reference %s unreadable (%s); building it again", path, exc)
-    tracked = None
+    tracked, note = None, None
     if manifest is None:
         tracked = tracked_data(settings, params)  # the version it is: an import may have committed since
-        manifest = tracked.manifest
-        if tracked.version is not None and tracked.version != version:
-            version = tracked.version
-            path = reference_path(settings, version, predictor, drift)
+        manifest, version, note = _rows_the_model_knew(settings, tracked, predictor)
+        path = reference_path(settings, version, predictor, drift)
     frame = build_reference(manifest, predictor, drift)
     if tracked is not None:
         tracked.still_there(settings)  # before the cache keeps what the pictures gave
-    with replacing(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-    write_text_atomic(path.with_suffix(".json"), json.dumps({
-        "dataset_version": version, "model_version": model_version, "created_at": datetime.now(UTC).isoformat(),
-        "n_images": len(frame), "n_predictions": int(frame["predicted_class"].notna().sum()),
-        "reference_splits": drift.reference_splits, "prediction_split": drift.prediction_split}, indent=2))
-    log.info("drift reference cached at %s", path)
-    return Reference(frame, version, model_version, path, cached=False)
+    if note is None:  # a stand-in is built again next time: a later commit may name the model's version
+        with replacing(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+        write_text_atomic(path.with_suffix(".json"), json.dumps({
+            "dataset_version": version, "model_version": model_version, "created_at": datetime.now(UTC).isoformat(),
+            "n_images": len(frame), "n_predictions": int(frame["predicted_class"].notna().sum()),
+            "reference_splits": drift.reference_splits, "prediction_split": drift.prediction_split}, indent=2))
+        log.info("drift reference cached at %s", path)
+    return Reference(frame, version, model_version, path if note is None else None, cached=False, note=note)

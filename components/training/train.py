@@ -135,6 +135,11 @@ def _as_params(params: Params | dict) -> Params:
         raise UsageError(f"invalid params: {str(exc).splitlines()[0]}; fix params.yaml") from exc
 
 
+def training_digest(manifest: pd.DataFrame) -> str:
+    """The manifest_digest a model trained on `manifest` records: of the usable train and val rows it reads."""
+    return manifest_digest(pd.concat([_split_rows(manifest, "train"), _split_rows(manifest, "val")]))
+
+
 def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     from components.data.tracked import usable_rows
 
@@ -466,7 +471,7 @@ def run_training(
         tracked = None
     classes, normal = list(params.profile.classes), params.profile.normal_class
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
-    digest = manifest_digest(pd.concat([train_rows, val_rows]))
+    digest = training_digest(manifest)
     teacher = load_teacher(prof, classes, digest)
     fingerprint = _fingerprint(prof, aug, classes, digest, seed, teacher)
     checkpoint_dir = settings.home_dir / "checkpoints" / f"train-{fingerprint}"

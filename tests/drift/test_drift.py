@@ -579,3 +579,42 @@ def test_the_embedding_check_of_normal_parts_ignores_the_class_mix() -> None:
     assert normal.summary["embedding_drift"]["classes"] == "normal"
     assert normal.summary["embedding_drift"]["n_current"] == 143
     assert changed.summary["embedding_drift"]["drifted"] is True
+
+
+def test_the_reference_is_the_dataset_version_the_model_was_trained_on(project, drift_model: Path,
+                                                                        tmp_path: Path) -> None:
+    """After the monthly import, data/ also holds last month's production images: the reference keeps to the
+    images of the version the model was trained on (found through git, checked against the model's digest), or
+    says so where a clone cannot pick them out, and does not cache that stand-in."""
+    import subprocess
+
+    from components.config import Settings, load_params
+    from components.data.importer import import_data
+    from components.data.tracked import tracked_manifest
+    from components.drift.params import drift_params
+    from components.drift.reference import load_reference
+    from components.predictor import Predictor
+    from components.training.train import training_digest
+    from tests.conftest import make_imagefolder
+
+    params = load_params(project.params_file)
+    first = import_data(str(make_imagefolder(tmp_path / "m1", per_class=8)), project, params)
+    known = tracked_manifest(project, params)
+    import_data(str(make_imagefolder(tmp_path / "m2", per_class=8, seed=3, prefix="line")), project, params)
+    predictor = Predictor.from_file(drift_model)
+    predictor.meta.update(dataset_version=first.version, manifest_digest=training_digest(known))
+    drift = drift_params(params)
+
+    reference = load_reference(project, params, predictor, drift)
+    assert reference.dataset_version == first.version and reference.note is None
+    assert set(reference.frame["path"]) == set(known.loc[known["split"].isin(drift.reference_splits), "path"])
+    assert load_reference(project, params, predictor, drift).cached
+
+    clone = tmp_path / "shallow"  # a Job's `git_clone` pull step clones one commit deep
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{project.project_root}", str(clone)], check=True)
+    (clone / "params.yaml").write_text(project.params_file.read_text())
+    stand_in = load_reference(Settings(project=clone, home=tmp_path / "clone-home",
+                                       dvc_remote=project.dvc_remote_url), params, predictor, drift)
+    assert stand_in.dataset_version != first.version and stand_in.path is None and not stand_in.cached
+    assert "no commit of this clone records that version" in stand_in.note
+    assert len(stand_in.frame) > len(reference.frame)
