@@ -97,23 +97,48 @@ class ReviewItem:
         return self.json_path.stem
 
 
-def pending_items(folder: Path) -> list[ReviewItem]:
-    """Complete items still waiting for a verdict, oldest day first."""
-    items = []
-    if not folder.is_dir():
-        return items
-    for meta in sorted(folder.glob("*/*.json")):
+def _read_item(meta: Path) -> dict[str, Any] | None:
+    """An item's JSON, None when it is missing or unreadable."""
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _item_jsons(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The readable item JSONs of the day folders under `folder`, oldest day first."""
+    found = []
+    for meta in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
         if meta.parent.name == IMPORTED or meta.name.startswith("."):
             continue
-        try:
-            data = json.loads(meta.read_text())
-        except (OSError, ValueError):
+        if (data := _read_item(meta)) is None:
             log.warning("%s: unreadable review item, skipped", meta)
+        else:
+            found.append((meta, data))
+    return found
+
+
+def pending_items(folder: Path) -> list[ReviewItem]:
+    """Complete items still waiting for a verdict, oldest day first. An item with an imported JSON is not
+    waiting, whatever files a killed import left behind."""
+    items = []
+    for meta, data in _item_jsons(folder):
+        imported = folder / IMPORTED / meta.parent.name
+        if (imported / meta.name).is_file() and _read_item(imported / meta.name) is not None:
             continue
         image = meta.parent / data.get("image_file", "")
+        if not image.is_file():  # an import killed after moving the image, before writing its JSON (the old order)
+            image = imported / data.get("image_file", "")
         if image.is_file():
             items.append(ReviewItem(meta, image, data))
     return items
+
+
+def imported_items(folder: Path) -> list[ReviewItem]:
+    """Items imported already, by their imported JSON, which an import writes first: its image may still wait
+    in the day folder if the import was killed (the next `import_reviewed` moves it)."""
+    return [ReviewItem(meta, meta.parent / data.get("image_file", ""), data)
+            for meta, data in _item_jsons(folder / IMPORTED)]
 
 
 def _read_labels_csv(path: Path) -> list[tuple[str, str]]:
@@ -150,7 +175,7 @@ def verdicts_from_csv(settings: Settings, labels: Path) -> list[tuple[ReviewItem
         item = _match(items, key, root)
         if item is None:
             if imported is None:
-                imported = pending_items(root / IMPORTED)
+                imported = imported_items(root)
             earlier = _match(imported, key, root / IMPORTED)
             if earlier is not None:
                 done.append(earlier)
@@ -199,20 +224,40 @@ def build_staging(settings: Settings, params: Params, verdicts: list[tuple[Revie
 
 
 def _mark_imported(settings: Settings, verdicts: list[tuple[ReviewItem | Path, str]], version: str | None) -> int:
+    """Move the imported items to imported/<day>/. The imported JSON is written first, in one rename: from then
+    on the item counts as imported, and a run killed before the image is moved is finished by the next."""
     moved = 0
     for source, label in verdicts:
         if not isinstance(source, ReviewItem):
             continue
-        day = source.json_path.parent.name
-        target = settings.review_queue_dir / IMPORTED / day
-        target.mkdir(parents=True, exist_ok=True)
+        target = settings.review_queue_dir / IMPORTED / source.json_path.parent.name
         data = {**source.data, "label": label, "dataset_version": version,
                 "imported_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        os.replace(source.image_path, target / source.image_path.name)
-        (target / source.json_path.name).write_text(json.dumps(data, indent=1, default=str))
-        source.json_path.unlink(missing_ok=True)
+        write_text_atomic(target / source.json_path.name, json.dumps(data, indent=1, default=str), durable=True)
+        _finish_import(source.json_path, source.image_path, target)
         moved += 1
     return moved
+
+
+def _finish_import(pending_json: Path, image: Path, target: Path) -> None:
+    """The steps after the imported JSON is written: the image into `target`, the pending JSON removed."""
+    if image.is_file():
+        os.replace(image, target / image.name)
+    pending_json.unlink(missing_ok=True)
+
+
+def finish_interrupted_imports(folder: Path) -> int:
+    """Finish the imports a killed run left half done (imported JSON written, pending files still in place)."""
+    finished = 0
+    for item in imported_items(folder):
+        day = folder / item.json_path.parent.name
+        pending_json, pending_image = day / item.json_path.name, day / item.image_path.name
+        if pending_json.is_file() or pending_image.is_file():
+            _finish_import(pending_json, pending_image, item.image_path.parent)
+            finished += 1
+    if finished:
+        log.info("%s: finished %d review import(s) a killed run left half done", folder, finished)
+    return finished
 
 
 def import_reviewed(settings: Settings, params: Params, labels: Path | None = None, folder: Path | None = None,
@@ -222,6 +267,7 @@ def import_reviewed(settings: Settings, params: Params, labels: Path | None = No
 
     if (labels is None) == (folder is None):
         raise UsageError("give exactly one of --labels FILE (CSV file,label) or --folder DIR (<label>/ sub-folders)")
+    finish_interrupted_imports(settings.review_queue_dir)
     verdicts = verdicts_from_csv(settings, labels) if labels else verdicts_from_folder(settings, folder)
     if not verdicts:  # every item of the CSV was imported before: nothing to version again
         from components.data.importer import ImportResult
