@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +75,32 @@ def _boundary(content_type: str) -> bytes | None:
     return None
 
 
+def _lowercase_media_type(content_type: bytes) -> bytes:
+    """The header with its media type lowercased, parameters untouched: BentoML picks its parser by an exact,
+    case-sensitive match, and parses a `Multipart/Form-Data` body as JSON."""
+    media_type, sep, rest = content_type.partition(b";")
+    return media_type.strip().lower() + sep + rest
+
+
+async def multipart_problem(body: bytes, content_type: bytes) -> str | None:
+    """Why Starlette's form parser, the one BentoML runs next, refuses the body (None when it parses): its
+    refusal would reach the client as a 500."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream() -> Any:
+        yield body
+
+    parser = MultiPartParser(Headers(raw=[(b"content-type", content_type)]), stream(), max_files=MAX_MULTIPART_PARTS,
+                             max_fields=MAX_MULTIPART_PARTS)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:  # "Invalid multipart data.", "Part exceeded maximum size of 1024KB.", ...
+        return exc.message[:1].lower() + exc.message[1:].rstrip(".")
+    await form.close()
+    return None
+
+
 def frame_problem(facts: dict[str, Any], limits: Any) -> str | None:
     """Why a frame is refused (None when it is not): what no camera frame of a part looks like, by the `validate`
     bounds every training image met: a sliver or a thumbnail, and a blank frame (a lens cap, a dead lamp).
@@ -104,11 +130,43 @@ async def all_or_nothing(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     return results
 
 
+class ExplainerCache:
+    """The Grad-CAM explainer (a private fp32 copy of the model) of the deployment being served. One built for a
+    swapped-out deployment, by an /explain that started before the swap, serves its request only: kept, it would
+    hold a copy of the old model for the life of the process."""
+
+    def __init__(self, current: Callable[[], Any]) -> None:
+        import threading
+
+        self._current = current  # the service's deployment now
+        self._lock = threading.Lock()
+        self._cached: tuple[Any, Any] | None = None  # (deployment, explainer)
+
+    def get(self, deployment: Any) -> Any:
+        """`deployment`'s explainer; kept for the next request only while `deployment` is the one served."""
+        from components.serving.explain import GradCamExplainer
+
+        with self._lock:
+            cached = self._cached
+        if cached is not None and cached[0] is deployment:
+            return cached[1]
+        explainer = GradCamExplainer(deployment.reference.model, deployment.reference.device)
+        with self._lock:  # a swap sets the new deployment before `clear`, so the old one is never kept
+            if deployment is self._current():
+                self._cached = (deployment, explainer)
+        return explainer
+
+    def clear(self) -> None:
+        """Forget the explainer of a swapped-out deployment (call after the new one is current)."""
+        with self._lock:
+            self._cached = None
+
+
 class UploadGuard:
     """ASGI middleware in front of the prediction endpoints: refuses, with a clear 4xx, what is not an upload.
 
-    Reads the body (at most serve.max_upload_bytes: 413 beyond), then requires multipart/form-data (415) with
-    the image field present as a file (400). This also keeps BentoML from fetching a URL sent as text.
+    Reads the body (at most serve.max_upload_bytes: 413 beyond), then requires multipart/form-data (415) that
+    parses, with the image field present as a file (400). This also keeps BentoML from fetching a URL sent as text.
     """
 
     def __init__(self, app: Any) -> None:
@@ -165,9 +223,12 @@ class UploadGuard:
         if not chunked and (length is None or length == b"0"):
             await self._refuse(send, 400, f"empty request body; {how}", "empty_body")
             return
-        content_type = headers.get(b"content-type", b"none").decode(errors="replace")
-        if not content_type.lower().startswith("multipart/form-data"):
-            await self._refuse(send, 415, f"content type {content_type} is not accepted; {how}", "not_multipart")
+        given_type = headers.get(b"content-type", b"none")
+        raw_type = _lowercase_media_type(given_type)
+        content_type = raw_type.decode(errors="replace")
+        if not content_type.startswith("multipart/form-data"):
+            await self._refuse(send, 415, f"content type {given_type.decode(errors='replace')} is not accepted; {how}",
+                               "not_multipart")
             return
         body = await self._read_body(receive)
         if body is None:
@@ -184,6 +245,9 @@ class UploadGuard:
             await self._refuse(send, 413, f"{n_parts} multipart parts is over the limit of {MAX_MULTIPART_PARTS}; "
                                "split the request", "too_many_parts")
             return
+        if problem := await multipart_problem(body, raw_type):
+            await self._refuse(send, 400, f"malformed multipart body ({problem}); {how}", "bad_multipart")
+            return
         parts = _part_headers(body, field)
         if len(parts) > 1 and field == "image":
             await self._refuse(send, 400, f"{len(parts)} parts named 'image': send one image per request, or "
@@ -195,6 +259,8 @@ class UploadGuard:
         if not all(b"filename=" in part.lower() for part in parts):
             await self._refuse(send, 400, f"field '{field}' must be a file upload, not text; {how}", "not_a_file")
             return
+        scope = {**scope, "headers": [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+                 + [(b"content-type", raw_type)]}
         replayed = False
 
         async def replay() -> Any:
@@ -264,7 +330,7 @@ class DefectClassifier:
         self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
         self.review_queue = ReviewQueue(settings.review_queue_dir, self.writer, self.params.review_retention_days,
                                         self.params.audit_sample_rate)
-        self._explainers: dict[str, Any] = {}
+        self._explainers = ExplainerCache(lambda: self.deployment)
         metrics.SERVED_MODEL.labels(*self.deployment.labels).set(1)
         self._prepare(_GREY_PNG, check=False)  # the decode path's imports, before the first request
         self.replica = ReplicaReport(settings, self.params.reload_poll_seconds)  # promotion waits for every replica
@@ -285,7 +351,7 @@ class DefectClassifier:
         old, self.deployment = self.deployment, new
         metrics.SERVED_MODEL.labels(*old.labels).set(0)
         metrics.SERVED_MODEL.labels(*new.labels).set(1)
-        self._explainers.pop(old.model_version, None)
+        self._explainers.clear()
         retire(old, REQUEST_TIMEOUT_S)  # a request holding it (still decoding, queued) ends within this
 
     def _prepare(self, raw: bytes, deployment: Any = None, check: bool = True) -> tuple[Any, dict[str, Any], Any]:
@@ -467,14 +533,7 @@ class DefectClassifier:
 
     def _overlay_png(self, rgb: Any, tensor: Any, target: int, deployment: Any) -> str:
         """Grad-CAM of class `target` on the fp32 model, laid over the (downscaled) original image, as base64 PNG."""
-        from components.serving.explain import GradCamExplainer
-
-        explainer = self._explainers.get(deployment.model_version)
-        if explainer is None:
-            reference = deployment.reference
-            explainer = self._explainers[deployment.model_version] = GradCamExplainer(reference.model,
-                                                                                      reference.device)
-        return explainer.overlay_base64(rgb, tensor, target, EXPLAIN_MAX_SIDE)
+        return self._explainers.get(deployment).overlay_base64(rgb, tensor, target, EXPLAIN_MAX_SIDE)
 
     # ------------------------------------------------------------ lifecycle
 

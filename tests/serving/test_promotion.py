@@ -261,7 +261,7 @@ def test_the_service_swap_waits_longer_than_one_batchs_latency_budget() -> None:
     from components.serving.batching import Batcher
     from components.serving.deployment import DeploymentRecord
     from components.serving.reload import Deployment
-    from components.serving.service import DefectClassifier
+    from components.serving.service import DefectClassifier, ExplainerCache
 
     def deployment(version: int, batcher: Batcher) -> Deployment:
         record = DeploymentRecord(model_uri=f"models:/defect-classifier/{version}",
@@ -276,7 +276,8 @@ def test_the_service_swap_waits_longer_than_one_batchs_latency_budget() -> None:
         new_batcher = Batcher(lambda items, _stream: [3 * item for item in items], max_batch_size=4,
                               max_latency_ms=500)
         service = DefectClassifier.inner.__new__(DefectClassifier.inner)
-        service.deployment, service._explainers = deployment(1, old_batcher), {}
+        service.deployment = deployment(1, old_batcher)
+        service._explainers = ExplainerCache(lambda: service.deployment)
         with service.deployment.serving() as held:
             await asyncio.to_thread(service._swap, deployment(2, new_batcher))
             await asyncio.sleep(0.8)  # still decoding, past the 0.5 s budget
@@ -286,6 +287,62 @@ def test_the_service_swap_waits_longer_than_one_batchs_latency_budget() -> None:
         new_batcher.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_an_explain_across_a_swap_leaves_no_copy_of_the_old_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/explain builds a Grad-CAM copy of its model; one built for a swapped-out model serves its request and is
+    then freed, not cached for the life of the process."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from components.serving import explain
+    from components.serving.deployment import DeploymentRecord
+    from components.serving.reload import Deployment
+    from components.serving.service import DefectClassifier, ExplainerCache
+
+    built: list[weakref.ref] = []
+    during_build: list = []  # a swap to run while the next explainer is being built
+
+    class Explainer:
+        def __init__(self, model: str, device: str) -> None:
+            built.append(weakref.ref(self))
+            self.model = model
+            if during_build:
+                during_build.pop()()
+
+        def overlay_base64(self, rgb, tensor, target: int, max_side: int) -> str:
+            return f"overlay on {self.model}"
+
+    def deployment(version: int) -> Deployment:
+        record = DeploymentRecord(model_uri=f"models:/defect-classifier/{version}",
+                                  model_version=f"defect-classifier/{version}", threshold=0.8, fast_path="fp32",
+                                  deployed_at="2026-11-23T08:00:00+00:00")
+        return Deployment(record, engine=SimpleNamespace(device="cpu"),
+                          reference=SimpleNamespace(model=f"model {version}", device="cpu"), fast_path="fp32",
+                          batcher=SimpleNamespace(shutdown=lambda: None), stamp=None)
+
+    def alive() -> list[bool]:
+        gc.collect()
+        return [ref() is not None for ref in built]
+
+    monkeypatch.setattr(explain, "GradCamExplainer", Explainer)
+    first, second, third = deployment(1), deployment(2), deployment(3)
+    service = DefectClassifier.inner.__new__(DefectClassifier.inner)
+    service.deployment = first
+    service._explainers = ExplainerCache(lambda: service.deployment)
+    assert [service._overlay_png(None, None, 0, first) for _ in range(2)] == ["overlay on model 1"] * 2
+    assert alive() == [True]  # built once, cached
+
+    service._swap(second)  # an /explain that took `first` reaches Grad-CAM after the swap
+    assert service._overlay_png(None, None, 0, first) == "overlay on model 1"
+    assert alive() == [False, False]
+    during_build.append(lambda: service._swap(third))  # the swap lands while `second`'s copy is being made
+    assert service._overlay_png(None, None, 0, second) == "overlay on model 2"
+    assert alive() == [False, False, False]
+    assert service._overlay_png(None, None, 0, third) == "overlay on model 3"
+    assert service._overlay_png(None, None, 0, third) == "overlay on model 3"
+    assert alive() == [False, False, False, True]
 
 
 @pytest.mark.parametrize(("args", "message"), [

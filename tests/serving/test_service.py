@@ -210,6 +210,40 @@ def _settled_skipped(server, timeout: float = 10.0) -> int:
     return skipped
 
 
+def _bad_requests(server, reason: str) -> float:
+    prefix = f'bad_requests_total{{reason="{reason}"}} '
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return next((float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+def _multipart(header_end: bytes = b"\r\n\r\n") -> bytes:
+    return (b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"' + header_end
+            + probe_png("dark") + b"\r\n--B--\r\n")
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=B", "Multipart/Form-Data; boundary=B"])
+def test_a_body_that_does_not_parse_is_a_counted_400_not_a_500(server, content_type: str) -> None:
+    """A part whose headers no blank line ends: the form parser BentoML runs would fail, answered as a 500."""
+    before, log_start = _bad_requests(server, "bad_multipart"), len(server.log_text())
+    response = httpx.post(f"{server.url}/predict", content=_multipart(header_end=b"\r\n"),
+                          headers={"content-type": content_type}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error.startswith("malformed multipart body (invalid multipart data); ") and "\n" not in error
+    assert _bad_requests(server, "bad_multipart") == before + 1
+    assert "Traceback" not in server.log_text()[log_start:]
+    assert_still_serving(server)
+
+
+def test_the_media_type_is_matched_in_any_case(server) -> None:
+    """Media types are case-insensitive; BentoML matches `multipart/form-data` exactly, so the guard forwards it
+    lowercased instead of letting BentoML read the body as JSON."""
+    response = httpx.post(f"{server.url}/predict", content=_multipart(),
+                          headers={"content-type": "Multipart/Form-Data; boundary=B"}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["decision"] == "accept"
+
+
 def test_a_get_on_predict_says_to_post(server) -> None:
     response = httpx.get(f"{server.url}/predict", timeout=30)
     assert response.status_code == 405 and response.headers["allow"] == "POST"
