@@ -86,6 +86,31 @@ def _truncate(text: str, limit: int = TAG_VALUE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 15] + " …(truncated)"
 
 
+HISTORY_TAG = "history"  # earlier approvals, rejections and roll-backs of the version, one per line, oldest first
+APPROVAL_ENTRY = ("approved_by", "approved_at", "approval_note", "previous_champion", "approval_forced",
+                  "overrode_rejection", "overrode_rollback")
+REJECTION_ENTRY = ("rejected_by", "rejected_at", "rejected_reason")
+ROLLBACK_ENTRY = ("rolled_back_by", "rolled_back_at", "rolled_back_reason")
+RESTORE_ENTRY = ("restored_by", "restored_at", "restored_reason")
+
+
+def _kept_history(tags: dict[str, str], entry: tuple[str, ...], what: str) -> dict[str, str]:
+    """The `history` tag with the `what` entry these tags hold now added (nothing when they hold none), written
+    before that entry's tags are overwritten: MLflow keeps no history of tags, and the audit file is one home's
+    only. The oldest lines go first when the tag would pass its size limit."""
+    fields = [f"{key}={tags[key]}" for key in entry if tags.get(key) not in (None, "", "none")]
+    if not fields:
+        return {}
+    lines = [line for line in tags.get(HISTORY_TAG, "").split("\n") if line]
+    line = " ".join(f"{what}: {'; '.join(fields)}".split())  # one line: notes and reasons may hold newlines
+    if lines and lines[-1] == line:  # a rerun of a command that stopped after writing it
+        return {}
+    lines.append(line)
+    while len("\n".join(lines)) > TAG_VALUE_LIMIT and len(lines) > 1:
+        lines.pop(0)
+    return {HISTORY_TAG: _truncate("\n".join(lines))}
+
+
 def _tag(value: Any) -> str:
     """A tag value: figures with 6 significant digits, None as 'none'."""
     if value is None:
@@ -804,8 +829,12 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
             what, who, when, why, key = _VETOES[approval]
             overrode[key] = _truncate(f"{what} by {tags.get(who, '?')} at {tags.get(when, '?')}: {tags.get(why, '')}")
             log.warning("version %s was %s; approved over it with --force (%s)", version, overrode[key], note)
-        new_tags = {"approved_by": by, "approved_at": _now(), "approval_note": _truncate(note or ""),
-                    "previous_champion": previous or "none", "approval_forced": str(force).lower(), **overrode,
+        new_tags = {**_kept_history(tags, APPROVAL_ENTRY, "earlier approval"),
+                    "approved_by": by, "approved_at": _now(), "approval_note": _truncate(note or ""),
+                    "previous_champion": previous or "none", "approval_forced": str(force).lower(),
+                    # an earlier approval's override, now in the history, is not this one's
+                    **{key: "none" for key in ("overrode_rejection", "overrode_rollback")
+                       if tags.get(key, "none") != "none"}, **overrode,
                     # a former champion approved again is no longer replaced
                     **({"replaced_by": "none"} if tags.get("replaced_by", "none") != "none" else {}),
                     "approval_status": "approved"}  # last: a version is approved only once every tag is there
@@ -886,12 +915,13 @@ def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict
     client = connect(settings)
     with _registry_errors(f"reject version {version}", settings.tracking_uri), \
             exclusive(settings.locks_dir, "registry", "a model registration or approval"):
-        _get_version(client, version)
+        tags = dict(_get_version(client, version).tags or {})
         aliases = _aliases(client)
         if aliases.get(CHAMPION) == version:
             raise DefectOpsError(f"version {version} is the champion; approve another version first (e.g. the "
                                  "previous champion) and then reject this one")
-        for key, value in {"rejected_by": by, "rejected_at": _now(), "rejected_reason": _truncate(reason),
+        for key, value in {**_kept_history(tags, REJECTION_ENTRY, "earlier rejection"),
+                           "rejected_by": by, "rejected_at": _now(), "rejected_reason": _truncate(reason),
                            "approval_status": "rejected"}.items():
             client.set_model_version_tag(MODEL_NAME, version, key, value)
         removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
@@ -974,12 +1004,14 @@ def rollback(settings: Settings, current: str, by: str, reason: str) -> dict[str
         if target is None:
             raise DefectOpsError(f"no earlier approved deployment to roll back to from version {current}; approve "
                                  "the version to serve with `defectops approve N --by NAME`, then promote it")
-        at = _now()
-        for key, value in {"rolled_back_by": by, "rolled_back_at": at, "rolled_back_reason": _truncate(reason),
+        at, current_tags = _now(), dict(_get_version(client, current).tags or {})
+        for key, value in {**_kept_history(current_tags, ROLLBACK_ENTRY, "earlier roll-back"),
+                           "rolled_back_by": by, "rolled_back_at": at, "rolled_back_reason": _truncate(reason),
                            "approval_status": "rolled_back"}.items():
             client.set_model_version_tag(MODEL_NAME, current, key, value)
         client.set_registered_model_alias(MODEL_NAME, CHAMPION, target)
-        for key, value in {"restored_by": by, "restored_at": at, "restored_reason": _truncate(reason),
+        for key, value in {**_kept_history(tags, RESTORE_ENTRY, "earlier restore"),
+                           "restored_by": by, "restored_at": at, "restored_reason": _truncate(reason),
                            "replaced_by": "none"}.items():
             client.set_model_version_tag(MODEL_NAME, target, key, value)
     _audit(settings, {"action": "rollback", "from_version": current, "version": target, "by": by,

@@ -342,6 +342,30 @@ def test_a_former_champion_moved_back_in_the_ui_needs_a_new_approval(registry_pr
     assert rollback(settings, "3", by="qa lead", reason="misses blowholes")["version"] == "1"
 
 
+def test_a_second_approval_or_rejection_keeps_the_first_on_the_version(registry_project, tmp_path: Path) -> None:
+    """MLflow keeps no history of tags: before an approval, rejection or roll-back overwrites the one a version
+    holds, that one goes to its `history` tag, so the version itself (the UI, another home) keeps both."""
+    from components.registry.registry import approve, register, reject
+
+    settings, lenient = registry_project, params_with_gate(registry_project, **LENIENT_GATE)
+    first, second, third = (register(settings, lenient, make_train_dir(tmp_path / f"m{n}", seed=n)).version
+                            for n in (1, 2, 3))
+    approve(settings, first, by="alice", note="first on the line", force=True)
+    approve(settings, second, by="bob", note="better\non scratches", force=True)
+    approve(settings, first, by="carol", note="back to v1", force=True)
+    tags = _client(settings).get_model_version(NAME, first).tags
+    assert tags["approved_by"] == "carol" and tags["approval_note"] == "back to v1"
+    [line] = tags["history"].splitlines()
+    assert line.startswith("earlier approval: approved_by=alice; approved_at=")
+    assert line.endswith("; approval_note=first on the line; approval_forced=true"), "'none' values left out"
+    reject(settings, third, by="dan", reason="misses blowholes")
+    reject(settings, third, by="erin", reason="and\ncracks")
+    tags = _client(settings).get_model_version(NAME, third).tags
+    assert tags["rejected_by"] == "erin" and tags["history"].startswith("earlier rejection: rejected_by=dan; ")
+    assert tags["history"].endswith("rejected_reason=misses blowholes") and "history" not in \
+        _client(settings).get_model_version(NAME, second).tags
+
+
 def test_unreachable_tracking_server_registers_nothing(registry_project, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from components.cli import app
