@@ -58,6 +58,9 @@ class ServeParams(_Section):
     )
     log_queue_size: int = Field(10_000, ge=10, description="pending log/review writes; beyond it they are dropped "
                                 "(counted in prediction_log_dropped_total), never blocking a request")
+    log_queue_bytes: int = Field(512 * 2**20, ge=2**20, description="bytes the pending review items may hold (each "
+                                 "its upload); beyond it they are dropped and counted too, so a stalled disk never "
+                                 "fills the memory with pictures")
     reload_poll_seconds: float = Field(2.0, gt=0, description="how often the service looks for a rewritten "
                                        "deployment record (promotion) to hot-swap onto")
     promotion_timeout_seconds: float = Field(300.0, gt=0, description="how long promotion waits for the running "

@@ -114,12 +114,16 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
 
 
 class BackgroundWriter:
-    """One daemon thread running queued writes (log lines, review items) off the request path."""
+    """One daemon thread running queued writes (log lines, review items) off the request path. The queue is
+    bounded by count and by the bytes its writes hold (a review item holds its upload): a stalled disk drops
+    and counts writes rather than filling the memory with pictures."""
 
     def __init__(self, max_queue: int = 10_000, name: str = "prediction-log",
-                 on_drop: Callable[[], None] | None = None, on_error: Callable[[], None] | None = None) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max_queue)
+                 on_drop: Callable[[], None] | None = None, on_error: Callable[[], None] | None = None,
+                 max_bytes: int = 512 * 2**20) -> None:
+        self._queue: queue.Queue[tuple[Callable[[], None], int] | None] = queue.Queue(maxsize=max_queue)
         self._on_drop, self._on_error = on_drop, on_error
+        self._max_bytes, self._queued_bytes, self._bytes_lock = max_bytes, 0, threading.Lock()
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -128,28 +132,43 @@ class BackgroundWriter:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, task: Callable[[], None]) -> bool:
-        """Queue a write; False (and counted) when the queue is full. Never blocks."""
+    def submit(self, task: Callable[[], None], size: int = 0) -> bool:
+        """Queue a write holding `size` bytes; False (and counted) when the queue is full. Never blocks."""
+        with self._bytes_lock:
+            fits = size == 0 or self._queued_bytes == 0 or self._queued_bytes + size <= self._max_bytes
+            if fits:
+                self._queued_bytes += size
         try:
-            self._queue.put_nowait(task)
+            if not fits:
+                raise queue.Full
+            self._queue.put_nowait((task, size))
             return True
         except queue.Full:
+            if fits:
+                self._release(size)
             self.dropped += 1
             if self._on_drop:
                 self._on_drop()
             return False
 
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
+
     def _run(self) -> None:
         while True:
-            task = self._queue.get()
-            if task is None:
+            entry = self._queue.get()
+            if entry is None:
                 return
+            task, size = entry
             try:
                 task()
             except Exception:  # one bad write must not stop the log
                 log.exception("background write failed")
                 if self._on_error:
                     self._on_error()
+            finally:
+                self._release(size)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written; False on timeout."""

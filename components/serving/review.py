@@ -68,7 +68,7 @@ class ReviewQueue:
 
     def keep(self, request_id: str, raw: bytes, suffix: str, item: dict[str, Any]) -> bool:
         """Queue the image and its JSON for writing; never blocks."""
-        return self.writer.submit(lambda: self._write(request_id, raw, suffix, item))
+        return self.writer.submit(lambda: self._write(request_id, raw, suffix, item), size=len(raw))
 
     def _write(self, request_id: str, raw: bytes, suffix: str, item: dict[str, Any]) -> None:
         day = item["timestamp"][:10]

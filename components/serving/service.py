@@ -326,7 +326,7 @@ class DefectClassifier:
 
         self.deployment = load(record, stamp)  # each request holds it (`serving()`); a hot swap replaces it
         self.writer = BackgroundWriter(self.params.log_queue_size, on_drop=metrics.LOG_DROPPED.inc,
-                                       on_error=metrics.LOG_ERRORS.inc)
+                                       on_error=metrics.LOG_ERRORS.inc, max_bytes=self.params.log_queue_bytes)
         self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
         self.review_queue = ReviewQueue(settings.review_queue_dir, self.writer, self.params.review_retention_days,
                                         self.params.audit_sample_rate)

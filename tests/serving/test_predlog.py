@@ -60,6 +60,25 @@ def test_background_writer_appends_day_files_and_never_blocks(tmp_path: Path) ->
     writer.close()
 
 
+def test_a_stalled_writer_drops_writes_past_its_byte_bound_instead_of_holding_every_picture() -> None:
+    """A review item holds its upload until written: behind a stalled disk the queue stops at max_bytes (one
+    write larger than that still goes when nothing is queued), and takes writes again once it drains."""
+    import threading
+
+    drops: list[int] = []
+    writer = BackgroundWriter(max_queue=10_000, max_bytes=100, on_drop=lambda: drops.append(1))
+    disk = threading.Event()
+    written: list[str] = []
+    assert writer.submit(disk.wait, size=60)  # the write the disk holds up
+    assert writer.submit(lambda: written.append("small"), size=40)
+    assert not writer.submit(lambda: written.append("over"), size=1) and writer.dropped == 1 and drops == [1]
+    disk.set()
+    assert writer.flush()
+    assert writer.submit(lambda: written.append("huge"), size=500), "alone in the queue, it goes"
+    assert writer.flush() and written == ["small", "huge"]
+    writer.close()
+
+
 def test_replicas_sharing_the_folder_write_their_own_files_read_as_one_timeline(tmp_path: Path) -> None:
     """Pods of the Kubernetes Deployment share the log folder (a ReadWriteMany claim): appends from several
     nodes to one file are not atomic there, so each writes its own day file."""
