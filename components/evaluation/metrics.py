@@ -54,16 +54,29 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
 
 
-def _figures(counts: np.ndarray, n_classes: int, normal: int) -> dict[str, np.ndarray]:
-    """Accuracy, macro F1 and the plant figures of each row of summed per-image counts (B, C*C + 4)."""
+def _confusion(counts: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.atleast_2d(counts)[:, :n_classes * n_classes].reshape(-1, n_classes, n_classes)
+
+
+def _present(counts: np.ndarray, n_classes: int) -> np.ndarray:
+    """The classes macro-F1 averages over (C,): those with images or predictions in these summed counts."""
+    cm = _confusion(counts, n_classes)[0]
+    return (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+
+
+def _figures(counts: np.ndarray, n_classes: int, normal: int,
+             present: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Accuracy, macro F1 and the plant figures of each row of summed per-image counts (B, C*C + 4). Macro F1
+    averages over `present` (default: each row's classes with images or predictions); a bootstrap passes the
+    point figure's, so that a replicate without a class's one stray prediction does not drop that class."""
     cells = n_classes * n_classes
-    cm = counts[:, :cells].reshape(-1, n_classes, n_classes)
+    cm = _confusion(counts, n_classes)
     extra = counts[:, cells:]
     defect = np.array([c for c in range(n_classes) if c != normal])
     n = cm.sum(axis=(1, 2))
     tp = np.diagonal(cm, axis1=1, axis2=2)
     predicted, support = cm.sum(axis=1), cm.sum(axis=2)
-    present = (predicted + support) > 0
+    present = (predicted + support) > 0 if present is None else np.broadcast_to(present, predicted.shape)
     f1 = _ratio(2 * tp, predicted + support)  # = harmonic mean of precision and recall, 0 when tp = 0
     macro_f1 = _ratio(np.where(present, f1, 0).sum(axis=1), present.sum(axis=1))
     defective = cm[:, defect, :].sum(axis=(1, 2))
@@ -126,6 +139,7 @@ def bootstrap_intervals(group_counts: np.ndarray, n_classes: int, normal: int, n
     if n_boot <= 0 or n_groups == 0:
         return {name: None for name in INTERVAL_FIGURES}
     strata = _strata(group_counts, n_classes)
+    present = _present(group_counts.sum(axis=0), n_classes)
     rng = np.random.default_rng(seed)
     replicates: dict[str, list[np.ndarray]] = {name: [] for name in INTERVAL_FIGURES}
     for start in range(0, n_boot, _BOOT_CHUNK):
@@ -134,7 +148,7 @@ def bootstrap_intervals(group_counts: np.ndarray, n_classes: int, normal: int, n
                                 for members in strata], axis=1)
         offsets = (np.arange(size)[:, None] * n_groups + drawn).ravel()
         weights = np.bincount(offsets, minlength=size * n_groups).reshape(size, n_groups).astype(np.float64)
-        for name, values in _figures(weights @ group_counts, n_classes, normal).items():
+        for name, values in _figures(weights @ group_counts, n_classes, normal, present).items():
             replicates[name].append(values)
     tail = 100 * (1 - level) / 2
     intervals: dict[str, dict[str, float] | None] = {}

@@ -160,3 +160,20 @@ def test_every_replicate_keeps_each_class_so_a_missed_rare_class_cannot_drop_out
     # scratch's F1 is 0 and crack's precision 30/33 in every replicate: the figure cannot move
     assert report["intervals"]["macro_f1"] == pytest.approx({"low": report["macro_f1"], "high": report["macro_f1"]})
     assert report["intervals"]["defect_detection_rate"] == {"low": 1.0, "high": 1.0}
+
+
+def test_a_class_only_predicted_stays_in_every_replicates_macro_f1() -> None:
+    """A folder without scratch images, and one normal image called scratch: the point figure averages scratch's
+    F1 of 0 in; a replicate that does not draw that image must too, or its macro-F1 jumps to the two other
+    classes' alone (the interval reached 1.0 above a point figure of 0.64)."""
+    labels = np.array([NORMAL] * 20 + [CRACK] * 20)
+    probs = np.full((40, 3), 0.05)
+    probs[np.arange(40), labels] = 0.9
+    probs[0] = [0.05, 0.05, 0.9]  # normal called scratch
+    probs[21] = [0.05, 0.9, 0.05]  # crack called normal
+
+    report = evaluate_predictions(probs, labels, CLASSES, "normal", 0.8, groups=[f"g{i}" for i in range(40)],
+                                  n_boot=1000)
+    interval = report["intervals"]["macro_f1"]
+    assert report["per_class"]["scratch"]["support"] == 0
+    assert interval["low"] <= report["macro_f1"] <= interval["high"] < 0.7, "scratch's 0 averaged in every time"
