@@ -109,7 +109,8 @@ def run_drift_check(settings: Settings, params: Params, model: str | None = None
         if predictor is None:
             from components.registry.registry import load_predictor
 
-            predictor = load_predictor(settings, model or served_model(settings))
+            predictor = load_predictor(settings, model or served_model(settings),
+                                       max_pixels=params.data.max_image_pixels)
         reference = load_reference(settings, params, predictor, drift, rebuild=rebuild_reference)
         answers = prediction_reference(settings, reference.frame, drift, reference.model_version, window)
         comparison = compare(answers.frame, answers.window(current.frame), drift, reference.model_version,

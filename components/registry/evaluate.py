@@ -25,7 +25,7 @@ def evaluate_model(settings: Settings, params: Params, model: str, data: str | N
     if split not in SPLITS:
         raise UsageError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     settings.ensure()
-    predictor = load_predictor(settings, model)
+    predictor = load_predictor(settings, model, max_pixels=params.data.max_image_pixels)
     eval_params = evaluate_params(params)
     if data is None:
         tracked = tracked_data(settings, params)

@@ -381,7 +381,7 @@ def _evaluate(predictor: Predictor, rows: pd.DataFrame, params: EvaluateParams,
 
 
 def _gate(settings: Settings, client: MlflowClient, challenger: _Evaluation, rows: pd.DataFrame,
-          params: EvaluateParams) -> tuple[GateResult, _Evaluation | None, str]:
+          params: EvaluateParams, max_pixels: int) -> tuple[GateResult, _Evaluation | None, str]:
     """Compare with the champion re-evaluated on the same rows (absolute minimums when there is none)."""
     from components.evaluation.gate import GateResult, compare
 
@@ -389,7 +389,7 @@ def _gate(settings: Settings, client: MlflowClient, challenger: _Evaluation, row
     if champion_version is None:
         return compare(challenger.report, None, params.gate), None, "none"
     try:
-        predictor = load_predictor(settings, f"models:/{MODEL_NAME}/{champion_version}")
+        predictor = load_predictor(settings, f"models:/{MODEL_NAME}/{champion_version}", max_pixels=max_pixels)
         champion = _evaluate(predictor, rows, params, f"{MODEL_NAME}/{champion_version}")
     except Exception as exc:  # noqa: BLE001 - a champion that cannot be re-evaluated fails the gate, loudly
         detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
@@ -608,8 +608,9 @@ def _register(settings: Settings, params: Params, train_dir: Path, force: bool,
                      model_path, existing.version)
             return _result_from_version(client, existing, settings)
 
-        challenger = _evaluate(Predictor(model, meta), rows, eval_params, None)
-        gate, champion, compared_with = _gate(settings, client, challenger, rows, eval_params)
+        max_pixels = params.data.max_image_pixels  # the plant's limit, as training and serving decode
+        challenger = _evaluate(Predictor(model, meta, max_pixels=max_pixels), rows, eval_params, None)
+        gate, champion, compared_with = _gate(settings, client, challenger, rows, eval_params, max_pixels)
         trend_text, trend_metrics = _trend(settings, rows, challenger, champion)
         run_tags = {"dataset_version": _tag(data_version), "git_commit": _tag(head_commit(settings.project_root)),
                     "trained_on_dataset_version": trained_on or "untracked folder",

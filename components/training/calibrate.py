@@ -65,7 +65,7 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
     point leaves no model that looks final and `--resume` continues (after the last epoch, it only writes and
     calibrates the model).
     """
-    from components.data.tracked import tracked_data
+    from components.data.tracked import tracked_data, usable_rows
     from components.evaluation.runner import calibrate, evaluate_params
     from components.predictor import Predictor
     from components.training.train import MODEL_FILE, finish_run, run_training
@@ -78,8 +78,10 @@ def train_and_calibrate(settings: Settings, params: Params, profile: str | None,
     model_path.unlink(missing_ok=True)
     calibration_path.unlink(missing_ok=True)
     manifest = tracked.manifest
-    predictor = Predictor.from_file(result.model_path, device="cpu")
-    calibration = calibrate(predictor, manifest[manifest["split"] == "val"], evaluate_params(params))
+    predictor = Predictor.from_file(result.model_path, device="cpu", max_pixels=params.data.max_image_pixels)
+    # the rows training validated on (unreadable ones skipped as there), decoded under the same pixel limit
+    val_rows = usable_rows(manifest[manifest["split"] == "val"], "the dataset's 'val' split")
+    calibration = calibrate(predictor, val_rows, evaluate_params(params))
     tracked.still_there(settings)  # val's pictures were read again just now
     store_calibration(result.model_path, calibration, training_fingerprint(settings, params, profile, manifest))
     write_text_atomic(calibration_path, json.dumps(calibration, indent=2) + "\n")

@@ -366,6 +366,22 @@ def test_a_second_approval_or_rejection_keeps_the_first_on_the_version(registry_
         _client(settings).get_model_version(NAME, second).tags
 
 
+def test_evaluate_decodes_under_the_plants_pixel_limit(registry_project, tmp_path: Path) -> None:
+    """A plant with 42 MP cameras raises data.max_image_pixels above the 40 MP default: evaluate (as calibration,
+    registration and the drift reference) decodes under that limit, as import, training and serving do."""
+    from PIL import Image
+
+    from components.registry.evaluate import evaluate_model
+
+    params = params_with_gate(registry_project, **LENIENT_GATE)
+    params = params.model_copy(update={"data": params.data.model_copy(update={"max_image_pixels": 50_000_000})})
+    folder = make_imagefolder(tmp_path / "line", per_class=2)
+    Image.new("L", (7000, 6000), 128).save(folder / "normal" / "full-frame.png")
+    report = evaluate_model(registry_project, params, str(make_train_dir(tmp_path / "m") / "model.pt"),
+                            data=str(folder))
+    assert report["n_images"] == 7
+
+
 def test_unreachable_tracking_server_registers_nothing(registry_project, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from components.cli import app
