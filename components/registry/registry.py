@@ -318,7 +318,14 @@ def _drop_cut_off(client: MlflowClient, settings: Settings, manifest_digest: str
     cut_off = client.search_model_versions(f"name='{MODEL_NAME}' and tag.model_sha256='{model_sha256}' "
                                            f"and tag.manifest_digest='{manifest_digest}' "
                                            "and tag.registration='incomplete'")
+    decided = {held for alias, held in _aliases(client).items() if alias != CHALLENGER}
     for version in cut_off:
+        tags = version.tags or {}
+        if str(version.version) in decided or tags.get("approval_status") in ("approved", "rolled_back") \
+                or tags.get("deployed_at"):  # a person acted on it since (the UI): never deleted here
+            log.warning("%s version %s was cut off before its registration was complete, but a person has made "
+                        "it champion, approved or deployed it since: left as it is", MODEL_NAME, version.version)
+            continue
         log.warning("an earlier registration of this model was cut off before it was complete (%s version %s, "
                     "run %s): removing what it left, then registering again", MODEL_NAME, version.version,
                     version.run_id)
@@ -326,8 +333,11 @@ def _drop_cut_off(client: MlflowClient, settings: Settings, manifest_digest: str
         logged = client.search_logged_models([run.info.experiment_id],
                                              filter_string=f"source_run_id = '{version.run_id}'")
         _undo_registration(client, version.run_id, None, _comparison_path(settings, str(version.version)))
-        for model in logged:
-            client.delete_logged_model(model.model_id)
+        try:  # deleting a logged model needs MANAGE, which a plant's pipeline account may lack
+            for model in logged:
+                client.delete_logged_model(model.model_id)
+        except Exception:  # noqa: BLE001 - the version is gone or tagged failed; the model is only unused
+            log.warning("could not delete the logged model of cut-off run %s; an MLflow admin can", version.run_id)
         if run.info.status == "RUNNING":
             client.set_terminated(version.run_id, "FAILED")
 
@@ -821,6 +831,8 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
             return {"version": version, "previous_champion": entry["previous_champion"], "changed": True,
                     "forced": entry["forced"], "challenger_removed": entry["challenger_removed"]}
         gate_status, approval = tags.get("gate_status"), tags.get("approval_status")
+        if tags.get("registration") == "incomplete":  # even with --force: registering it again completes it
+            _refuse_unless_eligible(version, tags, None)
         if not force:
             _refuse_unless_eligible(version, tags, None if moved_in_ui else previous)
         if moved_in_ui:  # MLflow keeps no history of alias moves: which version the click replaced is lost
@@ -839,19 +851,38 @@ def approve(settings: Settings, version: str | int, by: str, note: str | None = 
                     # a former champion approved again is no longer replaced
                     **({"replaced_by": "none"} if tags.get("replaced_by", "none") != "none" else {}),
                     "approval_status": "approved"}  # last: a version is approved only once every tag is there
-        for key, value in new_tags.items():
-            client.set_model_version_tag(MODEL_NAME, version, key, value)
-        if not moved_in_ui:
-            try:
+        with _tags_restored_on_failure(client, version, tags, new_tags):
+            for key, value in new_tags.items():
+                client.set_model_version_tag(MODEL_NAME, version, key, value)
+            if not moved_in_ui:
                 client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-            except BaseException:
-                client.set_model_version_tag(MODEL_NAME, version, "approval_status", approval or "pending")
-                raise
         entry = _finish_approval(settings, client, version, {**tags, **new_tags}, aliases,
                                  {"gate_status": gate_status, **overrode})
     log.info("version %s is now the champion (was %s), approved by %s", version, previous or "none", by)
     return {"version": version, "previous_champion": previous, "changed": True, "forced": force,
             "challenger_removed": entry["challenger_removed"]}
+
+
+@contextmanager
+def _tags_restored_on_failure(client: MlflowClient, version: str, before: dict[str, str],
+                              written: dict[str, str]) -> Iterator[None]:
+    """Put `written`'s tags back as they were `before` when the block fails (registry gone, Ctrl-C): a decision
+    that did not happen must not stay half on the version, nor be taken for an earlier one by a rerun
+    (`history`). The status first, so the version stops counting as decided at once."""
+    try:
+        yield
+    except BaseException:
+        keys = sorted(written, key=lambda key: key != "approval_status")
+        try:
+            for key in keys:
+                if key in before:
+                    client.set_model_version_tag(MODEL_NAME, version, key, before[key])
+                else:
+                    client.delete_model_version_tag(MODEL_NAME, version, key)
+        except Exception:  # noqa: BLE001 - the original error says what failed; this one only adds to it
+            log.warning("could not put back the tags of version %s as they were; check them in `defectops models`",
+                        version)
+        raise
 
 
 def _refuse_unless_eligible(version: str, tags: dict[str, str], champion: str | None) -> None:
@@ -921,10 +952,12 @@ def reject(settings: Settings, version: str | int, by: str, reason: str) -> dict
         if aliases.get(CHAMPION) == version:
             raise DefectOpsError(f"version {version} is the champion; approve another version first (e.g. the "
                                  "previous champion) and then reject this one")
-        for key, value in {**_kept_history(tags, REJECTION_ENTRY, "earlier rejection"),
-                           "rejected_by": by, "rejected_at": _now(), "rejected_reason": _truncate(reason),
-                           "approval_status": "rejected"}.items():
-            client.set_model_version_tag(MODEL_NAME, version, key, value)
+        rejection = {**_kept_history(tags, REJECTION_ENTRY, "earlier rejection"),
+                     "rejected_by": by, "rejected_at": _now(), "rejected_reason": _truncate(reason),
+                     "approval_status": "rejected"}
+        with _tags_restored_on_failure(client, version, tags, rejection):
+            for key, value in rejection.items():
+                client.set_model_version_tag(MODEL_NAME, version, key, value)
         removed = aliases.get(CHALLENGER) == version and _remove_challenger(client, version)
     _audit(settings, {"action": "reject", "version": version, "by": by, "reason": reason,
                       "challenger_removed": removed})
@@ -1006,11 +1039,13 @@ def rollback(settings: Settings, current: str, by: str, reason: str) -> dict[str
             raise DefectOpsError(f"no earlier approved deployment to roll back to from version {current}; approve "
                                  "the version to serve with `defectops approve N --by NAME`, then promote it")
         at, current_tags = _now(), dict(_get_version(client, current).tags or {})
-        for key, value in {**_kept_history(current_tags, ROLLBACK_ENTRY, "earlier roll-back"),
-                           "rolled_back_by": by, "rolled_back_at": at, "rolled_back_reason": _truncate(reason),
-                           "approval_status": "rolled_back"}.items():
-            client.set_model_version_tag(MODEL_NAME, current, key, value)
-        client.set_registered_model_alias(MODEL_NAME, CHAMPION, target)
+        rolled_back = {**_kept_history(current_tags, ROLLBACK_ENTRY, "earlier roll-back"),
+                       "rolled_back_by": by, "rolled_back_at": at, "rolled_back_reason": _truncate(reason),
+                       "approval_status": "rolled_back"}
+        with _tags_restored_on_failure(client, current, current_tags, rolled_back):
+            for key, value in rolled_back.items():
+                client.set_model_version_tag(MODEL_NAME, current, key, value)
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, target)
         for key, value in {**_kept_history(tags, RESTORE_ENTRY, "earlier restore"),
                            "restored_by": by, "restored_at": at, "restored_reason": _truncate(reason),
                            "replaced_by": "none"}.items():

@@ -585,6 +585,8 @@ def test_a_registration_killed_after_its_version_exists_is_redone_not_taken_for_
     assert registry.find_trained(registry_project, left.tags["training_fingerprint"]) is None
     with pytest.raises(DefectOpsError, match="version 1 is what a failed or cut-off registration left behind"):
         registry.approve(registry_project, "1", by="alice")
+    with pytest.raises(DefectOpsError, match="version 1 is what a failed or cut-off registration"):
+        registry.approve(registry_project, "1", by="alice", force=True, note="it looked done")  # not even so
     assert [r["approval_status"] for r in registry.list_versions(registry_project)] == ["registration incomplete"]
 
     again = registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
@@ -599,3 +601,50 @@ def test_a_registration_killed_after_its_version_exists_is_redone_not_taken_for_
         "the cut-off registration's logged model went with it"
     assert not registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE),
                                  train_dir).created, "a whole registration is found again"
+
+
+def test_a_cut_off_version_a_person_made_champion_is_never_deleted(registry_project, tmp_path: Path) -> None:
+    """Registering a cut-off model again removes what the kill left, unless a person acted on it since (the
+    alias moved in the MLflow UI): a champion is never deleted by a registration."""
+    import subprocess
+    import sys
+
+    from components.registry import registry
+    from tests.conftest import REPO_ROOT
+
+    train_dir = make_train_dir(tmp_path / "train")
+    killed = subprocess.run([sys.executable, "-c", KILLED_REGISTRATION, str(train_dir)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    _client(registry_project).set_registered_model_alias(NAME, "champion", "1")  # a click in the UI
+    again = registry.register(registry_project, params_with_gate(registry_project, **LENIENT_GATE), train_dir)
+    assert again.version == "2" and _versions(registry_project) == ["1", "2"]
+    assert _aliases(registry_project) == {"champion": "1", "challenger": "2"}
+
+
+def test_an_approval_or_rejection_that_fails_midway_leaves_the_tags_as_they_were(
+        registry_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alias move or a tag write fails (registry gone): the decision did not happen, so none of its tags stay
+    on the version, and the rerun does not take the half-written one for an earlier decision (`history`)."""
+    from components.registry.registry import approve, register, reject
+
+    settings, lenient = registry_project, params_with_gate(registry_project, **LENIENT_GATE)
+    first, second = (register(settings, lenient, make_train_dir(tmp_path / f"m{n}", seed=n)).version for n in (1, 2))
+    approve(settings, first, by="alice", note="first", force=True)
+    before = dict(_client(settings).get_model_version(NAME, second).tags)
+    with monkeypatch.context() as patch:
+        _fail_once(patch, "set_registered_model_alias", lambda name, alias, version: alias == "champion")
+        with pytest.raises(DefectOpsError):
+            approve(settings, second, by="bob", note="first try", force=True)
+    assert dict(_client(settings).get_model_version(NAME, second).tags) == before
+    approve(settings, second, by="bob", note="second try", force=True)
+    tags = _client(settings).get_model_version(NAME, second).tags
+    assert tags["approval_note"] == "second try" and "history" not in tags
+
+    third = register(settings, lenient, make_train_dir(tmp_path / "m3", seed=3)).version
+    before = dict(_client(settings).get_model_version(NAME, third).tags)
+    with monkeypatch.context() as patch:
+        _fail_once(patch, "set_model_version_tag", lambda name, version, key, value: key == "approval_status")
+        with pytest.raises(DefectOpsError):
+            reject(settings, third, by="dan", reason="first try")
+    assert dict(_client(settings).get_model_version(NAME, third).tags) == before
