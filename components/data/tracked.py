@@ -148,13 +148,30 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
     return TrackedData(manifest, before[0], before[2], pictures)
 
 
-def version_images(settings: Settings, version: str) -> set[str] | None:
+def version_images(settings: Settings, version: str, deepen: bool = True) -> set[str] | None:
     """The images dataset `version` held: splits.csv of the latest commit whose data.dvc names it (imports only
-    add, so they are tracked rows of any later version too); None when no commit of this clone does (a shallow
-    clone, or a version never committed)."""
+    add, so they are tracked rows of any later version too); None when no commit of this clone does (a version
+    never committed). A shallow clone (Prefect's `git_clone` step clones one commit deep) fetches its history
+    first."""
+    import subprocess
+
     from components.data.versioning import git
 
     project = settings.project_root
+    if deepen and git(project, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true":
+        found = version_images(settings, version, deepen=False)
+        if found is not None:
+            return found
+        log.info("fetching the git history of this shallow clone to find dataset version %s", version)
+        try:
+            fetched = subprocess.run(["git", "fetch", "--quiet", "--unshallow"], cwd=project, capture_output=True,
+                                     text=True, timeout=300, check=False)
+            problem = fetched.stderr.strip().splitlines()[-1:] if fetched.returncode else None
+        except subprocess.TimeoutExpired:
+            problem = ["no answer in 300 s"]
+        if problem is not None:
+            log.warning("could not fetch the git history (%s)", problem[0] if problem else "?")
+            return None
     commits = git(project, "log", "--format=%H", "--", "data.dvc", check=False)
     for commit in commits.stdout.split() if commits.returncode == 0 else []:
         shown = git(project, "show", f"{commit}:data.dvc", check=False)

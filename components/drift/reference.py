@@ -159,7 +159,7 @@ def _rows_the_model_knew(settings: Settings, tracked: Any, predictor: Any) -> tu
         return manifest, version, None
     held = version_images(settings, trained_on)
     if held is None:
-        why = "no commit of this clone records that version (a shallow clone?)"
+        why = "no commit of this clone records that version (nor of its remote's history, where fetched)"
     else:
         rows = manifest[manifest["path"].isin(held)].reset_index(drop=True)
         recorded = predictor.meta.get("manifest_digest")

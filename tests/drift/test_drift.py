@@ -584,8 +584,9 @@ def test_the_embedding_check_of_normal_parts_ignores_the_class_mix() -> None:
 def test_the_reference_is_the_dataset_version_the_model_was_trained_on(project, drift_model: Path,
                                                                         tmp_path: Path) -> None:
     """After the monthly import, data/ also holds last month's production images: the reference keeps to the
-    images of the version the model was trained on (found through git, checked against the model's digest), or
-    says so where a clone cannot pick them out, and does not cache that stand-in."""
+    images of the version the model was trained on (found through git, checked against the model's digest; a
+    shallow clone fetches its history), or says so where a clone cannot pick them out, and does not cache that
+    stand-in."""
     import subprocess
 
     from components.config import Settings, load_params
@@ -610,11 +611,19 @@ def test_the_reference_is_the_dataset_version_the_model_was_trained_on(project, 
     assert set(reference.frame["path"]) == set(known.loc[known["split"].isin(drift.reference_splits), "path"])
     assert load_reference(project, params, predictor, drift).cached
 
-    clone = tmp_path / "shallow"  # a Job's `git_clone` pull step clones one commit deep
-    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{project.project_root}", str(clone)], check=True)
-    (clone / "params.yaml").write_text(project.params_file.read_text())
-    stand_in = load_reference(Settings(project=clone, home=tmp_path / "clone-home",
-                                       dvc_remote=project.dvc_remote_url), params, predictor, drift)
+    def shallow_clone(name: str) -> Settings:  # a Job's `git_clone` pull step clones one commit deep
+        clone = tmp_path / name
+        subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{project.project_root}", str(clone)],
+                       check=True)
+        (clone / "params.yaml").write_text(project.params_file.read_text())
+        return Settings(project=clone, home=tmp_path / f"{name}-home", dvc_remote=project.dvc_remote_url)
+
+    deepened = load_reference(shallow_clone("job"), params, predictor, drift)
+    assert deepened.dataset_version == first.version and deepened.note is None, "its history was fetched"
+    cut_off = shallow_clone("offline")
+    subprocess.run(["git", "-C", str(cut_off.project_root), "remote", "set-url", "origin", str(tmp_path / "gone")],
+                   check=True)
+    stand_in = load_reference(cut_off, params, predictor, drift)
     assert stand_in.dataset_version != first.version and stand_in.path is None and not stand_in.cached
     assert "no commit of this clone records that version" in stand_in.note
     assert len(stand_in.frame) > len(reference.frame)
