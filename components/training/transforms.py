@@ -31,6 +31,18 @@ def standardize(image: np.ndarray, **_: object) -> np.ndarray:
     return (image - image.mean()) / (image.std() + 1e-4)
 
 
+def imagenet_normalize(image: np.ndarray, **_: object) -> np.ndarray:
+    """ImageNet's per-channel mean and standard deviation on 0..1 values, (H, W, 3) float32. A grey (H, W) or
+    (H, W, 1) picture gets each channel's own numbers, as its colour copy would (albumentations' Normalize
+    gives a one-channel picture the first channel's only, which training then copied to three while the
+    Predictor used all three: another input than the one served)."""
+    scaled = image.astype(np.float32) / np.float32(255.0)
+    if scaled.ndim == 2:
+        scaled = scaled[:, :, None]
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    return (scaled - mean) / std
+
+
 def _gray(image: np.ndarray) -> np.ndarray:
     """(H, W) float32 grey levels of a grey or colour picture (the channel mean)."""
     gray = image.astype(np.float32)
@@ -114,7 +126,7 @@ def _finish(normalize: Normalization) -> list:
     elif normalize in BAND_KINDS:
         scale = A.Lambda(image=BAND_KINDS[normalize], name=normalize, p=1.0)
     elif normalize == "imagenet":
-        scale = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        scale = A.Lambda(image=imagenet_normalize, name="imagenet_normalize", p=1.0)
     else:
         raise _unknown(normalize)
     return [scale, A.ToTensorV2()]

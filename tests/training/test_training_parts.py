@@ -709,7 +709,7 @@ def test_masks_follow_the_image_through_augmentation(tmp_path):
     assert data[1][2].sum() == 0 and data[1][3] == 1.0 and data[2][3] == 0.0
 
 
-@pytest.mark.parametrize("normalize", ["per_image", "detail_bands", "log_detail_bands"])
+@pytest.mark.parametrize("normalize", ["imagenet", "per_image", "detail_bands", "log_detail_bands"])
 def test_grayscale_items_are_augmented_in_one_channel_with_the_numbers_of_three(tmp_path, normalize):
     """A grayscale picture goes through augmentation (paste included) in one channel and comes out as the same
     (3, S, S) tensor as the same picture stored as RGB."""
