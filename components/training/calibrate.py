@@ -36,7 +36,7 @@ def store_calibration(model_path: Path, calibration: dict[str, Any], fingerprint
 def training_fingerprint(settings: Settings, params: Params, profile: str | None,
                          manifest: pd.DataFrame | None = None) -> str:
     """What makes a training run the same run: the exact images and splits (of `manifest`, by default the tracked
-    dataset's), the profile, augmentation, seed and review-rule targets. The monthly flow skips training when a
+    dataset's), the classes and which is normal, the profile, augmentation, seed and review-rule targets. The monthly flow skips training when a
     registered version already has it."""
     import hashlib
 
@@ -49,7 +49,8 @@ def training_fingerprint(settings: Settings, params: Params, profile: str | None
     ev = evaluate_params(params)
     manifest = tracked_manifest(settings, params) if manifest is None else manifest
     payload = {"data": manifest_digest(manifest), "profile": name,
-               "train": prof.model_dump(mode="json", exclude={"num_workers", "threads"}),
+               "classes": list(params.profile.classes), "normal_class": params.profile.normal_class,
+               "train": prof.model_dump(mode="json", exclude={"num_workers", "threads", "cache_images"}),
                "augment": augment_params(params).model_dump(mode="json"),
                "seed": training_seed(params),
                "review_rule": [ev.target_auto_precision, ev.max_review_rate]}

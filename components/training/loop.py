@@ -92,6 +92,7 @@ class LoopConfig:
     deterministic: bool = True
     progress: bool = True
     fingerprint: str = ""  # identifies the run a checkpoint belongs to
+    started_from: str = ""  # the weights the run started from (kept in the checkpoint: a resume records the run's)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class FitResult:
     precision: str = "fp32"
     device: str = "cpu"
     resumed_from_epoch: int = 0
+    started_from: str = ""  # the weights the run started from, as its first epoch found them
 
     @property
     def epochs_run(self) -> int:
@@ -414,6 +416,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.device, self.checkpoint_dir = cfg, device, checkpoint_dir
         self.precision = resolve_precision(cfg.precision, device)
+        self.started_from = cfg.started_from
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
         self.criterion = criterion.to(device)
@@ -495,6 +498,8 @@ class Trainer:
         state = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.cfg.fingerprint,
+            "started_from": self.started_from,
+            "precision": self.precision,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -526,6 +531,13 @@ class Trainer:
                 f"{last}: checkpoint belongs to a different run configuration; delete {last.parent} "
                 "or train without resume"
             )
+        if state.get("precision", self.precision) != self.precision:  # `auto` resolves by the device found
+            raise UsageError(
+                f"{last}: its epochs ran in {state['precision']}, this {self.device.type} would run {self.precision}; "
+                "resume it on the kind of machine it started on, or set the profile's precision, or train "
+                "without --resume"
+            )
+        self.started_from = state.get("started_from") or self.started_from
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -857,4 +869,5 @@ def fit(
         precision=trainer.precision,
         device=str(device),
         resumed_from_epoch=start_epoch,
+        started_from=trainer.started_from,
     )

@@ -467,7 +467,12 @@ def build_model(
     weights_used, state = _initial_state(arch, weights, allow_download)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        result = backbone.load_state_dict(state, strict=False)
+        try:
+            result = backbone.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # same names, other shapes (a resnet50's weights for a resnet18)
+            shapes = str(exc).split("size mismatch for ", 1)[-1].splitlines()[0][:200]
+            raise UsageError(f"{weights_used}: weights do not fit {arch} (size mismatch for {shapes}); use "
+                             f"weights saved from a {arch}") from None
         missing = [k for k in result.missing_keys if not k.startswith("fc.")]
         if missing or result.unexpected_keys:
             raise UsageError(

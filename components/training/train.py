@@ -319,13 +319,15 @@ def _threads_restored(threads: int) -> Iterator[None]:
 
 
 def _fingerprint(
-    prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], digest: str, seed: int,
+    prof: ProfileParams, aug: AugmentParams, classes: Sequence[str], normal_class: str, digest: str, seed: int,
     teacher: Teacher | None = None,
 ) -> str:
     payload = {
-        "profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads"}),
+        # what changes the numbers: not how the pictures are held (cache_images) or how many threads sum them
+        "profile": prof.model_dump(mode="json", exclude={"num_workers", "max_minutes", "threads", "cache_images"}),
         "augment": aug.model_dump(mode="json"),
         "classes": list(classes),
+        "normal_class": normal_class,
         "data": digest,
         "seed": seed,
     }
@@ -473,7 +475,7 @@ def run_training(
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
     digest = training_digest(manifest)
     teacher = load_teacher(prof, classes, digest)
-    fingerprint = _fingerprint(prof, aug, classes, digest, seed, teacher)
+    fingerprint = _fingerprint(prof, aug, classes, normal, digest, seed, teacher)
     checkpoint_dir = settings.home_dir / "checkpoints" / f"train-{fingerprint}"
     log.info(
         "profile %r: %s at %d px, %d train / %d val images; checkpoints in %s",
@@ -498,7 +500,8 @@ def run_training(
     normal_index = classes.index(normal)  # params check that the normal class is one of the classes
     model, weights_used = profile_model(prof, len(classes), prof.weights, tp.download_weights, normal_index)
     criterion = profile_loss(prof, counts)
-    cfg = loop_config(prof, seed, tp.deterministic, normal_index, progress=progress, fingerprint=fingerprint)
+    cfg = loop_config(prof, seed, tp.deterministic, normal_index, progress=progress, fingerprint=fingerprint,
+                      started_from=weights_used)
     threads_before = torch.get_num_threads()
     # every epoch reads the pictures from data/ again: one that read changed pictures is not saved (the checkpoint
     # keeps the epochs before it, on the pictures a `--resume` with the same fingerprint finds)
@@ -517,6 +520,10 @@ def run_training(
             teacher=teacher.model if teacher else None,
             checks=checks,
         )
+        if result.started_from and result.started_from != weights_used:
+            log.warning("the resumed run started from %s (this machine would now start from %s): recorded as %s",
+                        result.started_from, weights_used, result.started_from)
+            weights_used = result.started_from
         head_refit = None
         if prof.design == "dense" and prof.head_refit_epochs:
             head_refit = _refit_head(model, result, train_rows, val_loader, classes, prof, criterion, seed,

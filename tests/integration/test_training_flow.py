@@ -215,3 +215,9 @@ def test_an_interruption_during_calibration_leaves_no_model_and_resume_finishes_
     seeds = [training_fingerprint(project, load_params(project.params_file, [f"train.seed={s}"]), None)
              for s in (1, 2)]
     assert seeds[0] != seeds[1]
+
+    def fingerprint(*overrides: str) -> str:
+        return training_fingerprint(project, load_params(project.params_file, list(overrides)), None)
+
+    assert fingerprint() != fingerprint("datasets.tiny.normal_class=dent"), "what a normal part is changes the run"
+    assert fingerprint() == fingerprint("train.profiles.tiny.cache_images=false"), "where the pictures are held not"

@@ -336,6 +336,11 @@ def test_weights_from_a_local_file_and_missing_file(tmp_path):
         build_model("resnet18", 5, weights=tmp_path / "nope.pth")
     with pytest.raises(UsageError, match="do not fit resnet34"):
         build_model("resnet34", 5, weights=path)
+    reshaped = reference.state_dict()
+    reshaped["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)  # a resnet50's names, its other shapes
+    torch.save(reshaped, path)
+    with pytest.raises(UsageError, match=r"do not fit resnet18 \(size mismatch for layer1.0.conv1.weight"):
+        build_model("resnet18", 5, weights=path)
 
 
 def test_transforms_map_uint8_rgb_to_normalised_chw_tensor():

@@ -90,6 +90,40 @@ def test_resume_after_interruption_continues_from_checkpoint(
     np.testing.assert_allclose(got[cols].to_numpy(), want[cols].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_a_resume_records_the_weights_its_run_started_from_and_keeps_its_precision(
+    settings, raw_params, tiny_manifest, tmp_path, monkeypatch
+):
+    """ImageNet weights that turn up in the cache between the interruption and the resume do not rewrite how
+    the run started (random init); a resume whose machine would run another precision is refused in one line."""
+    import torchvision
+
+    from components.training import loop
+    from components.training.models import imagenet_weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    raw = raw_params(epochs=2, weights="imagenet")
+
+    def stop_after_first_epoch(record: EpochRecord) -> None:
+        if record.epoch == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _run(settings, raw, tiny_manifest, out, callbacks=[stop_after_first_epoch])
+    cached = imagenet_weights_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "resolve_precision", lambda precision, device: "bf16")  # another machine's `auto`
+        with pytest.raises(UsageError, match="its epochs ran in fp32, this cpu would run bf16; resume it on the "
+                                             "kind of machine it started on"):
+            _run(settings, raw, tiny_manifest, out, resume=True)
+    resumed = _run(settings, raw, tiny_manifest, out, resume=True)
+    assert resumed.metrics["resumed_from_epoch"] == 1
+    assert resumed.metrics["weights_used"].startswith("random-init (ImageNet weights unavailable")
+    assert load_model_file(resumed.model_path)[1]["weights_used"] == resumed.metrics["weights_used"]
+
+
 def test_same_seed_and_thread_count_rerun_bit_for_bit(settings, raw_params, tiny_manifest, tmp_path, caplog):
     def weights(seed: int, threads: int, name: str) -> tuple[dict, dict]:
         raw = raw_params(epochs=2, threads=threads)
