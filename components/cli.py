@@ -714,6 +714,9 @@ def _promotion_lines(result: Any) -> list[str]:
                                "started (`defectops serve`)")}[result.service]
     deployed = (f"deployed {result.model_version} on {result.fast_path} (was {result.previous or 'nothing'}) in "
                 f"{result.seconds:.0f} s; bento {result.bento or 'not built (--no-bento)'}")
+    if result.completed:
+        deployed = (f"completed the record of {result.model_version}'s deployment (the run that deployed it stopped "
+                    f"before its tags and audit line; was {result.previous or 'nothing'})")
     return [deployed, f"  {service}"]
 
 
@@ -753,6 +756,7 @@ def promote(
     service_url: Annotated[str | None, typer.Option(help="The running service (default: $DEFECTOPS_SERVICE_URL, "
                                                          "else 127.0.0.1 on serve.port).")] = None,
     no_bento: Annotated[bool, typer.Option("--no-bento", help="Do not build a Bento of this version.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Try again a champion the service refused before.")] = False,
 ) -> None:
     """Deploy the approved champion into the running service (hot swap) when it is not deployed yet."""
     from components.serving.promotion import promote as promote_champion
@@ -760,7 +764,8 @@ def promote(
     _registry_logging()
     settings, params = _context()
     settings.ensure()
-    for line in _promotion_lines(promote_champion(settings, params, by, service_url, bento=not no_bento)):
+    result = promote_champion(settings, params, by, service_url, bento=not no_bento, force=force)
+    for line in _promotion_lines(result):
         typer.echo(line)
 
 

@@ -12,8 +12,12 @@
 6. wait until every running replica of the service reports the new version (their status files, see
    components/serving/replicas.py; a service that keeps none is asked on /metrics). If one refuses the model,
    the previous record is put back and promotion fails: the old model never stopped serving, and replicas that
-   had swapped swap back. If no service is running, the record stands and the next start serves it;
-7. tag the version deployed (who, when, engine, Bento) and the one it replaces retired; an audit line.
+   had swapped swap back, and the refusal is remembered (`<state>/refused.json`): the scheduled flow does not
+   retry that approval of that version (parity, Bento, every replica loading it again) until it is approved
+   again or promotion is forced. If no service is running, the record stands and the next start serves it;
+7. tag the version deployed (who, when, engine, Bento) and the one it replaces retired; an audit line naming
+   the record. A run stopped before that line (registry down, killed) is completed by the next one, from the
+   record: the audit trail, not the tags, says whether a record's deployment was recorded.
 
 `rollback` moves `champion` back to the version deployed before (tags + audit line, like an approval) and
 promotes it.
@@ -21,6 +25,7 @@ promotes it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -35,6 +40,7 @@ from typing import Any
 
 from components.config import PACKAGE_ROOT, Params, Settings
 from components.errors import DefectOpsError
+from components.files import write_text_atomic
 from components.locks import exclusive
 from components.serving.deployment import (
     DeploymentRecord,
@@ -51,10 +57,15 @@ log = logging.getLogger(__name__)
 
 SERVED_METRIC = "served_model_info"
 RELOADS_METRIC = "model_reloads"
+REFUSED_FILE = "refused.json"
 
 
 class PromotionFailed(DefectOpsError):
     """The service did not take the new version; the previous deployment record is back in place."""
+
+
+class RefusedBefore(DefectOpsError):
+    """The service refused this approval of the champion before: not retried until approved again or forced."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class PromotionResult:
     fast_path: str = ""
     seconds: float = 0.0
     replicas: int = 0  # replicas that reported the swap
+    completed: bool = False  # finished the tags and audit line of a deployment an earlier run left unrecorded
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -103,10 +115,12 @@ def service_state(url: str) -> dict[str, Any] | None:
 def wait_for_service(settings: Settings, url: str, record: DeploymentRecord, timeout_s: float,
                      failures_before: float, poll_s: float) -> tuple[str, int]:
     """('swapped', replicas) once every live replica serves `record`; ('down', 0) when none runs (or all go away);
-    else PromotionFailed: a replica refused the record, or one still serves another version after `timeout_s`.
+    else PromotionFailed: a replica refused the record, or one still serves another version (or is still
+    starting) after `timeout_s`.
 
-    Replicas are known from their status files (components/serving/replicas.py). With none, the service at `url`
-    is asked through /metrics, as a single replica that keeps no status file would be.
+    Replicas are known from their status files (components/serving/replicas.py), written from before a replica
+    loads its first model. With none, the service at `url` is asked through /metrics, as a single replica that
+    keeps no status file would be.
     """
     version = record.model_version
     deadline = time.monotonic() + timeout_s
@@ -115,12 +129,16 @@ def wait_for_service(settings: Settings, url: str, record: DeploymentRecord, tim
         if live:
             for replica in live:
                 if replica.refused == record.deployed_at:
+                    kept = "it did not start" if replica.starting else f"it kept serving {replica.model_version}"
                     raise PromotionFailed(f"replica {replica.replica} could not load {version} "
-                                          f"({replica.refused_error}); it kept serving {replica.model_version}")
+                                          f"({replica.refused_error}); {kept}")
+            # a replica still starting serves nothing yet: behind until it reports this record
             behind = [r for r in live if (r.model_version, r.record) != (version, record.deployed_at)]
             if not behind:
                 return "swapped", len(live)
-            waiting = ", ".join(f"replica {r.replica} still serves {r.model_version}" for r in behind)
+            waiting = ", ".join(f"replica {r.replica} is still starting (loading {r.loading_version or r.loading})"
+                                if r.starting else f"replica {r.replica} still serves {r.model_version}"
+                                for r in behind)
         else:
             state = service_state(url)
             if state is None:
@@ -210,11 +228,74 @@ def _number(model_version: str | None) -> str | None:
     return None
 
 
+def refused_path(settings: Settings) -> Path:
+    return settings.state_dir / REFUSED_FILE
+
+
+def recorded_refusal(settings: Settings, number: str, approved_at: str) -> dict[str, Any] | None:
+    """The service's refusal of version `number` as approved at `approved_at`, if promotion recorded one."""
+    path = refused_path(settings)
+    try:
+        entry = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable, ignored (promotion proceeds): %s", path, str(exc).splitlines()[0])
+        return None
+    if isinstance(entry, dict) and str(entry.get("version")) == number and entry.get("approved_at") == approved_at:
+        return entry
+    return None
+
+
+def _record_refusal(settings: Settings, number: str, approved_at: str, record: DeploymentRecord,
+                    reason: str) -> None:
+    """Remember the refusal, so that the scheduled flow does not redo parity, a Bento and every replica's load of
+    a model the service cannot take, every few minutes."""
+    entry = {"version": number, "model_version": record.model_version, "approved_at": approved_at,
+             "record": record.deployed_at, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+             "reason": reason.splitlines()[0][:500] if reason else ""}
+    try:
+        write_text_atomic(refused_path(settings), json.dumps(entry, indent=2) + "\n")
+    except OSError as exc:  # the promotion failed anyway; the next run only retries it in full
+        log.warning("refusal of %s not recorded in %s (the next run retries it): %s", record.model_version,
+                    refused_path(settings), exc)
+
+
+def _forget_refusal(settings: Settings, number: str) -> None:
+    """A version now deployed is no longer refused."""
+    path = refused_path(settings)
+    try:
+        if str(json.loads(path.read_text()).get("version")) != number:
+            return
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        pass  # unreadable: of no use to anyone
+    path.unlink(missing_ok=True)
+
+
+def deployment_recorded(settings: Settings, number: str, record: DeploymentRecord) -> bool:
+    """Whether the audit trail has the deploy line of `record` (written last, after the tags).
+
+    Lines name their record's deployed_at; older lines, which do not, count when written after the record.
+    """
+    from components.registry.registry import audit_trail
+
+    for entry in audit_trail(settings):
+        if entry.get("action") != "deploy" or str(entry.get("version")) != number:
+            continue
+        if entry.get("record") == record.deployed_at or ("record" not in entry
+                                                          and str(entry.get("at", "")) >= record.deployed_at):
+            return True
+    return False
+
+
 def promote(settings: Settings, params: Params, by: str = "promote-approved", url: str | None = None,
-            bento: bool = True, images: list | None = None) -> PromotionResult:
-    """Deploy the approved champion when it is not the deployed version (see the module docstring)."""
+            bento: bool = True, images: list | None = None, force: bool = False) -> PromotionResult:
+    """Deploy the approved champion when it is not the deployed version (see the module docstring); `force`
+    retries a champion the service refused before."""
     from components.registry.registry import record_deployment
-    from components.registry.tracking import MODEL_NAME, connect
+    from components.registry.tracking import MODEL_NAME
 
     started = time.monotonic()
     url = service_url(settings, params, url)
@@ -230,18 +311,34 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
             # the record names it, but a promotion stopped while waiting (killed) left it there whether or not
             # the service took it: "already serving" only once every running replica serves it
             try:
-                outcome, _ = wait_for_service(settings, url, current, serve.promotion_timeout_seconds,
-                                              failures_before, serve.reload_poll_seconds)
+                outcome, replica_count = wait_for_service(settings, url, current, serve.promotion_timeout_seconds,
+                                                          failures_before, serve.reload_poll_seconds)
             except PromotionFailed as exc:
                 raise PromotionFailed(f"{exc}; the deployment record has named {target} since a promotion that "
                                       "stopped before the service took it: fix what the service's log says and "
                                       "promote again, or go back with `defectops rollback`") from exc
-            tagged = connect(settings).get_model_version(MODEL_NAME, number).tags.get("deployment_status")
-            if tagged != "serving":  # deployed, but a failure stopped the tags last time: write them now
-                record_deployment(settings, number, current.deployed_by or by, {"fast_path": current.fast_path},
-                                  None)
-            return PromotionResult(target, None, False, "already serving" if outcome == "swapped" else "not running",
-                                   url, fast_path=current.fast_path, seconds=time.monotonic() - started)
+            if deployment_recorded(settings, number, current):
+                return PromotionResult(target, None, False,
+                                       "already serving" if outcome == "swapped" else "not running", url,
+                                       fast_path=current.fast_path, seconds=time.monotonic() - started)
+            # the service took the record, but the run that wrote it stopped before its audit line (registry
+            # down, killed while tagging): finish what that run would have written, from the record
+            previous, bento_tag = getattr(current, "previous_model_version", None), getattr(current, "bento", None)
+            service = "swapped" if outcome == "swapped" else "not running"
+            log.warning("the deployment of %s (record of %s) was not recorded: completing its tags and audit line",
+                        target, current.deployed_at)
+            details = {"fast_path": current.fast_path, "bento": bento_tag, "service": service, "service_url": url,
+                       "record": current.deployed_at, "completed_by": by}
+            record_deployment(settings, number, current.deployed_by or by, details, _number(previous))
+            _forget_refusal(settings, number)
+            return PromotionResult(target, previous, True, service, url, bento_tag, current.fast_path,
+                                   time.monotonic() - started, replica_count, completed=True)
+        refusal = None if force else recorded_refusal(settings, number, tags["approved_at"])
+        if refusal is not None:
+            raise RefusedBefore(f"{target} not promoted again: the service refused it at {refusal.get('at')} "
+                                f"({refusal.get('reason')}); fix that, then `defectops promote --force` "
+                                f"(the promote-approved flow's force=true) or approve another version "
+                                f"(recorded in {refused_path(settings)})")
         source = f"champion v{number}, approved by {tags['approved_by']} at {tags['approved_at']}"
         record = build_record(settings, params, champion_uri, by, images, source=source)
         record = record.model_copy(update={"previous_model_version": current.model_version if current else None,
@@ -256,6 +353,7 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
                                                       failures_before, serve.reload_poll_seconds)
         except PromotionFailed as exc:
             _restore(settings, current)
+            _record_refusal(settings, number, tags["approved_at"], record, str(exc))
             raise PromotionFailed(f"{exc}; the deployment record is back on "
                                   f"{current.model_version if current else 'nothing'}") from exc
         except BaseException:  # stopped while waiting (Ctrl-C, the flow run cancelled): the old record again
@@ -265,8 +363,10 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
         if outcome == "down":
             log.warning("no service answers at %s: the record names %s, which the service serves when it starts",
                         url, target)
-        details = {"fast_path": record.fast_path, "bento": bento_tag, "service": service, "service_url": url}
+        details = {"fast_path": record.fast_path, "bento": bento_tag, "service": service, "service_url": url,
+                   "record": record.deployed_at}
         record_deployment(settings, number, by, details, _number(current.model_version if current else None))
+        _forget_refusal(settings, number)
     return PromotionResult(target, current.model_version if current else None, True, service, url, bento_tag,
                            record.fast_path, time.monotonic() - started, replica_count)
 
@@ -281,7 +381,8 @@ def _restore(settings: Settings, previous: DeploymentRecord | None) -> None:
 
 def rollback(settings: Settings, params: Params, by: str, reason: str, url: str | None = None,
              bento: bool = True) -> tuple[dict[str, Any], PromotionResult]:
-    """A person's command: `champion` back to the version deployed before the current one, then promote it."""
+    """A person's command: `champion` back to the version deployed before the current one, then promote it
+    (forced: a person asked for that version, even if the service once refused it)."""
     from components.registry.registry import rollback as rollback_champion
 
     current = read_record(settings)
@@ -290,4 +391,4 @@ def rollback(settings: Settings, params: Params, by: str, reason: str, url: str 
         raise DefectOpsError("nothing registered is deployed, so there is nothing to roll back; see "
                              f"{record_path(settings)} and `defectops models`")
     moved = rollback_champion(settings, number, by, reason)
-    return moved, promote(settings, params, by=f"rollback by {by}", url=url, bento=bento)
+    return moved, promote(settings, params, by=f"rollback by {by}", url=url, bento=bento, force=True)

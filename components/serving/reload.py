@@ -178,7 +178,7 @@ class RecordWatcher:
             log.info("deployment record changed: loading %s (%s) beside %s", record.model_version,
                      record.fast_path, served.model_version)
             if self.report:
-                self.report.loading(record.deployed_at)
+                self.report.loading(record.deployed_at, record.model_version)
             started = time.perf_counter()
             loaded = self.load(record, stamp)
         except Exception as exc:  # noqa: BLE001 - whatever breaks, the old model keeps serving

@@ -5,8 +5,11 @@ and so the deployment record. A load-balanced URL reaches one of them per reques
 `/metrics` alone whether every replica swapped. So each replica keeps a status file,
 `<state>/replicas/<host>-<pid>.json`: the version it serves, the record it is loading, the last record it
 refused, and a heartbeat rewritten every `serve.reload_poll_seconds` by a thread of its own (a model load does
-not delay it). The file goes when the replica stops; a replica killed without a word (kill -9, a lost node)
-leaves a file whose heartbeat stops, and after `stale_after_s` it is no longer waited for.
+not delay it). A replica writes it before it loads its first model, so one that is still starting (a pod
+restarted during a promotion) is waited for too: it serves nothing yet (`record` empty) and names the record it
+is loading. The file goes when the replica stops; a replica killed without a word (kill -9, a lost node), or
+one that could not start, leaves a file whose heartbeat stops, and after `stale_after_s` it is no longer waited
+for.
 
 A record is named by its `deployed_at` stamp (promotion writes a new one each time), so a refusal is matched
 to the record that promotion wrote without comparing the clocks of two machines.
@@ -40,17 +43,23 @@ class ReplicaStatus(BaseModel):
     pid: int
     started_at: str
     heartbeat_at: str
-    model_version: str  # what its requests run on now
-    fast_path: str
-    device: str
-    record: str  # deployed_at of the record it serves
-    loading: str | None = None  # deployed_at of a record it is loading now
+    model_version: str = ""  # what its requests run on now ("" while starting: nothing yet)
+    fast_path: str = ""
+    device: str = ""
+    record: str = ""  # deployed_at of the record it serves ("" while starting)
+    loading: str | None = None  # deployed_at of a record it is loading now ...
+    loading_version: str | None = None  # ... and the version that record names
     refused: str | None = None  # deployed_at of the last record it could not load ...
     refused_version: str | None = None  # ... the version that record named ...
     refused_error: str | None = None  # ... and why
 
     def age(self, now: datetime) -> timedelta:
         return now - datetime.fromisoformat(self.heartbeat_at)
+
+    @property
+    def starting(self) -> bool:
+        """Still loading its first model: it serves nothing yet."""
+        return not self.record
 
 
 def _now() -> str:
@@ -73,14 +82,15 @@ class ReplicaReport:
 
     def serving(self, model_version: str, fast_path: str, device: str, record: str) -> None:
         """This replica now serves `model_version` (from the record stamped `record`)."""
-        self._update(model_version=model_version, fast_path=fast_path, device=device, record=record, loading=None)
+        self._update(model_version=model_version, fast_path=fast_path, device=device, record=record, loading=None,
+                     loading_version=None)
 
-    def loading(self, record: str) -> None:
-        self._update(loading=record)
+    def loading(self, record: str, version: str | None = None) -> None:
+        self._update(loading=record, loading_version=version)
 
     def refused(self, record: str | None, version: str | None, error: str) -> None:
         """A record could not be loaded (`record` None: the file itself was unreadable)."""
-        self._update(loading=None, refused=record or "unreadable", refused_version=version,
+        self._update(loading=None, loading_version=None, refused=record or "unreadable", refused_version=version,
                      refused_error=error.splitlines()[0][:500] if error else "")
 
     def _update(self, **fields: object) -> None:
@@ -121,6 +131,12 @@ class ReplicaReport:
         with self._lock:
             self._stop.set()
             self.path.unlink(missing_ok=True)
+
+    def halt(self) -> None:
+        """Stop the heartbeat but keep the file (a replica that could not start): promotion reads its refusal now,
+        and the file then goes stale like a dead replica's."""
+        with self._lock:
+            self._stop.set()
 
 
 def replicas(settings: Settings, stale_after_s: float) -> tuple[list[ReplicaStatus], list[ReplicaStatus]]:

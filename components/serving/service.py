@@ -324,7 +324,16 @@ class DefectClassifier:
         def load(new_record: Any, new_stamp: Any) -> Any:
             return load_deployment(settings, self.params, new_record, self.max_pixels, new_stamp)
 
-        self.deployment = load(record, stamp)  # each request holds it (`serving()`); a hot swap replaces it
+        # the status file goes first, beating while the model loads: a replica that starts during a promotion
+        # (a restarted pod) is waited for until it serves the new record, not missed until it has loaded
+        self.replica = ReplicaReport(settings, self.params.reload_poll_seconds).start()
+        self.replica.loading(record.deployed_at, record.model_version)
+        try:
+            self.deployment = load(record, stamp)  # each request holds it (`serving()`); a hot swap replaces it
+        except Exception as exc:
+            self.replica.refused(record.deployed_at, record.model_version, str(exc))
+            self.replica.halt()  # the refusal stays readable; the file goes stale as this process ends
+            raise
         self.writer = BackgroundWriter(self.params.log_queue_size, on_drop=metrics.LOG_DROPPED.inc,
                                        on_error=metrics.LOG_ERRORS.inc, max_bytes=self.params.log_queue_bytes)
         self.prediction_log = PredictionLog(settings.prod_log_dir, self.writer, self.params.log_retention_days)
@@ -333,10 +342,8 @@ class DefectClassifier:
         self._explainers = ExplainerCache(lambda: self.deployment)
         metrics.SERVED_MODEL.labels(*self.deployment.labels).set(1)
         self._prepare(_GREY_PNG, check=False)  # the decode path's imports, before the first request
-        self.replica = ReplicaReport(settings, self.params.reload_poll_seconds)  # promotion waits for every replica
         self.watcher = RecordWatcher(path, self.deployment, load, self._swap, self.params.reload_poll_seconds,
-                                     self.replica).start()
-        self.replica.start()
+                                     self.replica).start()  # reports what this replica now serves
         batcher = self.deployment.batcher
         log.info("serving %s (%s on %s, threshold %.4f, batches up to %d, max latency %d ms)",
                  self.deployment.model_version, self.deployment.fast_path, self.deployment.engine.device,

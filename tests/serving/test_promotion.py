@@ -382,3 +382,119 @@ def test_a_record_left_by_a_stopped_promotion_is_not_already_serving(plant: Sett
         assert _tags(plant, version).get("deployment_status") is None
     finally:
         replica.stop()
+
+
+@pytest.mark.parametrize("cut", ["record_deployment", "_audit"])
+def test_a_deployment_left_unrecorded_is_completed_by_the_next_run(plant: Settings, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    cut: str) -> None:
+    """A promotion swaps v1 for v2, then recording it fails (a registry blip before the tags, or a SIGTERM after
+    them, at the audit line); the next run finds the record on v2 and completes the deployment as that run would
+    have: v1 retired, one audit line naming v1, the record and the Bento."""
+    from components.registry import registry
+    from components.serving import promotion
+    from flows.promotion_flow import deployment_markdown
+
+    write_probe_images(plant)
+    params, url = load_params(plant.params_file), f"http://127.0.0.1:{free_port()}"
+    first = _candidate(plant, tmp_path, seed=0)
+    approve(plant, first, by="qa", note="first")
+    promote(plant, params, by="tests", url=url, bento=False)
+    second = _candidate(plant, tmp_path, seed=1)
+    approve(plant, second, by="qa", note="second")
+    monkeypatch.setattr(promotion, "build_bento", lambda settings, record: f"defect_classifier:v{second}-test")
+    real = getattr(registry, cut)
+
+    def cut_off(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(registry, cut, real)  # once
+        raise RuntimeError("registry blip")
+
+    monkeypatch.setattr(registry, cut, cut_off)
+    with pytest.raises(RuntimeError, match="registry blip"):
+        promote(plant, params, by="tests", url=url)
+    record = read_record(plant)
+    assert record.model_version == f"{MODEL_NAME}/{second}"
+
+    done = promote(plant, params, by="the next run", url=url)
+    assert done.changed and done.completed and done.previous == f"{MODEL_NAME}/{first}"
+    assert done.bento == f"defect_classifier:v{second}-test" and done.service == "not running"
+    assert _tags(plant, second)["deployment_status"] == "serving" and _tags(plant, first)["deployment_status"] == "retired"
+    assert _tags(plant, second)["deployed_bento"] == done.bento
+    deploys = [e for e in audit_trail(plant) if e["action"] == "deploy"]
+    assert [(e["version"], e["previous_deployed"]) for e in deploys] == [(first, None), (second, first)]
+    assert (deploys[-1]["record"], deploys[-1]["bento"], deploys[-1]["by"], deploys[-1]["completed_by"]) == (
+        record.deployed_at, done.bento, "tests", "the next run")
+    assert "completed the tags and audit line" in deployment_markdown(done.as_dict())
+
+    again = promote(plant, params, by="the next run", url=url)
+    assert not again.changed and again.service == "not running"
+    assert len([e for e in audit_trail(plant) if e["action"] == "deploy"]) == 2, "completed once"
+
+
+def test_a_champion_the_service_refused_is_not_retried_until_approved_anew_or_forced(
+        plant: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model the service refuses (out of GPU memory) is not loaded again by every scheduled run: promotion skips
+    that approval of it with one line until it is approved anew or forced."""
+    from typer.testing import CliRunner
+
+    from components.cli import app
+    from components.serving import promotion
+    from components.serving.promotion import PromotionFailed, RefusedBefore, refused_path
+    from components.serving.replicas import ReplicaReport
+
+    write_probe_images(plant)
+    params, url = load_params(plant.params_file), f"http://127.0.0.1:{free_port()}"
+    first = _candidate(plant, tmp_path, seed=0)
+    approve(plant, first, by="qa", note="first")
+    promote(plant, params, by="tests", url=url, bento=False)
+    second = _candidate(plant, tmp_path, seed=1)
+    approve(plant, second, by="qa", note="second")
+    target = f"{MODEL_NAME}/{second}"
+
+    replica = ReplicaReport(plant, interval_s=1).start()  # a running replica that refuses `second` while `fits`
+    replica.serving(f"{MODEL_NAME}/{first}", "fp32", "cpu", read_record(plant).deployed_at)
+    fits, builds = [False], []
+    write_record, build_record = promotion.write_record, promotion.build_record
+
+    def written(settings: Settings, record: object) -> Path:
+        path = write_record(settings, record)
+        if record.model_version == target:
+            if fits[0]:
+                replica.serving(target, record.fast_path, "cpu", record.deployed_at)
+            else:
+                replica.refused(record.deployed_at, target, "CUDA out of memory")
+        return path
+
+    def built(*args: object, **kwargs: object) -> object:
+        builds.append(1)
+        return build_record(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "write_record", written)
+    monkeypatch.setattr(promotion, "build_record", built)
+    try:
+        with pytest.raises(PromotionFailed, match=r"could not load .*\(CUDA out of memory\)"):
+            promote(plant, params, by="tests", url=url, bento=False)
+        assert read_record(plant).model_version == f"{MODEL_NAME}/{first}" and len(builds) == 1
+        with pytest.raises(RefusedBefore, match=rf"{target} not promoted again: the service refused it at .*CUDA "
+                                                "out of memory.*force"):
+            promote(plant, params, by="tests", url=url, bento=False)
+        assert len(builds) == 1, "no parity load, no record, no replica loading it again"
+        cli = CliRunner().invoke(app, ["promote", "--no-bento", "--service-url", url])
+        assert cli.exit_code != 0 and "not promoted again" in cli.output and "Traceback" not in cli.output
+
+        # approved anew (a new approved_at): tried again, and refused again
+        connect(plant).set_model_version_tag(MODEL_NAME, second, "approved_at", "2099-01-01T00:00:00+00:00")
+        with pytest.raises(PromotionFailed, match="CUDA out of memory"):
+            promote(plant, params, by="tests", url=url, bento=False)
+        assert len(builds) == 2 and json.loads(refused_path(plant).read_text())["version"] == second
+
+        replica.stop()  # the cause fixed (the pod restarted on a bigger GPU), then forced through
+        replica = ReplicaReport(plant, interval_s=1).start()
+        replica.serving(f"{MODEL_NAME}/{first}", "fp32", "cpu", read_record(plant).deployed_at)
+        fits[0] = True
+        forced = CliRunner().invoke(app, ["promote", "--no-bento", "--service-url", url, "--force"])
+        assert forced.exit_code == 0 and f"deployed {target}" in forced.output, forced.output
+        assert "now serves it on 1 replica" in forced.output and len(builds) == 3
+        assert not refused_path(plant).exists()
+    finally:
+        replica.stop()

@@ -164,3 +164,85 @@ def test_the_replicas_command_lists_live_and_gone_replicas(plant: Settings) -> N
     as_json = json.loads(runner.invoke(app, ["replicas", "--json"]).output)
     assert [r["replica"] for r in as_json["live"]] == ["node-a-7", "node-b-7"]
     assert [r["replica"] for r in as_json["gone"]] == ["node-c-7"]
+
+
+def test_a_replica_still_starting_is_waited_for_until_it_serves_the_record(tmp_path: Path) -> None:
+    """A pod restarted during a promotion reports before it has loaded anything: promotion waits for it (it may
+    be loading the old record), fails on its refusal, and stops waiting once its file goes stale."""
+    import threading
+
+    settings = _settings(tmp_path)
+    _status_file(settings, "node-a-7", NEW.model_version, NEW.deployed_at)
+    starting = ReplicaReport(settings, interval_s=0.2).start()
+    try:
+        starting.loading(OLD.deployed_at, OLD.model_version)  # read the record just before promotion rewrote it
+        status = json.loads(starting.path.read_text())
+        assert (status["model_version"], status["record"], status["loading"]) == ("", "", OLD.deployed_at)
+        with pytest.raises(PromotionFailed, match=rf"replica {starting.path.stem} is still starting \(loading "
+                                                  r"defect-classifier/1\) 1 s after the record named"):
+            _wait(settings)
+        threading.Timer(0.5, starting.serving, args=(NEW.model_version, "fp32", "cpu", NEW.deployed_at)).start()
+        assert _wait(settings, timeout_s=30) == ("swapped", 2)
+    finally:
+        starting.stop()
+
+    _status_file(settings, "node-b-7", "", "", refused=NEW.deployed_at, refused_version=NEW.model_version,
+                 refused_error="CUDA out of memory")
+    with pytest.raises(PromotionFailed, match=r"replica node-b-7 could not load defect-classifier/2 \(CUDA out of "
+                                              r"memory\); it did not start"):
+        _wait(settings, timeout_s=60)
+    _status_file(settings, "node-b-7", "", "", age_s=60, loading=NEW.deployed_at)  # died while starting
+    assert _wait(settings) == ("swapped", 1)
+
+
+def test_the_service_reports_before_it_loads_its_first_model(plant: Settings,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's start (the model load is a stand-in): its status file names the record it is loading before
+    the load begins, names the refusal if the load fails, and what it serves once started."""
+    from types import SimpleNamespace
+
+    from components.serving import reload
+    from components.serving.service import DefectClassifier
+
+    stamp = file_stamp(write_record(plant, NEW))
+    during_load: list[dict] = []
+
+    def status() -> dict:
+        files = list((plant.state_dir / FOLDER).glob("*.json"))
+        assert len(files) == 1, files
+        return json.loads(files[0].read_text())
+
+    def refuse(settings: Settings, serve: object, record: DeploymentRecord, max_pixels: int,
+               stamp: object) -> Deployment:
+        during_load.append(status())
+        raise RuntimeError("CUDA out of memory\nlong traceback")
+
+    monkeypatch.setattr(reload, "load_deployment", refuse)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        DefectClassifier.inner()
+    assert [(s["loading"], s["loading_version"], s["record"]) for s in during_load] == [
+        (NEW.deployed_at, NEW.model_version, "")]
+    refused = status()
+    assert (refused["refused"], refused["refused_error"], refused["loading"]) == (
+        NEW.deployed_at, "CUDA out of memory", None)
+    for path in (plant.state_dir / FOLDER).glob("*.json"):
+        path.unlink()
+
+    def load(settings: Settings, serve: object, record: DeploymentRecord, max_pixels: int,
+             stamp: object) -> Deployment:
+        during_load.append(status())
+        engine = SimpleNamespace(device="cpu", prepare=lambda pixels: pixels, normal_class="normal")
+        batcher = SimpleNamespace(max_batch_size=4, max_latency_ms=10, stopped=False, shutdown=lambda: None)
+        return Deployment(record, engine, None, "fp32", batcher, stamp)
+
+    monkeypatch.setattr(reload, "load_deployment", load)
+    service = DefectClassifier.inner()
+    try:
+        assert during_load[-1]["loading"] == NEW.deployed_at and during_load[-1]["record"] == ""
+        started = status()
+        assert (started["model_version"], started["record"], started["loading"]) == (
+            NEW.model_version, NEW.deployed_at, None)
+        assert service.watcher.seen == stamp
+    finally:
+        service.shutdown()
+    assert not list((plant.state_dir / FOLDER).glob("*.json"))
