@@ -78,7 +78,9 @@ def _figures(counts: np.ndarray, n_classes: int, normal: int,
     predicted, support = cm.sum(axis=1), cm.sum(axis=2)
     present = (predicted + support) > 0 if present is None else np.broadcast_to(present, predicted.shape)
     f1 = _ratio(2 * tp, predicted + support)  # = harmonic mean of precision and recall, 0 when tp = 0
-    macro_f1 = _ratio(np.where(present, f1, 0).sum(axis=1), present.sum(axis=1))
+    # a class of the point figure that a replicate drew neither image nor prediction of scores 0 there, as a
+    # class the model missed does (its F1 is 0/0)
+    macro_f1 = _ratio(np.where(present, np.nan_to_num(f1, nan=0.0), 0).sum(axis=1), present.sum(axis=1))
     defective = cm[:, defect, :].sum(axis=(1, 2))
     return {
         "accuracy": _ratio(tp.sum(axis=1), n),
