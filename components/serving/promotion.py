@@ -64,6 +64,10 @@ class PromotionFailed(DefectOpsError):
     """The service did not take the new version; the previous deployment record is back in place."""
 
 
+class ServiceRefused(PromotionFailed):
+    """A replica (or the one service) could not load the record: not slowness, which a timeout is."""
+
+
 class RefusedBefore(DefectOpsError):
     """The service refused this approval of the champion before: not retried until approved again or forced."""
 
@@ -130,8 +134,8 @@ def wait_for_service(settings: Settings, url: str, record: DeploymentRecord, tim
             for replica in live:
                 if replica.refused == record.deployed_at:
                     kept = "it did not start" if replica.starting else f"it kept serving {replica.model_version}"
-                    raise PromotionFailed(f"replica {replica.replica} could not load {version} "
-                                          f"({replica.refused_error}); {kept}")
+                    raise ServiceRefused(f"replica {replica.replica} could not load {version} "
+                                         f"({replica.refused_error}); {kept}")
             # a replica still starting serves nothing yet: behind until it reports this record
             behind = [r for r in live if (r.model_version, r.record) != (version, record.deployed_at)]
             if not behind:
@@ -146,8 +150,8 @@ def wait_for_service(settings: Settings, url: str, record: DeploymentRecord, tim
             if state["serving"] == [version]:
                 return "swapped", 1
             if state["reload_failures"] > failures_before:
-                raise PromotionFailed(f"the service at {url} could not load {version} (see its log); it kept "
-                                      f"serving {', '.join(state['serving']) or '?'}")
+                raise ServiceRefused(f"the service at {url} could not load {version} (see its log); it kept "
+                                     f"serving {', '.join(state['serving']) or '?'}")
             waiting = f"the service at {url} still serves {', '.join(state['serving']) or '?'}"
         if time.monotonic() > deadline:
             raise PromotionFailed(f"{waiting} {timeout_s:.0f} s after the record named {version} (serve."
@@ -353,7 +357,8 @@ def promote(settings: Settings, params: Params, by: str = "promote-approved", ur
                                                       failures_before, serve.reload_poll_seconds)
         except PromotionFailed as exc:
             _restore(settings, current)
-            _record_refusal(settings, number, tags["approved_at"], record, str(exc))
+            if isinstance(exc, ServiceRefused):  # a timeout (a slow or starting replica) is tried again next run
+                _record_refusal(settings, number, tags["approved_at"], record, str(exc))
             raise PromotionFailed(f"{exc}; the deployment record is back on "
                                   f"{current.model_version if current else 'nothing'}") from exc
         except BaseException:  # stopped while waiting (Ctrl-C, the flow run cancelled): the old record again

@@ -453,12 +453,12 @@ def test_a_champion_the_service_refused_is_not_retried_until_approved_anew_or_fo
 
     replica = ReplicaReport(plant, interval_s=1).start()  # a running replica that refuses `second` while `fits`
     replica.serving(f"{MODEL_NAME}/{first}", "fp32", "cpu", read_record(plant).deployed_at)
-    fits, builds = [False], []
+    fits, slow, builds = [False], [True], []
     write_record, build_record = promotion.write_record, promotion.build_record
 
     def written(settings: Settings, record: object) -> Path:
         path = write_record(settings, record)
-        if record.model_version == target:
+        if record.model_version == target and not slow[0]:
             if fits[0]:
                 replica.serving(target, record.fast_path, "cpu", record.deployed_at)
             else:
@@ -472,13 +472,20 @@ def test_a_champion_the_service_refused_is_not_retried_until_approved_anew_or_fo
     monkeypatch.setattr(promotion, "write_record", written)
     monkeypatch.setattr(promotion, "build_record", built)
     try:
+        # a replica too slow to swap in time (still loading) has refused nothing: the next run tries again
+        quick = params.model_copy(deep=True)
+        quick.model_extra["serve"]["promotion_timeout_seconds"] = 1
+        with pytest.raises(PromotionFailed, match=r"still serves .* 1 s after the record named"):
+            promote(plant, quick, by="tests", url=url, bento=False)
+        assert not refused_path(plant).exists() and len(builds) == 1
+        slow[0] = False
         with pytest.raises(PromotionFailed, match=r"could not load .*\(CUDA out of memory\)"):
             promote(plant, params, by="tests", url=url, bento=False)
-        assert read_record(plant).model_version == f"{MODEL_NAME}/{first}" and len(builds) == 1
+        assert read_record(plant).model_version == f"{MODEL_NAME}/{first}" and len(builds) == 2
         with pytest.raises(RefusedBefore, match=rf"{target} not promoted again: the service refused it at .*CUDA "
                                                 "out of memory.*force"):
             promote(plant, params, by="tests", url=url, bento=False)
-        assert len(builds) == 1, "no parity load, no record, no replica loading it again"
+        assert len(builds) == 2, "no parity load, no record, no replica loading it again"
         cli = CliRunner().invoke(app, ["promote", "--no-bento", "--service-url", url])
         assert cli.exit_code != 0 and "not promoted again" in cli.output and "Traceback" not in cli.output
 
@@ -486,7 +493,7 @@ def test_a_champion_the_service_refused_is_not_retried_until_approved_anew_or_fo
         connect(plant).set_model_version_tag(MODEL_NAME, second, "approved_at", "2099-01-01T00:00:00+00:00")
         with pytest.raises(PromotionFailed, match="CUDA out of memory"):
             promote(plant, params, by="tests", url=url, bento=False)
-        assert len(builds) == 2 and json.loads(refused_path(plant).read_text())["version"] == second
+        assert len(builds) == 3 and json.loads(refused_path(plant).read_text())["version"] == second
 
         replica.stop()  # the cause fixed (the pod restarted on a bigger GPU), then forced through
         replica = ReplicaReport(plant, interval_s=1).start()
@@ -494,7 +501,7 @@ def test_a_champion_the_service_refused_is_not_retried_until_approved_anew_or_fo
         fits[0] = True
         forced = CliRunner().invoke(app, ["promote", "--no-bento", "--service-url", url, "--force"])
         assert forced.exit_code == 0 and f"deployed {target}" in forced.output, forced.output
-        assert "now serves it on 1 replica" in forced.output and len(builds) == 3
+        assert "now serves it on 1 replica" in forced.output and len(builds) == 4
         assert not refused_path(plant).exists()
     finally:
         replica.stop()
