@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -163,12 +164,13 @@ def version_images(settings: Settings, version: str, deepen: bool = True) -> set
         if found is not None:
             return found
         log.info("fetching the git history of this shallow clone to find dataset version %s", version)
+        quiet = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}  # no prompt
         try:
             fetched = subprocess.run(["git", "fetch", "--quiet", "--unshallow"], cwd=project, capture_output=True,
-                                     text=True, timeout=300, check=False)
+                                     text=True, timeout=120, check=False, stdin=subprocess.DEVNULL, env=quiet)
             problem = fetched.stderr.strip().splitlines()[-1:] if fetched.returncode else None
         except subprocess.TimeoutExpired:
-            problem = ["no answer in 300 s"]
+            problem = ["no answer in 120 s"]
         if problem is not None:
             log.warning("could not fetch the git history (%s)", problem[0] if problem else "?")
             return None

@@ -534,8 +534,7 @@ class Trainer:
         if state.get("precision", self.precision) != self.precision:  # `auto` resolves by the device found
             raise UsageError(
                 f"{last}: its epochs ran in {state['precision']}, this {self.device.type} would run {self.precision}; "
-                "resume it on the kind of machine it started on, or set the profile's precision, or train "
-                "without --resume"
+                "resume it on the kind of machine it started on, or train without --resume"
             )
         self.started_from = state.get("started_from") or self.started_from
         self.model.load_state_dict(state["model"])
