@@ -179,6 +179,11 @@ def load_served(settings: Settings, record: DeploymentRecord, max_pixels: int) -
     served.threshold = record.threshold
     checked = (record.parity or {}).get("precision")
     if engine != REFERENCE and checked and checked != getattr(served, "precision", checked):
-        log.warning("%s runs in %s here but parity was checked in %s; re-pin to re-check", engine,
+        # another CPU (a replica on a node with bf16, or without): numbers parity never saw, so not served
+        log.warning("the record's fast path %s runs in %s on this machine but parity was checked in %s: serving "
+                    "fp32; re-pin the deployment on this kind of machine to use a fast path", engine,
                     getattr(served, "precision", "?"), checked)
+        engine = REFERENCE
+        served = build_engine(reference, engine, settings.cache_dir / "serving")
+        served.threshold = record.threshold
     return served, reference, engine

@@ -31,6 +31,8 @@ class ParityParams(_Section):
     """How close the fast inference path must stay to the fp32 PyTorch model on real images."""
 
     min_top1_agreement: float = Field(0.995, gt=0, le=1, description="share of images with the same top-1 class")
+    min_decision_agreement: float = Field(0.995, gt=0, le=1, description="share of images with the same accept / "
+                                          "reject / review decision at the model's threshold")
     max_prob_diff: float = Field(0.05, gt=0, le=1, description="largest absolute difference of any calibrated "
                                  "class probability on any image")
     images: int = Field(300, ge=10, description="real images to compare on (a fixed, seeded sample)")

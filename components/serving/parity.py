@@ -3,7 +3,10 @@
 The check compares what the line would see: temperature-scaled probabilities, top-1 classes and the
 accept/reject/review decisions, image by image, on the same prepared tensors. It passes when
 
-* top-1 agreement >= `min_top1_agreement` (default 99.5 %: at most 1 image in 200 may change class), and
+* top-1 agreement >= `min_top1_agreement` (default 99.5 %: at most 1 image in 200 may change class),
+* decision agreement >= `min_decision_agreement` (default 99.5 %: at most 1 image in 200 may get another
+  accept / reject / review than the evaluated fp32 model; a flip from review to accept of a defective part is
+  an escape), and
 * the largest absolute difference of any class probability on any image <= `max_prob_diff` (default 0.05).
 
 The first batch is also run one image at a time, since engines may take another path for a single image.
@@ -12,7 +15,7 @@ Why 0.05: a decision can only flip for an image whose confidence lies within tha
 threshold, and such images are the ones calibration already sends to review more often; a bf16 engine
 typically moves probabilities by well under 0.01 on a trained model (the record keeps the measured figures), so
 0.05 leaves room for unlucky images but catches a broken export (wrong normalisation or layout moves
-probabilities by 0.2 and more). Decision agreement is reported too. A fast path that fails is not served:
+probabilities by 0.2 and more). How many decisions do flip is bounded on its own. A fast path that fails is not served:
 `choose_engine` falls back to fp32 and says why, and the deployment record keeps that evidence.
 """
 
@@ -57,6 +60,7 @@ class ParityReport:
     seconds: float
     skipped_images: int = 0
     precision: str = ""
+    min_decision_agreement: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,18 +121,24 @@ def check_parity(reference: Predictor, candidate: Predictor, images: Sequence[Im
     problems = []
     if top1 < bounds.min_top1_agreement:
         problems.append(f"top-1 agreement {top1:.4f} < {bounds.min_top1_agreement}")
+    decisions = float((ref_decisions == cand_decisions).mean())
+    if decisions < bounds.min_decision_agreement:
+        problems.append(f"decision agreement {decisions:.4f} < {bounds.min_decision_agreement} (at threshold "
+                        f"{reference.threshold:.4f})")
     if not max_diff <= bounds.max_prob_diff:
         problems.append(f"max probability difference {max_diff:.4f} > {bounds.max_prob_diff}")
     passed = not problems
-    reason = (f"top-1 agreement {top1:.4f} >= {bounds.min_top1_agreement}, max probability difference "
+    reason = (f"top-1 agreement {top1:.4f} >= {bounds.min_top1_agreement}, decision agreement {decisions:.4f} >= "
+              f"{bounds.min_decision_agreement}, max probability difference "
               f"{max_diff:.4f} <= {bounds.max_prob_diff} on {sum(len(b) for b in batches)} images") if passed \
         else "; ".join(problems)
     report = ParityReport(
         engine=engine, passed=passed, n_images=sum(len(b) for b in batches), top1_agreement=top1,
-        decision_agreement=float((ref_decisions == cand_decisions).mean()), max_prob_diff=max_diff,
+        decision_agreement=decisions, max_prob_diff=max_diff,
         mean_prob_diff=float(diff.mean()), min_top1_agreement=bounds.min_top1_agreement,
         max_prob_diff_bound=bounds.max_prob_diff, reason=reason, seconds=round(time.perf_counter() - started, 2),
-        skipped_images=skipped, precision=str(getattr(candidate, "precision", "")))
+        skipped_images=skipped, precision=str(getattr(candidate, "precision", "")),
+        min_decision_agreement=bounds.min_decision_agreement)
     log.info("parity of %s vs fp32: %s (%s)", engine, "PASSED" if passed else "FAILED", reason)
     return report
 

@@ -95,3 +95,7 @@ def test_serve_pins_the_approved_champion_and_alias_moves_change_nothing(plant: 
     served, _, engine = load_served(plant, again, params.data.max_image_pixels)  # what a restart loads
     assert served.model_version == f"{MODEL_NAME}/{first}" and engine == "onnxruntime"
     assert served.predict([probe_png("dark")])[0].decision == PROBES["dark"][1]
+    # a replica on another kind of CPU, where the engine would run a precision parity never checked: fp32
+    elsewhere = again.model_copy(update={"parity": {**again.parity, "precision": "bf16"}})
+    served, _, engine = load_served(plant, elsewhere, params.data.max_image_pixels)
+    assert engine == "fp32" and served.predict([probe_png("dark")])[0].decision == PROBES["dark"][1]

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.config import Settings, load_params
 from components.errors import DefectOpsError, UsageError
@@ -61,6 +62,33 @@ def test_a_fast_path_that_fails_parity_is_served_on_fp32(reference: Predictor, p
     served, choice = choose_engine(reference, "onnxruntime", probe_images, strict, onnx_cache)
     assert served is reference and choice.engine == "fp32" and choice.requested == "onnxruntime"
     assert "failed parity" in choice.reason and choice.parity["passed"] is False
+
+
+def test_decisions_that_flip_at_the_threshold_fail_parity(reference: Predictor, probe_images) -> None:
+    """An engine within every probability bound can still move the few images that sit at the threshold across
+    it: accept or reject there, review in fp32 (an escape, for a defective part). Their share is bounded too."""
+    import copy
+
+    import numpy as np
+
+    class Nudged:  # the reference, its top class a hair less sure: what bf16 rounding does
+        precision = "bf16"
+
+        def forward(self, batch, stream=None):
+            logits, embeddings = reference.forward(batch)
+            logits = logits.copy()
+            logits[np.arange(len(logits)), logits.argmax(axis=1)] -= 1e-3
+            return logits, embeddings
+
+    batch = np.stack([reference.prepare(image) for image in probe_images[:len(PROBES)]])
+    sure = reference.probabilities(reference.forward(torch.as_tensor(batch))[0]).max(axis=1)
+    at_threshold = copy.copy(reference)
+    at_threshold.threshold = float(sure.max()) - 1e-6  # one probe kind (4 images of 12) decided just above it
+    report = check_parity(at_threshold, Nudged(), probe_images, BOUNDS, engine="bf16")
+    assert report.top1_agreement == 1.0 and report.max_prob_diff < 1e-3, "every other bound holds"
+    assert not report.passed and report.decision_agreement < 0.995
+    assert "decision agreement" in report.reason and f"threshold {at_threshold.threshold:.4f}" in report.reason
+    assert check_parity(reference, reference, probe_images, BOUNDS).passed
 
 
 def test_no_real_images_means_fp32(reference: Predictor, tmp_path: Path) -> None:
