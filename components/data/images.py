@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from components.errors import ImageError
 
@@ -106,11 +106,28 @@ def check_pixels(image: Image.Image, max_pixels: int, name: str = "image") -> No
         )
 
 
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose does; that one
+# also writes the EXIF back, which raises on a malformed tag of a real camera's file)
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (upright) when there is none or the EXIF cannot be read."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block says nothing about the pixels
+        return 1
+    return value if isinstance(value, int) else 1
+
+
 def convert(image: Image.Image) -> np.ndarray:
     """Apply the conversion rule (steps 2 and 3) to a decoded Pillow image, keeping grayscale in one channel:
     an (H, W) uint8 array for a grayscale original, else (H, W, 3)."""
-    if image.getexif().get(0x0112, 1) != 1:  # orientation tag; transposing copies, so only when needed
-        image = ImageOps.exif_transpose(image)
+    transpose = _ORIENTATIONS.get(_orientation(image))
+    if transpose is not None:  # transposing copies, so only when needed
+        image = image.transpose(transpose)
     mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         array = np.asarray(image).astype(np.float32)

@@ -90,3 +90,28 @@ def test_stats_follow_the_image() -> None:
     assert flat == {"brightness": 100.0, "contrast": 0.0, "sharpness": 0.0}
     noisy = image_stats(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     assert noisy["contrast"] > 30 and noisy["sharpness"] > 1000
+
+
+def _jpeg_with_exif(pixels: np.ndarray, entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A JPEG whose EXIF block holds these raw (tag, type, count, 4-byte value) entries, as a camera writes them."""
+    import struct
+
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", tag, kind, count) + value
+                                                    for tag, kind, count, value in entries) + struct.pack("<I", 0)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=100, exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("malformed", [False, True], ids=["plain", "with-a-malformed-tag"])
+def test_exif_orientation_is_applied_even_beside_a_malformed_tag(malformed: bool) -> None:
+    """Orientation 6 (the camera turned a quarter): the picture comes out upright. A real camera's file may also
+    hold a tag of the wrong type (ExtraSamples as text), on which Pillow's exif_transpose raised struct.error,
+    a 500 in the service and a crash of validation, instead of a decoded picture."""
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:, :20] = 255  # bright left half
+    rotate = (274, 3, 1, bytes([6, 0, 0, 0]))  # SHORT 6
+    entries = [rotate, (338, 2, 4, b"cam\0")] if malformed else [rotate]
+    out = decode(_jpeg_with_exif(pixels, entries))
+    assert out.pixels.shape == (40, 20), "turned upright: taller than wide"
+    assert out.pixels[5, 10] > 200 and out.pixels[35, 10] < 50, "the bright half on top, as a quarter turn puts it"
