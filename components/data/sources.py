@@ -12,12 +12,13 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from components.errors import SourceError, UsageError
+from components.errors import SourceError, UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +54,40 @@ def _check_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
+def _check_names(archive: Path, entries: list[tuple[str, bool]]) -> None:
+    """Refuse an archive whose entries would overwrite each other: one name twice (the last would win without a
+    word), or a file whose name is also a folder's."""
+    files, folders = set(), set()
+    for name, is_dir in entries:
+        path = PurePosixPath(name.replace("\\", "/"))
+        if not is_dir and path in files:
+            raise SourceError(f"{archive.name}: entry {name!r} is in the archive twice; which one is meant is "
+                              "unknown, rebuild the archive")
+        (folders if is_dir else files).add(path)
+        folders.update(path.parents)
+    clash = next((path for path in files if path in folders), None)
+    if clash is not None:
+        raise SourceError(f"{archive.name}: {str(clash)!r} is both a file and a folder in the archive; rebuild it")
+
+
 def extract_archive(archive: Path, dest: Path) -> Path:
-    """Extract `archive` into `dest` after checking every entry; returns `dest`."""
+    """Extract `archive` into `dest` after checking every entry; returns `dest`. A damaged or odd archive is a
+    one-line SourceError, never a traceback."""
     kind = _archive_kind(archive)
-    if kind == "zip":
-        with zipfile.ZipFile(archive) as zf:
-            total = 0
-            for info in zf.infolist():
-                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                if _unsafe(info.filename) or is_link:
-                    why = "is a symlink" if is_link else "escapes the archive (absolute path or ..)"
-                    raise SourceError(f"{archive.name}: entry {info.filename!r} {why}; refusing to extract it")
-                total += info.file_size
-            _check_space(dest.parent, total, archive.name)
-            zf.extractall(dest)
-    elif kind == "tar":
-        try:
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                total = 0
+                for info in zf.infolist():
+                    is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                    if _unsafe(info.filename) or is_link:
+                        why = "is a symlink" if is_link else "escapes the archive (absolute path or ..)"
+                        raise SourceError(f"{archive.name}: entry {info.filename!r} {why}; refusing to extract it")
+                    total += info.file_size
+                _check_names(archive, [(info.filename, info.is_dir()) for info in zf.infolist()])
+                _check_space(dest.parent, total, archive.name)
+                zf.extractall(dest)
+        elif kind == "tar":
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()
                 for m in members:
@@ -77,12 +96,16 @@ def extract_archive(archive: Path, dest: Path) -> Path:
                     if _unsafe(m.name) or link_escapes:
                         why = "links outside the archive" if link_escapes else "escapes the archive (absolute path or ..)"
                         raise SourceError(f"{archive.name}: entry {m.name!r} {why}; refusing to extract it")
+                _check_names(archive, [(m.name, m.isdir()) for m in members])
                 _check_space(dest.parent, sum(m.size for m in members), archive.name)
                 tf.extractall(dest, filter="data")
-        except tarfile.TarError as exc:
-            raise SourceError(f"{archive.name}: damaged tar archive ({exc}); download it again") from exc
-    else:
-        raise SourceError(f"{archive}: not a .zip or .tar.gz archive; give a folder, a .zip or a .tar.gz")
+        else:
+            raise SourceError(f"{archive}: not a .zip or .tar.gz archive; give a folder, a .zip or a .tar.gz")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise SourceError(f"{archive.name}: damaged archive ({one_line(exc)}); download it again") from exc
+    except RuntimeError as exc:  # zipfile: an encrypted entry without a password
+        raise SourceError(f"{archive.name}: cannot extract it ({one_line(exc)}); give an unencrypted archive") \
+            from exc
     return dest
 
 

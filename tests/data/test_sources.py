@@ -99,6 +99,36 @@ def test_archive_entries_escaping_are_refused(tmp_path: Path, name: str) -> None
     assert not (tmp_path / "evil.png").exists()
 
 
+def test_damaged_or_self_overwriting_archives_are_one_line_errors(tmp_path: Path) -> None:
+    """A truncated zip or tar.gz, a name twice, a file that is also a folder: each a one-line SourceError naming
+    the archive (not a BadZipFile, EOFError or IsADirectoryError traceback, nor a silent last-one-wins)."""
+    import warnings
+
+    src = make_imagefolder(tmp_path / "parts", per_class=2)
+    zipped = Path(shutil.make_archive(str(tmp_path / "parts"), "zip", tmp_path, "parts"))
+    tarred = Path(shutil.make_archive(str(tmp_path / "parts"), "gztar", tmp_path, "parts"))
+    for archive in (zipped, tarred):
+        cut = tmp_path / f"cut-{archive.name}"
+        cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+        with pytest.raises(SourceError, match=rf"^{cut.name}: damaged archive .*; download it again$"), \
+                open_source(str(cut), tmp_path / "st"):
+            pass
+    twice, both = tmp_path / "twice.zip", tmp_path / "both.zip"
+    with warnings.catch_warnings(), zipfile.ZipFile(twice, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        zf.writestr("parts/dent/a.png", (src / "dent" / "img_000.png").read_bytes())
+        zf.writestr("parts/dent/a.png", (src / "dent" / "img_001.png").read_bytes())
+    with zipfile.ZipFile(both, "w") as zf:
+        zf.writestr("parts/dent/a.png", b"x")
+        zf.writestr("parts/dent/a.png/", b"")
+    with pytest.raises(SourceError, match="'parts/dent/a.png' is in the archive twice"), \
+            open_source(str(twice), tmp_path / "st"):
+        pass
+    with pytest.raises(SourceError, match="'parts/dent/a.png' is both a file and a folder"), \
+            open_source(str(both), tmp_path / "st"):
+        pass
+
+
 def test_tar_symlink_leading_outside_is_refused(tmp_path: Path) -> None:
     tar_path = tmp_path / "link.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tf:
