@@ -31,11 +31,12 @@ from components.data.tracked import (
     checkout_file,
     data_lock,
     dataset_version,
+    version_images,
     workspace_problem,
 )
 from components.data.versioning import DatasetRepo, commit, git, head_commit
 from components.errors import DefectOpsError, SourceError, UsageError, ValidationFailed, one_line
-from components.files import leftover_temporaries, replacing, write_text_atomic
+from components.files import file_sha256, leftover_temporaries, replacing, write_text_atomic
 from components.validation.manifest import build_manifest, inspect
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,8 @@ def recover(settings: Settings) -> bool:
             target.write_text(content)
     if abandoned is not None and abandoned != _workspace_version(project):  # never committed: gone, nothing to push
         DatasetRepo(settings).forget_uncommitted(abandoned)
+        if version_images(settings, abandoned, deepen=False) is None:  # no commit names it: a report of nothing
+            shutil.rmtree(settings.dataset_report_dir(abandoned), ignore_errors=True)
     # a kill between `git add` and `git commit` leaves the version files staged: unstage them (the index as at HEAD)
     unstaged = git(project, "reset", "-q", "--", *journal.backups, check=False)
     if unstaged.returncode != 0:
@@ -203,8 +206,11 @@ def plan_additions(existing: list[LabelledImage], existing_sha: list[str], incom
 # ------------------------------------------------------------------ apply
 
 
-def _copy_into_data(settings: Settings, additions: list[LabelledImage], journal: Journal) -> None:
-    """Copy the new images (and masks) into data/, after journaling every target so a crash can be undone."""
+def _copy_into_data(settings: Settings, additions: list[LabelledImage], journal: Journal,
+                    validated: dict[Path, str]) -> None:
+    """Copy the new images (and masks) into data/, after journaling every target so a crash can be undone. Each
+    image's copy must hold the content validated (`validated`: its sha256), else the import fails and is rolled
+    back: a source rewritten between validation and copy must not become a version."""
     data = settings.data_dir
     pairs = []
     for item in additions:
@@ -218,6 +224,9 @@ def _copy_into_data(settings: Settings, additions: list[LabelledImage], journal:
     for src, dst in pairs:
         with replacing(dst) as tmp:
             shutil.copyfile(src, tmp)
+            if src in validated and file_sha256(tmp) != validated[src]:
+                raise SourceError(f"{src}: changed while it was imported (not the content validated); nothing "
+                                  "was changed, import it again once the source is complete")
 
 
 def _check_disk(settings: Settings, additions: list[LabelledImage]) -> None:
@@ -235,6 +244,16 @@ def _without_committed_images(source: str, lost: UsageError, committed_splits: d
     images = f"the {len(committed_splits)} committed images" if committed_splits else "every committed image"
     return UsageError(f"import of {source} refused, nothing changed: {lost}, then run `defectops data pull`; "
                       f"a version made without them would drop {images}, the golden test split with them")
+
+
+def _place_report(settings: Settings, version: str, staged: Path) -> Path:
+    """The staged validation report (with its manifest.parquet) as the version's, in one rename."""
+    report_dir = settings.dataset_report_dir(version)
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    report_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged.replace(report_dir)
+    return report_dir
 
 
 def _stored_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -299,11 +318,16 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
                        for name in VERSION_FILES}
             journal = Journal([], backups, head_commit(project))
             try:
-                _copy_into_data(settings, additions, journal)
+                _copy_into_data(settings, additions, journal,
+                                dict(zip((i.path for i in incoming), incoming_facts["sha256"], strict=True)))
                 version = repo.add()
                 if lost is not None and version != previous:  # the committed names, other pictures
                     raise _without_committed_images(source, lost, committed_splits)
                 write_splits(manifest, settings.splits_file)
+                # the report in place before the commit: a version that is committed (and kept by `recover`,
+                # whatever stops the import after) always has its report and manifest.parquet
+                _stored_manifest(manifest).to_parquet(staging_report / "manifest.parquet", index=False)
+                report_dir = _place_report(settings, version, staging_report)
                 commit_id = None
                 if commit_changes:
                     message = f"data: version {version} (+{len(additions)} images from {Path(source).name or source})"
@@ -318,12 +342,6 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
                 raise
             journal_path(settings).unlink(missing_ok=True)
 
-        report_dir = settings.dataset_report_dir(version)
-        if report_dir.exists():
-            shutil.rmtree(report_dir)
-        report_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging_report.replace(report_dir)
-        _stored_manifest(manifest).to_parquet(report_dir / "manifest.parquet", index=False)
         result = ImportResult(version, previous, len(additions), skipped, version != previous,
                               committed=commit_id,
                               report_dir=report_dir, counts=manifest["label"].value_counts().sort_index().to_dict())

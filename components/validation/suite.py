@@ -30,6 +30,7 @@ import pandas as pd
 from components.config import DatasetProfile, Range, ValidateParams
 from components.data.split import SPLITS
 from components.errors import UsageError
+from components.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +449,7 @@ def validate_manifest(manifest: pd.DataFrame, profile: DatasetProfile, rules: Va
                   "failures": failures, "validation_results": [v.to_json_dict() for v in results]}
         if report_dir is not None:
             report_dir.mkdir(parents=True, exist_ok=True)
-            (report_dir / REPORT_FILE).write_text(json.dumps(result, indent=1))
+            write_text_atomic(report_dir / REPORT_FILE, json.dumps(result, indent=1))
             _build_docs(gxc.context, report_dir / DOCS_DIR)
     log.info("validated %d images: %d of %d expectations met in %.2f s", len(manifest), successful, evaluated,
              time.perf_counter() - started)

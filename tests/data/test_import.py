@@ -215,6 +215,31 @@ def test_disk_full_while_copying_rolls_back(project, tmp_path: Path, monkeypatch
     assert not list(project.data_dir.rglob(".*.tmp"))  # no partial copy left (components.files.replacing)
 
 
+def test_a_source_rewritten_between_validation_and_copy_changes_nothing(project, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """The copies in data/ are checked against the content validated: a source picture cut short after the
+    suite passed (a camera share still writing) fails the import, rolled back, instead of a version holding a
+    picture its own report calls readable."""
+    _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
+    before = _snapshot(project)
+    source = make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new")
+    victim = sorted(source.rglob("*.png"))[0]
+    whole = victim.read_bytes()
+    real_check = importer._check_disk
+
+    def validated_then_cut(settings, additions):
+        victim.write_bytes(whole[: len(whole) // 2])
+        return real_check(settings, additions)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(importer, "_check_disk", validated_then_cut)
+        with pytest.raises(SourceError, match=f"{victim.name}: changed while it was imported"):
+            _run(project, source)
+    assert _snapshot(project) == before and not importer.journal_path(project).exists()
+    victim.write_bytes(whole)
+    assert _run(project, source).added == 12
+
+
 def test_an_import_killed_midway_is_rolled_back_by_the_next_command(project, tmp_path: Path) -> None:
     _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
     before = _snapshot(project)
@@ -248,7 +273,10 @@ def test_an_import_killed_between_git_add_and_commit_leaves_nothing_staged(proje
     before, commits = _snapshot(project), _git_log(project)
     _killed_import(make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new"), "commit")
     assert "data.dvc" in _git_out(project, "diff", "--cached", "--name-only"), "killed with the version staged"
+    abandoned = dataset_version(project.project_root)
+    assert (project.dataset_report_dir(abandoned) / "manifest.parquet").is_file(), "placed before the commit"
     assert importer.recover(project)
+    assert not project.dataset_report_dir(abandoned).exists(), "no report of a version rolled back"
     assert _snapshot(project) == before and _git_log(project) == commits
     assert _git_out(project, "status", "--porcelain", "--", *importer.VERSION_FILES) == "", "index as before"
 
@@ -513,6 +541,8 @@ def test_an_import_interrupted_after_its_commit_is_kept(project, tmp_path: Path,
     assert status == "" and not importer.journal_path(project).exists()
     assert len(list((project.data_dir / "images").rglob("*.png"))) == 2 * len(list((tmp_path / "m1").rglob("*.png")))
     assert DatasetRepo(project).unpushed_versions() == [version], "the push it did not reach is pending"
+    report = project.dataset_report_dir(version)
+    assert (report / "manifest.parquet").is_file() and (report / "validation.json").is_file(), "its report kept"
     assert not list(project.staging_dir.glob("report-*")), "its staged validation report is removed"
     assert not importer.recover(project)
 
