@@ -229,6 +229,26 @@ def _copy_into_data(settings: Settings, additions: list[LabelledImage], journal:
                                   "was changed, import it again once the source is complete")
 
 
+def _refuse_unreadable_masks(source: str, additions: list[LabelledImage]) -> None:
+    """Every defect mask that comes with a new image must decode (training reads them all): the suite checks the
+    images, this their masks, before anything is copied."""
+    from PIL import Image
+
+    bad = []
+    for item in additions:
+        if item.mask is None:
+            continue
+        try:
+            with Image.open(item.mask) as mask:
+                mask.convert("L")
+        except Exception as exc:  # noqa: BLE001 - whatever Pillow says, the mask cannot be trained on
+            bad.append(f"{item.mask.name}: {one_line(exc, 160)}")
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValidationFailed(f"import of {source} refused, nothing changed: the mask {bad[0]} is not a readable "
+                               f"image{more}; replace or remove it", bad[1:])
+
+
 def _check_disk(settings: Settings, additions: list[LabelledImage]) -> None:
     needed = sum(i.path.stat().st_size + (i.mask.stat().st_size if i.mask else 0) for i in additions)
     free = shutil.disk_usage(settings.project_root).free
@@ -296,6 +316,7 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
                                     pushed=retried.pushed if retried else None,
                                     push_message=retried.message if retried else "")
 
+            _refuse_unreadable_masks(source, additions)
             committed_splits = read_splits(settings.splits_file)
             if lost is not None and {item.relpath for item in additions} != set(committed_splits):
                 raise _without_committed_images(source, lost, committed_splits)

@@ -141,6 +141,13 @@ def test_masks_of_the_magnetic_tile_layout_are_kept_beside_never_as_images(proje
         for i in range(3):
             write_image(src / f"MT_{label}" / "Imgs" / f"exp1_num_{c * 1000 + i * 500}.jpg", c * 100 + i)
             write_image(src / f"MT_{label}" / "Imgs" / f"exp1_num_{c * 1000 + i * 500}.png", 7, mode="L")
+    broken = src / "MT_dent" / "Imgs" / "exp1_num_500.png"
+    good = broken.read_bytes()
+    broken.write_bytes(b"garbage")  # training reads every mask: one that does not decode is refused up front
+    with pytest.raises(ValidationFailed, match="the mask exp1_num_500.png: .* is not a readable image; replace"):
+        _run(project, src)
+    assert not project.data_dir.exists() or not any(project.data_dir.rglob("*.*")), "nothing copied"
+    broken.write_bytes(good)
     result = _run(project, src)
     assert result.added == 9
     assert len(list((project.data_dir / "masks" / "dent").glob("*.png"))) == 3
@@ -223,7 +230,7 @@ def test_a_source_rewritten_between_validation_and_copy_changes_nothing(project,
     _run(project, make_imagefolder(tmp_path / "m1", per_class=4))
     before = _snapshot(project)
     source = make_imagefolder(tmp_path / "m2", per_class=4, seed=3, prefix="new")
-    victim = sorted(source.rglob("*.png"))[0]
+    victim = min(source.rglob("*.png"))
     whole = victim.read_bytes()
     real_check = importer._check_disk
 
