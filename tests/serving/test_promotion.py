@@ -11,7 +11,7 @@ from typing import Self
 
 import pytest
 
-from components.config import Settings, load_params
+from components.config import Params, Settings, load_params
 from components.errors import DefectOpsError
 from components.registry.registry import _champion_version, approve, audit_trail
 from components.registry.tracking import MODEL_NAME, connect
@@ -384,6 +384,18 @@ def test_a_record_left_by_a_stopped_promotion_is_not_already_serving(plant: Sett
         replica.stop()
 
 
+def _deployed_then_approved(plant: Settings, tmp_path: Path) -> tuple[Params, str, str, str]:
+    """(params, a free service URL, v1 deployed there, v2 approved since but not promoted)."""
+    write_probe_images(plant)
+    params, url = load_params(plant.params_file), f"http://127.0.0.1:{free_port()}"
+    first = _candidate(plant, tmp_path, seed=0)
+    approve(plant, first, by="qa", note="first")
+    promote(plant, params, by="tests", url=url, bento=False)
+    second = _candidate(plant, tmp_path, seed=1)
+    approve(plant, second, by="qa", note="second")
+    return params, url, first, second
+
+
 @pytest.mark.parametrize("cut", ["record_deployment", "_audit"])
 def test_a_deployment_left_unrecorded_is_completed_by_the_next_run(plant: Settings, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
@@ -395,13 +407,7 @@ def test_a_deployment_left_unrecorded_is_completed_by_the_next_run(plant: Settin
     from components.serving import promotion
     from flows.promotion_flow import deployment_markdown
 
-    write_probe_images(plant)
-    params, url = load_params(plant.params_file), f"http://127.0.0.1:{free_port()}"
-    first = _candidate(plant, tmp_path, seed=0)
-    approve(plant, first, by="qa", note="first")
-    promote(plant, params, by="tests", url=url, bento=False)
-    second = _candidate(plant, tmp_path, seed=1)
-    approve(plant, second, by="qa", note="second")
+    params, url, first, second = _deployed_then_approved(plant, tmp_path)
     monkeypatch.setattr(promotion, "build_bento", lambda settings, record: f"defect_classifier:v{second}-test")
     real = getattr(registry, cut)
 
@@ -442,13 +448,7 @@ def test_a_champion_the_service_refused_is_not_retried_until_approved_anew_or_fo
     from components.serving.promotion import PromotionFailed, RefusedBefore, refused_path
     from components.serving.replicas import ReplicaReport
 
-    write_probe_images(plant)
-    params, url = load_params(plant.params_file), f"http://127.0.0.1:{free_port()}"
-    first = _candidate(plant, tmp_path, seed=0)
-    approve(plant, first, by="qa", note="first")
-    promote(plant, params, by="tests", url=url, bento=False)
-    second = _candidate(plant, tmp_path, seed=1)
-    approve(plant, second, by="qa", note="second")
+    params, url, first, second = _deployed_then_approved(plant, tmp_path)
     target = f"{MODEL_NAME}/{second}"
 
     replica = ReplicaReport(plant, interval_s=1).start()  # a running replica that refuses `second` while `fits`

@@ -26,6 +26,17 @@ def _run(settings, raw, manifest, out_dir, **kwargs):
     )
 
 
+def _interrupted_after_the_first_epoch(settings, raw, manifest, out_dir) -> None:
+    """A run stopped by Ctrl-C once its first epoch is checkpointed."""
+
+    def stop_after_first_epoch(record: EpochRecord) -> None:
+        if record.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(settings, raw, manifest, out_dir, callbacks=[stop_after_first_epoch])
+
+
 @pytest.mark.parametrize("loss", ["weighted_ce", "focal"])
 def test_training_run_writes_all_outputs(
     settings, raw_params, tiny_manifest, tmp_path, monkeypatch, caplog, loss
@@ -72,13 +83,8 @@ def test_resume_after_interruption_continues_from_checkpoint(
     raw = raw_params(epochs=3, **options)  # with mixup: the blends repeat; with supcon: the projection resumes
     reference = _run(settings, raw, tiny_manifest, tmp_path / "uninterrupted")
 
-    def stop_after_first_epoch(record: EpochRecord) -> None:
-        if record.epoch == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        _run(settings, raw, tiny_manifest, out, callbacks=[stop_after_first_epoch])
+    _interrupted_after_the_first_epoch(settings, raw, tiny_manifest, out)
     assert not (out / "model.pt").exists()
     assert (reference.checkpoint_dir / "last.pt").is_file(), "the interrupted run left its checkpoint"
 
@@ -103,13 +109,8 @@ def test_a_resume_records_the_weights_its_run_started_from_and_keeps_its_precisi
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     raw = raw_params(epochs=2, weights="imagenet")
 
-    def stop_after_first_epoch(record: EpochRecord) -> None:
-        if record.epoch == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        _run(settings, raw, tiny_manifest, out, callbacks=[stop_after_first_epoch])
+    _interrupted_after_the_first_epoch(settings, raw, tiny_manifest, out)
     cached = imagenet_weights_file("resnet18")
     cached.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), cached)
