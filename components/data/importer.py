@@ -283,7 +283,7 @@ def _stored_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
 def import_data(source: str, settings: Settings, params: Params, commit_changes: bool = True,
                 push: bool = True, progress: bool = False) -> ImportResult:
     """Validate SOURCE together with the tracked images, then add it as a new dataset version."""
-    from components.validation.suite import class_shares, validate_manifest
+    from components.validation.suite import NEW, class_shares, validate_manifest
 
     settings.ensure()
     with data_lock(settings):
@@ -326,7 +326,8 @@ def import_data(source: str, settings: Settings, params: Params, commit_changes:
             old_rows = manifest["path"].isin({i.relpath for i in existing})
             previous_shares = class_shares(manifest[old_rows]) if old_rows.any() else None
             staging_report = Path(tempfile.mkdtemp(prefix="report-", dir=settings.staging_dir))
-            report = validate_manifest(manifest, params.profile, params.validate_, previous_shares, staging_report)
+            report = validate_manifest(manifest.assign(**{NEW: ~old_rows}), params.profile, params.validate_,
+                                       previous_shares, staging_report)
             if not report.success:
                 shutil.rmtree(staging_report, ignore_errors=True)
                 more = f" (+{len(report.failures) - 1} more failed expectations, listed below)" \

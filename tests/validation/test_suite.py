@@ -165,6 +165,29 @@ def test_brightness_out_of_range(clean_root: Path, tmp_path: Path) -> None:
     assert "images/Crack/dark.png (2)" in brightness[0]
 
 
+def test_an_imports_own_pictures_are_held_to_mostly_among_themselves(clean_root: Path, tmp_path: Path) -> None:
+    """Two dark pictures beside ten good ones are within brightness's `mostly` (0.8 here: 2 of 12 are 17%), but
+    as an import's whole batch they are all out of range: judged among the new rows, the import is refused."""
+    from components.config import Range
+    from components.validation.suite import NEW
+
+    def dark(level: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (48, 48), (level, level, level)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    root = _variant(clean_root, tmp_path, {"Crack/dark.png": dark(2), "Free/dark.png": dark(3)})
+    rules = RULES.model_copy(update={"brightness": Range(min=5, max=250, mostly=0.8),
+                                     "contrast": Range(min=0, max=200), "sharpness": Range()})  # flat: only dark
+    manifest = _manifest(root)
+    assert validate_manifest(manifest, PROFILE, rules).success, "diluted by the old rows, as before"
+    batch = manifest.assign(**{NEW: manifest["path"].str.endswith("dark.png")})
+    report = validate_manifest(batch, PROFILE, rules)
+    assert not report.success
+    [line] = [line for line in report.failures if line.startswith("brightness")]
+    assert "in 2 of 2 readable images" in line and "images/Crack/dark.png (2)" in line
+
+
 def test_class_proportions_shifted(clean_manifest: pd.DataFrame) -> None:
     line = _only_failure(validate_manifest(clean_manifest, PROFILE, RULES,
                                            previous_shares={"Crack": 0.9, "Free": 0.1}))
