@@ -236,8 +236,8 @@ def refused_path(settings: Settings) -> Path:
     return settings.state_dir / REFUSED_FILE
 
 
-def recorded_refusal(settings: Settings, number: str, approved_at: str) -> dict[str, Any] | None:
-    """The service's refusal of version `number` as approved at `approved_at`, if promotion recorded one."""
+def _refusal_entry(settings: Settings) -> dict[str, Any] | None:
+    """The recorded refusal; {} when the file is unreadable (of no use: promotion proceeds), None when absent."""
     path = refused_path(settings)
     try:
         entry = json.loads(path.read_text())
@@ -245,8 +245,14 @@ def recorded_refusal(settings: Settings, number: str, approved_at: str) -> dict[
         return None
     except (OSError, ValueError) as exc:
         log.warning("%s unreadable, ignored (promotion proceeds): %s", path, str(exc).splitlines()[0])
-        return None
-    if isinstance(entry, dict) and str(entry.get("version")) == number and entry.get("approved_at") == approved_at:
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def recorded_refusal(settings: Settings, number: str, approved_at: str) -> dict[str, Any] | None:
+    """The service's refusal of version `number` as approved at `approved_at`, if promotion recorded one."""
+    entry = _refusal_entry(settings)
+    if entry and str(entry.get("version")) == number and entry.get("approved_at") == approved_at:
         return entry
     return None
 
@@ -266,16 +272,10 @@ def _record_refusal(settings: Settings, number: str, approved_at: str, record: D
 
 
 def _forget_refusal(settings: Settings, number: str) -> None:
-    """A version now deployed is no longer refused."""
-    path = refused_path(settings)
-    try:
-        if str(json.loads(path.read_text()).get("version")) != number:
-            return
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError, AttributeError):
-        pass  # unreadable: of no use to anyone
-    path.unlink(missing_ok=True)
+    """A version now deployed is no longer refused (an unreadable record of a refusal goes too)."""
+    entry = _refusal_entry(settings)
+    if entry is not None and (not entry or str(entry.get("version")) == number):
+        refused_path(settings).unlink(missing_ok=True)
 
 
 def deployment_recorded(settings: Settings, number: str, record: DeploymentRecord) -> bool:
