@@ -152,28 +152,22 @@ def tracked_data(settings: Settings, params: Params, progress: bool = False) -> 
 def version_images(settings: Settings, version: str, deepen: bool = True) -> set[str] | None:
     """The images dataset `version` held: splits.csv of the latest commit whose data.dvc names it (imports only
     add, so they are tracked rows of any later version too); None when no commit of this clone does (a version
-    never committed). A shallow clone (Prefect's `git_clone` step clones one commit deep) fetches its history
-    first."""
-    import subprocess
-
+    never committed). With `deepen`, a shallow clone (Prefect's `git_clone` step clones one commit deep) that has
+    no such commit fetches its history and looks again."""
     from components.data.versioning import git
 
     project = settings.project_root
-    if deepen and git(project, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true":
-        found = version_images(settings, version, deepen=False)
-        if found is not None:
-            return found
-        log.info("fetching the git history of this shallow clone to find dataset version %s", version)
-        quiet = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}  # no prompt
-        try:
-            fetched = subprocess.run(["git", "fetch", "--quiet", "--unshallow"], cwd=project, capture_output=True,
-                                     text=True, timeout=120, check=False, stdin=subprocess.DEVNULL, env=quiet)
-            problem = fetched.stderr.strip().splitlines()[-1:] if fetched.returncode else None
-        except subprocess.TimeoutExpired:
-            problem = ["no answer in 120 s"]
-        if problem is not None:
-            log.warning("could not fetch the git history (%s)", problem[0] if problem else "?")
-            return None
+    found = _committed_images(project, version)
+    if found is not None or not deepen \
+            or git(project, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() != "true":
+        return found
+    return _committed_images(project, version) if _fetch_history(project, version) else None
+
+
+def _committed_images(project: Path, version: str) -> set[str] | None:
+    """The paths of splits.csv in the latest commit whose data.dvc names `version` (None: no such commit)."""
+    from components.data.versioning import git
+
     commits = git(project, "log", "--format=%H", "--", "data.dvc", check=False)
     for commit in commits.stdout.split() if commits.returncode == 0 else []:
         shown = git(project, "show", f"{commit}:data.dvc", check=False)
@@ -187,6 +181,24 @@ def version_images(settings: Settings, version: str, deepen: bool = True) -> set
             return None
         return set(pd.read_csv(io.StringIO(splits.stdout), dtype=str, keep_default_na=False)["path"])
     return None
+
+
+def _fetch_history(project: Path, version: str) -> bool:
+    """`git fetch --unshallow`, never prompting (no terminal, ssh in batch mode), 120 s at most; True when done."""
+    import subprocess
+
+    log.info("fetching the git history of this shallow clone to find dataset version %s", version)
+    quiet = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
+    try:
+        fetched = subprocess.run(["git", "fetch", "--quiet", "--unshallow"], cwd=project, capture_output=True,
+                                 text=True, timeout=120, check=False, stdin=subprocess.DEVNULL, env=quiet)
+    except subprocess.TimeoutExpired:
+        problem = "no answer in 120 s"
+    else:
+        problem = (fetched.stderr.strip().splitlines() or ["?"])[-1] if fetched.returncode else None
+    if problem is not None:
+        log.warning("could not fetch the git history (%s)", problem)
+    return problem is None
 
 
 def _changed_while_read() -> ConcurrentRunError:
