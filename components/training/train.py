@@ -137,7 +137,11 @@ def _as_params(params: Params | dict) -> Params:
 
 def training_digest(manifest: pd.DataFrame) -> str:
     """The manifest_digest a model trained on `manifest` records: of the usable train and val rows it reads."""
-    return manifest_digest(pd.concat([_split_rows(manifest, "train"), _split_rows(manifest, "val")]))
+    return _rows_digest(_split_rows(manifest, "train"), _split_rows(manifest, "val"))
+
+
+def _rows_digest(train_rows: pd.DataFrame, val_rows: pd.DataFrame) -> str:
+    return manifest_digest(pd.concat([train_rows, val_rows]))
 
 
 def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -473,7 +477,7 @@ def run_training(
         tracked = None
     classes, normal = list(params.profile.classes), params.profile.normal_class
     train_rows, val_rows = _split_rows(manifest, "train"), _split_rows(manifest, "val")
-    digest = training_digest(manifest)
+    digest = _rows_digest(train_rows, val_rows)  # what training_digest(manifest) gives, without reading them twice
     teacher = load_teacher(prof, classes, digest)
     fingerprint = _fingerprint(prof, aug, classes, normal, digest, seed, teacher)
     checkpoint_dir = settings.home_dir / "checkpoints" / f"train-{fingerprint}"
